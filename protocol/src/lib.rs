@@ -1,0 +1,19 @@
+//! Lode's wire protocol: identifiers, message enums (one per direction), framing with size limits
+//! checked before allocation, the stable error codes, chunk checksums (BLAKE3 chaining values of 64 KiB
+//! pieces), and, in [`net`], the only place QUIC endpoints and rustls configurations are built.
+//!
+//! Read [`messages`] first, then [`frame`] for the bytes on the wire and [`checksum`] for integrity.
+//! Version negotiation is the ALPN id (`lode/1`): a peer without a common version fails the handshake.
+//! Cluster membership is the CA: every certificate is signed by the cluster's own CA, and a peer
+//! with a certificate from another CA is refused during the handshake.
+
+pub mod checksum;
+pub mod error;
+pub mod frame;
+pub mod ids;
+pub mod messages;
+pub mod net;
+pub mod path;
+
+pub use error::{DecodeError, ErrorCode, WireError};
+pub use ids::{Blake3Cv, BlockId, InodeId, SessionId};

@@ -1,0 +1,223 @@
+//! One message enum per direction, one variant per request or reply. New variants go at the end;
+//! removed tags are never reused.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Blake3Cv, BlockId, InodeId, SessionId};
+
+/// A datanode as clients and peers reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    /// The datanode's name, as in its certificate (`dn-1`).
+    pub name: String,
+    /// Its data address (`127.0.0.1:9870`).
+    pub addr: String,
+}
+
+/// A block of a file with where it lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocatedBlock {
+    /// Block id.
+    pub id: BlockId,
+    /// Offset of the block in the file.
+    pub offset: u64,
+    /// Length of the block in bytes.
+    pub len: u64,
+    /// The block's BLAKE3 chaining value, once committed.
+    pub cv: Option<Blake3Cv>,
+    /// Live replica holders, best first.
+    pub locations: Vec<Target>,
+}
+
+/// Whether an entry is a file or a directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Directory,
+}
+
+/// What `stat` and `ls` show of an entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStatus {
+    /// Absolute normalised path.
+    pub path: String,
+    /// File or directory.
+    pub kind: EntryKind,
+    /// Bytes (0 for directories).
+    pub size: u64,
+    /// Target replica count (0 for directories).
+    pub replication: u8,
+    /// Block size (0 for directories).
+    pub block_size: u64,
+    /// Last modification, milliseconds since the Unix epoch.
+    pub mtime_ms: u64,
+    /// False while a writer holds the file open.
+    pub complete: bool,
+    /// The blocks, when asked for.
+    pub blocks: Vec<LocatedBlock>,
+}
+
+/// A block's length and value as the writer committed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommittedBlock {
+    /// Block id.
+    pub id: BlockId,
+    /// Bytes written.
+    pub len: u64,
+    /// Chaining value of the whole block.
+    pub cv: Blake3Cv,
+}
+
+/// A replica as a datanode reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedBlock {
+    /// Block id.
+    pub id: BlockId,
+    /// Length on disk.
+    pub len: u64,
+}
+
+/// Requests from clients (users and admins) to the namenode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientToNamenode {
+    /// Create a directory (and its parents with `parents`).
+    Mkdir { path: String, parents: bool },
+    /// List a directory (or show a file as a one-entry listing).
+    List { path: String },
+    /// Show one entry; with `blocks`, its blocks and their locations.
+    Stat { path: String, blocks: bool },
+    /// Delete a file or directory.
+    Delete { path: String, recursive: bool },
+    /// Rename; into a directory if `dst` is one.
+    Rename { src: String, dst: String },
+    /// Create a file for writing and take its lease.
+    Create {
+        path: String,
+        overwrite: bool,
+        replication: Option<u8>,
+        block_size: Option<u64>,
+        session: SessionId,
+    },
+    /// Commit the previous block (if any) and allocate the next one with its pipeline.
+    AddBlock {
+        inode: InodeId,
+        session: SessionId,
+        previous: Option<CommittedBlock>,
+        exclude: Vec<String>,
+    },
+    /// Give up a block whose pipeline failed.
+    AbandonBlock { inode: InodeId, session: SessionId, block: BlockId },
+    /// Commit the last block and close the file.
+    Complete { inode: InodeId, session: SessionId, last: Option<CommittedBlock>, size: u64 },
+    /// Keep this session's leases alive.
+    RenewLease { session: SessionId },
+    /// Space used under a path.
+    Du { path: String },
+    /// Cluster overview (used for readiness and `admin report`).
+    Report,
+    /// A replica failed its checksum on read.
+    ReportBadReplica { block: BlockId, datanode: String },
+}
+
+/// Replies from the namenode to clients.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NamenodeReply {
+    /// Done, nothing to return.
+    Ok,
+    /// One entry.
+    Status(FileStatus),
+    /// A directory listing, sorted by name.
+    Listing(Vec<FileStatus>),
+    /// A file was created.
+    Created { inode: InodeId, replication: u8, block_size: u64, lease_ms: u64 },
+    /// A block was allocated.
+    Block(LocatedBlock),
+    /// Space usage.
+    Usage { files: u64, directories: u64, bytes: u64, stored_bytes: u64 },
+    /// Cluster overview.
+    Report(ClusterReport),
+}
+
+/// A datanode's state as the namenode sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatanodeReport {
+    /// Name from its certificate.
+    pub name: String,
+    /// `live`, `stale` or `dead`.
+    pub state: String,
+    /// Data address.
+    pub addr: String,
+    /// Milliseconds since its last heartbeat.
+    pub last_heartbeat_ms: u64,
+    /// Replicas it holds.
+    pub blocks: u64,
+    /// Total bytes of its data dirs' file systems.
+    pub capacity: u64,
+    /// Bytes of block data it stores.
+    pub used: u64,
+    /// Bytes still free on its data dirs.
+    pub remaining: u64,
+}
+
+/// Cluster overview.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterReport {
+    /// Whether the namenode refuses namespace changes.
+    pub safemode: bool,
+    /// Blocks of complete files with fewer live replicas than their target (but at least one).
+    pub under_replicated: u64,
+    /// Blocks of complete files with no live replica.
+    pub missing: u64,
+    /// Replicas reported corrupt and not yet removed.
+    pub corrupt: u64,
+    /// Every datanode that registered since the namenode started.
+    pub datanodes: Vec<DatanodeReport>,
+}
+
+/// Messages from a datanode to the namenode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DatanodeToNamenode {
+    /// Join (or rejoin) with a full block report.
+    Register { addr: String, capacity: u64, used: u64, remaining: u64, blocks: Vec<ReportedBlock> },
+    /// Periodic liveness, with replicas finalized or deleted since the last one.
+    Heartbeat {
+        capacity: u64,
+        used: u64,
+        remaining: u64,
+        received: Vec<ReportedBlock>,
+        deleted: Vec<BlockId>,
+    },
+}
+
+/// Replies from the namenode to a datanode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NamenodeToDatanode {
+    /// Registration accepted; replicas of blocks nobody needs are to be deleted.
+    Registered { delete: Vec<BlockId> },
+    /// Heartbeat accepted; `reregister` asks for a full block report.
+    HeartbeatReply { reregister: bool, delete: Vec<BlockId> },
+}
+
+/// Requests to a datanode, from clients or from the previous datanode of a pipeline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DatanodeRequest {
+    /// Store a block, then forward it to `downstream` (in order). Pieces follow.
+    WriteBlock { block: BlockId, file_offset: u64, block_size: u64, downstream: Vec<Target> },
+    /// Send whole verified pieces covering `[offset, offset + len)` of the block.
+    ReadBlock { block: BlockId, offset: u64, len: u64 },
+    /// Send the piece values of a block (from its sidecar, without reading the data).
+    BlockChecksums { block: BlockId },
+}
+
+/// Replies from a datanode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DatanodeReply {
+    /// The write finished: names of the nodes that fsynced the block, and those that failed.
+    WriteAck { stored: Vec<String>, failed: Vec<String> },
+    /// Pieces follow, the first one starting at `first_piece_offset` in the block.
+    ReadStart { block_len: u64, first_piece_offset: u64 },
+    /// Piece values of a block.
+    Checksums { block_len: u64, pieces: Vec<Blake3Cv> },
+}

@@ -1,0 +1,402 @@
+//! The one place where QUIC endpoints and rustls configurations are built, so every service uses the
+//! same TLS settings: TLS 1.3 only, mutual authentication against the cluster CA, ALPN `lode/1`, ring.
+//! Also: reading the caller's identity from its verified certificate, and framed request/reply helpers.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::error::{DecodeError, WireError};
+use crate::frame::{self, Decoded, FrameHeader, PieceHeader, HEADER_BYTES, PIECE_HEADER_BYTES};
+
+/// ALPN protocol id; it carries the protocol version, so peers without a common version fail the handshake.
+pub const ALPN: &[u8] = b"lode/1";
+
+/// TLS server name of the namenode certificate.
+pub const NAMENODE_SERVER_NAME: &str = "namenode";
+
+/// Paths of the PEM files a node or client authenticates with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The cluster CA certificate.
+    pub ca: PathBuf,
+    /// This node's certificate, signed by the CA.
+    pub cert: PathBuf,
+    /// This node's private key; must not be readable by other users.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Resolves relative paths against `base` (the directory of the config file naming them).
+    pub fn relative_to(mut self, base: &Path) -> Self {
+        for p in [&mut self.ca, &mut self.cert, &mut self.key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        self
+    }
+}
+
+/// Transport knobs. The defaults come from measurements on a 2-core machine (see DESIGN.md): larger
+/// UDP payloads cut the per-packet CPU cost, and 4 MiB socket buffers remove loss under bursts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportConfig {
+    /// Largest UDP payload that path MTU discovery may reach, in bytes (1200..=6500). Default 4000;
+    /// on a network with a 1500-byte MTU discovery simply stops at what the path carries.
+    pub udp_payload_bytes: u16,
+    /// Socket send and receive buffer size in bytes. Default 4 MiB.
+    pub socket_buffer_bytes: usize,
+    /// Per-stream flow-control window in bytes. Default 8 MiB.
+    pub stream_window_bytes: u32,
+    /// Per-connection flow-control window in bytes. Default 32 MiB.
+    pub connection_window_bytes: u32,
+    /// Close an idle connection after this many milliseconds. Default 30000.
+    pub idle_timeout_ms: u32,
+}
+
+/// Default for [`TransportConfig::udp_payload_bytes`].
+pub const UDP_PAYLOAD_BYTES_DEFAULT: u16 = 4000;
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            udp_payload_bytes: UDP_PAYLOAD_BYTES_DEFAULT,
+            socket_buffer_bytes: 4 << 20,
+            stream_window_bytes: 8 << 20,
+            connection_window_bytes: 32 << 20,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1200..=6500).contains(&self.udp_payload_bytes) {
+            return Err(format!(
+                "transport.udp_payload_bytes must be 1200..=6500, got {}",
+                self.udp_payload_bytes
+            ));
+        }
+        if self.stream_window_bytes < 65536 || self.connection_window_bytes < self.stream_window_bytes {
+            return Err("transport windows must be at least 64 KiB and connection >= stream".into());
+        }
+        Ok(())
+    }
+
+    fn quinn(&self) -> quinn::TransportConfig {
+        let mut t = quinn::TransportConfig::default();
+        t.max_concurrent_bidi_streams(1024u32.into());
+        t.max_concurrent_uni_streams(0u32.into());
+        t.stream_receive_window(self.stream_window_bytes.into());
+        t.receive_window(self.connection_window_bytes.into());
+        t.send_window(u64::from(self.connection_window_bytes));
+        t.keep_alive_interval(Some(Duration::from_secs(5)));
+        if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_millis(self.idle_timeout_ms.into())) {
+            t.max_idle_timeout(Some(idle));
+        }
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.udp_payload_bytes);
+        t.mtu_discovery_config(Some(mtu));
+        t
+    }
+}
+
+/// Who is on the other end, as its verified certificate says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The namenode.
+    Namenode,
+    /// A datanode.
+    Datanode,
+    /// A cluster administrator.
+    Admin,
+    /// A user.
+    User,
+}
+
+impl Role {
+    /// The organisational-unit string stored in certificates.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Namenode => "namenode",
+            Role::Datanode => "datanode",
+            Role::Admin => "admin",
+            Role::User => "user",
+        }
+    }
+
+    /// Parses the organisational-unit string.
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "namenode" => Role::Namenode,
+            "datanode" => Role::Datanode,
+            "admin" => Role::Admin,
+            "user" => Role::User,
+            _ => return None,
+        })
+    }
+}
+
+/// A peer's identity: its role and name from the certificate (OU and CN).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Role.
+    pub role: Role,
+    /// Name (`dn-1`, `admin`, `alice`).
+    pub name: String,
+}
+
+/// Errors building endpoints or reading credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A PEM file could not be read or parsed.
+    #[error("read {path}: {reason}")]
+    Credentials {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        reason: String,
+    },
+    /// TLS configuration was refused.
+    #[error("tls setup: {0}")]
+    Tls(String),
+    /// Binding the UDP socket failed.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, NetError> {
+    let err = |reason: String| NetError::Credentials { path: path.to_path_buf(), reason };
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no certificate in file".into()));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, NetError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| NetError::Credentials { path: path.to_path_buf(), reason: e.to_string() })?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(NetError::Credentials {
+                path: path.to_path_buf(),
+                reason: "private key is readable by other users (chmod 600 it)".into(),
+            });
+        }
+    }
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| NetError::Credentials { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+fn roots(files: &TlsFiles) -> Result<rustls::RootCertStore, NetError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(&files.ca)? {
+        roots.add(c).map_err(|e| NetError::Tls(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
+/// Client-side QUIC configuration: trusts only the cluster CA and presents our certificate.
+pub fn client_config(files: &TlsFiles, transport: &TransportConfig) -> Result<quinn::ClientConfig, NetError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::Tls(e.to_string()))?
+        .with_root_certificates(roots(files)?)
+        .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport.quinn()));
+    Ok(cfg)
+}
+
+/// Server-side QUIC configuration: requires a client certificate from the cluster CA.
+pub fn server_config(files: &TlsFiles, transport: &TransportConfig) -> Result<quinn::ServerConfig, NetError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(files)?), provider())
+        .build()
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport.quinn()));
+    Ok(cfg)
+}
+
+/// Binds a UDP socket with the configured buffer sizes and makes an endpoint on it. With `server`
+/// it accepts connections; every endpoint can also connect out with `client`.
+pub fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    client: quinn::ClientConfig,
+    transport: &TransportConfig,
+) -> Result<quinn::Endpoint, NetError> {
+    let bind = |source| NetError::Bind { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    let sock = socket2::SockRef::from(&socket);
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = sock.set_recv_buffer_size(transport.socket_buffer_bytes);
+    let _ = sock.set_send_buffer_size(transport.socket_buffer_bytes);
+    let mut ep_cfg = quinn::EndpointConfig::default();
+    ep_cfg
+        .max_udp_payload_size(transport.udp_payload_bytes.max(1200))
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| NetError::Tls("no async runtime for quinn".into()))?;
+    let mut ep = quinn::Endpoint::new(ep_cfg, server, socket, runtime).map_err(bind)?;
+    ep.set_default_client_config(client);
+    Ok(ep)
+}
+
+/// Reads the peer's role and name from its verified certificate.
+pub fn peer_identity(conn: &quinn::Connection) -> Option<Identity> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    identity_from_der(certs.first()?)
+}
+
+/// Reads role (OU) and name (CN) from a DER certificate.
+pub fn identity_from_der(der: &[u8]) -> Option<Identity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let name = subject.iter_common_name().next()?.as_str().ok()?.to_string();
+    let role = subject.iter_organizational_unit().next()?.as_str().ok()?;
+    Some(Identity { role: Role::parse(role)?, name })
+}
+
+/// A failed request: the transport, the framing, or the peer's own error reply.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// Could not connect.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The connection or stream broke.
+    #[error("{0}")]
+    Stream(String),
+    /// The peer sent bytes that are not a valid frame.
+    #[error("bad frame from peer: {0}")]
+    Decode(#[from] DecodeError),
+    /// The peer answered with an error.
+    #[error("{0}")]
+    Remote(WireError),
+}
+
+impl From<quinn::WriteError> for RpcError {
+    fn from(e: quinn::WriteError) -> Self {
+        RpcError::Stream(e.to_string())
+    }
+}
+impl From<quinn::ReadExactError> for RpcError {
+    fn from(e: quinn::ReadExactError) -> Self {
+        RpcError::Stream(match e {
+            quinn::ReadExactError::FinishedEarly(_) => "stream ended early".to_string(),
+            quinn::ReadExactError::ReadError(e) => e.to_string(),
+        })
+    }
+}
+impl From<quinn::ConnectionError> for RpcError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        RpcError::Stream(e.to_string())
+    }
+}
+impl From<quinn::ClosedStream> for RpcError {
+    fn from(e: quinn::ClosedStream) -> Self {
+        RpcError::Stream(e.to_string())
+    }
+}
+
+/// Writes one message frame.
+pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, kind: u16, msg: &T) -> Result<(), RpcError> {
+    let bytes = frame::encode_frame(kind, msg)?;
+    send.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// Writes an error frame in place of a reply.
+pub async fn write_error(send: &mut quinn::SendStream, err: &WireError) -> Result<(), RpcError> {
+    write_frame(send, frame::kind::ERROR, err).await
+}
+
+/// Reads one frame of the `expected` kind; an error frame becomes `RpcError::Remote`.
+pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, expected: u16) -> Result<T, RpcError> {
+    let mut head = [0u8; HEADER_BYTES];
+    recv.read_exact(&mut head).await?;
+    let header = FrameHeader::decode(&head)?;
+    // The length was checked against MAX_FRAME_BYTES by decode, so this allocation is bounded.
+    let mut body = vec![0u8; header.len as usize];
+    recv.read_exact(&mut body).await?;
+    match frame::decode_body(header, expected, &body)? {
+        Decoded::Message(m) => Ok(m),
+        Decoded::Error(e) => Err(RpcError::Remote(e)),
+    }
+}
+
+/// Reads a piece header and its data into `buf` (cleared first). `None` at the end marker.
+pub async fn read_piece(recv: &mut quinn::RecvStream, buf: &mut Vec<u8>) -> Result<Option<PieceHeader>, RpcError> {
+    let mut head = [0u8; PIECE_HEADER_BYTES];
+    recv.read_exact(&mut head).await?;
+    let header = PieceHeader::decode(&head)?;
+    if header.len == 0 {
+        return Ok(None);
+    }
+    buf.clear();
+    buf.resize(header.len as usize, 0);
+    recv.read_exact(buf).await?;
+    Ok(Some(header))
+}
+
+/// Writes one piece (header and data).
+pub async fn write_piece(send: &mut quinn::SendStream, header: &PieceHeader, data: &[u8]) -> Result<(), RpcError> {
+    send.write_all(&header.encode()).await?;
+    if !data.is_empty() {
+        send.write_all(data).await?;
+    }
+    Ok(())
+}
+
+/// One request and its reply on a fresh bidirectional stream.
+pub async fn call<Req: Serialize, Rep: DeserializeOwned>(
+    conn: &quinn::Connection,
+    req_kind: u16,
+    rep_kind: u16,
+    req: &Req,
+) -> Result<Rep, RpcError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, req_kind, req).await?;
+    send.finish()?;
+    read_frame(&mut recv, rep_kind).await
+}
