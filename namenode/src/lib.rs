@@ -1,1 +1,107 @@
+//! The Lode namenode: owns the namespace (an fdatasync'ed edit log as the source of truth, sled as
+//! the materialised view), allocates blocks and places their pipelines, tracks datanodes and where
+//! replicas live (soft state, rebuilt from block reports), and holds single-writer leases.
+//!
+//! Read [`namespace`] first (edits and their validation), then [`writer`] (group commit),
+//! [`state`] (datanodes, block locations, leases) and [`server`] (the request loop).
 
+pub mod config;
+pub mod editlog;
+pub mod error;
+pub mod namespace;
+pub mod placement;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod writer;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+pub use config::Config;
+pub use error::Error;
+
+use crate::editlog::EditLog;
+use crate::namespace::{IdAlloc, Namespace};
+use crate::state::{State, Timing};
+use crate::store::{MetaStore, SledStore};
+use crate::writer::{Mutation, Writer};
+
+/// Signals shutdown when its value becomes `true`.
+pub type ShutdownSignal = watch::Receiver<bool>;
+
+/// Recovers the namespace (replaying edits the store has not applied), then serves on `endpoint`
+/// until `shutdown` fires or the namespace writer fails.
+pub async fn run(config: Config, endpoint: quinn::Endpoint, shutdown: ShutdownSignal) -> Result<(), Error> {
+    let meta_dir = config.meta_dir.clone();
+    let (ns, log, ids, inodes) = tokio::task::spawn_blocking(move || recover(&meta_dir))
+        .await
+        .map_err(|e| Error::Store(format!("recovery task: {e}")))??;
+    let timing = Timing {
+        stale_after: Duration::from_millis(config.stale_after_ms),
+        dead_after: Duration::from_millis(config.dead_after_ms),
+        lease_expiry: Duration::from_millis(config.lease_expiry_ms),
+    };
+    let state = Arc::new(Mutex::new(State::new(timing, &inodes, Instant::now())));
+    let writer = Writer { ns: ns.clone(), log, ids, state: state.clone(), lease_ms: config.lease_expiry_ms };
+    let (writer, mut fatal) = writer.spawn()?;
+    tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = inodes.len(), "namenode serving");
+    let shared = Arc::new(server::Shared { ns, state: state.clone(), writer: writer.clone(), config });
+    let leases = tokio::spawn(expire_leases(state, writer, shutdown.clone()));
+    let result = tokio::select! {
+        _ = server::serve(endpoint, shared.clone(), shutdown) => Ok(()),
+        e = &mut fatal => match e {
+            Ok(e) => Err(e),
+            Err(_) => Err(Error::WriterGone),
+        },
+    };
+    leases.abort();
+    shared.ns.store().flush()?;
+    result
+}
+
+type Recovered = (Namespace<SledStore>, EditLog, IdAlloc, Vec<namespace::Inode>);
+
+fn recover(meta_dir: &std::path::Path) -> Result<Recovered, Error> {
+    std::fs::create_dir_all(meta_dir)
+        .map_err(|source| Error::EditLog { path: meta_dir.to_path_buf(), source })?;
+    let store = Arc::new(SledStore::open(&meta_dir.join("sled"))?);
+    let ns = Namespace::open(store)?;
+    let (mut log, records) = EditLog::open(meta_dir)?;
+    let applied = ns.last_applied()?;
+    let mut replayed = 0;
+    for (seq, op) in records.iter().filter(|(seq, _)| *seq > applied) {
+        ns.apply(*seq, op)?;
+        replayed += 1;
+    }
+    if applied > log.last_seq() {
+        // Only possible if the log lost its tail while sled kept it (power loss): those edits were
+        // never acknowledged. Keep numbering above them so no sequence number is reused.
+        tracing::warn!(applied, logged = log.last_seq(), "metadata store is ahead of the edit log");
+        log.skip_to(applied);
+    }
+    ns.store().flush()?;
+    let inodes = ns.all_inodes()?;
+    let ids = IdAlloc::from_inodes(&inodes);
+    tracing::info!(edits = records.len(), replayed, "namespace recovered");
+    Ok((ns, log, ids, inodes))
+}
+
+async fn expire_leases(state: Arc<Mutex<State>>, writer: writer::WriterHandle, mut shutdown: ShutdownSignal) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let expired = match state.lock() {
+            Ok(mut s) => s.take_expired_leases(Instant::now()),
+            Err(_) => return,
+        };
+        for (session, inode) in expired {
+            let _ = writer.submit(Mutation::Expire { inode, session }).await;
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Namenode configuration, read from TOML. Unknown keys are refused so typos fail loudly.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use lode_protocol::net::{TlsFiles, TransportConfig};
+use serde::Deserialize;
+
+/// Default heartbeat interval datanodes are told to use, in ms.
+pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 3_000;
+/// Default silence after which a datanode is stale (avoided for writes, read last), in ms.
+pub const STALE_AFTER_MS_DEFAULT: u64 = 30_000;
+/// Default silence after which a datanode is dead (its replicas leave the location map), in ms.
+pub const DEAD_AFTER_MS_DEFAULT: u64 = 630_000;
+/// Default time a writer's lease lives without renewal, in ms.
+pub const LEASE_EXPIRY_MS_DEFAULT: u64 = 60_000;
+/// Default replica count of new files.
+pub const REPLICATION_DEFAULT: u8 = 3;
+/// Default block size of new files: 128 MiB.
+pub const BLOCK_SIZE_DEFAULT: u64 = 128 << 20;
+
+/// The namenode's configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// UDP address to serve QUIC on, e.g. `127.0.0.1:7400`.
+    pub listen: SocketAddr,
+    /// Directory of the edit log and the sled metadata store. Created if missing.
+    pub meta_dir: PathBuf,
+    /// Certificate files (relative paths are taken from the config file's directory).
+    pub tls: TlsFiles,
+    /// Transport tuning.
+    #[serde(default)]
+    pub transport: TransportConfig,
+    /// Expected datanode heartbeat interval in ms (informational; stale/dead use the two below).
+    #[serde(default = "d_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a datanode is stale, in ms. Default 30000.
+    #[serde(default = "d_stale")]
+    pub stale_after_ms: u64,
+    /// Silence after which a datanode is dead, in ms. Default 630000.
+    #[serde(default = "d_dead")]
+    pub dead_after_ms: u64,
+    /// Lease lifetime without renewal, in ms. Default 60000.
+    #[serde(default = "d_lease")]
+    pub lease_expiry_ms: u64,
+    /// Replica count of new files when the client does not choose (1..=7). Default 3.
+    #[serde(default = "d_replication")]
+    pub replication_default: u8,
+    /// Block size of new files when the client does not choose: a power of two >= 64 KiB. Default 128 MiB.
+    #[serde(default = "d_block")]
+    pub block_size_default: u64,
+}
+
+fn d_heartbeat() -> u64 {
+    HEARTBEAT_INTERVAL_MS_DEFAULT
+}
+fn d_stale() -> u64 {
+    STALE_AFTER_MS_DEFAULT
+}
+fn d_dead() -> u64 {
+    DEAD_AFTER_MS_DEFAULT
+}
+fn d_lease() -> u64 {
+    LEASE_EXPIRY_MS_DEFAULT
+}
+fn d_replication() -> u8 {
+    REPLICATION_DEFAULT
+}
+fn d_block() -> u64 {
+    BLOCK_SIZE_DEFAULT
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("read config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this struct.
+    #[error("parse config {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut cfg: Config = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.message().to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.tls = cfg.tls.relative_to(base);
+        if cfg.meta_dir.is_relative() {
+            cfg.meta_dir = base.join(&cfg.meta_dir);
+        }
+        cfg.validate().map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })?;
+        Ok(cfg)
+    }
+
+    /// Checks every range.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=7).contains(&self.replication_default) {
+            return Err(format!("replication_default must be 1..=7, got {}", self.replication_default));
+        }
+        lode_protocol::checksum::validate_block_size(self.block_size_default)
+            .map_err(|e| format!("block_size_default: {e}"))?;
+        if self.heartbeat_interval_ms == 0 || self.stale_after_ms <= self.heartbeat_interval_ms {
+            return Err("stale_after_ms must exceed heartbeat_interval_ms (> 0)".into());
+        }
+        if self.dead_after_ms <= self.stale_after_ms {
+            return Err("dead_after_ms must exceed stale_after_ms".into());
+        }
+        if self.lease_expiry_ms < 1000 {
+            return Err(format!("lease_expiry_ms must be at least 1000, got {}", self.lease_expiry_ms));
+        }
+        self.transport.validate()
+    }
+}

@@ -1,0 +1,748 @@
+//! The namespace: inodes and directory entries in a [`MetaStore`], the edits ([`MetaOp`]) that change
+//! them, validation of requests into edits (`prepare_*`), and deterministic application (`apply`).
+//!
+//! Keys: `i` + inode id (8 bytes BE) -> inode record; `d` + parent id + name -> child id;
+//! `m` + name -> metadata (`last_applied`). Every value starts with a format version byte.
+
+use std::sync::Arc;
+
+use lode_protocol::messages::{CommittedBlock, EntryKind, FileStatus, LocatedBlock};
+use lode_protocol::{path, Blake3Cv, BlockId, ErrorCode, InodeId, SessionId};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::store::MetaStore;
+
+/// Version byte in front of every stored value.
+pub const FORMAT_VERSION: u8 = 1;
+/// The root directory's inode.
+pub const ROOT: InodeId = InodeId(1);
+const LAST_APPLIED_KEY: &[u8] = b"mlast_applied";
+
+/// A block of a file as the namespace records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockMeta {
+    /// Block id.
+    pub id: BlockId,
+    /// Committed length (0 until committed).
+    pub len: u64,
+    /// Committed chaining value.
+    pub cv: Option<Blake3Cv>,
+}
+
+/// File or directory details.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InodeKind {
+    /// A directory; its entries are separate keys.
+    Directory,
+    /// A file.
+    File {
+        /// Target replica count.
+        replication: u8,
+        /// Block size.
+        block_size: u64,
+        /// Size once complete.
+        size: u64,
+        /// Blocks in order.
+        blocks: Vec<BlockMeta>,
+        /// The session writing it, while under construction.
+        writer: Option<SessionId>,
+    },
+}
+
+/// A namespace entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    /// Its id.
+    pub id: InodeId,
+    /// Parent directory.
+    pub parent: InodeId,
+    /// Name in the parent.
+    pub name: String,
+    /// Last change, ms since the epoch.
+    pub mtime_ms: u64,
+    /// File or directory.
+    pub kind: InodeKind,
+}
+
+/// One logged namespace edit, fully resolved (ids chosen, paths turned into inodes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaOp {
+    /// New directory.
+    Mkdir { parent: InodeId, name: String, inode: InodeId, mtime_ms: u64 },
+    /// New file under construction, replacing `replaces` if set.
+    Create {
+        parent: InodeId,
+        name: String,
+        inode: InodeId,
+        replication: u8,
+        block_size: u64,
+        session: SessionId,
+        mtime_ms: u64,
+        replaces: Option<InodeId>,
+    },
+    /// Commit `previous` (the current last block) and append a new block.
+    AddBlock { inode: InodeId, block: BlockId, previous: Option<CommittedBlock> },
+    /// Drop the last block (its pipeline failed).
+    AbandonBlock { inode: InodeId, block: BlockId },
+    /// Commit the last block and close the file.
+    Complete { inode: InodeId, last: Option<CommittedBlock>, size: u64, mtime_ms: u64 },
+    /// Delete an entry and everything under it.
+    Delete { inode: InodeId },
+    /// Move an entry.
+    Rename { inode: InodeId, dst_parent: InodeId, dst_name: String, mtime_ms: u64 },
+}
+
+/// What applying an edit changed that the in-memory state must follow.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Blocks that no longer belong to any file.
+    pub freed: Vec<BlockId>,
+    /// A block now belongs to a file: (block, file, replication).
+    pub added: Option<(BlockId, InodeId, u8)>,
+    /// Files now held by a session's lease.
+    pub leased: Option<(SessionId, InodeId)>,
+    /// Files whose lease is released (completed or deleted).
+    pub released: Vec<InodeId>,
+    /// Blocks of a file that was completed.
+    pub completed: Vec<BlockId>,
+}
+
+/// Reads and writes the namespace in a store.
+pub struct Namespace<S: MetaStore> {
+    store: Arc<S>,
+}
+
+impl<S: MetaStore> Clone for Namespace<S> {
+    fn clone(&self) -> Self {
+        Namespace { store: self.store.clone() }
+    }
+}
+
+fn inode_key(id: InodeId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(b'i');
+    k.extend_from_slice(&id.0.to_be_bytes());
+    k
+}
+
+fn dirent_prefix(parent: InodeId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(b'd');
+    k.extend_from_slice(&parent.0.to_be_bytes());
+    k
+}
+
+fn dirent_key(parent: InodeId, name: &str) -> Vec<u8> {
+    let mut k = dirent_prefix(parent);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {
+    let mut out = vec![FORMAT_VERSION];
+    out.extend(postcard::to_stdvec(v).map_err(|e| Error::Store(e.to_string()))?);
+    Ok(out)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
+    match bytes.split_first() {
+        Some((&FORMAT_VERSION, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| Error::Corrupt(format!("undecodable record: {e}")))
+        }
+        Some((v, _)) => Err(Error::Corrupt(format!("unknown record format {v}"))),
+        None => Err(Error::Corrupt("empty record".into())),
+    }
+}
+
+fn u64_value(bytes: &[u8]) -> Result<u64, Error> {
+    let arr: [u8; 8] = bytes.try_into().map_err(|_| Error::Corrupt("bad counter".into()))?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+fn refused(code: ErrorCode, message: impl Into<String>) -> Error {
+    Error::refused(code, message)
+}
+
+impl<S: MetaStore> Namespace<S> {
+    /// Wraps a store, creating the root directory if the store is new.
+    pub fn open(store: Arc<S>) -> Result<Namespace<S>, Error> {
+        let ns = Namespace { store };
+        if ns.get(ROOT)?.is_none() {
+            let root = Inode { id: ROOT, parent: ROOT, name: String::new(), mtime_ms: 0, kind: InodeKind::Directory };
+            ns.store.apply_batch(vec![(inode_key(ROOT), Some(encode(&root)?))])?;
+        }
+        Ok(ns)
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Sequence number of the last edit applied.
+    pub fn last_applied(&self) -> Result<u64, Error> {
+        self.store.get(LAST_APPLIED_KEY)?.map(|v| u64_value(&v)).transpose().map(|v| v.unwrap_or(0))
+    }
+
+    /// One inode.
+    pub fn get(&self, id: InodeId) -> Result<Option<Inode>, Error> {
+        self.store.get(&inode_key(id))?.map(|v| decode(&v)).transpose()
+    }
+
+    fn must_get(&self, id: InodeId) -> Result<Inode, Error> {
+        self.get(id)?.ok_or_else(|| Error::Corrupt(format!("inode {id} referenced but missing")))
+    }
+
+    /// The child named `name` of `parent`.
+    pub fn lookup(&self, parent: InodeId, name: &str) -> Result<Option<InodeId>, Error> {
+        self.store.get(&dirent_key(parent, name))?.map(|v| u64_value(&v).map(InodeId)).transpose()
+    }
+
+    /// The entries of a directory, sorted by name.
+    pub fn children(&self, dir: InodeId) -> Result<Vec<(String, InodeId)>, Error> {
+        let prefix = dirent_prefix(dir);
+        self.store
+            .scan_prefix(&prefix)?
+            .into_iter()
+            .map(|(k, v)| {
+                let name = String::from_utf8(k[prefix.len()..].to_vec())
+                    .map_err(|_| Error::Corrupt("non-utf8 name".into()))?;
+                Ok((name, InodeId(u64_value(&v)?)))
+            })
+            .collect()
+    }
+
+    /// Every inode in the store (used at start-up to rebuild block and lease state).
+    pub fn all_inodes(&self) -> Result<Vec<Inode>, Error> {
+        self.store.scan_prefix(b"i")?.into_iter().map(|(_, v)| decode(&v)).collect()
+    }
+
+    /// Resolves a normalised path. A file in the middle of the path is an error.
+    pub fn resolve(&self, p: &str) -> Result<Option<Inode>, Error> {
+        let mut cur = self.must_get(ROOT)?;
+        let mut walked = String::new();
+        for name in path::components(p) {
+            if !matches!(cur.kind, InodeKind::Directory) {
+                return Err(refused(ErrorCode::NotADirectory, format!("{walked}: not a directory")));
+            }
+            walked.push('/');
+            walked.push_str(name);
+            match self.lookup(cur.id, name)? {
+                Some(id) => cur = self.must_get(id)?,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(cur))
+    }
+
+    /// Resolves a path that must exist.
+    pub fn resolve_existing(&self, p: &str) -> Result<Inode, Error> {
+        self.resolve(p)?.ok_or_else(|| refused(ErrorCode::NotFound, format!("{p}: no such file or directory")))
+    }
+
+    /// The status of an entry (without block locations; the server adds those).
+    pub fn status(&self, p: &str, inode: &Inode, with_blocks: bool) -> FileStatus {
+        match &inode.kind {
+            InodeKind::Directory => FileStatus {
+                path: p.to_string(),
+                kind: EntryKind::Directory,
+                size: 0,
+                replication: 0,
+                block_size: 0,
+                mtime_ms: inode.mtime_ms,
+                complete: true,
+                blocks: vec![],
+            },
+            InodeKind::File { replication, block_size, size, blocks, writer } => {
+                let mut offset = 0;
+                let located = if with_blocks {
+                    blocks
+                        .iter()
+                        .map(|b| {
+                            let lb = LocatedBlock { id: b.id, offset, len: b.len, cv: b.cv, locations: vec![] };
+                            offset += b.len;
+                            lb
+                        })
+                        .collect()
+                } else {
+                    vec![]
+                };
+                FileStatus {
+                    path: p.to_string(),
+                    kind: EntryKind::File,
+                    size: *size,
+                    replication: *replication,
+                    block_size: *block_size,
+                    mtime_ms: inode.mtime_ms,
+                    complete: writer.is_none(),
+                    blocks: located,
+                }
+            }
+        }
+    }
+
+    /// (files, directories, bytes, bytes times replication) under an entry.
+    pub fn usage(&self, inode: &Inode) -> Result<(u64, u64, u64, u64), Error> {
+        let mut totals = (0, 0, 0, 0);
+        let mut stack = vec![inode.clone()];
+        while let Some(node) = stack.pop() {
+            match &node.kind {
+                InodeKind::Directory => {
+                    totals.1 += 1;
+                    for (_, id) in self.children(node.id)? {
+                        stack.push(self.must_get(id)?);
+                    }
+                }
+                InodeKind::File { replication, size, .. } => {
+                    totals.0 += 1;
+                    totals.2 += size;
+                    totals.3 += size * u64::from(*replication);
+                }
+            }
+        }
+        Ok(totals)
+    }
+
+    fn parent_dir_of(&self, p: &str) -> Result<(Inode, String), Error> {
+        let (parent, name) =
+            path::split_parent(p).ok_or_else(|| refused(ErrorCode::InvalidArgument, "/: is the root directory"))?;
+        let dir = self
+            .resolve(parent)?
+            .ok_or_else(|| refused(ErrorCode::NotFound, format!("{parent}: no such directory")))?;
+        if !matches!(dir.kind, InodeKind::Directory) {
+            return Err(refused(ErrorCode::NotADirectory, format!("{parent}: not a directory")));
+        }
+        Ok((dir, name.to_string()))
+    }
+
+    /// Validates a mkdir; returns the edits (one per missing directory with `parents`).
+    pub fn prepare_mkdir(&self, p: &str, parents: bool, ids: &mut IdAlloc, now_ms: u64) -> Result<Vec<MetaOp>, Error> {
+        if let Some(existing) = self.resolve(p)? {
+            return match existing.kind {
+                InodeKind::Directory if parents => Ok(vec![]),
+                InodeKind::Directory => Err(refused(ErrorCode::AlreadyExists, format!("{p}: directory exists"))),
+                InodeKind::File { .. } => Err(refused(ErrorCode::AlreadyExists, format!("{p}: file exists"))),
+            };
+        }
+        if !parents {
+            let (dir, name) = self.parent_dir_of(p)?;
+            return Ok(vec![MetaOp::Mkdir { parent: dir.id, name, inode: ids.inode(), mtime_ms: now_ms }]);
+        }
+        let mut ops = vec![];
+        let mut cur = ROOT;
+        let mut walked = String::new();
+        let mut creating = false;
+        for name in path::components(p) {
+            walked.push('/');
+            walked.push_str(name);
+            if !creating {
+                if let Some(id) = self.lookup(cur, name)? {
+                    let node = self.must_get(id)?;
+                    if !matches!(node.kind, InodeKind::Directory) {
+                        return Err(refused(ErrorCode::NotADirectory, format!("{walked}: not a directory")));
+                    }
+                    cur = id;
+                    continue;
+                }
+                creating = true;
+            }
+            let id = ids.inode();
+            ops.push(MetaOp::Mkdir { parent: cur, name: name.to_string(), inode: id, mtime_ms: now_ms });
+            cur = id;
+        }
+        Ok(ops)
+    }
+
+    /// Validates a create.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare_create(
+        &self,
+        p: &str,
+        overwrite: bool,
+        replication: u8,
+        block_size: u64,
+        session: SessionId,
+        ids: &mut IdAlloc,
+        now_ms: u64,
+    ) -> Result<MetaOp, Error> {
+        let (dir, name) = self.parent_dir_of(p)?;
+        let mut replaces = None;
+        if let Some(id) = self.lookup(dir.id, &name)? {
+            let existing = self.must_get(id)?;
+            match existing.kind {
+                InodeKind::Directory => {
+                    return Err(refused(ErrorCode::IsADirectory, format!("{p}: is a directory")));
+                }
+                InodeKind::File { writer: Some(w), .. } if w != session => {
+                    return Err(refused(
+                        ErrorCode::LeaseConflict,
+                        format!("{p}: is being written by another client"),
+                    ));
+                }
+                InodeKind::File { .. } if !overwrite => {
+                    return Err(refused(ErrorCode::AlreadyExists, format!("{p}: file exists (use -f to overwrite)")));
+                }
+                InodeKind::File { .. } => replaces = Some(id),
+            }
+        }
+        Ok(MetaOp::Create {
+            parent: dir.id,
+            name,
+            inode: ids.inode(),
+            replication,
+            block_size,
+            session,
+            mtime_ms: now_ms,
+            replaces,
+        })
+    }
+
+    fn writing_file(&self, inode: InodeId, session: SessionId) -> Result<(u64, Vec<BlockMeta>), Error> {
+        let node = self
+            .get(inode)?
+            .ok_or_else(|| refused(ErrorCode::NotFound, format!("file {inode} no longer exists (lease lost?)")))?;
+        match node.kind {
+            InodeKind::File { writer: Some(w), block_size, blocks, .. } if w == session => Ok((block_size, blocks)),
+            _ => Err(refused(ErrorCode::LeaseConflict, format!("file {inode}: this client does not hold its lease"))),
+        }
+    }
+
+    fn check_commit(last: Option<&BlockMeta>, commit: Option<CommittedBlock>, full: Option<u64>) -> Result<(), Error> {
+        match (last, commit) {
+            (None, None) => Ok(()),
+            (Some(b), Some(c)) if b.id == c.id => match full {
+                Some(bs) if c.len != bs => {
+                    Err(refused(ErrorCode::InvalidArgument, format!("block {} must be full ({bs} bytes)", c.id)))
+                }
+                _ if c.len == 0 && full.is_some() => Err(refused(ErrorCode::InvalidArgument, "empty block")),
+                _ => Ok(()),
+            },
+            (Some(b), _) => Err(refused(ErrorCode::InvalidArgument, format!("block {} must be committed", b.id))),
+            (None, Some(c)) => Err(refused(ErrorCode::InvalidArgument, format!("block {} is not this file's", c.id))),
+        }
+    }
+
+    /// Validates a block allocation.
+    pub fn prepare_add_block(
+        &self,
+        inode: InodeId,
+        session: SessionId,
+        previous: Option<CommittedBlock>,
+        ids: &mut IdAlloc,
+    ) -> Result<MetaOp, Error> {
+        let (block_size, blocks) = self.writing_file(inode, session)?;
+        Self::check_commit(blocks.last(), previous, Some(block_size))?;
+        Ok(MetaOp::AddBlock { inode, block: ids.block(), previous })
+    }
+
+    /// Validates giving up the last block.
+    pub fn prepare_abandon(&self, inode: InodeId, session: SessionId, block: BlockId) -> Result<MetaOp, Error> {
+        let (_, blocks) = self.writing_file(inode, session)?;
+        match blocks.last() {
+            Some(b) if b.id == block => Ok(MetaOp::AbandonBlock { inode, block }),
+            _ => Err(refused(ErrorCode::InvalidArgument, format!("block {block} is not the file's last block"))),
+        }
+    }
+
+    /// Validates closing a file.
+    pub fn prepare_complete(
+        &self,
+        inode: InodeId,
+        session: SessionId,
+        last: Option<CommittedBlock>,
+        size: u64,
+        now_ms: u64,
+    ) -> Result<MetaOp, Error> {
+        let (block_size, blocks) = self.writing_file(inode, session)?;
+        Self::check_commit(blocks.last(), last, None)?;
+        let committed: u64 = blocks.iter().rev().skip(1).map(|b| b.len).sum::<u64>() + last.map_or(0, |c| c.len);
+        if committed != size || last.is_some_and(|c| c.len > block_size || c.len == 0) {
+            return Err(refused(
+                ErrorCode::InvalidArgument,
+                format!("file {inode}: size {size} does not match its blocks ({committed} bytes)"),
+            ));
+        }
+        Ok(MetaOp::Complete { inode, last, size, mtime_ms: now_ms })
+    }
+
+    /// Validates a delete.
+    pub fn prepare_delete(&self, p: &str, recursive: bool) -> Result<MetaOp, Error> {
+        let node = self.resolve_existing(p)?;
+        if node.id == ROOT {
+            return Err(refused(ErrorCode::InvalidArgument, "/: cannot delete the root directory"));
+        }
+        if matches!(node.kind, InodeKind::Directory) && !recursive && !self.children(node.id)?.is_empty() {
+            return Err(refused(ErrorCode::NotEmpty, format!("{p}: directory not empty (use -r)")));
+        }
+        Ok(MetaOp::Delete { inode: node.id })
+    }
+
+    /// Validates a rename. Into an existing directory, the entry keeps its name; onto an existing file it fails.
+    pub fn prepare_rename(&self, src: &str, dst: &str, now_ms: u64) -> Result<MetaOp, Error> {
+        let node = self.resolve_existing(src)?;
+        if node.id == ROOT {
+            return Err(refused(ErrorCode::InvalidArgument, "/: cannot move the root directory"));
+        }
+        let (dst_dir, dst_name) = match self.resolve(dst)? {
+            Some(d) if matches!(d.kind, InodeKind::Directory) => (d, node.name.clone()),
+            Some(_) => return Err(refused(ErrorCode::AlreadyExists, format!("{dst}: file exists"))),
+            None => self.parent_dir_of(dst)?,
+        };
+        if self.lookup(dst_dir.id, &dst_name)?.is_some() {
+            return Err(refused(ErrorCode::AlreadyExists, format!("{}: exists", path::join(dst, &dst_name))));
+        }
+        // Refuse moving a directory under itself: walk up from the destination.
+        let mut cur = dst_dir.clone();
+        loop {
+            if cur.id == node.id {
+                return Err(refused(ErrorCode::InvalidArgument, format!("{src}: cannot move a directory into itself")));
+            }
+            if cur.id == ROOT {
+                break;
+            }
+            cur = self.must_get(cur.parent)?;
+        }
+        Ok(MetaOp::Rename { inode: node.id, dst_parent: dst_dir.id, dst_name, mtime_ms: now_ms })
+    }
+
+    /// Applies one edit (already validated, or replayed from the log) as an atomic batch that also
+    /// records `seq` as the last edit applied.
+    pub fn apply(&self, seq: u64, op: &MetaOp) -> Result<Applied, Error> {
+        let mut batch: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut applied = Applied::default();
+        match op {
+            MetaOp::Mkdir { parent, name, inode, mtime_ms } => {
+                let node =
+                    Inode { id: *inode, parent: *parent, name: name.clone(), mtime_ms: *mtime_ms, kind: InodeKind::Directory };
+                batch.push((inode_key(*inode), Some(encode(&node)?)));
+                batch.push((dirent_key(*parent, name), Some(inode.0.to_be_bytes().to_vec())));
+            }
+            MetaOp::Create { parent, name, inode, replication, block_size, session, mtime_ms, replaces } => {
+                if let Some(old) = replaces {
+                    self.delete_subtree(*old, &mut batch, &mut applied)?;
+                }
+                let node = Inode {
+                    id: *inode,
+                    parent: *parent,
+                    name: name.clone(),
+                    mtime_ms: *mtime_ms,
+                    kind: InodeKind::File {
+                        replication: *replication,
+                        block_size: *block_size,
+                        size: 0,
+                        blocks: vec![],
+                        writer: Some(*session),
+                    },
+                };
+                batch.push((inode_key(*inode), Some(encode(&node)?)));
+                batch.push((dirent_key(*parent, name), Some(inode.0.to_be_bytes().to_vec())));
+                applied.leased = Some((*session, *inode));
+            }
+            MetaOp::AddBlock { inode, block, previous } => {
+                let mut node = self.must_get(*inode)?;
+                if let InodeKind::File { blocks, replication, .. } = &mut node.kind {
+                    commit_into(blocks, *previous);
+                    blocks.push(BlockMeta { id: *block, len: 0, cv: None });
+                    applied.added = Some((*block, *inode, *replication));
+                }
+                batch.push((inode_key(*inode), Some(encode(&node)?)));
+            }
+            MetaOp::AbandonBlock { inode, block } => {
+                let mut node = self.must_get(*inode)?;
+                if let InodeKind::File { blocks, .. } = &mut node.kind {
+                    if blocks.last().is_some_and(|b| b.id == *block) {
+                        blocks.pop();
+                        applied.freed.push(*block);
+                    }
+                }
+                batch.push((inode_key(*inode), Some(encode(&node)?)));
+            }
+            MetaOp::Complete { inode, last, size, mtime_ms } => {
+                let mut node = self.must_get(*inode)?;
+                node.mtime_ms = *mtime_ms;
+                if let InodeKind::File { blocks, writer, size: s, .. } = &mut node.kind {
+                    commit_into(blocks, *last);
+                    *writer = None;
+                    *s = *size;
+                    applied.completed = blocks.iter().map(|b| b.id).collect();
+                }
+                applied.released.push(*inode);
+                batch.push((inode_key(*inode), Some(encode(&node)?)));
+            }
+            MetaOp::Delete { inode } => {
+                self.delete_subtree(*inode, &mut batch, &mut applied)?;
+            }
+            MetaOp::Rename { inode, dst_parent, dst_name, mtime_ms } => {
+                let mut node = self.must_get(*inode)?;
+                batch.push((dirent_key(node.parent, &node.name), None));
+                node.parent = *dst_parent;
+                node.name = dst_name.clone();
+                node.mtime_ms = *mtime_ms;
+                batch.push((inode_key(*inode), Some(encode(&node)?)));
+                batch.push((dirent_key(*dst_parent, dst_name), Some(inode.0.to_be_bytes().to_vec())));
+            }
+        }
+        batch.push((LAST_APPLIED_KEY.to_vec(), Some(seq.to_be_bytes().to_vec())));
+        self.store.apply_batch(batch)?;
+        Ok(applied)
+    }
+
+    fn delete_subtree(
+        &self,
+        root: InodeId,
+        batch: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        applied: &mut Applied,
+    ) -> Result<(), Error> {
+        let top = self.must_get(root)?;
+        batch.push((dirent_key(top.parent, &top.name), None));
+        let mut stack = vec![top];
+        while let Some(node) = stack.pop() {
+            batch.push((inode_key(node.id), None));
+            match node.kind {
+                InodeKind::Directory => {
+                    for (name, child) in self.children(node.id)? {
+                        batch.push((dirent_key(node.id, &name), None));
+                        stack.push(self.must_get(child)?);
+                    }
+                }
+                InodeKind::File { blocks, writer, .. } => {
+                    applied.freed.extend(blocks.iter().map(|b| b.id));
+                    if writer.is_some() {
+                        applied.released.push(node.id);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn commit_into(blocks: &mut [BlockMeta], commit: Option<CommittedBlock>) {
+    if let (Some(c), Some(last)) = (commit, blocks.last_mut()) {
+        if last.id == c.id {
+            last.len = c.len;
+            last.cv = Some(c.cv);
+        }
+    }
+}
+
+/// Allocates inode and block ids; owned by the namespace writer.
+#[derive(Debug)]
+pub struct IdAlloc {
+    next_inode: u64,
+    next_block: u64,
+}
+
+impl IdAlloc {
+    /// Starts after the largest ids in use.
+    pub fn from_inodes(inodes: &[Inode]) -> IdAlloc {
+        let mut a = IdAlloc { next_inode: ROOT.0 + 1, next_block: 1 };
+        for i in inodes {
+            a.see_inode(i.id);
+            if let InodeKind::File { blocks, .. } = &i.kind {
+                for b in blocks {
+                    a.see_block(b.id);
+                }
+            }
+        }
+        a
+    }
+
+    /// Makes sure later ids are above `id` (replayed edits carry their ids).
+    pub fn see_op(&mut self, op: &MetaOp) {
+        match op {
+            MetaOp::Mkdir { inode, .. } | MetaOp::Create { inode, .. } => self.see_inode(*inode),
+            MetaOp::AddBlock { block, .. } => self.see_block(*block),
+            _ => {}
+        }
+    }
+
+    fn see_inode(&mut self, id: InodeId) {
+        self.next_inode = self.next_inode.max(id.0 + 1);
+    }
+
+    fn see_block(&mut self, id: BlockId) {
+        self.next_block = self.next_block.max(id.0 + 1);
+    }
+
+    fn inode(&mut self) -> InodeId {
+        let id = InodeId(self.next_inode);
+        self.next_inode += 1;
+        id
+    }
+
+    fn block(&mut self) -> BlockId {
+        let id = BlockId(self.next_block);
+        self.next_block += 1;
+        id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStore;
+
+    fn setup() -> (Namespace<MemStore>, IdAlloc, u64) {
+        let ns = Namespace::open(Arc::new(MemStore::default())).unwrap();
+        let ids = IdAlloc::from_inodes(&ns.all_inodes().unwrap());
+        (ns, ids, 0)
+    }
+
+    fn run(ns: &Namespace<MemStore>, seq: &mut u64, ops: Vec<MetaOp>) -> Applied {
+        let mut last = Applied::default();
+        for op in ops {
+            *seq += 1;
+            last = ns.apply(*seq, &op).unwrap();
+        }
+        last
+    }
+
+    #[test]
+    fn mkdir_create_write_rename_delete() {
+        let (ns, mut ids, mut seq) = setup();
+        let ops = ns.prepare_mkdir("/a/b", true, &mut ids, 5).unwrap();
+        assert_eq!(ops.len(), 2);
+        run(&ns, &mut seq, ops);
+        assert!(ns.prepare_mkdir("/a/b", false, &mut ids, 5).is_err());
+        assert!(ns.prepare_mkdir("/x/y", false, &mut ids, 5).is_err());
+        let s = SessionId(9);
+        let create = ns.prepare_create("/a/b/f", false, 2, 65536, s, &mut ids, 6).unwrap();
+        let inode = match &create {
+            MetaOp::Create { inode, .. } => *inode,
+            _ => unreachable!(),
+        };
+        run(&ns, &mut seq, vec![create]);
+        // a second writer is refused while the first holds the lease
+        let e = ns.prepare_create("/a/b/f", true, 2, 65536, SessionId(10), &mut ids, 6).unwrap_err();
+        assert!(matches!(e, Error::Refused { code: ErrorCode::LeaseConflict, .. }));
+        let add = ns.prepare_add_block(inode, s, None, &mut ids).unwrap();
+        let b1 = match &add {
+            MetaOp::AddBlock { block, .. } => *block,
+            _ => unreachable!(),
+        };
+        run(&ns, &mut seq, vec![add]);
+        // a partial block cannot be followed by another
+        let partial = CommittedBlock { id: b1, len: 10, cv: Blake3Cv([1; 32]) };
+        assert!(ns.prepare_add_block(inode, s, Some(partial), &mut ids).is_err());
+        assert!(ns.prepare_complete(inode, s, Some(partial), 11, 7).is_err());
+        let done = ns.prepare_complete(inode, s, Some(partial), 10, 7).unwrap();
+        let applied = run(&ns, &mut seq, vec![done]);
+        assert_eq!(applied.completed, vec![b1]);
+        let f = ns.resolve_existing("/a/b/f").unwrap();
+        assert_eq!(ns.status("/a/b/f", &f, true).blocks[0].len, 10);
+        assert!(ns.prepare_mkdir("/a/b/f/g", true, &mut ids, 8).is_err());
+        assert!(ns.prepare_delete("/a", false).is_err());
+        assert!(ns.prepare_rename("/a", "/a/b/c", 9).is_err());
+        run(&ns, &mut seq, vec![ns.prepare_rename("/a/b/f", "/g", 9).unwrap()]);
+        assert!(ns.resolve("/a/b/f").unwrap().is_none());
+        assert_eq!(ns.usage(&ns.resolve_existing("/").unwrap()).unwrap().2, 10);
+        let freed = run(&ns, &mut seq, vec![ns.prepare_delete("/g", false).unwrap()]).freed;
+        assert_eq!(freed, vec![b1]);
+        run(&ns, &mut seq, vec![ns.prepare_delete("/a", true).unwrap()]);
+        assert!(ns.children(ROOT).unwrap().is_empty());
+        assert_eq!(ns.last_applied().unwrap(), seq);
+        assert_eq!(ns.all_inodes().unwrap().len(), 1);
+    }
+}

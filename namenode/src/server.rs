@@ -1,0 +1,281 @@
+//! The async shell: accepts QUIC connections, reads one request per stream, calls into the
+//! namespace, the writer and the soft state, and writes the reply.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use lode_protocol::frame::kind;
+use lode_protocol::messages::{
+    ClientToNamenode, DatanodeToNamenode, EntryKind, NamenodeReply, NamenodeToDatanode,
+};
+use lode_protocol::net::{self, Identity, Role, RpcError};
+use lode_protocol::{checksum, path, ErrorCode, WireError};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::Config;
+use crate::error::{to_wire, Error};
+use crate::namespace::Namespace;
+use crate::placement;
+use crate::state::State;
+use crate::store::SledStore;
+use crate::writer::{Mutation, WriterHandle};
+
+/// Requests served at once on one connection.
+const STREAMS_PER_CONNECTION: usize = 64;
+/// Connections served at once.
+const CONNECTIONS_MAX: usize = 4096;
+
+/// What every request handler shares.
+pub struct Shared {
+    /// Namespace reads.
+    pub ns: Namespace<SledStore>,
+    /// Soft state.
+    pub state: Arc<Mutex<State>>,
+    /// Namespace changes.
+    pub writer: WriterHandle,
+    /// Settings.
+    pub config: Config,
+}
+
+impl Shared {
+    fn state(&self) -> Result<MutexGuard<'_, State>, Error> {
+        self.state.lock().map_err(|_| Error::Store("state lock poisoned".into()))
+    }
+}
+
+/// Accepts connections until `shutdown` fires.
+pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shutdown.changed() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!("handshake failed: {e}");
+                    return;
+                }
+            };
+            let Some(identity) = net::peer_identity(&conn) else {
+                conn.close(1u32.into(), b"certificate has no lode role");
+                return;
+            };
+            serve_connection(conn, identity, shared).await;
+        });
+    }
+    endpoint.close(0u32.into(), b"shutdown");
+}
+
+async fn serve_connection(conn: quinn::Connection, identity: Identity, shared: Arc<Shared>) {
+    let streams = Arc::new(Semaphore::new(STREAMS_PER_CONNECTION));
+    loop {
+        let Ok(permit) = streams.clone().acquire_owned().await else { return };
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let shared = shared.clone();
+        let identity = identity.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = serve_stream(send, recv, &identity, &shared).await {
+                tracing::debug!(peer = %identity.name, "stream ended: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    identity: &Identity,
+    shared: &Shared,
+) -> Result<(), RpcError> {
+    match identity.role {
+        Role::Datanode => {
+            let reply = match net::read_frame::<DatanodeToNamenode>(&mut recv, kind::DATANODE_TO_NAMENODE).await {
+                Ok(req) => handle_datanode(req, &identity.name, shared).map_err(|e| to_wire(&e)),
+                Err(e) => Err(bad_request(e)),
+            };
+            finish(&mut send, kind::NAMENODE_TO_DATANODE, reply).await
+        }
+        Role::Admin | Role::User => {
+            let reply = match net::read_frame::<ClientToNamenode>(&mut recv, kind::CLIENT_TO_NAMENODE).await {
+                Ok(req) => handle_client(req, shared).await.map_err(|e| {
+                    if e.is_fatal() || !matches!(e, Error::Refused { .. }) {
+                        tracing::error!("request failed: {e}");
+                    }
+                    to_wire(&e)
+                }),
+                Err(e) => Err(bad_request(e)),
+            };
+            finish(&mut send, kind::NAMENODE_REPLY, reply).await
+        }
+        Role::Namenode => {
+            finish::<()>(&mut send, 0, Err(WireError::new(ErrorCode::PermissionDenied, "namenodes do not call namenodes")))
+                .await
+        }
+    }
+}
+
+fn bad_request(e: RpcError) -> WireError {
+    WireError::new(ErrorCode::Protocol, format!("bad request: {e}"))
+}
+
+async fn finish<T: serde::Serialize>(
+    send: &mut quinn::SendStream,
+    kind: u16,
+    reply: Result<T, WireError>,
+) -> Result<(), RpcError> {
+    match reply {
+        Ok(r) => net::write_frame(send, kind, &r).await?,
+        Err(e) => net::write_error(send, &e).await?,
+    }
+    send.finish()?;
+    // Wait until the peer has the reply (or is gone) before dropping the stream.
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+fn normalize(p: &str) -> Result<String, Error> {
+    path::normalize(p).map_err(|m| Error::refused(ErrorCode::InvalidPath, m))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Store(format!("reader task: {e}")))?
+}
+
+async fn handle_client(req: ClientToNamenode, shared: &Shared) -> Result<NamenodeReply, Error> {
+    match req {
+        ClientToNamenode::Mkdir { path, parents } => {
+            shared.writer.submit(Mutation::Mkdir { path: normalize(&path)?, parents }).await
+        }
+        ClientToNamenode::List { path } => {
+            let p = normalize(&path)?;
+            let ns = shared.ns.clone();
+            blocking(move || {
+                let node = ns.resolve_existing(&p)?;
+                if ns.status(&p, &node, false).kind == EntryKind::File {
+                    return Ok(NamenodeReply::Listing(vec![ns.status(&p, &node, false)]));
+                }
+                let mut out = vec![];
+                for (name, id) in ns.children(node.id)? {
+                    if let Some(child) = ns.get(id)? {
+                        out.push(ns.status(&path::join(&p, &name), &child, false));
+                    }
+                }
+                Ok(NamenodeReply::Listing(out))
+            })
+            .await
+        }
+        ClientToNamenode::Stat { path, blocks } => {
+            let p = normalize(&path)?;
+            let ns = shared.ns.clone();
+            let mut status = blocking(move || {
+                let node = ns.resolve_existing(&p)?;
+                Ok(ns.status(&p, &node, blocks))
+            })
+            .await?;
+            let now = Instant::now();
+            let state = shared.state()?;
+            for b in &mut status.blocks {
+                b.locations = state.locations(b.id, now);
+            }
+            Ok(NamenodeReply::Status(status))
+        }
+        ClientToNamenode::Delete { path, recursive } => {
+            shared.writer.submit(Mutation::Delete { path: normalize(&path)?, recursive }).await
+        }
+        ClientToNamenode::Rename { src, dst } => {
+            shared.writer.submit(Mutation::Rename { src: normalize(&src)?, dst: normalize(&dst)? }).await
+        }
+        ClientToNamenode::Create { path, overwrite, replication, block_size, session } => {
+            let replication = replication.unwrap_or(shared.config.replication_default);
+            if !(1..=7).contains(&replication) {
+                return Err(Error::refused(ErrorCode::InvalidArgument, format!("replication must be 1..=7, got {replication}")));
+            }
+            let block_size = block_size.unwrap_or(shared.config.block_size_default);
+            checksum::validate_block_size(block_size).map_err(|m| Error::refused(ErrorCode::InvalidArgument, m))?;
+            let path = normalize(&path)?;
+            shared.writer.submit(Mutation::Create { path, overwrite, replication, block_size, session }).await
+        }
+        ClientToNamenode::AddBlock { inode, session, previous, exclude } => {
+            let node = shared
+                .ns
+                .get(inode)?
+                .ok_or_else(|| Error::refused(ErrorCode::NotFound, format!("file {inode} no longer exists")))?;
+            let crate::namespace::InodeKind::File { replication, block_size, .. } = node.kind else {
+                return Err(Error::refused(ErrorCode::IsADirectory, "not a file"));
+            };
+            let targets = {
+                let mut state = shared.state()?;
+                let now = Instant::now();
+                state.renew(session, now);
+                let chosen = placement::choose_targets(
+                    &state.write_candidates(now),
+                    usize::from(replication),
+                    block_size,
+                    &exclude,
+                    rand::random(),
+                )
+                .map_err(|e| Error::refused(ErrorCode::NoDatanodes, e.to_string()))?;
+                chosen.iter().filter_map(|n| state.target(n)).collect()
+            };
+            shared.writer.submit(Mutation::AddBlock { inode, session, previous, targets }).await
+        }
+        ClientToNamenode::AbandonBlock { inode, session, block } => {
+            shared.writer.submit(Mutation::Abandon { inode, session, block }).await
+        }
+        ClientToNamenode::Complete { inode, session, last, size } => {
+            shared.writer.submit(Mutation::Complete { inode, session, last, size }).await
+        }
+        ClientToNamenode::RenewLease { session } => {
+            shared.state()?.renew(session, Instant::now());
+            Ok(NamenodeReply::Ok)
+        }
+        ClientToNamenode::Du { path } => {
+            let p = normalize(&path)?;
+            let ns = shared.ns.clone();
+            blocking(move || {
+                let node = ns.resolve_existing(&p)?;
+                let (files, directories, bytes, stored_bytes) = ns.usage(&node)?;
+                Ok(NamenodeReply::Usage { files, directories, bytes, stored_bytes })
+            })
+            .await
+        }
+        ClientToNamenode::Report => Ok(NamenodeReply::Report(shared.state()?.report(Instant::now()))),
+        ClientToNamenode::ReportBadReplica { block, datanode } => {
+            tracing::warn!(%block, %datanode, "client reports a corrupt replica");
+            shared.state()?.bad_replica(block, &datanode);
+            Ok(NamenodeReply::Ok)
+        }
+    }
+}
+
+fn handle_datanode(req: DatanodeToNamenode, name: &str, shared: &Shared) -> Result<NamenodeToDatanode, Error> {
+    let now = Instant::now();
+    let mut state = shared.state()?;
+    match req {
+        DatanodeToNamenode::Register { addr, capacity, used, remaining, blocks } => {
+            let delete = state.register(name, addr.clone(), capacity, used, remaining, &blocks, now);
+            tracing::info!(datanode = name, %addr, replicas = blocks.len(), unknown = delete.len(), "datanode registered");
+            Ok(NamenodeToDatanode::Registered { delete })
+        }
+        DatanodeToNamenode::Heartbeat { capacity, used, remaining, received, deleted } => {
+            Ok(match state.heartbeat(name, capacity, used, remaining, &received, &deleted, now) {
+                Some(delete) => NamenodeToDatanode::HeartbeatReply { reregister: false, delete },
+                None => NamenodeToDatanode::HeartbeatReply { reregister: true, delete: vec![] },
+            })
+        }
+    }
+}

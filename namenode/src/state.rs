@@ -1,0 +1,395 @@
+//! Soft state, rebuilt after a restart from the namespace and datanode block reports: the datanode
+//! registry, where each block's replicas are, and write leases. Nothing here is persisted.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use lode_protocol::messages::{ClusterReport, DatanodeReport, ReportedBlock, Target};
+use lode_protocol::{BlockId, InodeId, SessionId};
+
+use crate::namespace::{Applied, Inode, InodeKind};
+use crate::placement::Candidate;
+
+/// How long silences and leases last.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Silence before a datanode is stale.
+    pub stale_after: Duration,
+    /// Silence before a datanode is dead.
+    pub dead_after: Duration,
+    /// Lease lifetime without renewal.
+    pub lease_expiry: Duration,
+}
+
+/// Liveness of a datanode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeState {
+    /// Heartbeating.
+    Live,
+    /// Missed a few heartbeats: avoided for writes, read last.
+    Stale,
+    /// Gone: its replicas do not count.
+    Dead,
+}
+
+impl NodeState {
+    fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Live => "live",
+            NodeState::Stale => "stale",
+            NodeState::Dead => "dead",
+        }
+    }
+}
+
+/// A registered datanode.
+#[derive(Debug)]
+pub struct Datanode {
+    /// Data address.
+    pub addr: String,
+    /// Total bytes of its data file systems.
+    pub capacity: u64,
+    /// Bytes of block data.
+    pub used: u64,
+    /// Bytes free.
+    pub remaining: u64,
+    /// Last heartbeat or registration.
+    pub last_seen: Instant,
+    /// Replicas it reported.
+    pub blocks: HashSet<BlockId>,
+    /// Replicas it should delete, sent with the next heartbeat reply.
+    pub pending_delete: Vec<BlockId>,
+    /// Whether it must send a full report again (it was dead).
+    pub needs_report: bool,
+}
+
+/// Where a block's replicas are.
+#[derive(Debug)]
+pub struct BlockEntry {
+    /// Owning file.
+    pub inode: InodeId,
+    /// Target replica count.
+    pub replication: u8,
+    /// Whether its file is complete.
+    pub complete: bool,
+    /// Datanodes that reported a finalized replica.
+    pub locations: BTreeSet<String>,
+}
+
+/// A client session's lease.
+#[derive(Debug)]
+pub struct Lease {
+    /// Last renewal.
+    pub renewed: Instant,
+    /// Files it is writing.
+    pub files: HashSet<InodeId>,
+}
+
+/// All soft state, behind one mutex in the server.
+#[derive(Debug)]
+pub struct State {
+    /// Timing settings.
+    pub timing: Timing,
+    /// Datanodes by name.
+    pub datanodes: HashMap<String, Datanode>,
+    /// Blocks by id.
+    pub blocks: HashMap<BlockId, BlockEntry>,
+    /// Leases by session.
+    pub leases: HashMap<SessionId, Lease>,
+    /// Replicas reported corrupt: (block, datanode).
+    pub corrupt: HashSet<(BlockId, String)>,
+}
+
+impl State {
+    /// Builds the block map and leases from the namespace.
+    pub fn new(timing: Timing, inodes: &[Inode], now: Instant) -> State {
+        let mut s = State {
+            timing,
+            datanodes: HashMap::new(),
+            blocks: HashMap::new(),
+            leases: HashMap::new(),
+            corrupt: HashSet::new(),
+        };
+        for inode in inodes {
+            if let InodeKind::File { replication, blocks, writer, .. } = &inode.kind {
+                for b in blocks {
+                    s.blocks.insert(
+                        b.id,
+                        BlockEntry {
+                            inode: inode.id,
+                            replication: *replication,
+                            complete: writer.is_none(),
+                            locations: BTreeSet::new(),
+                        },
+                    );
+                }
+                if let Some(w) = writer {
+                    s.leases
+                        .entry(*w)
+                        .or_insert_with(|| Lease { renewed: now, files: HashSet::new() })
+                        .files
+                        .insert(inode.id);
+                }
+            }
+        }
+        s
+    }
+
+    /// The liveness of a node at `now`.
+    pub fn node_state(&self, dn: &Datanode, now: Instant) -> NodeState {
+        let silence = now.saturating_duration_since(dn.last_seen);
+        if silence >= self.timing.dead_after {
+            NodeState::Dead
+        } else if silence >= self.timing.stale_after {
+            NodeState::Stale
+        } else {
+            NodeState::Live
+        }
+    }
+
+    /// Follows a namespace edit.
+    pub fn on_applied(&mut self, applied: &Applied, now: Instant) {
+        for block in &applied.freed {
+            self.forget_block(*block);
+        }
+        if let Some((block, inode, replication)) = applied.added {
+            self.blocks.insert(block, BlockEntry { inode, replication, complete: false, locations: BTreeSet::new() });
+        }
+        if let Some((session, inode)) = applied.leased {
+            self.leases
+                .entry(session)
+                .or_insert_with(|| Lease { renewed: now, files: HashSet::new() })
+                .files
+                .insert(inode);
+        }
+        for inode in &applied.released {
+            self.leases.retain(|_, lease| {
+                lease.files.remove(inode);
+                !lease.files.is_empty()
+            });
+        }
+        for block in &applied.completed {
+            if let Some(e) = self.blocks.get_mut(block) {
+                e.complete = true;
+            }
+        }
+    }
+
+    fn forget_block(&mut self, block: BlockId) {
+        if let Some(entry) = self.blocks.remove(&block) {
+            for name in entry.locations {
+                if let Some(dn) = self.datanodes.get_mut(&name) {
+                    dn.blocks.remove(&block);
+                    dn.pending_delete.push(block);
+                }
+            }
+        }
+        self.corrupt.retain(|(b, _)| *b != block);
+    }
+
+    fn add_replica(&mut self, name: &str, block: ReportedBlock) -> bool {
+        match self.blocks.get_mut(&block.id) {
+            Some(entry) if !self.corrupt.contains(&(block.id, name.to_string())) => {
+                entry.locations.insert(name.to_string());
+                if let Some(dn) = self.datanodes.get_mut(name) {
+                    dn.blocks.insert(block.id);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A datanode joins with a full block report; returns replicas it should delete.
+    #[allow(clippy::too_many_arguments)]
+    pub fn register(
+        &mut self,
+        name: &str,
+        addr: String,
+        capacity: u64,
+        used: u64,
+        remaining: u64,
+        report: &[ReportedBlock],
+        now: Instant,
+    ) -> Vec<BlockId> {
+        if let Some(old) = self.datanodes.remove(name) {
+            for b in old.blocks {
+                if let Some(e) = self.blocks.get_mut(&b) {
+                    e.locations.remove(name);
+                }
+            }
+        }
+        self.datanodes.insert(
+            name.to_string(),
+            Datanode {
+                addr,
+                capacity,
+                used,
+                remaining,
+                last_seen: now,
+                blocks: HashSet::new(),
+                pending_delete: vec![],
+                needs_report: false,
+            },
+        );
+        report.iter().filter(|b| !self.add_replica(name, **b)).map(|b| b.id).collect()
+    }
+
+    /// A heartbeat; `None` means the node is unknown (or was dead) and must register again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn heartbeat(
+        &mut self,
+        name: &str,
+        capacity: u64,
+        used: u64,
+        remaining: u64,
+        received: &[ReportedBlock],
+        deleted: &[BlockId],
+        now: Instant,
+    ) -> Option<Vec<BlockId>> {
+        let state = self.datanodes.get(name).map(|dn| self.node_state(dn, now))?;
+        let dn = self.datanodes.get_mut(name)?;
+        if state == NodeState::Dead || dn.needs_report {
+            dn.needs_report = true;
+            return None;
+        }
+        dn.capacity = capacity;
+        dn.used = used;
+        dn.remaining = remaining;
+        dn.last_seen = now;
+        for b in deleted {
+            dn.blocks.remove(b);
+            if let Some(e) = self.blocks.get_mut(b) {
+                e.locations.remove(name);
+            }
+        }
+        let mut delete: Vec<BlockId> = received.iter().filter(|b| !self.add_replica(name, **b)).map(|b| b.id).collect();
+        if let Some(dn) = self.datanodes.get_mut(name) {
+            delete.append(&mut dn.pending_delete);
+        }
+        Some(delete)
+    }
+
+    /// Live replica holders of a block, live before stale, dead and corrupt ones left out. The order
+    /// rotates with the block id so reads of consecutive blocks spread over the holders.
+    pub fn locations(&self, block: BlockId, now: Instant) -> Vec<Target> {
+        let Some(entry) = self.blocks.get(&block) else { return vec![] };
+        let mut live = vec![];
+        let mut stale = vec![];
+        for name in &entry.locations {
+            let Some(dn) = self.datanodes.get(name) else { continue };
+            let t = Target { name: name.clone(), addr: dn.addr.clone() };
+            match self.node_state(dn, now) {
+                NodeState::Live => live.push(t),
+                NodeState::Stale => stale.push(t),
+                NodeState::Dead => {}
+            }
+        }
+        if !live.is_empty() {
+            let k = (block.0 as usize) % live.len();
+            live.rotate_left(k);
+        }
+        live.extend(stale);
+        live
+    }
+
+    /// Datanodes that may take new blocks (live only).
+    pub fn write_candidates(&self, now: Instant) -> Vec<Candidate> {
+        self.datanodes
+            .iter()
+            .filter(|(_, dn)| self.node_state(dn, now) == NodeState::Live && !dn.needs_report)
+            .map(|(name, dn)| Candidate { name: name.clone(), remaining: dn.remaining })
+            .collect()
+    }
+
+    /// A datanode's address.
+    pub fn target(&self, name: &str) -> Option<Target> {
+        self.datanodes.get(name).map(|dn| Target { name: name.to_string(), addr: dn.addr.clone() })
+    }
+
+    /// Renews a session's lease; false if it holds none.
+    pub fn renew(&mut self, session: SessionId, now: Instant) -> bool {
+        match self.leases.get_mut(&session) {
+            Some(l) => {
+                l.renewed = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes expired leases and returns the files they held.
+    pub fn take_expired_leases(&mut self, now: Instant) -> Vec<(SessionId, InodeId)> {
+        let expiry = self.timing.lease_expiry;
+        let expired: Vec<SessionId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| now.saturating_duration_since(l.renewed) >= expiry)
+            .map(|(s, _)| *s)
+            .collect();
+        let mut out = vec![];
+        for s in expired {
+            if let Some(l) = self.leases.remove(&s) {
+                out.extend(l.files.into_iter().map(|f| (s, f)));
+            }
+        }
+        out
+    }
+
+    /// A client found a replica failing its checksum: stop serving it, and delete it if another
+    /// replica remains.
+    pub fn bad_replica(&mut self, block: BlockId, name: &str) {
+        let Some(entry) = self.blocks.get_mut(&block) else { return };
+        if !entry.locations.remove(name) {
+            return;
+        }
+        self.corrupt.insert((block, name.to_string()));
+        if !entry.locations.is_empty() {
+            if let Some(dn) = self.datanodes.get_mut(name) {
+                dn.blocks.remove(&block);
+                dn.pending_delete.push(block);
+            }
+            self.corrupt.remove(&(block, name.to_string()));
+        }
+    }
+
+    /// The cluster overview.
+    pub fn report(&self, now: Instant) -> ClusterReport {
+        let mut under = 0;
+        let mut missing = 0;
+        for entry in self.blocks.values().filter(|e| e.complete) {
+            let live = entry
+                .locations
+                .iter()
+                .filter(|n| self.datanodes.get(*n).is_some_and(|dn| self.node_state(dn, now) != NodeState::Dead))
+                .count();
+            if live == 0 {
+                missing += 1;
+            } else if live < usize::from(entry.replication) {
+                under += 1;
+            }
+        }
+        let mut datanodes: Vec<DatanodeReport> = self
+            .datanodes
+            .iter()
+            .map(|(name, dn)| DatanodeReport {
+                name: name.clone(),
+                state: self.node_state(dn, now).as_str().to_string(),
+                addr: dn.addr.clone(),
+                last_heartbeat_ms: now.saturating_duration_since(dn.last_seen).as_millis() as u64,
+                blocks: dn.blocks.len() as u64,
+                capacity: dn.capacity,
+                used: dn.used,
+                remaining: dn.remaining,
+            })
+            .collect();
+        datanodes.sort_by(|a, b| a.name.cmp(&b.name));
+        ClusterReport {
+            safemode: false,
+            under_replicated: under,
+            missing,
+            corrupt: self.corrupt.len() as u64,
+            datanodes,
+        }
+    }
+}

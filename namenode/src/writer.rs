@@ -1,0 +1,183 @@
+//! The namespace writer: one thread that validates mutations, appends their edits to the log, applies
+//! them to the store and the soft state, and makes each group of edits durable with one `fdatasync`
+//! before any of their replies leave (group commit: concurrent clients share a sync).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use lode_protocol::messages::{CommittedBlock, LocatedBlock, NamenodeReply, Target};
+use lode_protocol::{BlockId, ErrorCode, InodeId, SessionId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::editlog::EditLog;
+use crate::error::Error;
+use crate::namespace::{IdAlloc, InodeKind, MetaOp, Namespace};
+use crate::state::State;
+use crate::store::MetaStore;
+
+/// Most mutations taken into one group commit.
+const GROUP_MAX: usize = 512;
+/// Queue depth in front of the writer; senders wait when it is full.
+const QUEUE_DEPTH: usize = 4096;
+
+/// A namespace change requested by a client (paths already normalised).
+#[derive(Debug)]
+pub enum Mutation {
+    /// mkdir.
+    Mkdir { path: String, parents: bool },
+    /// Create a file for writing.
+    Create { path: String, overwrite: bool, replication: u8, block_size: u64, session: SessionId },
+    /// Commit the previous block and add one placed on `targets`.
+    AddBlock { inode: InodeId, session: SessionId, previous: Option<CommittedBlock>, targets: Vec<Target> },
+    /// Drop the last block.
+    Abandon { inode: InodeId, session: SessionId, block: BlockId },
+    /// Close a file.
+    Complete { inode: InodeId, session: SessionId, last: Option<CommittedBlock>, size: u64 },
+    /// rm.
+    Delete { path: String, recursive: bool },
+    /// mv.
+    Rename { src: String, dst: String },
+    /// A lease expired: delete the file if that session still writes it.
+    Expire { inode: InodeId, session: SessionId },
+}
+
+struct Job {
+    mutation: Mutation,
+    reply: oneshot::Sender<Result<NamenodeReply, Error>>,
+}
+
+/// Sends mutations to the writer thread.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Job>,
+}
+
+impl WriterHandle {
+    /// Submits a mutation and waits until it is durable (or refused).
+    pub async fn submit(&self, mutation: Mutation) -> Result<NamenodeReply, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Job { mutation, reply }).await.map_err(|_| Error::WriterGone)?;
+        rx.await.map_err(|_| Error::WriterGone)?
+    }
+}
+
+/// Everything the writer owns.
+pub struct Writer<S: MetaStore> {
+    /// The namespace.
+    pub ns: Namespace<S>,
+    /// The edit log.
+    pub log: EditLog,
+    /// Id allocation.
+    pub ids: IdAlloc,
+    /// Soft state to keep in step.
+    pub state: Arc<Mutex<State>>,
+    /// Lease lifetime told to writers.
+    pub lease_ms: u64,
+}
+
+impl<S: MetaStore> Writer<S> {
+    /// Starts the writer thread. The returned receiver yields the error that stopped it, if any.
+    pub fn spawn(self) -> Result<(WriterHandle, oneshot::Receiver<Error>), Error> {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (fatal_tx, fatal_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("namespace-writer".into())
+            .spawn(move || {
+                if let Err(e) = self.run(rx) {
+                    tracing::error!("namespace writer stopped, refusing all further changes: {e}");
+                    let _ = fatal_tx.send(e);
+                }
+            })
+            .map_err(|e| Error::Store(format!("spawn writer thread: {e}")))?;
+        Ok((WriterHandle { tx }, fatal_rx))
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) -> Result<(), Error> {
+        while let Some(first) = rx.blocking_recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < GROUP_MAX {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            let mut replies = Vec::with_capacity(jobs.len());
+            let mut fatal = None;
+            for job in jobs {
+                if fatal.is_some() {
+                    replies.push((job.reply, Err(Error::WriterGone)));
+                    continue;
+                }
+                match self.execute(job.mutation) {
+                    Err(e) if e.is_fatal() || matches!(e, Error::Store(_)) => {
+                        fatal = Some(e);
+                        replies.push((job.reply, Err(Error::WriterGone)));
+                    }
+                    r => replies.push((job.reply, r)),
+                }
+            }
+            if fatal.is_none() {
+                if let Err(e) = self.log.sync() {
+                    fatal = Some(e);
+                }
+            }
+            if let Some(e) = fatal {
+                for (tx, _) in replies {
+                    let _ = tx.send(Err(Error::WriterGone));
+                }
+                return Err(e);
+            }
+            for (tx, r) in replies {
+                let _ = tx.send(r);
+            }
+        }
+        Ok(())
+    }
+
+    fn execute(&mut self, m: Mutation) -> Result<NamenodeReply, Error> {
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let ns = &self.ns;
+        let mut reply = NamenodeReply::Ok;
+        let ops = match m {
+            Mutation::Mkdir { path, parents } => ns.prepare_mkdir(&path, parents, &mut self.ids, now_ms)?,
+            Mutation::Create { path, overwrite, replication, block_size, session } => {
+                let op = ns.prepare_create(&path, overwrite, replication, block_size, session, &mut self.ids, now_ms)?;
+                if let MetaOp::Create { inode, .. } = &op {
+                    reply = NamenodeReply::Created { inode: *inode, replication, block_size, lease_ms: self.lease_ms };
+                }
+                vec![op]
+            }
+            Mutation::AddBlock { inode, session, previous, targets } => {
+                let op = ns.prepare_add_block(inode, session, previous, &mut self.ids)?;
+                if let MetaOp::AddBlock { block, .. } = &op {
+                    let offset = match ns.get(inode)?.map(|i| i.kind) {
+                        Some(InodeKind::File { blocks, block_size, .. }) => blocks.len() as u64 * block_size,
+                        _ => 0,
+                    };
+                    reply = NamenodeReply::Block(LocatedBlock { id: *block, offset, len: 0, cv: None, locations: targets });
+                }
+                vec![op]
+            }
+            Mutation::Abandon { inode, session, block } => vec![ns.prepare_abandon(inode, session, block)?],
+            Mutation::Complete { inode, session, last, size } => {
+                vec![ns.prepare_complete(inode, session, last, size, now_ms)?]
+            }
+            Mutation::Delete { path, recursive } => vec![ns.prepare_delete(&path, recursive)?],
+            Mutation::Rename { src, dst } => vec![ns.prepare_rename(&src, &dst, now_ms)?],
+            Mutation::Expire { inode, session } => match ns.get(inode)?.map(|i| i.kind) {
+                Some(InodeKind::File { writer: Some(w), .. }) if w == session => {
+                    tracing::info!(%inode, %session, "lease expired; deleting the unfinished file");
+                    vec![MetaOp::Delete { inode }]
+                }
+                _ => return Err(Error::refused(ErrorCode::NotFound, "nothing to expire")),
+            },
+        };
+        let now = Instant::now();
+        for op in ops {
+            let seq = self.log.append(&op)?;
+            let applied = self.ns.apply(seq, &op)?;
+            self.state.lock().map_err(|_| Error::Store("state lock poisoned".into()))?.on_applied(&applied, now);
+        }
+        Ok(reply)
+    }
+}
