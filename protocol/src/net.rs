@@ -400,3 +400,69 @@ pub async fn call<Req: Serialize, Rep: DeserializeOwned>(
     send.finish()?;
     read_frame(&mut recv, rep_kind).await
 }
+
+/// Connections reused across requests, one per (address, server name).
+pub struct Pool {
+    endpoint: quinn::Endpoint,
+    conns: tokio::sync::Mutex<std::collections::HashMap<(SocketAddr, String), quinn::Connection>>,
+    connect_timeout: Duration,
+}
+
+impl Pool {
+    /// A pool connecting out through `endpoint`.
+    pub fn new(endpoint: quinn::Endpoint, connect_timeout: Duration) -> Pool {
+        Pool { endpoint, conns: Default::default(), connect_timeout }
+    }
+
+    /// The endpoint underneath.
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// A live connection to `addr`, whose certificate must be valid for `server_name`.
+    pub async fn get(&self, addr: &str, server_name: &str) -> Result<quinn::Connection, RpcError> {
+        let sock: SocketAddr = match addr.parse() {
+            Ok(a) => a,
+            Err(_) => tokio::net::lookup_host(addr)
+                .await
+                .map_err(|e| RpcError::Connect(format!("resolve {addr}: {e}")))?
+                .next()
+                .ok_or_else(|| RpcError::Connect(format!("resolve {addr}: no address")))?,
+        };
+        let key = (sock, server_name.to_string());
+        {
+            let mut conns = self.conns.lock().await;
+            if let Some(c) = conns.get(&key) {
+                if c.close_reason().is_none() {
+                    return Ok(c.clone());
+                }
+                conns.remove(&key);
+            }
+        }
+        // Connect without holding the lock, so one unreachable peer does not hold up the others.
+        let connecting = self
+            .endpoint
+            .connect(sock, server_name)
+            .map_err(|e| RpcError::Connect(format!("{server_name} at {addr}: {e}")))?;
+        let conn = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| RpcError::Connect(format!("{server_name} at {addr}: timed out")))?
+            .map_err(|e| RpcError::Connect(format!("{server_name} at {addr}: {e}")))?;
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&key) {
+            if c.close_reason().is_none() {
+                conn.close(0u32.into(), b"duplicate");
+                return Ok(c.clone());
+            }
+        }
+        conns.insert(key, conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops a connection that failed, so the next `get` reconnects.
+    pub async fn forget(&self, addr: &str, server_name: &str) {
+        if let Ok(sock) = addr.parse::<SocketAddr>() {
+            self.conns.lock().await.remove(&(sock, server_name.to_string()));
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Datanode configuration, read from TOML. Unknown keys are refused so typos fail loudly.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use lode_protocol::net::{TlsFiles, TransportConfig};
+use serde::Deserialize;
+
+/// Default heartbeat interval, in ms.
+pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 3_000;
+
+/// The datanode's configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This datanode's name; must equal the CN of its certificate (`dn-1`).
+    pub name: String,
+    /// UDP address to serve QUIC on.
+    pub listen: SocketAddr,
+    /// Address clients and peers should use; defaults to `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// The namenode's address (`127.0.0.1:7400`).
+    pub namenode: String,
+    /// Directories holding block files; at least one. Created if missing; each must be writable.
+    pub data_dirs: Vec<PathBuf>,
+    /// Certificate files (relative paths are taken from the config file's directory).
+    pub tls: TlsFiles,
+    /// Transport tuning.
+    #[serde(default)]
+    pub transport: TransportConfig,
+    /// Heartbeat interval in ms. Default 3000.
+    #[serde(default = "d_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+}
+
+fn d_heartbeat() -> u64 {
+    HEARTBEAT_INTERVAL_MS_DEFAULT
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {message}")]
+pub struct ConfigError {
+    /// File.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let err = |message: String| ConfigError { path: path.to_path_buf(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.tls = cfg.tls.relative_to(base);
+        for d in &mut cfg.data_dirs {
+            if d.is_relative() {
+                *d = base.join(&*d);
+            }
+        }
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    /// Checks every range.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+            return Err(format!("name must be non-empty [A-Za-z0-9.-], got {:?}", self.name));
+        }
+        if self.data_dirs.is_empty() {
+            return Err("data_dirs must name at least one directory".into());
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return Err("heartbeat_interval_ms must be > 0".into());
+        }
+        self.transport.validate()
+    }
+
+    /// The address announced to the namenode.
+    pub fn advertised(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+}

@@ -1,0 +1,63 @@
+//! The datanode's error type and what of it a peer may learn.
+
+use std::path::PathBuf;
+
+use lode_protocol::{BlockId, ErrorCode, WireError};
+
+/// Everything that can go wrong in the datanode.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No such block here.
+    #[error("block {id} not found")]
+    BlockNotFound {
+        /// Block.
+        id: BlockId,
+    },
+    /// Data failed its chunk checksum.
+    #[error("block {id} failed its hash check at offset {offset} during {stage}")]
+    Corrupt {
+        /// Block.
+        id: BlockId,
+        /// Offset in the block.
+        offset: u64,
+        /// `write` or `read`.
+        stage: &'static str,
+    },
+    /// A disk operation failed.
+    #[error("disk i/o on {path}: {source}")]
+    Disk {
+        /// File or directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// Network or framing trouble with a peer.
+    #[error(transparent)]
+    Rpc(#[from] lode_protocol::net::RpcError),
+    /// Setting up the network failed.
+    #[error(transparent)]
+    Net(#[from] lode_protocol::net::NetError),
+}
+
+impl Error {
+    /// Wraps an I/O error with its path.
+    pub fn disk(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Disk { path: path.into(), source }
+    }
+}
+
+/// Decides what a peer may learn: codes and short messages, no paths.
+pub fn to_wire(e: &Error) -> WireError {
+    match e {
+        Error::BlockNotFound { .. } => WireError::new(ErrorCode::NotFound, e.to_string()),
+        Error::Corrupt { .. } => WireError::new(ErrorCode::Corrupt, e.to_string()),
+        Error::Disk { .. } => WireError::new(ErrorCode::Io, "datanode disk error"),
+        Error::Invalid(m) => WireError::new(ErrorCode::InvalidArgument, m.clone()),
+        Error::Rpc(r) => WireError::new(ErrorCode::Unavailable, r.to_string()),
+        Error::Net(_) => WireError::new(ErrorCode::Internal, "datanode network setup"),
+    }
+}

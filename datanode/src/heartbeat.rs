@@ -1,0 +1,170 @@
+//! Registration with a full block report, then heartbeats carrying incremental reports (replicas
+//! finalized or deleted since the last one). The namenode's replies carry replicas to delete, or
+//! ask for a new registration (it restarted, or counted this node dead).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lode_protocol::frame::kind;
+use lode_protocol::messages::{DatanodeToNamenode, NamenodeToDatanode, ReportedBlock};
+use lode_protocol::net::{self, RpcError, NAMENODE_SERVER_NAME};
+use lode_protocol::BlockId;
+use tokio::sync::{watch, Notify};
+
+use crate::server::Shared;
+
+/// Replica changes waiting for the next heartbeat.
+#[derive(Default)]
+pub struct Reports {
+    pending: Mutex<(Vec<ReportedBlock>, Vec<BlockId>)>,
+    notify: Notify,
+}
+
+impl Reports {
+    /// A replica was finalized; the namenode hears of it promptly.
+    pub fn received(&self, block: ReportedBlock) {
+        self.lock().0.push(block);
+        self.notify.notify_one();
+    }
+
+    fn deleted(&self, block: BlockId) {
+        self.lock().1.push(block);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<ReportedBlock>, Vec<BlockId>)> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self) -> (Vec<ReportedBlock>, Vec<BlockId>) {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn put_back(&self, mut taken: (Vec<ReportedBlock>, Vec<BlockId>)) {
+        let mut p = self.lock();
+        taken.0.append(&mut p.0);
+        taken.1.append(&mut p.1);
+        *p = taken;
+    }
+}
+
+/// Runs until shutdown: register, then heartbeat every `interval` (or sooner when a replica is new).
+pub async fn run(shared: Arc<Shared>, namenode: String, advertise: String, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut registered = false;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if !registered {
+            match register(&shared, &namenode, &advertise).await {
+                Ok(()) => {
+                    registered = true;
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!("register with namenode at {namenode}: {e}");
+                    shared.pool.forget(&namenode, NAMENODE_SERVER_NAME).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(interval.max(Duration::from_millis(500)));
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shared.reports.notify.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+        match heartbeat(&shared, &namenode).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!("namenode asks for a new registration");
+                registered = false;
+            }
+            Err(e) => {
+                tracing::warn!("heartbeat to namenode at {namenode}: {e}");
+                shared.pool.forget(&namenode, NAMENODE_SERVER_NAME).await;
+            }
+        }
+    }
+}
+
+async fn space(shared: &Shared) -> (u64, u64, u64) {
+    let store = shared.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let (cap, free) = store.space();
+        (cap, store.used(), free)
+    })
+    .await
+    .unwrap_or((0, 0, 0))
+}
+
+async fn register(shared: &Shared, namenode: &str, advertise: &str) -> Result<(), RpcError> {
+    // Whatever was pending is covered by the full report.
+    let _ = shared.reports.take();
+    let store = shared.store.clone();
+    let blocks = tokio::task::spawn_blocking(move || store.report()).await.unwrap_or_default();
+    let (capacity, used, remaining) = space(shared).await;
+    let conn = shared.pool.get(namenode, NAMENODE_SERVER_NAME).await?;
+    let n = blocks.len();
+    let req = DatanodeToNamenode::Register { addr: advertise.to_string(), capacity, used, remaining, blocks };
+    let reply: NamenodeToDatanode = net::call(&conn, kind::DATANODE_TO_NAMENODE, kind::NAMENODE_TO_DATANODE, &req).await?;
+    if let NamenodeToDatanode::Registered { delete } = reply {
+        tracing::info!(replicas = n, to_delete = delete.len(), "registered with the namenode");
+        delete_replicas(shared, delete).await;
+    }
+    Ok(())
+}
+
+/// Sends one heartbeat; false when the namenode wants a new registration.
+async fn heartbeat(shared: &Shared, namenode: &str) -> Result<bool, RpcError> {
+    let (capacity, used, remaining) = space(shared).await;
+    let taken = shared.reports.take();
+    let conn = match shared.pool.get(namenode, NAMENODE_SERVER_NAME).await {
+        Ok(c) => c,
+        Err(e) => {
+            shared.reports.put_back(taken);
+            return Err(e);
+        }
+    };
+    let req = DatanodeToNamenode::Heartbeat { capacity, used, remaining, received: taken.0.clone(), deleted: taken.1.clone() };
+    let reply = net::call::<_, NamenodeToDatanode>(&conn, kind::DATANODE_TO_NAMENODE, kind::NAMENODE_TO_DATANODE, &req).await;
+    match reply {
+        Ok(NamenodeToDatanode::HeartbeatReply { reregister, delete }) => {
+            delete_replicas(shared, delete).await;
+            Ok(!reregister)
+        }
+        Ok(other) => {
+            shared.reports.put_back(taken);
+            Err(RpcError::Stream(format!("unexpected reply {other:?}")))
+        }
+        Err(e) => {
+            shared.reports.put_back(taken);
+            Err(e)
+        }
+    }
+}
+
+async fn delete_replicas(shared: &Shared, blocks: Vec<BlockId>) {
+    if blocks.is_empty() {
+        return;
+    }
+    let store = shared.store.clone();
+    let deleted = tokio::task::spawn_blocking(move || {
+        let mut done = vec![];
+        for b in blocks {
+            match store.delete(b) {
+                Ok(true) => done.push(b),
+                Ok(false) => {}
+                Err(e) => tracing::error!("delete replica: {e}"),
+            }
+        }
+        done
+    })
+    .await
+    .unwrap_or_default();
+    for b in deleted {
+        tracing::debug!(block = %b, "replica deleted");
+        shared.reports.deleted(b);
+    }
+}

@@ -1,0 +1,320 @@
+//! The async shell: serves reads and pipeline writes over QUIC, one request per stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use lode_protocol::checksum::{self, PIECE_BYTES};
+use lode_protocol::frame::{kind, PieceHeader};
+use lode_protocol::messages::{DatanodeReply, DatanodeRequest, ReportedBlock, Target};
+use lode_protocol::net::{self, Pool, RpcError};
+use lode_protocol::{Blake3Cv, BlockId, ErrorCode, WireError};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::error::{to_wire, Error};
+use crate::heartbeat::Reports;
+use crate::store::BlockStore;
+
+/// Requests served at once on one connection.
+const STREAMS_PER_CONNECTION: usize = 256;
+/// Connections served at once.
+const CONNECTIONS_MAX: usize = 4096;
+/// Pieces buffered between the network and the disk thread (2 MiB).
+const PIECES_IN_FLIGHT: usize = 32;
+/// How long to wait for the downstream datanode's acknowledgement after the last piece.
+const DOWNSTREAM_ACK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What every request handler shares.
+pub struct Shared {
+    /// This datanode's name.
+    pub name: String,
+    /// Blocks on disk.
+    pub store: Arc<BlockStore>,
+    /// Connections to other datanodes and the namenode.
+    pub pool: Pool,
+    /// Replicas finalized or deleted, for the next heartbeat.
+    pub reports: Arc<Reports>,
+}
+
+/// Accepts connections until `shutdown` fires.
+pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shutdown.changed() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Ok(conn) = incoming.await else { return };
+            let Some(identity) = net::peer_identity(&conn) else {
+                conn.close(1u32.into(), b"certificate has no lode role");
+                return;
+            };
+            let streams = Arc::new(Semaphore::new(STREAMS_PER_CONNECTION));
+            loop {
+                let Ok(permit) = streams.clone().acquire_owned().await else { return };
+                let Ok((send, recv)) = conn.accept_bi().await else { return };
+                let shared = shared.clone();
+                let peer = identity.name.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    if let Err(e) = serve_stream(send, recv, &shared).await {
+                        tracing::debug!(%peer, "stream ended: {e}");
+                    }
+                });
+            }
+        });
+    }
+    endpoint.close(0u32.into(), b"shutdown");
+}
+
+async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, shared: &Shared) -> Result<(), RpcError> {
+    let req = match net::read_frame::<DatanodeRequest>(&mut recv, kind::DATANODE_REQUEST).await {
+        Ok(r) => r,
+        Err(e) => {
+            net::write_error(&mut send, &WireError::new(ErrorCode::Protocol, format!("bad request: {e}"))).await?;
+            send.finish()?;
+            return Ok(());
+        }
+    };
+    let result = match req {
+        DatanodeRequest::WriteBlock { block, file_offset, block_size, downstream } => {
+            write_block(shared, &mut recv, block, file_offset, block_size, downstream).await
+        }
+        DatanodeRequest::ReadBlock { block, offset, len } => return read_block(shared, send, block, offset, len).await,
+        DatanodeRequest::BlockChecksums { block } => {
+            let store = shared.store.clone();
+            blocking(move || store.sidecar(block))
+                .await
+                .map(|s| DatanodeReply::Checksums { block_len: s.len, pieces: s.pieces })
+        }
+    };
+    match result {
+        Ok(reply) => net::write_frame(&mut send, kind::DATANODE_REPLY, &reply).await?,
+        Err(e) => {
+            if !matches!(e, Error::BlockNotFound { .. }) {
+                tracing::warn!("request failed: {e}");
+            }
+            net::write_error(&mut send, &to_wire(&e)).await?
+        }
+    }
+    send.finish()?;
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Invalid(format!("disk task failed: {e}")))?
+}
+
+enum ToDisk {
+    Piece(Blake3Cv, Bytes),
+    Done,
+}
+
+/// A downstream datanode in the pipeline while it is still healthy.
+struct Downstream {
+    targets: Vec<Target>,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+async fn open_downstream(
+    shared: &Shared,
+    block: BlockId,
+    file_offset: u64,
+    block_size: u64,
+    targets: &[Target],
+) -> Result<Downstream, RpcError> {
+    let first = &targets[0];
+    let conn = shared.pool.get(&first.addr, &first.name).await?;
+    let (mut send, recv) = conn.open_bi().await?;
+    let req = DatanodeRequest::WriteBlock { block, file_offset, block_size, downstream: targets[1..].to_vec() };
+    net::write_frame(&mut send, kind::DATANODE_REQUEST, &req).await?;
+    Ok(Downstream { targets: targets.to_vec(), send, recv })
+}
+
+async fn write_block(
+    shared: &Shared,
+    recv: &mut quinn::RecvStream,
+    block: BlockId,
+    file_offset: u64,
+    block_size: u64,
+    targets: Vec<Target>,
+) -> Result<DatanodeReply, Error> {
+    checksum::validate_block_size(block_size).map_err(Error::Invalid)?;
+    if file_offset % block_size != 0 {
+        return Err(Error::Invalid(format!("block offset {file_offset} is not a multiple of {block_size}")));
+    }
+    let mut failed: Vec<String> = vec![];
+    let mut downstream = if targets.is_empty() {
+        None
+    } else {
+        match open_downstream(shared, block, file_offset, block_size, &targets).await {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(%block, next = %targets[0].name, "pipeline: cannot reach next datanode: {e}");
+                failed.extend(targets.iter().map(|t| t.name.clone()));
+                None
+            }
+        }
+    };
+
+    let (tx, mut rx) = mpsc::channel::<ToDisk>(PIECES_IN_FLIGHT);
+    let store = shared.store.clone();
+    let disk = tokio::task::spawn_blocking(move || {
+        let mut w = store.create(block, file_offset)?;
+        while let Some(msg) = rx.blocking_recv() {
+            match msg {
+                ToDisk::Piece(cv, data) => {
+                    if w.len() + data.len() as u64 > block_size {
+                        return Err(Error::Invalid(format!("block {block} is larger than {block_size} bytes")));
+                    }
+                    w.write_piece(cv, &data)?;
+                }
+                ToDisk::Done => return w.finish(),
+            }
+        }
+        // The sender went away without Done: the write was abandoned; dropping `w` removes the temp file.
+        Err(Error::Invalid(format!("write of block {block} was abandoned")))
+    });
+
+    let mut received: u64 = 0;
+    let outcome: Result<(), Error> = async {
+        loop {
+            let mut buf = Vec::new();
+            let Some(header) = net::read_piece(recv, &mut buf).await? else { break };
+            received += u64::from(header.len);
+            if received > block_size {
+                return Err(Error::Invalid(format!("block {block} is larger than {block_size} bytes")));
+            }
+            let data = Bytes::from(buf);
+            if let Some(d) = &mut downstream {
+                if let Err(e) = net::write_piece(&mut d.send, &header, &data).await {
+                    tracing::warn!(%block, next = %d.targets[0].name, "pipeline: forwarding failed: {e}");
+                    failed.extend(d.targets.iter().map(|t| t.name.clone()));
+                    downstream = None;
+                }
+            }
+            if tx.send(ToDisk::Piece(header.cv, data)).await.is_err() {
+                break; // the disk thread stopped; its error is reported below
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if outcome.is_ok() {
+        let _ = tx.send(ToDisk::Done).await;
+    }
+    drop(tx);
+    let local = disk.await.map_err(|e| Error::Invalid(format!("disk task failed: {e}")))?;
+    let local = outcome.and(local);
+    let (len, _cv) = match local {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(mut d) = downstream {
+                let _ = d.send.reset((ErrorCode::Io as u32).into());
+            }
+            return Err(e);
+        }
+    };
+    shared.reports.received(ReportedBlock { id: block, len });
+
+    let mut stored = vec![shared.name.clone()];
+    if let Some(mut d) = downstream {
+        match finish_downstream(&mut d).await {
+            Ok((s, f)) => {
+                let ok: Vec<String> = s;
+                failed.extend(d.targets.iter().filter(|t| !ok.contains(&t.name)).map(|t| t.name.clone()));
+                failed.extend(f);
+                stored.extend(ok);
+            }
+            Err(e) => {
+                tracing::warn!(%block, next = %d.targets[0].name, "pipeline: downstream did not acknowledge: {e}");
+                failed.extend(d.targets.iter().map(|t| t.name.clone()));
+            }
+        }
+    }
+    failed.sort();
+    failed.dedup();
+    Ok(DatanodeReply::WriteAck { stored, failed })
+}
+
+async fn finish_downstream(d: &mut Downstream) -> Result<(Vec<String>, Vec<String>), RpcError> {
+    net::write_piece(&mut d.send, &PieceHeader::END, &[]).await?;
+    d.send.finish()?;
+    let reply = tokio::time::timeout(DOWNSTREAM_ACK_TIMEOUT, net::read_frame::<DatanodeReply>(&mut d.recv, kind::DATANODE_REPLY))
+        .await
+        .map_err(|_| RpcError::Stream("timed out".into()))??;
+    match reply {
+        DatanodeReply::WriteAck { stored, failed } => Ok((stored, failed)),
+        other => Err(RpcError::Stream(format!("unexpected reply {other:?}"))),
+    }
+}
+
+async fn read_block(
+    shared: &Shared,
+    mut send: quinn::SendStream,
+    block: BlockId,
+    offset: u64,
+    len: u64,
+) -> Result<(), RpcError> {
+    let store = shared.store.clone();
+    let opened = blocking(move || store.open_block(block)).await;
+    let mut reader = match opened {
+        Ok(r) if offset.checked_add(len).is_some_and(|end| end <= r.sidecar.len) => r,
+        Ok(r) => {
+            let msg = format!("range {offset}+{len} is outside block {block} of {} bytes", r.sidecar.len);
+            net::write_error(&mut send, &WireError::new(ErrorCode::InvalidArgument, msg)).await?;
+            send.finish()?;
+            return Ok(());
+        }
+        Err(e) => {
+            net::write_error(&mut send, &to_wire(&e)).await?;
+            send.finish()?;
+            return Ok(());
+        }
+    };
+    let first = offset / PIECE_BYTES;
+    let end = if len == 0 { first } else { (offset + len).div_ceil(PIECE_BYTES) };
+    let start = DatanodeReply::ReadStart { block_len: reader.sidecar.len, first_piece_offset: first * PIECE_BYTES };
+    net::write_frame(&mut send, kind::DATANODE_REPLY, &start).await?;
+    let (tx, mut rx) = mpsc::channel::<Result<(Blake3Cv, Bytes), Error>>(PIECES_IN_FLIGHT);
+    tokio::task::spawn_blocking(move || {
+        for idx in first..end {
+            let mut buf = Vec::with_capacity(PIECE_BYTES as usize);
+            let item = reader.read_piece(idx, &mut buf).map(|cv| (cv, Bytes::from(buf)));
+            let stop = item.is_err();
+            if tx.blocking_send(item).is_err() || stop {
+                return;
+            }
+        }
+    });
+    while let Some(item) = rx.recv().await {
+        match item {
+            Ok((cv, data)) => {
+                let header = PieceHeader { len: data.len() as u32, cv };
+                net::write_piece(&mut send, &header, &data).await?;
+            }
+            Err(e) => {
+                tracing::error!("{e}; the replica is not served");
+                let code = if matches!(e, Error::Corrupt { .. }) { ErrorCode::Corrupt } else { ErrorCode::Io };
+                let _ = send.reset((code as u32).into());
+                return Ok(());
+            }
+        }
+    }
+    net::write_piece(&mut send, &PieceHeader::END, &[]).await?;
+    send.finish()?;
+    let _ = send.stopped().await;
+    Ok(())
+}
