@@ -1,1 +1,531 @@
-fn main() {}
+//! The `lode` command: turns arguments into `lode_client::Client` calls and prints the results.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use lode_client::{certs, human, Client, ClientConfig, Error, PutOptions};
+use lode_protocol::messages::{EntryKind, FileStatus};
+use serde_json::{json, Value};
+
+/// Lode: a distributed block filesystem that moves computation to the data.
+#[derive(Parser)]
+#[command(name = "lode", version)]
+struct Cli {
+    /// Client config file (else $LODE_CONFIG, else ~/.config/lode/client.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Copy a local file (or - for stdin) into Lode.
+    Put {
+        /// Overwrite an existing file.
+        #[arg(short, long)]
+        force: bool,
+        /// Replica count for the new file.
+        #[arg(long)]
+        replication: Option<u8>,
+        /// Block size: a power of two from 64K to 1G (e.g. 128M).
+        #[arg(long, value_parser = human::parse_size)]
+        block_size: Option<u64>,
+        /// Local file, or - for stdin.
+        local: String,
+        /// Destination path (an existing directory receives the file under its own name).
+        remote: String,
+    },
+    /// Copy a file out of Lode to a local file (or - for stdout).
+    Get {
+        /// Overwrite an existing local file.
+        #[arg(short, long)]
+        force: bool,
+        /// Path in Lode.
+        remote: String,
+        /// Local file or directory, or - for stdout.
+        local: String,
+    },
+    /// Print files to stdout.
+    Cat {
+        /// Paths in Lode.
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// List a directory.
+    Ls {
+        /// List subdirectories too.
+        #[arg(short = 'R', long)]
+        recursive: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Directory or file (default /).
+        path: Option<String>,
+    },
+    /// Create directories.
+    Mkdir {
+        /// Create missing parents; no error if it exists.
+        #[arg(short, long)]
+        parents: bool,
+        /// Directories to create.
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Delete files or directories.
+    Rm {
+        /// Delete directories and everything under them.
+        #[arg(short, long)]
+        recursive: bool,
+        /// Paths to delete.
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Move or rename.
+    Mv {
+        /// Source path.
+        src: String,
+        /// Destination (an existing directory receives the entry under its own name).
+        dst: String,
+    },
+    /// Show an entry's details.
+    Stat {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Include blocks and their locations.
+        #[arg(long)]
+        blocks: bool,
+        /// Path in Lode.
+        path: String,
+    },
+    /// Show space used.
+    Du {
+        /// One summary line for the path instead of one line per entry.
+        #[arg(short, long)]
+        summary: bool,
+        /// Path in Lode (default /).
+        path: Option<String>,
+    },
+    /// Print a file's BLAKE3 hash (as b3sum prints it), merged from block values.
+    Checksum {
+        /// Paths in Lode.
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Certificates for a cluster.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Cluster administration.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a cluster CA and certificates for the namenode, datanodes, an admin and a user.
+    Init(CertsInit),
+}
+
+#[derive(Args)]
+struct CertsInit {
+    /// Directory to write the PEM files to.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Number of datanode certificates (dn-1..dn-N).
+    #[arg(long, default_value_t = 3)]
+    datanodes: u32,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Capacity, datanodes and block health.
+    Report {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LODE_LOG").unwrap_or_else(|_| "error".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lode: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (name, result) = runtime.block_on(dispatch(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Local { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = e.to_string().replace('\n', " ");
+            eprintln!("lode: {name}: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
+    let config = cli.config.clone();
+    match cli.command {
+        Command::Certs { command: CertsCommand::Init(args) } => ("certs init", certs_init(args)),
+        Command::Put { force, replication, block_size, local, remote } => {
+            ("put", with_client(config, |c| put(c, force, replication, block_size, local, remote)).await)
+        }
+        Command::Get { force, remote, local } => ("get", with_client(config, |c| get(c, force, remote, local)).await),
+        Command::Cat { paths } => ("cat", with_client(config, |c| cat(c, paths)).await),
+        Command::Ls { recursive, json, path } => ("ls", with_client(config, |c| ls(c, recursive, json, path)).await),
+        Command::Mkdir { parents, paths } => ("mkdir", with_client(config, |c| mkdir(c, parents, paths)).await),
+        Command::Rm { recursive, paths } => ("rm", with_client(config, |c| rm(c, recursive, paths)).await),
+        Command::Mv { src, dst } => ("mv", with_client(config, |c| mv(c, src, dst)).await),
+        Command::Stat { json, blocks, path } => ("stat", with_client(config, |c| stat(c, json, blocks, path)).await),
+        Command::Du { summary, path } => ("du", with_client(config, |c| du(c, summary, path)).await),
+        Command::Checksum { paths } => ("checksum", with_client(config, |c| checksum(c, paths)).await),
+        Command::Admin { command: AdminCommand::Report { json } } => {
+            ("admin report", with_client(config, |c| report(c, json)).await)
+        }
+    }
+}
+
+async fn with_client<F, Fut>(config: Option<PathBuf>, f: F) -> Result<(), Error>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>>,
+{
+    let cfg = ClientConfig::locate(config.as_deref())?;
+    let client = Client::connect(cfg).await?;
+    f(client).await
+}
+
+fn certs_init(args: CertsInit) -> Result<(), Error> {
+    let made = certs::init(&args.dir, args.datanodes)?;
+    println!("wrote certificates for {} to {}", made.join(", "), args.dir.display());
+    Ok(())
+}
+
+fn progress_bar(total: Option<u64>) -> Option<ProgressBar> {
+    if !(std::io::stderr().is_terminal() && std::io::stdout().is_terminal()) {
+        return None;
+    }
+    let pb = match total {
+        Some(t) => ProgressBar::new(t),
+        None => ProgressBar::new_spinner(),
+    };
+    let style = ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    pb.set_style(style);
+    Some(pb)
+}
+
+fn base_name(p: &str) -> &str {
+    p.trim_end_matches('/').rsplit('/').next().unwrap_or(p)
+}
+
+async fn put(c: Client, force: bool, replication: Option<u8>, block_size: Option<u64>, local: String, remote: String) -> Result<(), Error> {
+    let mut target = remote.clone();
+    if let Some(st) = c.try_stat(&remote).await? {
+        if st.kind == EntryKind::Directory {
+            if local == "-" {
+                return Err(Error::Invalid(format!("{remote}: is a directory (name the file to write from stdin)")));
+            }
+            target = lode_protocol::path::join(&st.path, base_name(&local));
+        }
+    }
+    let opts = PutOptions { overwrite: force, replication, block_size };
+    let bar;
+    let written = if local == "-" {
+        bar = progress_bar(None);
+        let b = bar.clone();
+        c.put(tokio::io::stdin(), &target, &opts, &move |n| if let Some(b) = &b { b.set_position(n) }).await?
+    } else {
+        let meta = std::fs::metadata(&local).map_err(|e| Error::local(&local, e))?;
+        if meta.is_dir() {
+            return Err(Error::Invalid(format!("{local}: is a directory")));
+        }
+        let file = tokio::fs::File::open(&local).await.map_err(|e| Error::local(&local, e))?;
+        bar = progress_bar(Some(meta.len()));
+        let b = bar.clone();
+        c.put(file, &target, &opts, &move |n| if let Some(b) = &b { b.set_position(n) }).await?
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+        eprintln!("{target}: {} written", human::size(written));
+    }
+    Ok(())
+}
+
+async fn get(c: Client, force: bool, remote: String, local: String) -> Result<(), Error> {
+    let st = c.stat(&remote, true).await?;
+    if st.kind == EntryKind::Directory {
+        return Err(Error::Invalid(format!("{}: is a directory", st.path)));
+    }
+    if local == "-" {
+        let mut out = tokio::io::stdout();
+        c.get(&st.path, &mut out, &|_| {}).await?;
+        return Ok(());
+    }
+    let mut dest = PathBuf::from(&local);
+    if dest.is_dir() {
+        dest = dest.join(base_name(&st.path));
+    }
+    if dest.exists() && !force {
+        return Err(Error::Invalid(format!("{}: exists (use -f to overwrite)", dest.display())));
+    }
+    let tmp = temp_beside(&dest);
+    let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| Error::local(&tmp, e))?;
+    let bar = progress_bar(Some(st.size));
+    let b = bar.clone();
+    let result = c.get(&st.path, &mut file, &move |n| if let Some(b) = &b { b.set_position(n) }).await;
+    drop(file);
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| Error::local(&dest, e))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+        eprintln!("{}: {} read", dest.display(), human::size(st.size));
+    }
+    Ok(())
+}
+
+fn temp_beside(dest: &Path) -> PathBuf {
+    let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    dest.with_file_name(format!(".{name}.lode-{:08x}.part", rand::random::<u32>()))
+}
+
+async fn cat(c: Client, paths: Vec<String>) -> Result<(), Error> {
+    let mut out = tokio::io::stdout();
+    for p in paths {
+        c.get(&p, &mut out, &|_| {}).await?;
+    }
+    Ok(())
+}
+
+fn kind_str(k: EntryKind) -> &'static str {
+    match k {
+        EntryKind::File => "file",
+        EntryKind::Directory => "directory",
+    }
+}
+
+fn entry_json(s: &FileStatus) -> Value {
+    json!({
+        "path": s.path,
+        "type": kind_str(s.kind),
+        "size": s.size,
+        "replication": s.replication,
+        "block_size": s.block_size,
+        "mtime_ms": s.mtime_ms,
+        "complete": s.complete,
+    })
+}
+
+fn mtime(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", rem / 3600, rem % 3600 / 60)
+}
+
+async fn ls(c: Client, recursive: bool, json: bool, path: Option<String>) -> Result<(), Error> {
+    let root = path.unwrap_or_else(|| "/".into());
+    let mut all = vec![];
+    let mut pending = vec![root];
+    while let Some(p) = pending.pop() {
+        let entries = c.list(&p).await?;
+        for e in entries.iter().rev() {
+            if recursive && e.kind == EntryKind::Directory {
+                pending.push(e.path.clone());
+            }
+        }
+        all.extend(entries);
+    }
+    if recursive {
+        all.sort_by(|a, b| a.path.cmp(&b.path));
+    }
+    if json {
+        println!("{}", Value::Array(all.iter().map(entry_json).collect()));
+        return Ok(());
+    }
+    for e in all {
+        let (t, r, size) = match e.kind {
+            EntryKind::Directory => ('d', "-".to_string(), "-".to_string()),
+            EntryKind::File => ('-', e.replication.to_string(), human::size(e.size)),
+        };
+        let note = if e.complete { "" } else { "  (being written)" };
+        println!("{t} {r:>2} {size:>10}  {}  {}{note}", mtime(e.mtime_ms), e.path);
+    }
+    Ok(())
+}
+
+async fn mkdir(c: Client, parents: bool, paths: Vec<String>) -> Result<(), Error> {
+    for p in paths {
+        c.mkdir(&p, parents).await?;
+    }
+    Ok(())
+}
+
+async fn rm(c: Client, recursive: bool, paths: Vec<String>) -> Result<(), Error> {
+    for p in paths {
+        c.delete(&p, recursive).await?;
+    }
+    Ok(())
+}
+
+async fn mv(c: Client, src: String, dst: String) -> Result<(), Error> {
+    c.rename(&src, &dst).await
+}
+
+async fn stat(c: Client, json: bool, blocks: bool, path: String) -> Result<(), Error> {
+    let st = c.stat(&path, true).await?;
+    let checksum = if st.kind == EntryKind::File && st.complete {
+        Some(c.checksum_of_status(&st).await?.to_hex())
+    } else {
+        None
+    };
+    if json {
+        let mut v = json!({
+            "path": st.path,
+            "type": kind_str(st.kind),
+            "size": st.size,
+            "replication": st.replication,
+            "block_size": st.block_size,
+            "checksum": checksum,
+            "mtime_ms": st.mtime_ms,
+            "complete": st.complete,
+        });
+        if blocks {
+            v["blocks"] = Value::Array(
+                st.blocks
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "id": b.id,
+                            "offset": b.offset,
+                            "len": b.len,
+                            "locations": b.locations.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect(),
+            );
+        }
+        println!("{v}");
+        return Ok(());
+    }
+    println!("path:        {}", st.path);
+    println!("type:        {}", kind_str(st.kind));
+    if st.kind == EntryKind::File {
+        println!("size:        {} ({} bytes)", human::size(st.size), st.size);
+        println!("replication: {}", st.replication);
+        println!("block size:  {}", human::size(st.block_size));
+        println!("blocks:      {}", st.blocks.len());
+        if let Some(c) = &checksum {
+            println!("checksum:    {c}");
+        }
+        if !st.complete {
+            println!("state:       being written");
+        }
+    }
+    println!("modified:    {}", mtime(st.mtime_ms));
+    if blocks {
+        for b in &st.blocks {
+            let locs: Vec<&str> = b.locations.iter().map(|t| t.name.as_str()).collect();
+            println!("  block {:>8}  offset {:>12}  len {:>10}  [{}]", b.id.to_string(), b.offset, human::size(b.len), locs.join(", "));
+        }
+    }
+    Ok(())
+}
+
+async fn du(c: Client, summary: bool, path: Option<String>) -> Result<(), Error> {
+    let root = path.unwrap_or_else(|| "/".into());
+    let st = c.stat(&root, false).await?;
+    let targets: Vec<String> = if summary || st.kind == EntryKind::File {
+        vec![st.path.clone()]
+    } else {
+        c.list(&st.path).await?.into_iter().map(|e| e.path).collect()
+    };
+    for p in targets {
+        let u = c.du(&p).await?;
+        println!("{:>10}  {:>10}  {p}", human::size(u.bytes), human::size(u.stored_bytes));
+    }
+    Ok(())
+}
+
+async fn checksum(c: Client, paths: Vec<String>) -> Result<(), Error> {
+    for p in paths {
+        let h = c.checksum(&p).await?;
+        println!("{}  {}", h.to_hex(), lode_protocol::path::normalize(&p).unwrap_or(p));
+    }
+    Ok(())
+}
+
+async fn report(c: Client, json: bool) -> Result<(), Error> {
+    let r = c.report().await?;
+    if json {
+        let v = json!({
+            "safemode": r.safemode,
+            "under_replicated": r.under_replicated,
+            "missing": r.missing,
+            "corrupt": r.corrupt,
+            "namenode": { "http_addr": Value::Null },
+            "datanodes": r.datanodes.iter().map(|d| json!({
+                "name": d.name,
+                "state": d.state,
+                "addr": d.addr,
+                "http_addr": Value::Null,
+                "last_heartbeat_ms": d.last_heartbeat_ms,
+                "blocks": d.blocks,
+                "capacity": d.capacity,
+                "used": d.used,
+                "remaining": d.remaining,
+                "sandbox": Value::Null,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    let capacity: u64 = r.datanodes.iter().map(|d| d.capacity).sum();
+    let used: u64 = r.datanodes.iter().map(|d| d.used).sum();
+    let remaining: u64 = r.datanodes.iter().map(|d| d.remaining).sum();
+    println!("capacity {}  used {}  remaining {}", human::size(capacity), human::size(used), human::size(remaining));
+    println!("under-replicated {}  missing {}  corrupt {}  safemode {}", r.under_replicated, r.missing, r.corrupt, if r.safemode { "on" } else { "off" });
+    println!("{:<10} {:<6} {:<22} {:>9} {:>8} {:>10} {:>10}", "NAME", "STATE", "ADDRESS", "HEARTBEAT", "BLOCKS", "USED", "REMAINING");
+    for d in &r.datanodes {
+        println!(
+            "{:<10} {:<6} {:<22} {:>8.1}s {:>8} {:>10} {:>10}",
+            d.name,
+            d.state,
+            d.addr,
+            d.last_heartbeat_ms as f64 / 1000.0,
+            d.blocks,
+            human::size(d.used),
+            human::size(d.remaining)
+        );
+    }
+    Ok(())
+}

@@ -254,6 +254,9 @@ async fn handle_client(req: ClientToNamenode, shared: &Shared) -> Result<Namenod
             .await
         }
         ClientToNamenode::Report => Ok(NamenodeReply::Report(shared.state()?.report(Instant::now()))),
+        ClientToNamenode::AbandonFile { inode, session } => {
+            shared.writer.submit(Mutation::Expire { inode, session }).await
+        }
         ClientToNamenode::ReportBadReplica { block, datanode } => {
             tracing::warn!(%block, %datanode, "client reports a corrupt replica");
             shared.state()?.bad_replica(block, &datanode);

@@ -119,6 +119,8 @@ pub enum ClientToNamenode {
     Report,
     /// A replica failed its checksum on read.
     ReportBadReplica { block: BlockId, datanode: String },
+    /// Give up writing a file: it is deleted if this session still writes it.
+    AbandonFile { inode: InodeId, session: SessionId },
 }
 
 /// Replies from the namenode to clients.

@@ -59,7 +59,8 @@ pub struct TransportConfig {
     pub stream_window_bytes: u32,
     /// Per-connection flow-control window in bytes. Default 32 MiB.
     pub connection_window_bytes: u32,
-    /// Close an idle connection after this many milliseconds. Default 30000.
+    /// Close a connection whose peer went silent after this many milliseconds (keep-alives are sent
+    /// at a third of it). This bounds how long a request to a dead peer can hang. Default 10000.
     pub idle_timeout_ms: u32,
 }
 
@@ -73,7 +74,7 @@ impl Default for TransportConfig {
             socket_buffer_bytes: 4 << 20,
             stream_window_bytes: 8 << 20,
             connection_window_bytes: 32 << 20,
-            idle_timeout_ms: 30_000,
+            idle_timeout_ms: 10_000,
         }
     }
 }
@@ -86,6 +87,9 @@ impl TransportConfig {
                 "transport.udp_payload_bytes must be 1200..=6500, got {}",
                 self.udp_payload_bytes
             ));
+        }
+        if self.idle_timeout_ms < 1000 {
+            return Err(format!("transport.idle_timeout_ms must be at least 1000, got {}", self.idle_timeout_ms));
         }
         if self.stream_window_bytes < 65536 || self.connection_window_bytes < self.stream_window_bytes {
             return Err("transport windows must be at least 64 KiB and connection >= stream".into());
@@ -100,7 +104,7 @@ impl TransportConfig {
         t.stream_receive_window(self.stream_window_bytes.into());
         t.receive_window(self.connection_window_bytes.into());
         t.send_window(u64::from(self.connection_window_bytes));
-        t.keep_alive_interval(Some(Duration::from_secs(5)));
+        t.keep_alive_interval(Some(Duration::from_millis(u64::from(self.idle_timeout_ms) / 3)));
         if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_millis(self.idle_timeout_ms.into())) {
             t.max_idle_timeout(Some(idle));
         }
@@ -313,6 +317,9 @@ pub enum RpcError {
     /// The peer answered with an error.
     #[error("{0}")]
     Remote(WireError),
+    /// The peer reset the stream with an error code (an `ErrorCode` number).
+    #[error("stream reset by peer with code {0}")]
+    Reset(u64),
 }
 
 impl From<quinn::WriteError> for RpcError {
@@ -324,6 +331,7 @@ impl From<quinn::ReadExactError> for RpcError {
     fn from(e: quinn::ReadExactError) -> Self {
         RpcError::Stream(match e {
             quinn::ReadExactError::FinishedEarly(_) => "stream ended early".to_string(),
+            quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)) => return RpcError::Reset(code.into_inner()),
             quinn::ReadExactError::ReadError(e) => e.to_string(),
         })
     }

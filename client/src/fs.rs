@@ -1,0 +1,230 @@
+//! [`Client`]: the file-system API over the namenode and datanodes. Namespace calls go to the
+//! namenode; data moves between this process and datanodes directly ([`crate::put`], [`crate::get`]).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lode_protocol::checksum::{self, PIECE_BYTES};
+use lode_protocol::frame::kind;
+use lode_protocol::messages::{
+    ClientToNamenode, ClusterReport, DatanodeReply, DatanodeRequest, EntryKind, FileStatus, NamenodeReply,
+};
+use lode_protocol::net::{self, Pool, NAMENODE_SERVER_NAME};
+use lode_protocol::{Blake3Cv, BlockId, SessionId};
+
+use crate::config::ClientConfig;
+use crate::error::Error;
+
+/// How long to wait for a connection to be set up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Space used under a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// Files.
+    pub files: u64,
+    /// Directories (including the path itself if it is one).
+    pub directories: u64,
+    /// Logical bytes.
+    pub bytes: u64,
+    /// Bytes times each file's replication.
+    pub stored_bytes: u64,
+}
+
+/// A connection to a Lode cluster.
+pub struct Client {
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) namenode: String,
+    pub(crate) session: SessionId,
+    pub(crate) config: ClientConfig,
+    /// Datanodes that failed a request lately; tried last.
+    pub(crate) suspects: Mutex<HashSet<String>>,
+}
+
+impl Client {
+    /// Sets up the QUIC endpoint and checks that the namenode answers.
+    pub async fn connect(config: ClientConfig) -> Result<Client, Error> {
+        let addr = resolve(&config.namenode).await?;
+        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal address");
+        let client_cfg = net::client_config(&config.tls, &config.transport)?;
+        let endpoint = net::endpoint(bind, None, client_cfg, &config.transport)?;
+        let client = Client {
+            pool: Arc::new(Pool::new(endpoint, CONNECT_TIMEOUT)),
+            namenode: addr.to_string(),
+            session: SessionId(rand::random()),
+            config,
+            suspects: Mutex::new(HashSet::new()),
+        };
+        client
+            .pool
+            .get(&client.namenode, NAMENODE_SERVER_NAME)
+            .await
+            .map_err(|e| Error::rpc(format!("cannot reach the namenode at {}", client.config.namenode), e))?;
+        Ok(client)
+    }
+
+    /// One request to the namenode.
+    pub(crate) async fn nn(&self, req: &ClientToNamenode) -> Result<NamenodeReply, Error> {
+        let ctx = || format!("namenode at {}", self.namenode);
+        let conn = self.pool.get(&self.namenode, NAMENODE_SERVER_NAME).await.map_err(|e| Error::rpc(ctx(), e))?;
+        match net::call(&conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, req).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if !matches!(e, net::RpcError::Remote(_)) {
+                    self.pool.forget(&self.namenode, NAMENODE_SERVER_NAME).await;
+                }
+                Err(Error::rpc(ctx(), e))
+            }
+        }
+    }
+
+    /// Creates a directory (and missing parents with `parents`).
+    pub async fn mkdir(&self, path: &str, parents: bool) -> Result<(), Error> {
+        expect_ok(self.nn(&ClientToNamenode::Mkdir { path: path.into(), parents }).await?)
+    }
+
+    /// Lists a directory (a file lists as itself).
+    pub async fn list(&self, path: &str) -> Result<Vec<FileStatus>, Error> {
+        match self.nn(&ClientToNamenode::List { path: path.into() }).await? {
+            NamenodeReply::Listing(l) => Ok(l),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Status of one entry, with its blocks and their live locations when `blocks`.
+    pub async fn stat(&self, path: &str, blocks: bool) -> Result<FileStatus, Error> {
+        match self.nn(&ClientToNamenode::Stat { path: path.into(), blocks }).await? {
+            NamenodeReply::Status(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Status, or `None` if the path does not exist.
+    pub async fn try_stat(&self, path: &str) -> Result<Option<FileStatus>, Error> {
+        match self.stat(path, false).await {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.code() == Some(lode_protocol::ErrorCode::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes a file, or a directory (non-empty only with `recursive`). Freed blocks are removed
+    /// from the datanodes with their next heartbeats.
+    pub async fn delete(&self, path: &str, recursive: bool) -> Result<(), Error> {
+        expect_ok(self.nn(&ClientToNamenode::Delete { path: path.into(), recursive }).await?)
+    }
+
+    /// Renames; into `dst` if it is a directory.
+    pub async fn rename(&self, src: &str, dst: &str) -> Result<(), Error> {
+        expect_ok(self.nn(&ClientToNamenode::Rename { src: src.into(), dst: dst.into() }).await?)
+    }
+
+    /// Space used under a path.
+    pub async fn du(&self, path: &str) -> Result<Usage, Error> {
+        match self.nn(&ClientToNamenode::Du { path: path.into() }).await? {
+            NamenodeReply::Usage { files, directories, bytes, stored_bytes } => {
+                Ok(Usage { files, directories, bytes, stored_bytes })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The cluster overview.
+    pub async fn report(&self) -> Result<ClusterReport, Error> {
+        match self.nn(&ClientToNamenode::Report).await? {
+            NamenodeReply::Report(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The file's BLAKE3 hash (what `b3sum` prints), merged from block values without reading the
+    /// data. A file of at most one piece (64 KiB) has no inner tree to merge, so its bytes are read.
+    pub async fn checksum(&self, path: &str) -> Result<Blake3Cv, Error> {
+        let st = self.stat(path, true).await?;
+        checksum_of(self, &st).await
+    }
+
+    /// The file's BLAKE3 hash from a status fetched with blocks.
+    pub async fn checksum_of_status(&self, st: &FileStatus) -> Result<Blake3Cv, Error> {
+        checksum_of(self, st).await
+    }
+
+    pub(crate) fn mark_suspect(&self, name: &str, suspect: bool) {
+        let mut s = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        if suspect {
+            s.insert(name.to_string());
+        } else {
+            s.remove(name);
+        }
+    }
+
+    pub(crate) fn is_suspect(&self, name: &str) -> bool {
+        self.suspects.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
+    }
+
+    async fn block_checksums(&self, block: BlockId, targets: &[lode_protocol::messages::Target]) -> Result<Vec<Blake3Cv>, Error> {
+        let mut last = Error::Invalid(format!("block {block} has no live replica"));
+        for t in targets {
+            let attempt = async {
+                let conn = self.pool.get(&t.addr, &t.name).await?;
+                net::call::<_, DatanodeReply>(&conn, kind::DATANODE_REQUEST, kind::DATANODE_REPLY, &DatanodeRequest::BlockChecksums { block })
+                    .await
+            };
+            match attempt.await {
+                Ok(DatanodeReply::Checksums { pieces, .. }) => return Ok(pieces),
+                Ok(other) => last = unexpected(other),
+                Err(e) => last = Error::rpc(format!("block {block} checksums from {}", t.name), e),
+            }
+        }
+        Err(last)
+    }
+}
+
+pub(crate) async fn checksum_of(client: &Client, st: &FileStatus) -> Result<Blake3Cv, Error> {
+    if st.kind == EntryKind::Directory {
+        return Err(Error::Invalid(format!("{}: is a directory", st.path)));
+    }
+    if !st.complete {
+        return Err(Error::Invalid(format!("{}: is still being written", st.path)));
+    }
+    if st.size <= PIECE_BYTES {
+        let mut buf = Vec::with_capacity(st.size as usize);
+        client.get_status(st, &mut buf, &|_| {}).await?;
+        return Ok(Blake3Cv(*blake3::hash(&buf).as_bytes()));
+    }
+    if st.blocks.len() == 1 {
+        let b = &st.blocks[0];
+        let pieces = client.block_checksums(b.id, &b.locations).await?;
+        if checksum::block_cv(&pieces) != b.cv {
+            return Err(Error::Corrupt(format!("block {}: piece values do not match the committed block value", b.id)));
+        }
+        return checksum::merge_leaves(&pieces, true).ok_or_else(|| Error::Corrupt("empty piece list".into()));
+    }
+    let cvs: Option<Vec<Blake3Cv>> = st.blocks.iter().map(|b| b.cv).collect();
+    let cvs = cvs.ok_or_else(|| Error::Invalid(format!("{}: has uncommitted blocks", st.path)))?;
+    checksum::merge_leaves(&cvs, true).ok_or_else(|| Error::Invalid(format!("{}: no blocks", st.path)))
+}
+
+pub(crate) fn expect_ok(r: NamenodeReply) -> Result<(), Error> {
+    match r {
+        NamenodeReply::Ok => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) fn unexpected(r: impl std::fmt::Debug) -> Error {
+    Error::Invalid(format!("unexpected reply from server: {r:?}"))
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, Error> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| Error::Invalid(format!("cannot resolve namenode address {addr:?}")))
+}

@@ -1,0 +1,241 @@
+//! Writing a file: create it at the namenode (taking its lease), then for each block ask for a
+//! pipeline, stream the block's pieces with their chaining values to the first datanode (which
+//! forwards down the pipeline), and commit it. A block counts as written once at least
+//! min(2, replication) datanodes fsynced it; otherwise it is abandoned and written again to other
+//! datanodes. The next block is read and hashed while the current one is on the wire.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use lode_protocol::checksum::{self, PIECE_BYTES};
+use lode_protocol::frame::{kind, PieceHeader};
+use lode_protocol::messages::{ClientToNamenode, CommittedBlock, DatanodeReply, DatanodeRequest, LocatedBlock, NamenodeReply, Target};
+use lode_protocol::net;
+use lode_protocol::{Blake3Cv, BlockId, InodeId};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+
+use crate::error::Error;
+use crate::fs::{expect_ok, unexpected, Client};
+
+/// Attempts per block before the put fails.
+const BLOCK_ATTEMPTS: usize = 4;
+/// How long to wait for the pipeline's acknowledgement after the last piece.
+const ACK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How to write a file.
+#[derive(Clone, Debug, Default)]
+pub struct PutOptions {
+    /// Replace an existing file.
+    pub overwrite: bool,
+    /// Replica count (else the config's, else the namenode's default).
+    pub replication: Option<u8>,
+    /// Block size in bytes (else the config's, else the namenode's default).
+    pub block_size: Option<u64>,
+}
+
+struct ReadBlock {
+    data: Bytes,
+    pieces: Vec<Blake3Cv>,
+}
+
+impl Client {
+    /// Writes everything `input` yields to `remote`. `progress` is told the bytes written so far.
+    pub async fn put<R>(&self, input: R, remote: &str, opts: &PutOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, Error>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        let block_size = opts.block_size.or(self.config.block_size);
+        if let Some(b) = block_size {
+            checksum::validate_block_size(b).map_err(Error::Invalid)?;
+        }
+        let create = ClientToNamenode::Create {
+            path: remote.to_string(),
+            overwrite: opts.overwrite,
+            replication: opts.replication.or(self.config.replication),
+            block_size,
+            session: self.session,
+        };
+        let (inode, replication, block_size, lease_ms) = match self.nn(&create).await? {
+            NamenodeReply::Created { inode, replication, block_size, lease_ms } => (inode, replication, block_size, lease_ms),
+            other => return Err(unexpected(other)),
+        };
+        let renew = self.spawn_lease_renewal(lease_ms);
+        let result = self.write_blocks(input, inode, replication, block_size, progress).await;
+        renew.abort();
+        if result.is_err() {
+            let _ = self.nn(&ClientToNamenode::AbandonFile { inode, session: self.session }).await;
+        }
+        result
+    }
+
+    fn spawn_lease_renewal(&self, lease_ms: u64) -> tokio::task::JoinHandle<()> {
+        let every = Duration::from_millis((lease_ms / 3).max(200));
+        let session = self.session;
+        let (pool, namenode) = (self.pool.clone(), self.namenode.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Ok(conn) = pool.get(&namenode, net::NAMENODE_SERVER_NAME).await {
+                    let renew = ClientToNamenode::RenewLease { session };
+                    let _ = net::call::<_, NamenodeReply>(&conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, &renew).await;
+                }
+            }
+        })
+    }
+
+    async fn write_blocks<R>(&self, input: R, inode: InodeId, replication: u8, block_size: u64, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, Error>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        let (tx, mut rx) = mpsc::channel::<Result<ReadBlock, Error>>(1);
+        let reader = tokio::spawn(read_blocks(input, block_size, tx));
+        let required = usize::from(replication.min(2));
+        let mut previous: Option<CommittedBlock> = None;
+        let mut offset = 0u64;
+        while let Some(block) = rx.recv().await {
+            let block = block?;
+            let len = block.data.len() as u64;
+            let cv = checksum::block_cv(&block.pieces).ok_or_else(|| Error::Invalid("empty block".into()))?;
+            let id = self.write_one_block(inode, previous, offset, block_size, required, &block).await?;
+            previous = Some(CommittedBlock { id, len, cv });
+            offset += len;
+            progress(offset);
+        }
+        reader.await.map_err(|e| Error::Invalid(format!("input reader failed: {e}")))?;
+        let done = ClientToNamenode::Complete { inode, session: self.session, last: previous, size: offset };
+        expect_ok(self.nn(&done).await?)?;
+        Ok(offset)
+    }
+
+    async fn write_one_block(
+        &self,
+        inode: InodeId,
+        previous: Option<CommittedBlock>,
+        offset: u64,
+        block_size: u64,
+        required: usize,
+        block: &ReadBlock,
+    ) -> Result<BlockId, Error> {
+        let mut exclude: Vec<String> = vec![];
+        let mut last_err = None;
+        for _ in 0..BLOCK_ATTEMPTS {
+            let add = ClientToNamenode::AddBlock { inode, session: self.session, previous, exclude: exclude.clone() };
+            let located = match self.nn(&add).await? {
+                NamenodeReply::Block(b) => b,
+                other => return Err(unexpected(other)),
+            };
+            match self.send_block(&located, offset, block_size, block).await {
+                Ok((stored, _)) if stored.len() >= required => {
+                    return Ok(located.id);
+                }
+                Ok((stored, failed)) => {
+                    exclude.extend(failed.iter().cloned());
+                    last_err = Some(Error::Invalid(format!(
+                        "block {} stored on {} of the {required} datanodes required (stored: [{}], failed: [{}])",
+                        located.id,
+                        stored.len(),
+                        stored.join(", "),
+                        failed.join(", ")
+                    )));
+                }
+                Err((first, e)) => {
+                    exclude.push(first);
+                    last_err = Some(e);
+                }
+            }
+            let abandon = ClientToNamenode::AbandonBlock { inode, session: self.session, block: located.id };
+            expect_ok(self.nn(&abandon).await?)?;
+        }
+        Err(last_err.unwrap_or_else(|| Error::Invalid("no attempt made".into())))
+    }
+
+    /// Streams one block to the first datanode of its pipeline. On failure, names the first datanode.
+    async fn send_block(
+        &self,
+        located: &LocatedBlock,
+        offset: u64,
+        block_size: u64,
+        block: &ReadBlock,
+    ) -> Result<(Vec<String>, Vec<String>), (String, Error)> {
+        let Some(first) = located.locations.first() else {
+            return Err((String::new(), Error::Invalid("namenode gave an empty pipeline".into())));
+        };
+        let fail = |t: &Target, e| (t.name.clone(), Error::rpc(format!("write block {} to {}", located.id, t.name), e));
+        let attempt = async {
+            let conn = self.pool.get(&first.addr, &first.name).await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            let req = DatanodeRequest::WriteBlock {
+                block: located.id,
+                file_offset: offset,
+                block_size,
+                downstream: located.locations[1..].to_vec(),
+            };
+            net::write_frame(&mut send, kind::DATANODE_REQUEST, &req).await?;
+            for (i, cv) in block.pieces.iter().enumerate() {
+                let start = i * PIECE_BYTES as usize;
+                let end = (start + PIECE_BYTES as usize).min(block.data.len());
+                let header = PieceHeader { len: (end - start) as u32, cv: *cv };
+                send.write_all(&header.encode()).await?;
+                send.write_chunk(block.data.slice(start..end)).await?;
+            }
+            net::write_piece(&mut send, &PieceHeader::END, &[]).await?;
+            send.finish()?;
+            let reply = tokio::time::timeout(ACK_TIMEOUT, net::read_frame::<DatanodeReply>(&mut recv, kind::DATANODE_REPLY))
+                .await
+                .map_err(|_| net::RpcError::Stream("timed out waiting for the pipeline".into()))??;
+            Ok::<_, net::RpcError>(reply)
+        };
+        match attempt.await {
+            Ok(DatanodeReply::WriteAck { stored, failed }) => {
+                for f in &failed {
+                    self.mark_suspect(f, true);
+                }
+                Ok((stored, failed))
+            }
+            Ok(other) => Err((first.name.clone(), unexpected(other))),
+            Err(e) => {
+                self.mark_suspect(&first.name, true);
+                self.pool.forget(&first.addr, &first.name).await;
+                Err(fail(first, e))
+            }
+        }
+    }
+}
+
+/// Reads the input a block at a time and hashes its pieces, one block ahead of the sender.
+async fn read_blocks<R: AsyncRead + Unpin>(mut input: R, block_size: u64, tx: mpsc::Sender<Result<ReadBlock, Error>>) {
+    let mut offset = 0u64;
+    loop {
+        let mut buf = Vec::with_capacity(block_size as usize);
+        let mut limited = (&mut input).take(block_size);
+        let n = match limited.read_to_end(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.send(Err(Error::local("input", e))).await;
+                return;
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        let base = offset;
+        let hashed = tokio::task::spawn_blocking(move || {
+            let pieces = buf.chunks(PIECE_BYTES as usize).enumerate().map(|(i, p)| checksum::piece_cv(base + i as u64 * PIECE_BYTES, p)).collect();
+            ReadBlock { data: Bytes::from(buf), pieces }
+        })
+        .await;
+        let block = match hashed {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = tx.send(Err(Error::Invalid(format!("hashing failed: {e}")))).await;
+                return;
+            }
+        };
+        offset += n as u64;
+        let full = n as u64 == block_size;
+        if tx.send(Ok(block)).await.is_err() || !full {
+            return;
+        }
+    }
+}
