@@ -9,7 +9,7 @@ use lode_protocol::messages::{
     ClientToNamenode, DatanodeToNamenode, EntryKind, NamenodeReply, NamenodeToDatanode,
 };
 use lode_protocol::net::{self, Identity, Role, RpcError};
-use lode_protocol::{checksum, path, ErrorCode, WireError};
+use lode_protocol::{checksum, path, DecodeError, ErrorCode, WireError};
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::Config;
@@ -129,7 +129,15 @@ async fn serve_stream(
 }
 
 fn bad_request(e: RpcError) -> WireError {
-    WireError::new(ErrorCode::Protocol, format!("bad request: {e}"))
+    match e {
+        RpcError::Decode(DecodeError::UnexpectedKind { got: kind::CLIENT_TO_NAMENODE, .. }) => {
+            WireError::new(ErrorCode::PermissionDenied, "a datanode certificate cannot make client requests")
+        }
+        RpcError::Decode(DecodeError::UnexpectedKind { got: kind::DATANODE_TO_NAMENODE, .. }) => {
+            WireError::new(ErrorCode::PermissionDenied, "only a datanode certificate can act as a datanode")
+        }
+        e => WireError::new(ErrorCode::Protocol, format!("bad request: {e}")),
+    }
 }
 
 async fn finish<T: serde::Serialize>(

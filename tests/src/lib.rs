@@ -1,1 +1,332 @@
+//! Test harness: a real cluster of `lode-namenode` and `lode-datanode` processes on loopback, each
+//! with its own temp directory, config file, ports and log file, and the real `lode` CLI to drive it.
+//! Readiness is awaited through the namenode's report, never by sleeping. Everything is killed on
+//! drop; when a test fails, the cluster's directory is kept and printed.
 
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// What cluster to start.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// Number of datanodes (dn-1..dn-N).
+    pub datanodes: usize,
+    /// Default replication of new files.
+    pub replication: u8,
+    /// Default block size of new files.
+    pub block_size: u64,
+    /// Lease expiry in ms.
+    pub lease_expiry_ms: u64,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec { datanodes: 3, replication: 3, block_size: 64 * 1024, lease_expiry_ms: 10_000 }
+    }
+}
+
+/// A running cluster.
+pub struct Cluster {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    bin: PathBuf,
+    namenode: Option<Child>,
+    datanodes: Vec<Option<Child>>,
+    /// The namenode's UDP port.
+    pub namenode_port: u16,
+    /// Each datanode's UDP port.
+    pub datanode_ports: Vec<u16>,
+    spec: ClusterSpec,
+}
+
+/// Where the built binaries are (target/debug or target/release, next to the test executable).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps").to_path_buf();
+    for b in ["lode", "lode-namenode", "lode-datanode"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: build the binaries first (cargo build --workspace --bins)",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+/// A free UDP port on loopback.
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("bind an ephemeral port").port()
+}
+
+/// Random bytes from a seed.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// Waits for `cond` to hold, polling, or panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Cluster {
+    /// Creates certificates and configs, starts the namenode and datanodes, and waits until every
+    /// datanode is registered and live.
+    pub fn start(spec: ClusterSpec) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("lode-test-").tempdir().expect("temp dir");
+        let path = dir.path().to_path_buf();
+        lode_client::certs::init(&path.join("certs"), spec.datanodes as u32).expect("certs init");
+        let namenode_port = free_port();
+        let datanode_ports: Vec<u16> = (0..spec.datanodes).map(|_| free_port()).collect();
+        let tls = |name: &str| {
+            format!("[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}-key.pem\"\n")
+        };
+        std::fs::write(
+            path.join("namenode.toml"),
+            format!(
+                "listen = \"127.0.0.1:{namenode_port}\"\nmeta_dir = \"meta\"\nheartbeat_interval_ms = 200\n\
+                 stale_after_ms = 2000\ndead_after_ms = 5000\nlease_expiry_ms = {}\nreplication_default = {}\n\
+                 block_size_default = {}\n{}",
+                spec.lease_expiry_ms,
+                spec.replication,
+                spec.block_size,
+                tls("namenode")
+            ),
+        )
+        .expect("write namenode config");
+        for (i, port) in datanode_ports.iter().enumerate() {
+            let name = format!("dn-{}", i + 1);
+            std::fs::write(
+                path.join(format!("{name}.toml")),
+                format!(
+                    "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nnamenode = \"127.0.0.1:{namenode_port}\"\n\
+                     data_dirs = [\"{name}/data1\", \"{name}/data2\"]\nheartbeat_interval_ms = 200\n{}",
+                    tls(&name)
+                ),
+            )
+            .expect("write datanode config");
+        }
+        for (file, cert) in [("client.toml", "admin"), ("client-user.toml", "user")] {
+            std::fs::write(path.join(file), format!("namenode = \"127.0.0.1:{namenode_port}\"\n{}", tls(cert)))
+                .expect("write client config");
+        }
+        let mut c = Cluster {
+            dir: Some(dir),
+            path,
+            bin: bin_dir(),
+            namenode: None,
+            datanodes: (0..spec.datanodes).map(|_| None).collect(),
+            namenode_port,
+            datanode_ports,
+            spec,
+        };
+        c.start_namenode();
+        for i in 1..=c.spec.datanodes {
+            c.start_datanode(i);
+        }
+        c.wait_live(c.spec.datanodes);
+        c
+    }
+
+    /// The cluster's directory.
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// The admin client config.
+    pub fn client_config(&self) -> PathBuf {
+        self.path.join("client.toml")
+    }
+
+    fn spawn(&self, binary: &str, config: &str, log: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path.join(log))
+            .expect("open log");
+        Command::new(self.bin.join(binary))
+            .arg("--config")
+            .arg(self.path.join(config))
+            .env("LODE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn server")
+    }
+
+    /// Starts (or restarts) the namenode.
+    pub fn start_namenode(&mut self) {
+        self.namenode = Some(self.spawn("lode-namenode", "namenode.toml", "namenode.log"));
+    }
+
+    /// SIGKILLs the namenode.
+    pub fn kill_namenode(&mut self) {
+        if let Some(mut c) = self.namenode.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts (or restarts) datanode `i` (1-based).
+    pub fn start_datanode(&mut self, i: usize) {
+        let child = self.spawn("lode-datanode", &format!("dn-{i}.toml"), &format!("dn-{i}.log"));
+        self.datanodes[i - 1] = Some(child);
+    }
+
+    /// SIGKILLs datanode `i` (1-based).
+    pub fn kill_datanode(&mut self, i: usize) {
+        if let Some(mut c) = self.datanodes[i - 1].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The namenode's report as JSON, if it answers.
+    pub fn report(&self) -> Option<Value> {
+        let out = self.lode(&["admin", "report", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Names of datanodes in a given state.
+    pub fn datanodes_in_state(&self, state: &str) -> Vec<String> {
+        self.report()
+            .and_then(|r| {
+                r["datanodes"].as_array().map(|a| {
+                    a.iter()
+                        .filter(|d| d["state"] == state)
+                        .filter_map(|d| d["name"].as_str().map(String::from))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until at least `n` datanodes are live.
+    pub fn wait_live(&self, n: usize) {
+        wait_until(&format!("{n} live datanodes"), Duration::from_secs(30), || {
+            self.datanodes_in_state("live").len() >= n
+        });
+    }
+
+    /// Runs the `lode` CLI with the admin config.
+    pub fn lode(&self, args: &[&str]) -> Output {
+        self.lode_with(&self.client_config(), args, None)
+    }
+
+    /// Runs the `lode` CLI with a given config and optional stdin bytes.
+    pub fn lode_with(&self, config: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new(self.bin.join("lode"));
+        cmd.arg("--config").arg(config).args(args).env_remove("LODE_CONFIG");
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn lode");
+        if let Some(bytes) = stdin {
+            use std::io::Write;
+            let mut si = child.stdin.take().expect("stdin");
+            si.write_all(bytes).expect("write stdin");
+        }
+        child.wait_with_output().expect("wait lode")
+    }
+
+    /// Runs `lode` and asserts success, returning stdout.
+    pub fn ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.lode(args);
+        assert!(
+            out.status.success(),
+            "lode {args:?} failed ({:?}): {}\n(cluster dir {})",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr),
+            self.path.display()
+        );
+        out.stdout
+    }
+
+    /// Runs `lode` and asserts it fails with exit code 1 and one line on stderr; returns that line.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.lode(args);
+        assert_one_line_error(&out, args);
+        String::from_utf8_lossy(&out.stderr).trim().to_string()
+    }
+
+    /// Writes `bytes` to a local file in the cluster dir and puts it at `remote`.
+    pub fn put_bytes(&self, remote: &str, bytes: &[u8], extra: &[&str]) {
+        let local = self.path.join(format!("upload-{}", rand::random::<u64>()));
+        std::fs::write(&local, bytes).expect("write local file");
+        let l = local.to_string_lossy().to_string();
+        let mut args = vec!["put"];
+        args.extend_from_slice(extra);
+        args.push(&l);
+        args.push(remote);
+        self.ok(&args);
+        let _ = std::fs::remove_file(local);
+    }
+
+    /// Reads a file back through `lode get` into a local file, returning the bytes.
+    pub fn get_bytes(&self, remote: &str) -> Vec<u8> {
+        let local = self.path.join(format!("download-{}", rand::random::<u64>()));
+        let l = local.to_string_lossy().to_string();
+        self.ok(&["get", remote, &l]);
+        let bytes = std::fs::read(&local).expect("read downloaded file");
+        let _ = std::fs::remove_file(local);
+        bytes
+    }
+
+    /// `stat --json --blocks` of a path.
+    pub fn stat(&self, remote: &str) -> Value {
+        serde_json::from_slice(&self.ok(&["stat", "--json", "--blocks", remote])).expect("stat json")
+    }
+
+    /// Fails the test if any server logged an ERROR line that no pattern in `expected` matches.
+    pub fn assert_no_unexpected_errors(&self, expected: &[&str]) {
+        for entry in std::fs::read_dir(&self.path).expect("read cluster dir").flatten() {
+            let p = entry.path();
+            if p.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                for line in text.lines().filter(|l| l.contains(" ERROR ")) {
+                    assert!(
+                        expected.iter().any(|e| line.contains(e)),
+                        "unexpected error in {}: {line}",
+                        p.display()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Asserts a failed CLI run: exit code 1 and exactly one line on stderr.
+pub fn assert_one_line_error(out: &Output, args: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "lode {args:?} should fail with exit 1; stderr: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "lode {args:?} should print one error line, got: {stderr}");
+    assert!(stderr.starts_with("lode: "), "error line should start with 'lode: ': {stderr}");
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_namenode();
+        for i in 1..=self.datanodes.len() {
+            self.kill_datanode(i);
+        }
+        if std::thread::panicking() {
+            if let Some(d) = self.dir.take() {
+                let kept = d.keep();
+                eprintln!("cluster directory kept for inspection: {}", kept.display());
+            }
+        }
+    }
+}
