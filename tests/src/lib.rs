@@ -88,8 +88,12 @@ impl Cluster {
         lode_client::certs::init(&path.join("certs"), spec.datanodes as u32).expect("certs init");
         let namenode_port = free_port();
         let datanode_ports: Vec<u16> = (0..spec.datanodes).map(|_| free_port()).collect();
+        // Short idle timeouts so a killed peer is noticed within seconds.
         let tls = |name: &str| {
-            format!("[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}-key.pem\"\n")
+            format!(
+                "[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}-key.pem\"\n\
+                 [transport]\nidle_timeout_ms = 3000\n"
+            )
         };
         std::fs::write(
             path.join("namenode.toml"),

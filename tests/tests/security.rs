@@ -1,0 +1,169 @@
+//! Identity and hostile input: foreign CAs, certificates used in the wrong role, garbage and
+//! oversized frames, configs that point nowhere, unusable data dirs.
+
+use std::process::Command;
+use std::time::Duration;
+
+use lode_protocol::frame::{kind, FrameHeader, ENCODING_VERSION, MAX_FRAME_BYTES};
+use lode_protocol::messages::ClientToNamenode;
+use lode_protocol::net::{self, RpcError, TlsFiles, TransportConfig};
+use lode_protocol::ErrorCode;
+use lode_tests::{assert_one_line_error, free_port, random_bytes, Cluster, ClusterSpec};
+
+fn config_with(c: &Cluster, name: &str, certs: &std::path::Path, namenode_port: u16) -> std::path::PathBuf {
+    let path = c.dir().join(format!("client-{name}-{}.toml", rand::random::<u32>()));
+    std::fs::write(
+        &path,
+        format!(
+            "namenode = \"127.0.0.1:{namenode_port}\"\n[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/{name}.pem\"\nkey = \"{0}/{name}-key.pem\"\n",
+            certs.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn foreign_and_wrong_role_certificates_are_refused() {
+    let c = Cluster::start(ClusterSpec { datanodes: 1, replication: 1, ..Default::default() });
+    let other = c.dir().join("other-ca");
+    lode_client::certs::init(&other, 1).unwrap();
+    let foreign = config_with(&c, "admin", &other, c.namenode_port);
+    let out = c.lode_with(&foreign, &["ls", "/"], None);
+    assert_one_line_error(&out, &["ls", "/ (foreign CA)"]);
+
+    // A datanode certificate cannot act as a client.
+    let dn_as_client = config_with(&c, "dn-1", &c.dir().join("certs"), c.namenode_port);
+    let out = c.lode_with(&dn_as_client, &["mkdir", "/x"], None);
+    assert_one_line_error(&out, &["mkdir (datanode cert)"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("datanode certificate"));
+
+    // A user certificate cannot register as a datanode.
+    let cfg = c.dir().join("fake-dn.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"dn-fake\"\nlisten = \"127.0.0.1:{}\"\nnamenode = \"127.0.0.1:{}\"\ndata_dirs = [\"fake-data\"]\n\
+             heartbeat_interval_ms = 100\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/user.pem\"\nkey = \"certs/user-key.pem\"\n",
+            free_port(),
+            c.namenode_port
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(c.dir().join("fake-dn.out")).unwrap();
+    let mut fake = Command::new(lode_tests::bin_dir().join("lode-datanode"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    lode_tests::wait_until("the fake datanode to be refused", Duration::from_secs(10), || {
+        std::fs::read_to_string(c.dir().join("fake-dn.out")).unwrap_or_default().contains("only a datanode certificate")
+    });
+    fake.kill().unwrap();
+    fake.wait().unwrap();
+    let report = c.report().unwrap();
+    assert_eq!(report["datanodes"].as_array().unwrap().len(), 1, "{report}");
+
+    // The user certificate works as a client.
+    c.ok(&["mkdir", "/still-fine"]);
+    let user = c.dir().join("client-user.toml");
+    let out = c.lode_with(&user, &["ls", "/"], None);
+    assert!(out.status.success());
+}
+
+async fn raw_stream_exchange(c: &Cluster, port: u16, server_name: &str, payload: &[u8]) -> Result<Vec<u8>, String> {
+    let certs = c.dir().join("certs");
+    let files = TlsFiles { ca: certs.join("ca.pem"), cert: certs.join("user.pem"), key: certs.join("user-key.pem") };
+    let transport = TransportConfig::default();
+    let ep = net::endpoint("127.0.0.1:0".parse().unwrap(), None, net::client_config(&files, &transport).unwrap(), &transport)
+        .map_err(|e| e.to_string())?;
+    let conn = ep.connect(format!("127.0.0.1:{port}").parse().unwrap(), server_name).unwrap().await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(payload).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let reply = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+        .await
+        .map_err(|_| "no reply".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(reply)
+}
+
+#[test]
+fn garbage_and_oversized_frames_get_an_error_and_servers_keep_running() {
+    let c = Cluster::start(ClusterSpec { datanodes: 1, replication: 1, ..Default::default() });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let oversized = FrameHeader { len: MAX_FRAME_BYTES + 1, kind: kind::CLIENT_TO_NAMENODE, version: ENCODING_VERSION }.encode();
+    let mut lying = FrameHeader { len: 1000, kind: kind::CLIENT_TO_NAMENODE, version: ENCODING_VERSION }.encode().to_vec();
+    lying.extend_from_slice(&[0xff; 1000]);
+    let targets = [(c.namenode_port, "namenode"), (c.datanode_ports[0], "dn-1")];
+    for (port, name) in targets {
+        for payload in [random_bytes(5000, 1), oversized.to_vec(), lying.clone(), vec![]] {
+            let reply = rt.block_on(raw_stream_exchange(&c, port, name, &payload));
+            // The server answers with an error frame (or closes the stream); it never crashes.
+            if let Ok(bytes) = reply {
+                if bytes.len() >= 8 {
+                    let h = FrameHeader::decode(bytes[..8].try_into().unwrap()).unwrap();
+                    assert_eq!(h.kind, kind::ERROR, "{name} should answer garbage with an error frame");
+                }
+            }
+        }
+        // Raw UDP garbage that is not QUIC at all.
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..50 {
+            sock.send_to(&random_bytes(1200, i), ("127.0.0.1", port)).unwrap();
+        }
+    }
+    // A well-formed request that is refused crosses the wire as a code.
+    let certs = c.dir().join("certs");
+    let files = TlsFiles { ca: certs.join("ca.pem"), cert: certs.join("user.pem"), key: certs.join("user-key.pem") };
+    let refused = rt.block_on(async {
+        let t = TransportConfig::default();
+        let ep = net::endpoint("127.0.0.1:0".parse().unwrap(), None, net::client_config(&files, &t).unwrap(), &t).unwrap();
+        let conn = ep.connect(format!("127.0.0.1:{}", c.namenode_port).parse().unwrap(), "namenode").unwrap().await.unwrap();
+        net::call::<_, lode_protocol::messages::NamenodeReply>(&conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, &ClientToNamenode::List { path: "/missing".into() }).await
+    });
+    assert!(matches!(refused, Err(RpcError::Remote(ref w)) if w.code == ErrorCode::NotFound), "{refused:?}");
+    // Both servers still serve.
+    let bytes = random_bytes(100_000, 5);
+    c.put_bytes("/after-garbage", &bytes, &[]);
+    assert_eq!(c.get_bytes("/after-garbage"), bytes);
+}
+
+#[test]
+fn configs_that_point_nowhere_fail_with_one_line() {
+    let c = Cluster::start(ClusterSpec { datanodes: 1, replication: 1, ..Default::default() });
+    let nowhere = config_with(&c, "admin", &c.dir().join("certs"), free_port());
+    let started = std::time::Instant::now();
+    let out = c.lode_with(&nowhere, &["ls", "/"], None);
+    assert_one_line_error(&out, &["ls / (nowhere)"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the namenode"));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let missing = c.dir().join("no-such-config.toml");
+    let out = c.lode_with(&missing, &["ls", "/"], None);
+    assert_one_line_error(&out, &["ls / (missing config)"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-config.toml"));
+}
+
+#[test]
+fn a_datanode_with_an_unusable_data_dir_exits_with_a_clear_error() {
+    let c = Cluster::start(ClusterSpec { datanodes: 1, replication: 1, ..Default::default() });
+    let blocker = c.dir().join("a-file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let cfg = c.dir().join("bad-dn.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"dn-1\"\nlisten = \"127.0.0.1:{}\"\nnamenode = \"127.0.0.1:{}\"\ndata_dirs = [\"{}/data\"]\n\
+             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dn-1.pem\"\nkey = \"certs/dn-1-key.pem\"\n",
+            free_port(),
+            c.namenode_port,
+            blocker.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(lode_tests::bin_dir().join("lode-datanode")).args(["--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.trim().lines().last().unwrap_or_default();
+    assert!(last.starts_with("lode-datanode: ") && last.contains("a-file/data"), "{stderr}");
+}
