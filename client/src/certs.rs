@@ -7,7 +7,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use lode_protocol::net::{Role, NAMENODE_SERVER_NAME};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
 
 use crate::error::Error;
 
@@ -16,15 +18,26 @@ use crate::error::Error;
 pub fn init(dir: &Path, datanodes: u32) -> Result<Vec<String>, Error> {
     fs::create_dir_all(dir).map_err(|e| Error::local(dir, e))?;
     if dir.join("ca.pem").exists() {
-        return Err(Error::Invalid(format!("{}: already holds a CA (ca.pem); choose another --dir", dir.display())));
+        return Err(Error::Invalid(format!(
+            "{}: already holds a CA (ca.pem); choose another --dir",
+            dir.display()
+        )));
     }
     let tls = |e: rcgen::Error| Error::Invalid(format!("certificate generation: {e}"));
     let ca_key = KeyPair::generate().map_err(tls)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(tls)?;
-    ca_params.distinguished_name.push(DnType::CommonName, "lode cluster CA");
-    ca_params.distinguished_name.push(DnType::OrganizationName, "lode");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "lode cluster CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::OrganizationName, "lode");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     ca_params.not_after = rcgen::date_time_ymd(2099, 1, 1);
     let ca_cert = ca_params.self_signed(&ca_key).map_err(tls)?;
     write(dir, "ca.pem", ca_cert.pem().as_bytes(), false)?;
@@ -40,16 +53,29 @@ pub fn init(dir: &Path, datanodes: u32) -> Result<Vec<String>, Error> {
         let key = KeyPair::generate().map_err(tls)?;
         let mut params = CertificateParams::new(vec![name.clone()]).map_err(tls)?;
         if role == Role::Namenode || role == Role::Datanode {
-            params.subject_alt_names.push(SanType::DnsName("localhost".try_into().map_err(tls)?));
+            params
+                .subject_alt_names
+                .push(SanType::DnsName("localhost".try_into().map_err(tls)?));
         }
-        params.distinguished_name.push(DnType::CommonName, name.clone());
-        params.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
-        params.distinguished_name.push(DnType::OrganizationName, "lode");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, name.clone());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, role.as_str());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "lode");
         params.not_after = rcgen::date_time_ymd(2099, 1, 1);
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &issuer).map_err(tls)?;
         write(dir, &format!("{name}.pem"), cert.pem().as_bytes(), false)?;
-        write(dir, &format!("{name}-key.pem"), key.serialize_pem().as_bytes(), true)?;
+        write(
+            dir,
+            &format!("{name}-key.pem"),
+            key.serialize_pem().as_bytes(),
+            true,
+        )?;
         made.push(name);
     }
     Ok(made)
@@ -58,7 +84,10 @@ pub fn init(dir: &Path, datanodes: u32) -> Result<Vec<String>, Error> {
 fn write(dir: &Path, name: &str, bytes: &[u8], secret: bool) -> Result<(), Error> {
     let path = dir.join(name);
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true).mode(if secret { 0o600 } else { 0o644 });
+    opts.write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if secret { 0o600 } else { 0o644 });
     let mut f = opts.open(&path).map_err(|e| Error::local(&path, e))?;
     f.write_all(bytes).map_err(|e| Error::local(&path, e))
 }
@@ -77,14 +106,25 @@ mod tests {
     fn roles_and_names_are_in_the_certificates() {
         let d = tempfile::tempdir().unwrap();
         let made = init(d.path(), 2).unwrap();
-        assert_eq!(made, vec!["ca", "namenode", "dn-1", "dn-2", "admin", "user"]);
-        let id = lode_protocol::net::identity_from_der(&first_der(&d.path().join("dn-2.pem"))).unwrap();
+        assert_eq!(
+            made,
+            vec!["ca", "namenode", "dn-1", "dn-2", "admin", "user"]
+        );
+        let id =
+            lode_protocol::net::identity_from_der(&first_der(&d.path().join("dn-2.pem"))).unwrap();
         assert_eq!((id.role, id.name.as_str()), (Role::Datanode, "dn-2"));
-        let user = lode_protocol::net::identity_from_der(&first_der(&d.path().join("user.pem"))).unwrap();
+        let user =
+            lode_protocol::net::identity_from_der(&first_der(&d.path().join("user.pem"))).unwrap();
         assert_eq!(user.role, Role::User);
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(d.path().join("admin-key.pem")).unwrap().permissions().mode();
+        let mode = fs::metadata(d.path().join("admin-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0);
-        assert!(init(d.path(), 1).is_err(), "an existing CA is never overwritten");
+        assert!(
+            init(d.path(), 1).is_err(),
+            "an existing CA is never overwritten"
+        );
     }
 }

@@ -44,7 +44,9 @@ impl ClientConfig {
             None => match std::env::var_os("LODE_CONFIG") {
                 Some(p) if !p.is_empty() => PathBuf::from(p),
                 _ => {
-                    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+                    let home = std::env::var_os("HOME")
+                        .map(PathBuf::from)
+                        .unwrap_or_default();
                     home.join(".config/lode/client.toml")
                 }
             },
@@ -54,9 +56,13 @@ impl ClientConfig {
 
     /// Loads one file.
     pub fn load(path: &Path) -> Result<ClientConfig, Error> {
-        let err = |message: String| Error::Config { path: path.to_path_buf(), message };
+        let err = |message: String| Error::Config {
+            path: path.to_path_buf(),
+            message,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let mut cfg: ClientConfig = toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
+        let mut cfg: ClientConfig =
+            toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.tls = cfg.tls.relative_to(base);
         cfg.transport.validate().map_err(err)?;
@@ -69,7 +75,10 @@ impl ClientConfig {
             lode_protocol::checksum::validate_block_size(b).map_err(err)?;
         }
         if cfg.reads_in_flight == 0 || cfg.reads_in_flight > 256 {
-            return Err(err(format!("reads_in_flight must be 1..=256, got {}", cfg.reads_in_flight)));
+            return Err(err(format!(
+                "reads_in_flight must be 1..=256, got {}",
+                cfg.reads_in_flight
+            )));
         }
         Ok(cfg)
     }

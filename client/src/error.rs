@@ -53,7 +53,10 @@ impl Error {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Error::Remote(w) => Some(w.code),
-            Error::Rpc { source: RpcError::Remote(w), .. } => Some(w.code),
+            Error::Rpc {
+                source: RpcError::Remote(w),
+                ..
+            } => Some(w.code),
             _ => None,
         }
     }
@@ -62,12 +65,18 @@ impl Error {
     pub fn rpc(context: impl Into<String>, source: RpcError) -> Error {
         match source {
             RpcError::Remote(w) => Error::Remote(w),
-            source => Error::Rpc { context: context.into(), source },
+            source => Error::Rpc {
+                context: context.into(),
+                source,
+            },
         }
     }
 
     /// Wraps a local I/O error.
     pub fn local(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        Error::Local { path: path.into(), source }
+        Error::Local {
+            path: path.into(),
+            source,
+        }
     }
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 use lode_protocol::checksum::{self, PIECE_BYTES};
 use lode_protocol::frame::kind;
 use lode_protocol::messages::{
-    ClientToNamenode, ClusterReport, DatanodeReply, DatanodeRequest, EntryKind, FileStatus, NamenodeReply,
+    ClientToNamenode, ClusterReport, DatanodeReply, DatanodeRequest, EntryKind, FileStatus,
+    NamenodeReply,
 };
 use lode_protocol::net::{self, Pool, NAMENODE_SERVER_NAME};
 use lode_protocol::{Blake3Cv, BlockId, SessionId};
@@ -47,7 +48,13 @@ impl Client {
     /// Sets up the QUIC endpoint and checks that the namenode answers.
     pub async fn connect(config: ClientConfig) -> Result<Client, Error> {
         let addr = resolve(&config.namenode).await?;
-        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal address");
+        let bind: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .expect("literal address");
         let client_cfg = net::client_config(&config.tls, &config.transport)?;
         let endpoint = net::endpoint(bind, None, client_cfg, &config.transport)?;
         let client = Client {
@@ -61,14 +68,23 @@ impl Client {
             .pool
             .get(&client.namenode, NAMENODE_SERVER_NAME)
             .await
-            .map_err(|e| Error::rpc(format!("cannot reach the namenode at {}", client.config.namenode), e))?;
+            .map_err(|e| {
+                Error::rpc(
+                    format!("cannot reach the namenode at {}", client.config.namenode),
+                    e,
+                )
+            })?;
         Ok(client)
     }
 
     /// One request to the namenode.
     pub(crate) async fn nn(&self, req: &ClientToNamenode) -> Result<NamenodeReply, Error> {
         let ctx = || format!("namenode at {}", self.namenode);
-        let conn = self.pool.get(&self.namenode, NAMENODE_SERVER_NAME).await.map_err(|e| Error::rpc(ctx(), e))?;
+        let conn = self
+            .pool
+            .get(&self.namenode, NAMENODE_SERVER_NAME)
+            .await
+            .map_err(|e| Error::rpc(ctx(), e))?;
         match net::call(&conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, req).await {
             Ok(r) => Ok(r),
             Err(e) => {
@@ -82,12 +98,21 @@ impl Client {
 
     /// Creates a directory (and missing parents with `parents`).
     pub async fn mkdir(&self, path: &str, parents: bool) -> Result<(), Error> {
-        expect_ok(self.nn(&ClientToNamenode::Mkdir { path: path.into(), parents }).await?)
+        expect_ok(
+            self.nn(&ClientToNamenode::Mkdir {
+                path: path.into(),
+                parents,
+            })
+            .await?,
+        )
     }
 
     /// Lists a directory (a file lists as itself).
     pub async fn list(&self, path: &str) -> Result<Vec<FileStatus>, Error> {
-        match self.nn(&ClientToNamenode::List { path: path.into() }).await? {
+        match self
+            .nn(&ClientToNamenode::List { path: path.into() })
+            .await?
+        {
             NamenodeReply::Listing(l) => Ok(l),
             other => Err(unexpected(other)),
         }
@@ -95,7 +120,13 @@ impl Client {
 
     /// Status of one entry, with its blocks and their live locations when `blocks`.
     pub async fn stat(&self, path: &str, blocks: bool) -> Result<FileStatus, Error> {
-        match self.nn(&ClientToNamenode::Stat { path: path.into(), blocks }).await? {
+        match self
+            .nn(&ClientToNamenode::Stat {
+                path: path.into(),
+                blocks,
+            })
+            .await?
+        {
             NamenodeReply::Status(s) => Ok(s),
             other => Err(unexpected(other)),
         }
@@ -113,20 +144,40 @@ impl Client {
     /// Deletes a file, or a directory (non-empty only with `recursive`). Freed blocks are removed
     /// from the datanodes with their next heartbeats.
     pub async fn delete(&self, path: &str, recursive: bool) -> Result<(), Error> {
-        expect_ok(self.nn(&ClientToNamenode::Delete { path: path.into(), recursive }).await?)
+        expect_ok(
+            self.nn(&ClientToNamenode::Delete {
+                path: path.into(),
+                recursive,
+            })
+            .await?,
+        )
     }
 
     /// Renames; into `dst` if it is a directory.
     pub async fn rename(&self, src: &str, dst: &str) -> Result<(), Error> {
-        expect_ok(self.nn(&ClientToNamenode::Rename { src: src.into(), dst: dst.into() }).await?)
+        expect_ok(
+            self.nn(&ClientToNamenode::Rename {
+                src: src.into(),
+                dst: dst.into(),
+            })
+            .await?,
+        )
     }
 
     /// Space used under a path.
     pub async fn du(&self, path: &str) -> Result<Usage, Error> {
         match self.nn(&ClientToNamenode::Du { path: path.into() }).await? {
-            NamenodeReply::Usage { files, directories, bytes, stored_bytes } => {
-                Ok(Usage { files, directories, bytes, stored_bytes })
-            }
+            NamenodeReply::Usage {
+                files,
+                directories,
+                bytes,
+                stored_bytes,
+            } => Ok(Usage {
+                files,
+                directories,
+                bytes,
+                stored_bytes,
+            }),
             other => Err(unexpected(other)),
         }
     }
@@ -161,16 +212,28 @@ impl Client {
     }
 
     pub(crate) fn is_suspect(&self, name: &str) -> bool {
-        self.suspects.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
+        self.suspects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
     }
 
-    async fn block_checksums(&self, block: BlockId, targets: &[lode_protocol::messages::Target]) -> Result<Vec<Blake3Cv>, Error> {
+    async fn block_checksums(
+        &self,
+        block: BlockId,
+        targets: &[lode_protocol::messages::Target],
+    ) -> Result<Vec<Blake3Cv>, Error> {
         let mut last = Error::Invalid(format!("block {block} has no live replica"));
         for t in targets {
             let attempt = async {
                 let conn = self.pool.get(&t.addr, &t.name).await?;
-                net::call::<_, DatanodeReply>(&conn, kind::DATANODE_REQUEST, kind::DATANODE_REPLY, &DatanodeRequest::BlockChecksums { block })
-                    .await
+                net::call::<_, DatanodeReply>(
+                    &conn,
+                    kind::DATANODE_REQUEST,
+                    kind::DATANODE_REPLY,
+                    &DatanodeRequest::BlockChecksums { block },
+                )
+                .await
             };
             match attempt.await {
                 Ok(DatanodeReply::Checksums { pieces, .. }) => return Ok(pieces),
@@ -187,7 +250,10 @@ pub(crate) async fn checksum_of(client: &Client, st: &FileStatus) -> Result<Blak
         return Err(Error::Invalid(format!("{}: is a directory", st.path)));
     }
     if !st.complete {
-        return Err(Error::Invalid(format!("{}: is still being written", st.path)));
+        return Err(Error::Invalid(format!(
+            "{}: is still being written",
+            st.path
+        )));
     }
     if st.size <= PIECE_BYTES {
         let mut buf = Vec::with_capacity(st.size as usize);
@@ -198,13 +264,18 @@ pub(crate) async fn checksum_of(client: &Client, st: &FileStatus) -> Result<Blak
         let b = &st.blocks[0];
         let pieces = client.block_checksums(b.id, &b.locations).await?;
         if checksum::block_cv(&pieces) != b.cv {
-            return Err(Error::Corrupt(format!("block {}: piece values do not match the committed block value", b.id)));
+            return Err(Error::Corrupt(format!(
+                "block {}: piece values do not match the committed block value",
+                b.id
+            )));
         }
-        return checksum::merge_leaves(&pieces, true).ok_or_else(|| Error::Corrupt("empty piece list".into()));
+        return checksum::merge_leaves(&pieces, true)
+            .ok_or_else(|| Error::Corrupt("empty piece list".into()));
     }
     let cvs: Option<Vec<Blake3Cv>> = st.blocks.iter().map(|b| b.cv).collect();
     let cvs = cvs.ok_or_else(|| Error::Invalid(format!("{}: has uncommitted blocks", st.path)))?;
-    checksum::merge_leaves(&cvs, true).ok_or_else(|| Error::Invalid(format!("{}: no blocks", st.path)))
+    checksum::merge_leaves(&cvs, true)
+        .ok_or_else(|| Error::Invalid(format!("{}: no blocks", st.path)))
 }
 
 pub(crate) fn expect_ok(r: NamenodeReply) -> Result<(), Error> {

@@ -8,7 +8,9 @@ use std::time::Duration;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use lode_protocol::checksum::{self, PIECE_BYTES};
 use lode_protocol::frame::kind;
-use lode_protocol::messages::{ClientToNamenode, DatanodeReply, DatanodeRequest, EntryKind, FileStatus, Target};
+use lode_protocol::messages::{
+    ClientToNamenode, DatanodeReply, DatanodeRequest, EntryKind, FileStatus, Target,
+};
 use lode_protocol::net::{self, RpcError};
 use lode_protocol::{BlockId, ErrorCode};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -34,13 +36,23 @@ struct Segment {
 
 impl Client {
     /// Reads a whole file into `out`. `progress` is told the bytes written so far.
-    pub async fn get<W: AsyncWrite + Unpin>(&self, remote: &str, out: &mut W, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, Error> {
+    pub async fn get<W: AsyncWrite + Unpin>(
+        &self,
+        remote: &str,
+        out: &mut W,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, Error> {
         let st = self.stat(remote, true).await?;
         self.get_status(&st, out, progress).await
     }
 
     /// Reads the file `st` describes (with blocks) into `out`.
-    pub(crate) async fn get_status<W: AsyncWrite + Unpin>(&self, st: &FileStatus, out: &mut W, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, Error> {
+    pub(crate) async fn get_status<W: AsyncWrite + Unpin>(
+        &self,
+        st: &FileStatus,
+        out: &mut W,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, Error> {
         if st.kind == EntryKind::Directory {
             return Err(Error::Invalid(format!("{}: is a directory", st.path)));
         }
@@ -61,9 +73,12 @@ impl Client {
             }
         }
         let mut written = 0u64;
-        let mut results = stream::iter(segments.into_iter().map(|s| self.fetch_segment(s))).buffered(self.config.reads_in_flight);
+        let mut results = stream::iter(segments.into_iter().map(|s| self.fetch_segment(s)))
+            .buffered(self.config.reads_in_flight);
         while let Some(bytes) = results.try_next().await? {
-            out.write_all(&bytes).await.map_err(|e| Error::local("output", e))?;
+            out.write_all(&bytes)
+                .await
+                .map_err(|e| Error::local("output", e))?;
             written += bytes.len() as u64;
             progress(written);
         }
@@ -73,11 +88,16 @@ impl Client {
 
     async fn fetch_segment(&self, seg: Segment) -> Result<Vec<u8>, Error> {
         if seg.locations.is_empty() {
-            return Err(Error::Invalid(format!("block {} has no live replica", seg.block)));
+            return Err(Error::Invalid(format!(
+                "block {} has no live replica",
+                seg.block
+            )));
         }
         // Spread segments over replicas; replicas that failed lately go last.
         let n = seg.locations.len();
-        let mut order: Vec<&Target> = (0..n).map(|i| &seg.locations[(seg.ordinal + i) % n]).collect();
+        let mut order: Vec<&Target> = (0..n)
+            .map(|i| &seg.locations[(seg.ordinal + i) % n])
+            .collect();
         order.sort_by_key(|t| self.is_suspect(&t.name));
         let mut last = None;
         for t in order {
@@ -91,7 +111,10 @@ impl Client {
                         || matches!(&e, Error::Rpc { source: RpcError::Reset(c), .. } if *c == ErrorCode::Corrupt as u64);
                     if corrupt {
                         tracing::warn!(block = %seg.block, datanode = %t.name, "replica failed its checksum: {e}");
-                        let report = ClientToNamenode::ReportBadReplica { block: seg.block, datanode: t.name.clone() };
+                        let report = ClientToNamenode::ReportBadReplica {
+                            block: seg.block,
+                            datanode: t.name.clone(),
+                        };
                         let _ = self.nn(&report).await;
                     } else {
                         tracing::debug!(block = %seg.block, datanode = %t.name, "read failed: {e}");
@@ -111,40 +134,79 @@ impl Client {
 
     async fn read_segment(&self, t: &Target, seg: &Segment) -> Result<Vec<u8>, Error> {
         let ctx = || format!("read block {} from {}", seg.block, t.name);
-        let stalled = || Error::rpc(ctx(), RpcError::Stream("no progress, giving up on this replica".into()));
-        let conn = self.pool.get(&t.addr, &t.name).await.map_err(|e| Error::rpc(ctx(), e))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::rpc(ctx(), e.into()))?;
-        let req = DatanodeRequest::ReadBlock { block: seg.block, offset: seg.offset, len: seg.len };
-        net::write_frame(&mut send, kind::DATANODE_REQUEST, &req).await.map_err(|e| Error::rpc(ctx(), e))?;
-        send.finish().map_err(|e| Error::rpc(ctx(), e.into()))?;
-        let start = tokio::time::timeout(STALL_TIMEOUT, net::read_frame::<DatanodeReply>(&mut recv, kind::DATANODE_REPLY))
+        let stalled = || {
+            Error::rpc(
+                ctx(),
+                RpcError::Stream("no progress, giving up on this replica".into()),
+            )
+        };
+        let conn = self
+            .pool
+            .get(&t.addr, &t.name)
             .await
-            .map_err(|_| stalled())?
             .map_err(|e| Error::rpc(ctx(), e))?;
-        let DatanodeReply::ReadStart { first_piece_offset, .. } = start else { return Err(unexpected(start)) };
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Error::rpc(ctx(), e.into()))?;
+        let req = DatanodeRequest::ReadBlock {
+            block: seg.block,
+            offset: seg.offset,
+            len: seg.len,
+        };
+        net::write_frame(&mut send, kind::DATANODE_REQUEST, &req)
+            .await
+            .map_err(|e| Error::rpc(ctx(), e))?;
+        send.finish().map_err(|e| Error::rpc(ctx(), e.into()))?;
+        let start = tokio::time::timeout(
+            STALL_TIMEOUT,
+            net::read_frame::<DatanodeReply>(&mut recv, kind::DATANODE_REPLY),
+        )
+        .await
+        .map_err(|_| stalled())?
+        .map_err(|e| Error::rpc(ctx(), e))?;
+        let DatanodeReply::ReadStart {
+            first_piece_offset, ..
+        } = start
+        else {
+            return Err(unexpected(start));
+        };
         if first_piece_offset > seg.offset || first_piece_offset % PIECE_BYTES != 0 {
-            return Err(Error::Corrupt(format!("block {}: datanode sent the wrong range", seg.block)));
+            return Err(Error::Corrupt(format!(
+                "block {}: datanode sent the wrong range",
+                seg.block
+            )));
         }
         let skip = (seg.offset - first_piece_offset) as usize;
         let mut data = Vec::with_capacity(seg.len as usize + skip + PIECE_BYTES as usize);
         let mut piece = Vec::new();
         loop {
-            let header = tokio::time::timeout(STALL_TIMEOUT, net::read_piece(&mut recv, &mut piece))
-                .await
-                .map_err(|_| stalled())?
-                .map_err(|e| Error::rpc(ctx(), e))?;
+            let header =
+                tokio::time::timeout(STALL_TIMEOUT, net::read_piece(&mut recv, &mut piece))
+                    .await
+                    .map_err(|_| stalled())?
+                    .map_err(|e| Error::rpc(ctx(), e))?;
             let Some(header) = header else { break };
             let at = seg.block_offset_in_file + first_piece_offset + data.len() as u64;
             if checksum::piece_cv(at, &piece) != header.cv {
-                return Err(Error::Corrupt(format!("block {} from {}: piece at {at} failed its checksum", seg.block, t.name)));
+                return Err(Error::Corrupt(format!(
+                    "block {} from {}: piece at {at} failed its checksum",
+                    seg.block, t.name
+                )));
             }
             data.extend_from_slice(&piece);
             if data.len() as u64 > seg.len + skip as u64 + PIECE_BYTES {
-                return Err(Error::Corrupt(format!("block {}: datanode sent too much", seg.block)));
+                return Err(Error::Corrupt(format!(
+                    "block {}: datanode sent too much",
+                    seg.block
+                )));
             }
         }
         if (data.len() as u64) < skip as u64 + seg.len {
-            return Err(Error::Corrupt(format!("block {} from {}: short read", seg.block, t.name)));
+            return Err(Error::Corrupt(format!(
+                "block {} from {}: short read",
+                seg.block, t.name
+            )));
         }
         data.drain(..skip);
         data.truncate(seg.len as usize);

@@ -30,9 +30,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("invalid size {s:?} (use e.g. 65536, 64K, 128M, 1G)")),
+        _ => {
+            return Err(format!(
+                "invalid size {s:?} (use e.g. 65536, 64K, 128M, 1G)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 #[cfg(test)]

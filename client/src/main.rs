@@ -157,10 +157,16 @@ enum AdminCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LODE_LOG").unwrap_or_else(|_| "error".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LODE_LOG")
+                .unwrap_or_else(|_| "error".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lode: cannot start runtime: {e}");
@@ -170,7 +176,9 @@ fn main() -> ExitCode {
     let (name, result) = runtime.block_on(dispatch(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Error::Local { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(Error::Local { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             let msg = e.to_string().replace('\n', " ");
             eprintln!("lode: {name}: {msg}");
@@ -182,22 +190,64 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
     let config = cli.config.clone();
     match cli.command {
-        Command::Certs { command: CertsCommand::Init(args) } => ("certs init", certs_init(args)),
-        Command::Put { force, replication, block_size, local, remote } => {
-            ("put", with_client(config, |c| put(c, force, replication, block_size, local, remote)).await)
-        }
-        Command::Get { force, remote, local } => ("get", with_client(config, |c| get(c, force, remote, local)).await),
+        Command::Certs {
+            command: CertsCommand::Init(args),
+        } => ("certs init", certs_init(args)),
+        Command::Put {
+            force,
+            replication,
+            block_size,
+            local,
+            remote,
+        } => (
+            "put",
+            with_client(config, |c| {
+                put(c, force, replication, block_size, local, remote)
+            })
+            .await,
+        ),
+        Command::Get {
+            force,
+            remote,
+            local,
+        } => (
+            "get",
+            with_client(config, |c| get(c, force, remote, local)).await,
+        ),
         Command::Cat { paths } => ("cat", with_client(config, |c| cat(c, paths)).await),
-        Command::Ls { recursive, json, path } => ("ls", with_client(config, |c| ls(c, recursive, json, path)).await),
-        Command::Mkdir { parents, paths } => ("mkdir", with_client(config, |c| mkdir(c, parents, paths)).await),
-        Command::Rm { recursive, paths } => ("rm", with_client(config, |c| rm(c, recursive, paths)).await),
-        Command::Mv { src, dst } => ("mv", with_client(config, |c| mv(c, src, dst)).await),
-        Command::Stat { json, blocks, path } => ("stat", with_client(config, |c| stat(c, json, blocks, path)).await),
-        Command::Du { summary, path } => ("du", with_client(config, |c| du(c, summary, path)).await),
-        Command::Checksum { paths } => ("checksum", with_client(config, |c| checksum(c, paths)).await),
-        Command::Admin { command: AdminCommand::Report { json } } => {
-            ("admin report", with_client(config, |c| report(c, json)).await)
+        Command::Ls {
+            recursive,
+            json,
+            path,
+        } => (
+            "ls",
+            with_client(config, |c| ls(c, recursive, json, path)).await,
+        ),
+        Command::Mkdir { parents, paths } => (
+            "mkdir",
+            with_client(config, |c| mkdir(c, parents, paths)).await,
+        ),
+        Command::Rm { recursive, paths } => {
+            ("rm", with_client(config, |c| rm(c, recursive, paths)).await)
         }
+        Command::Mv { src, dst } => ("mv", with_client(config, |c| mv(c, src, dst)).await),
+        Command::Stat { json, blocks, path } => (
+            "stat",
+            with_client(config, |c| stat(c, json, blocks, path)).await,
+        ),
+        Command::Du { summary, path } => {
+            ("du", with_client(config, |c| du(c, summary, path)).await)
+        }
+        Command::Checksum { paths } => (
+            "checksum",
+            with_client(config, |c| checksum(c, paths)).await,
+        ),
+        Command::Admin {
+            command: AdminCommand::Report { json },
+        } => (
+            "admin report",
+            with_client(config, |c| report(c, json)).await,
+        ),
     }
 }
 
@@ -213,7 +263,11 @@ where
 
 fn certs_init(args: CertsInit) -> Result<(), Error> {
     let made = certs::init(&args.dir, args.datanodes)?;
-    println!("wrote certificates for {} to {}", made.join(", "), args.dir.display());
+    println!(
+        "wrote certificates for {} to {}",
+        made.join(", "),
+        args.dir.display()
+    );
     Ok(())
 }
 
@@ -225,8 +279,10 @@ fn progress_bar(total: Option<u64>) -> Option<ProgressBar> {
         Some(t) => ProgressBar::new(t),
         None => ProgressBar::new_spinner(),
     };
-    let style = ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style = ProgressStyle::with_template(
+        "{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
     pb.set_style(style);
     Some(pb)
 }
@@ -235,31 +291,56 @@ fn base_name(p: &str) -> &str {
     p.trim_end_matches('/').rsplit('/').next().unwrap_or(p)
 }
 
-async fn put(c: Client, force: bool, replication: Option<u8>, block_size: Option<u64>, local: String, remote: String) -> Result<(), Error> {
+async fn put(
+    c: Client,
+    force: bool,
+    replication: Option<u8>,
+    block_size: Option<u64>,
+    local: String,
+    remote: String,
+) -> Result<(), Error> {
     let mut target = remote.clone();
     if let Some(st) = c.try_stat(&remote).await? {
         if st.kind == EntryKind::Directory {
             if local == "-" {
-                return Err(Error::Invalid(format!("{remote}: is a directory (name the file to write from stdin)")));
+                return Err(Error::Invalid(format!(
+                    "{remote}: is a directory (name the file to write from stdin)"
+                )));
             }
             target = lode_protocol::path::join(&st.path, base_name(&local));
         }
     }
-    let opts = PutOptions { overwrite: force, replication, block_size };
+    let opts = PutOptions {
+        overwrite: force,
+        replication,
+        block_size,
+    };
     let bar;
     let written = if local == "-" {
         bar = progress_bar(None);
         let b = bar.clone();
-        c.put(tokio::io::stdin(), &target, &opts, &move |n| if let Some(b) = &b { b.set_position(n) }).await?
+        c.put(tokio::io::stdin(), &target, &opts, &move |n| {
+            if let Some(b) = &b {
+                b.set_position(n)
+            }
+        })
+        .await?
     } else {
         let meta = std::fs::metadata(&local).map_err(|e| Error::local(&local, e))?;
         if meta.is_dir() {
             return Err(Error::Invalid(format!("{local}: is a directory")));
         }
-        let file = tokio::fs::File::open(&local).await.map_err(|e| Error::local(&local, e))?;
+        let file = tokio::fs::File::open(&local)
+            .await
+            .map_err(|e| Error::local(&local, e))?;
         bar = progress_bar(Some(meta.len()));
         let b = bar.clone();
-        c.put(file, &target, &opts, &move |n| if let Some(b) = &b { b.set_position(n) }).await?
+        c.put(file, &target, &opts, &move |n| {
+            if let Some(b) = &b {
+                b.set_position(n)
+            }
+        })
+        .await?
     };
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -283,13 +364,24 @@ async fn get(c: Client, force: bool, remote: String, local: String) -> Result<()
         dest = dest.join(base_name(&st.path));
     }
     if dest.exists() && !force {
-        return Err(Error::Invalid(format!("{}: exists (use -f to overwrite)", dest.display())));
+        return Err(Error::Invalid(format!(
+            "{}: exists (use -f to overwrite)",
+            dest.display()
+        )));
     }
     let tmp = temp_beside(&dest);
-    let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| Error::local(&tmp, e))?;
+    let mut file = tokio::fs::File::create(&tmp)
+        .await
+        .map_err(|e| Error::local(&tmp, e))?;
     let bar = progress_bar(Some(st.size));
     let b = bar.clone();
-    let result = c.get(&st.path, &mut file, &move |n| if let Some(b) = &b { b.set_position(n) }).await;
+    let result = c
+        .get(&st.path, &mut file, &move |n| {
+            if let Some(b) = &b {
+                b.set_position(n)
+            }
+        })
+        .await;
     drop(file);
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
@@ -304,7 +396,10 @@ async fn get(c: Client, force: bool, remote: String, local: String) -> Result<()
 }
 
 fn temp_beside(dest: &Path) -> PathBuf {
-    let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     dest.with_file_name(format!(".{name}.lode-{:08x}.part", rand::random::<u32>()))
 }
 
@@ -349,7 +444,11 @@ fn mtime(ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", rem / 3600, rem % 3600 / 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60
+    )
 }
 
 async fn ls(c: Client, recursive: bool, json: bool, path: Option<String>) -> Result<(), Error> {
@@ -378,7 +477,11 @@ async fn ls(c: Client, recursive: bool, json: bool, path: Option<String>) -> Res
             EntryKind::File => ('-', e.replication.to_string(), human::size(e.size)),
         };
         let note = if e.complete { "" } else { "  (being written)" };
-        println!("{t} {r:>2} {size:>10}  {}  {}{note}", mtime(e.mtime_ms), e.path);
+        println!(
+            "{t} {r:>2} {size:>10}  {}  {}{note}",
+            mtime(e.mtime_ms),
+            e.path
+        );
     }
     Ok(())
 }
@@ -455,7 +558,13 @@ async fn stat(c: Client, json: bool, blocks: bool, path: String) -> Result<(), E
     if blocks {
         for b in &st.blocks {
             let locs: Vec<&str> = b.locations.iter().map(|t| t.name.as_str()).collect();
-            println!("  block {:>8}  offset {:>12}  len {:>10}  [{}]", b.id.to_string(), b.offset, human::size(b.len), locs.join(", "));
+            println!(
+                "  block {:>8}  offset {:>12}  len {:>10}  [{}]",
+                b.id.to_string(),
+                b.offset,
+                human::size(b.len),
+                locs.join(", ")
+            );
         }
     }
     Ok(())
@@ -467,11 +576,19 @@ async fn du(c: Client, summary: bool, path: Option<String>) -> Result<(), Error>
     let targets: Vec<String> = if summary || st.kind == EntryKind::File {
         vec![st.path.clone()]
     } else {
-        c.list(&st.path).await?.into_iter().map(|e| e.path).collect()
+        c.list(&st.path)
+            .await?
+            .into_iter()
+            .map(|e| e.path)
+            .collect()
     };
     for p in targets {
         let u = c.du(&p).await?;
-        println!("{:>10}  {:>10}  {p}", human::size(u.bytes), human::size(u.stored_bytes));
+        println!(
+            "{:>10}  {:>10}  {p}",
+            human::size(u.bytes),
+            human::size(u.stored_bytes)
+        );
     }
     Ok(())
 }
@@ -479,7 +596,11 @@ async fn du(c: Client, summary: bool, path: Option<String>) -> Result<(), Error>
 async fn checksum(c: Client, paths: Vec<String>) -> Result<(), Error> {
     for p in paths {
         let h = c.checksum(&p).await?;
-        println!("{}  {}", h.to_hex(), lode_protocol::path::normalize(&p).unwrap_or(p));
+        println!(
+            "{}  {}",
+            h.to_hex(),
+            lode_protocol::path::normalize(&p).unwrap_or(p)
+        );
     }
     Ok(())
 }
@@ -512,9 +633,23 @@ async fn report(c: Client, json: bool) -> Result<(), Error> {
     let capacity: u64 = r.datanodes.iter().map(|d| d.capacity).sum();
     let used: u64 = r.datanodes.iter().map(|d| d.used).sum();
     let remaining: u64 = r.datanodes.iter().map(|d| d.remaining).sum();
-    println!("capacity {}  used {}  remaining {}", human::size(capacity), human::size(used), human::size(remaining));
-    println!("under-replicated {}  missing {}  corrupt {}  safemode {}", r.under_replicated, r.missing, r.corrupt, if r.safemode { "on" } else { "off" });
-    println!("{:<10} {:<6} {:<22} {:>9} {:>8} {:>10} {:>10}", "NAME", "STATE", "ADDRESS", "HEARTBEAT", "BLOCKS", "USED", "REMAINING");
+    println!(
+        "capacity {}  used {}  remaining {}",
+        human::size(capacity),
+        human::size(used),
+        human::size(remaining)
+    );
+    println!(
+        "under-replicated {}  missing {}  corrupt {}  safemode {}",
+        r.under_replicated,
+        r.missing,
+        r.corrupt,
+        if r.safemode { "on" } else { "off" }
+    );
+    println!(
+        "{:<10} {:<6} {:<22} {:>9} {:>8} {:>10} {:>10}",
+        "NAME", "STATE", "ADDRESS", "HEARTBEAT", "BLOCKS", "USED", "REMAINING"
+    );
     for d in &r.datanodes {
         println!(
             "{:<10} {:<6} {:<22} {:>8.1}s {:>8} {:>10} {:>10}",

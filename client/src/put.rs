@@ -9,7 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use lode_protocol::checksum::{self, PIECE_BYTES};
 use lode_protocol::frame::{kind, PieceHeader};
-use lode_protocol::messages::{ClientToNamenode, CommittedBlock, DatanodeReply, DatanodeRequest, LocatedBlock, NamenodeReply, Target};
+use lode_protocol::messages::{
+    ClientToNamenode, CommittedBlock, DatanodeReply, DatanodeRequest, LocatedBlock, NamenodeReply,
+    Target,
+};
 use lode_protocol::net;
 use lode_protocol::{Blake3Cv, BlockId, InodeId};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -41,7 +44,13 @@ struct ReadBlock {
 
 impl Client {
     /// Writes everything `input` yields to `remote`. `progress` is told the bytes written so far.
-    pub async fn put<R>(&self, input: R, remote: &str, opts: &PutOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, Error>
+    pub async fn put<R>(
+        &self,
+        input: R,
+        remote: &str,
+        opts: &PutOptions,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, Error>
     where
         R: AsyncRead + Unpin + Send + 'static,
     {
@@ -57,14 +66,26 @@ impl Client {
             session: self.session,
         };
         let (inode, replication, block_size, lease_ms) = match self.nn(&create).await? {
-            NamenodeReply::Created { inode, replication, block_size, lease_ms } => (inode, replication, block_size, lease_ms),
+            NamenodeReply::Created {
+                inode,
+                replication,
+                block_size,
+                lease_ms,
+            } => (inode, replication, block_size, lease_ms),
             other => return Err(unexpected(other)),
         };
         let renew = self.spawn_lease_renewal(lease_ms);
-        let result = self.write_blocks(input, inode, replication, block_size, progress).await;
+        let result = self
+            .write_blocks(input, inode, replication, block_size, progress)
+            .await;
         renew.abort();
         if result.is_err() {
-            let _ = self.nn(&ClientToNamenode::AbandonFile { inode, session: self.session }).await;
+            let _ = self
+                .nn(&ClientToNamenode::AbandonFile {
+                    inode,
+                    session: self.session,
+                })
+                .await;
         }
         result
     }
@@ -78,13 +99,26 @@ impl Client {
                 tokio::time::sleep(every).await;
                 if let Ok(conn) = pool.get(&namenode, net::NAMENODE_SERVER_NAME).await {
                     let renew = ClientToNamenode::RenewLease { session };
-                    let _ = net::call::<_, NamenodeReply>(&conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, &renew).await;
+                    let _ = net::call::<_, NamenodeReply>(
+                        &conn,
+                        kind::CLIENT_TO_NAMENODE,
+                        kind::NAMENODE_REPLY,
+                        &renew,
+                    )
+                    .await;
                 }
             }
         })
     }
 
-    async fn write_blocks<R>(&self, input: R, inode: InodeId, replication: u8, block_size: u64, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, Error>
+    async fn write_blocks<R>(
+        &self,
+        input: R,
+        inode: InodeId,
+        replication: u8,
+        block_size: u64,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, Error>
     where
         R: AsyncRead + Unpin + Send + 'static,
     {
@@ -96,14 +130,24 @@ impl Client {
         while let Some(block) = rx.recv().await {
             let block = block?;
             let len = block.data.len() as u64;
-            let cv = checksum::block_cv(&block.pieces).ok_or_else(|| Error::Invalid("empty block".into()))?;
-            let id = self.write_one_block(inode, previous, offset, block_size, required, &block).await?;
+            let cv = checksum::block_cv(&block.pieces)
+                .ok_or_else(|| Error::Invalid("empty block".into()))?;
+            let id = self
+                .write_one_block(inode, previous, offset, block_size, required, &block)
+                .await?;
             previous = Some(CommittedBlock { id, len, cv });
             offset += len;
             progress(offset);
         }
-        reader.await.map_err(|e| Error::Invalid(format!("input reader failed: {e}")))?;
-        let done = ClientToNamenode::Complete { inode, session: self.session, last: previous, size: offset };
+        reader
+            .await
+            .map_err(|e| Error::Invalid(format!("input reader failed: {e}")))?;
+        let done = ClientToNamenode::Complete {
+            inode,
+            session: self.session,
+            last: previous,
+            size: offset,
+        };
         expect_ok(self.nn(&done).await?)?;
         Ok(offset)
     }
@@ -120,7 +164,12 @@ impl Client {
         let mut exclude: Vec<String> = vec![];
         let mut last_err = None;
         for _ in 0..BLOCK_ATTEMPTS {
-            let add = ClientToNamenode::AddBlock { inode, session: self.session, previous, exclude: exclude.clone() };
+            let add = ClientToNamenode::AddBlock {
+                inode,
+                session: self.session,
+                previous,
+                exclude: exclude.clone(),
+            };
             let located = match self.nn(&add).await? {
                 NamenodeReply::Block(b) => b,
                 other => return Err(unexpected(other)),
@@ -144,7 +193,11 @@ impl Client {
                     last_err = Some(e);
                 }
             }
-            let abandon = ClientToNamenode::AbandonBlock { inode, session: self.session, block: located.id };
+            let abandon = ClientToNamenode::AbandonBlock {
+                inode,
+                session: self.session,
+                block: located.id,
+            };
             expect_ok(self.nn(&abandon).await?)?;
         }
         Err(last_err.unwrap_or_else(|| Error::Invalid("no attempt made".into())))
@@ -159,9 +212,17 @@ impl Client {
         block: &ReadBlock,
     ) -> Result<(Vec<String>, Vec<String>), (String, Error)> {
         let Some(first) = located.locations.first() else {
-            return Err((String::new(), Error::Invalid("namenode gave an empty pipeline".into())));
+            return Err((
+                String::new(),
+                Error::Invalid("namenode gave an empty pipeline".into()),
+            ));
         };
-        let fail = |t: &Target, e| (t.name.clone(), Error::rpc(format!("write block {} to {}", located.id, t.name), e));
+        let fail = |t: &Target, e| {
+            (
+                t.name.clone(),
+                Error::rpc(format!("write block {} to {}", located.id, t.name), e),
+            )
+        };
         let attempt = async {
             let conn = self.pool.get(&first.addr, &first.name).await?;
             let (mut send, mut recv) = conn.open_bi().await?;
@@ -175,15 +236,21 @@ impl Client {
             for (i, cv) in block.pieces.iter().enumerate() {
                 let start = i * PIECE_BYTES as usize;
                 let end = (start + PIECE_BYTES as usize).min(block.data.len());
-                let header = PieceHeader { len: (end - start) as u32, cv: *cv };
+                let header = PieceHeader {
+                    len: (end - start) as u32,
+                    cv: *cv,
+                };
                 send.write_all(&header.encode()).await?;
                 send.write_chunk(block.data.slice(start..end)).await?;
             }
             net::write_piece(&mut send, &PieceHeader::END, &[]).await?;
             send.finish()?;
-            let reply = tokio::time::timeout(ACK_TIMEOUT, net::read_frame::<DatanodeReply>(&mut recv, kind::DATANODE_REPLY))
-                .await
-                .map_err(|_| net::RpcError::Stream("timed out waiting for the pipeline".into()))??;
+            let reply = tokio::time::timeout(
+                ACK_TIMEOUT,
+                net::read_frame::<DatanodeReply>(&mut recv, kind::DATANODE_REPLY),
+            )
+            .await
+            .map_err(|_| net::RpcError::Stream("timed out waiting for the pipeline".into()))??;
             Ok::<_, net::RpcError>(reply)
         };
         match attempt.await {
@@ -204,7 +271,11 @@ impl Client {
 }
 
 /// Reads the input a block at a time and hashes its pieces, one block ahead of the sender.
-async fn read_blocks<R: AsyncRead + Unpin>(mut input: R, block_size: u64, tx: mpsc::Sender<Result<ReadBlock, Error>>) {
+async fn read_blocks<R: AsyncRead + Unpin>(
+    mut input: R,
+    block_size: u64,
+    tx: mpsc::Sender<Result<ReadBlock, Error>>,
+) {
     let mut offset = 0u64;
     loop {
         let mut buf = Vec::with_capacity(block_size as usize);
@@ -221,14 +292,23 @@ async fn read_blocks<R: AsyncRead + Unpin>(mut input: R, block_size: u64, tx: mp
         }
         let base = offset;
         let hashed = tokio::task::spawn_blocking(move || {
-            let pieces = buf.chunks(PIECE_BYTES as usize).enumerate().map(|(i, p)| checksum::piece_cv(base + i as u64 * PIECE_BYTES, p)).collect();
-            ReadBlock { data: Bytes::from(buf), pieces }
+            let pieces = buf
+                .chunks(PIECE_BYTES as usize)
+                .enumerate()
+                .map(|(i, p)| checksum::piece_cv(base + i as u64 * PIECE_BYTES, p))
+                .collect();
+            ReadBlock {
+                data: Bytes::from(buf),
+                pieces,
+            }
         })
         .await;
         let block = match hashed {
             Ok(b) => b,
             Err(e) => {
-                let _ = tx.send(Err(Error::Invalid(format!("hashing failed: {e}")))).await;
+                let _ = tx
+                    .send(Err(Error::Invalid(format!("hashing failed: {e}"))))
+                    .await;
                 return;
             }
         };

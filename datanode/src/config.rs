@@ -51,7 +51,10 @@ pub struct ConfigError {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let err = |message: String| ConfigError { path: path.to_path_buf(), message };
+        let err = |message: String| ConfigError {
+            path: path.to_path_buf(),
+            message,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let mut cfg: Config = toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -67,8 +70,16 @@ impl Config {
 
     /// Checks every range.
     pub fn validate(&self) -> Result<(), String> {
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
-            return Err(format!("name must be non-empty [A-Za-z0-9.-], got {:?}", self.name));
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return Err(format!(
+                "name must be non-empty [A-Za-z0-9.-], got {:?}",
+                self.name
+            ));
         }
         if self.data_dirs.is_empty() {
             return Err("data_dirs must name at least one directory".into());
@@ -81,6 +92,8 @@ impl Config {
 
     /// The address announced to the namenode.
     pub fn advertised(&self) -> String {
-        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
     }
 }

@@ -46,7 +46,10 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with its path.
     pub fn disk(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        Error::Disk { path: path.into(), source }
+        Error::Disk {
+            path: path.into(),
+            source,
+        }
     }
 }
 

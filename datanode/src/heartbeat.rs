@@ -48,7 +48,13 @@ impl Reports {
 }
 
 /// Runs until shutdown: register, then heartbeat every `interval` (or sooner when a replica is new).
-pub async fn run(shared: Arc<Shared>, namenode: String, advertise: String, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    shared: Arc<Shared>,
+    namenode: String,
+    advertise: String,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut registered = false;
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -103,14 +109,32 @@ async fn register(shared: &Shared, namenode: &str, advertise: &str) -> Result<()
     // Whatever was pending is covered by the full report.
     let _ = shared.reports.take();
     let store = shared.store.clone();
-    let blocks = tokio::task::spawn_blocking(move || store.report()).await.unwrap_or_default();
+    let blocks = tokio::task::spawn_blocking(move || store.report())
+        .await
+        .unwrap_or_default();
     let (capacity, used, remaining) = space(shared).await;
     let conn = shared.pool.get(namenode, NAMENODE_SERVER_NAME).await?;
     let n = blocks.len();
-    let req = DatanodeToNamenode::Register { addr: advertise.to_string(), capacity, used, remaining, blocks };
-    let reply: NamenodeToDatanode = net::call(&conn, kind::DATANODE_TO_NAMENODE, kind::NAMENODE_TO_DATANODE, &req).await?;
+    let req = DatanodeToNamenode::Register {
+        addr: advertise.to_string(),
+        capacity,
+        used,
+        remaining,
+        blocks,
+    };
+    let reply: NamenodeToDatanode = net::call(
+        &conn,
+        kind::DATANODE_TO_NAMENODE,
+        kind::NAMENODE_TO_DATANODE,
+        &req,
+    )
+    .await?;
     if let NamenodeToDatanode::Registered { delete } = reply {
-        tracing::info!(replicas = n, to_delete = delete.len(), "registered with the namenode");
+        tracing::info!(
+            replicas = n,
+            to_delete = delete.len(),
+            "registered with the namenode"
+        );
         delete_replicas(shared, delete).await;
     }
     Ok(())
@@ -127,8 +151,20 @@ async fn heartbeat(shared: &Shared, namenode: &str) -> Result<bool, RpcError> {
             return Err(e);
         }
     };
-    let req = DatanodeToNamenode::Heartbeat { capacity, used, remaining, received: taken.0.clone(), deleted: taken.1.clone() };
-    let reply = net::call::<_, NamenodeToDatanode>(&conn, kind::DATANODE_TO_NAMENODE, kind::NAMENODE_TO_DATANODE, &req).await;
+    let req = DatanodeToNamenode::Heartbeat {
+        capacity,
+        used,
+        remaining,
+        received: taken.0.clone(),
+        deleted: taken.1.clone(),
+    };
+    let reply = net::call::<_, NamenodeToDatanode>(
+        &conn,
+        kind::DATANODE_TO_NAMENODE,
+        kind::NAMENODE_TO_DATANODE,
+        &req,
+    )
+    .await;
     match reply {
         Ok(NamenodeToDatanode::HeartbeatReply { reregister, delete }) => {
             delete_replicas(shared, delete).await;

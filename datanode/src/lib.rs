@@ -24,7 +24,11 @@ pub use error::Error;
 pub type ShutdownSignal = watch::Receiver<bool>;
 
 /// Opens the block store, registers with the namenode and serves on `endpoint` until `shutdown`.
-pub async fn run(config: Config, endpoint: quinn::Endpoint, shutdown: ShutdownSignal) -> Result<(), Error> {
+pub async fn run(
+    config: Config,
+    endpoint: quinn::Endpoint,
+    shutdown: ShutdownSignal,
+) -> Result<(), Error> {
     let dirs = config.data_dirs.clone();
     let store = tokio::task::spawn_blocking(move || store::BlockStore::open(&dirs))
         .await

@@ -21,7 +21,8 @@ fn main() {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LODE_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("LODE_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -45,7 +46,9 @@ async fn start(args: Args) -> anyhow::Result<()> {
         shutdown_signal().await;
         let _ = tx.send(true);
     });
-    lode_datanode::run(config, endpoint, rx).await.context("datanode stopped")
+    lode_datanode::run(config, endpoint, rx)
+        .await
+        .context("datanode stopped")
 }
 
 async fn shutdown_signal() {

@@ -37,7 +37,11 @@ pub struct Shared {
 }
 
 /// Accepts connections until `shutdown` fires.
-pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let incoming = tokio::select! {
@@ -59,8 +63,12 @@ pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown:
             };
             let streams = Arc::new(Semaphore::new(STREAMS_PER_CONNECTION));
             loop {
-                let Ok(permit) = streams.clone().acquire_owned().await else { return };
-                let Ok((send, recv)) = conn.accept_bi().await else { return };
+                let Ok(permit) = streams.clone().acquire_owned().await else {
+                    return;
+                };
+                let Ok((send, recv)) = conn.accept_bi().await else {
+                    return;
+                };
                 let shared = shared.clone();
                 let peer = identity.name.clone();
                 tokio::spawn(async move {
@@ -75,25 +83,51 @@ pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown:
     endpoint.close(0u32.into(), b"shutdown");
 }
 
-async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, shared: &Shared) -> Result<(), RpcError> {
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shared: &Shared,
+) -> Result<(), RpcError> {
     let req = match net::read_frame::<DatanodeRequest>(&mut recv, kind::DATANODE_REQUEST).await {
         Ok(r) => r,
         Err(e) => {
-            net::write_error(&mut send, &WireError::new(ErrorCode::Protocol, format!("bad request: {e}"))).await?;
+            net::write_error(
+                &mut send,
+                &WireError::new(ErrorCode::Protocol, format!("bad request: {e}")),
+            )
+            .await?;
             send.finish()?;
             return Ok(());
         }
     };
     let result = match req {
-        DatanodeRequest::WriteBlock { block, file_offset, block_size, downstream } => {
-            write_block(shared, &mut recv, block, file_offset, block_size, downstream).await
+        DatanodeRequest::WriteBlock {
+            block,
+            file_offset,
+            block_size,
+            downstream,
+        } => {
+            write_block(
+                shared,
+                &mut recv,
+                block,
+                file_offset,
+                block_size,
+                downstream,
+            )
+            .await
         }
-        DatanodeRequest::ReadBlock { block, offset, len } => return read_block(shared, send, block, offset, len).await,
+        DatanodeRequest::ReadBlock { block, offset, len } => {
+            return read_block(shared, send, block, offset, len).await
+        }
         DatanodeRequest::BlockChecksums { block } => {
             let store = shared.store.clone();
             blocking(move || store.sidecar(block))
                 .await
-                .map(|s| DatanodeReply::Checksums { block_len: s.len, pieces: s.pieces })
+                .map(|s| DatanodeReply::Checksums {
+                    block_len: s.len,
+                    pieces: s.pieces,
+                })
         }
     };
     match result {
@@ -110,7 +144,9 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     Ok(())
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Invalid(format!("disk task failed: {e}")))?
@@ -138,9 +174,18 @@ async fn open_downstream(
     let first = &targets[0];
     let conn = shared.pool.get(&first.addr, &first.name).await?;
     let (mut send, recv) = conn.open_bi().await?;
-    let req = DatanodeRequest::WriteBlock { block, file_offset, block_size, downstream: targets[1..].to_vec() };
+    let req = DatanodeRequest::WriteBlock {
+        block,
+        file_offset,
+        block_size,
+        downstream: targets[1..].to_vec(),
+    };
     net::write_frame(&mut send, kind::DATANODE_REQUEST, &req).await?;
-    Ok(Downstream { targets: targets.to_vec(), send, recv })
+    Ok(Downstream {
+        targets: targets.to_vec(),
+        send,
+        recv,
+    })
 }
 
 async fn write_block(
@@ -152,8 +197,10 @@ async fn write_block(
     targets: Vec<Target>,
 ) -> Result<DatanodeReply, Error> {
     checksum::validate_block_size(block_size).map_err(Error::Invalid)?;
-    if file_offset % block_size != 0 {
-        return Err(Error::Invalid(format!("block offset {file_offset} is not a multiple of {block_size}")));
+    if !file_offset.is_multiple_of(block_size) {
+        return Err(Error::Invalid(format!(
+            "block offset {file_offset} is not a multiple of {block_size}"
+        )));
     }
     let mut failed: Vec<String> = vec![];
     let mut downstream = if targets.is_empty() {
@@ -177,7 +224,9 @@ async fn write_block(
             match msg {
                 ToDisk::Piece(cv, data) => {
                     if w.len() + data.len() as u64 > block_size {
-                        return Err(Error::Invalid(format!("block {block} is larger than {block_size} bytes")));
+                        return Err(Error::Invalid(format!(
+                            "block {block} is larger than {block_size} bytes"
+                        )));
                     }
                     w.write_piece(cv, &data)?;
                 }
@@ -185,7 +234,9 @@ async fn write_block(
             }
         }
         // The sender went away without Done: the write was abandoned; dropping `w` removes the temp file.
-        Err(Error::Invalid(format!("write of block {block} was abandoned")))
+        Err(Error::Invalid(format!(
+            "write of block {block} was abandoned"
+        )))
     });
 
     let mut received: u64 = 0;
@@ -216,7 +267,9 @@ async fn write_block(
         let _ = tx.send(ToDisk::Done).await;
     }
     drop(tx);
-    let local = disk.await.map_err(|e| Error::Invalid(format!("disk task failed: {e}")))?;
+    let local = disk
+        .await
+        .map_err(|e| Error::Invalid(format!("disk task failed: {e}")))?;
     let local = outcome.and(local);
     let (len, _cv) = match local {
         Ok(v) => v,
@@ -234,7 +287,12 @@ async fn write_block(
         match finish_downstream(&mut d).await {
             Ok((s, f)) => {
                 let ok: Vec<String> = s;
-                failed.extend(d.targets.iter().filter(|t| !ok.contains(&t.name)).map(|t| t.name.clone()));
+                failed.extend(
+                    d.targets
+                        .iter()
+                        .filter(|t| !ok.contains(&t.name))
+                        .map(|t| t.name.clone()),
+                );
                 failed.extend(f);
                 stored.extend(ok);
             }
@@ -252,9 +310,12 @@ async fn write_block(
 async fn finish_downstream(d: &mut Downstream) -> Result<(Vec<String>, Vec<String>), RpcError> {
     net::write_piece(&mut d.send, &PieceHeader::END, &[]).await?;
     d.send.finish()?;
-    let reply = tokio::time::timeout(DOWNSTREAM_ACK_TIMEOUT, net::read_frame::<DatanodeReply>(&mut d.recv, kind::DATANODE_REPLY))
-        .await
-        .map_err(|_| RpcError::Stream("timed out".into()))??;
+    let reply = tokio::time::timeout(
+        DOWNSTREAM_ACK_TIMEOUT,
+        net::read_frame::<DatanodeReply>(&mut d.recv, kind::DATANODE_REPLY),
+    )
+    .await
+    .map_err(|_| RpcError::Stream("timed out".into()))??;
     match reply {
         DatanodeReply::WriteAck { stored, failed } => Ok((stored, failed)),
         other => Err(RpcError::Stream(format!("unexpected reply {other:?}"))),
@@ -271,9 +332,18 @@ async fn read_block(
     let store = shared.store.clone();
     let opened = blocking(move || store.open_block(block)).await;
     let mut reader = match opened {
-        Ok(r) if offset.checked_add(len).is_some_and(|end| end <= r.sidecar.len) => r,
+        Ok(r)
+            if offset
+                .checked_add(len)
+                .is_some_and(|end| end <= r.sidecar.len) =>
+        {
+            r
+        }
         Ok(r) => {
-            let msg = format!("range {offset}+{len} is outside block {block} of {} bytes", r.sidecar.len);
+            let msg = format!(
+                "range {offset}+{len} is outside block {block} of {} bytes",
+                r.sidecar.len
+            );
             net::write_error(&mut send, &WireError::new(ErrorCode::InvalidArgument, msg)).await?;
             send.finish()?;
             return Ok(());
@@ -285,14 +355,23 @@ async fn read_block(
         }
     };
     let first = offset / PIECE_BYTES;
-    let end = if len == 0 { first } else { (offset + len).div_ceil(PIECE_BYTES) };
-    let start = DatanodeReply::ReadStart { block_len: reader.sidecar.len, first_piece_offset: first * PIECE_BYTES };
+    let end = if len == 0 {
+        first
+    } else {
+        (offset + len).div_ceil(PIECE_BYTES)
+    };
+    let start = DatanodeReply::ReadStart {
+        block_len: reader.sidecar.len,
+        first_piece_offset: first * PIECE_BYTES,
+    };
     net::write_frame(&mut send, kind::DATANODE_REPLY, &start).await?;
     let (tx, mut rx) = mpsc::channel::<Result<(Blake3Cv, Bytes), Error>>(PIECES_IN_FLIGHT);
     tokio::task::spawn_blocking(move || {
         for idx in first..end {
             let mut buf = Vec::with_capacity(PIECE_BYTES as usize);
-            let item = reader.read_piece(idx, &mut buf).map(|cv| (cv, Bytes::from(buf)));
+            let item = reader
+                .read_piece(idx, &mut buf)
+                .map(|cv| (cv, Bytes::from(buf)));
             let stop = item.is_err();
             if tx.blocking_send(item).is_err() || stop {
                 return;
@@ -302,12 +381,19 @@ async fn read_block(
     while let Some(item) = rx.recv().await {
         match item {
             Ok((cv, data)) => {
-                let header = PieceHeader { len: data.len() as u32, cv };
+                let header = PieceHeader {
+                    len: data.len() as u32,
+                    cv,
+                };
                 net::write_piece(&mut send, &header, &data).await?;
             }
             Err(e) => {
                 tracing::error!("{e}; the replica is not served");
-                let code = if matches!(e, Error::Corrupt { .. }) { ErrorCode::Corrupt } else { ErrorCode::Io };
+                let code = if matches!(e, Error::Corrupt { .. }) {
+                    ErrorCode::Corrupt
+                } else {
+                    ErrorCode::Io
+                };
                 let _ = send.reset((code as u32).into());
                 return Ok(());
             }

@@ -54,7 +54,8 @@ impl Sidecar {
         u.copy_from_slice(&bytes[9..17]);
         let file_offset = u64::from_le_bytes(u);
         let body = &bytes[SIDECAR_HEADER_BYTES..];
-        if body.len() % 32 != 0 || (body.len() / 32) as u64 != checksum::piece_count(len) {
+        if !body.len().is_multiple_of(32) || (body.len() / 32) as u64 != checksum::piece_count(len)
+        {
             return Err("sidecar piece count does not match block length".into());
         }
         let pieces = body
@@ -65,7 +66,11 @@ impl Sidecar {
                 Blake3Cv(a)
             })
             .collect();
-        Ok(Sidecar { len, file_offset, pieces })
+        Ok(Sidecar {
+            len,
+            file_offset,
+            pieces,
+        })
     }
 }
 
@@ -97,7 +102,9 @@ fn parse_block_name(name: &str) -> Option<BlockId> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::disk(dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::disk(dir, e))
 }
 
 impl BlockStore {
@@ -116,7 +123,12 @@ impl BlockStore {
             File::create(&probe)
                 .and_then(|mut f| f.write_all(b"probe").and_then(|_| f.sync_all()))
                 .and_then(|_| fs::remove_file(&probe))
-                .map_err(|e| Error::disk(root, std::io::Error::new(e.kind(), format!("data dir is not writable: {e}"))))?;
+                .map_err(|e| {
+                    Error::disk(
+                        root,
+                        std::io::Error::new(e.kind(), format!("data dir is not writable: {e}")),
+                    )
+                })?;
             for entry in fs::read_dir(&tmp).map_err(|e| Error::disk(&tmp, e))? {
                 let entry = entry.map_err(|e| Error::disk(&tmp, e))?;
                 let _ = fs::remove_file(entry.path());
@@ -124,11 +136,14 @@ impl BlockStore {
             for entry in fs::read_dir(&current).map_err(|e| Error::disk(&current, e))? {
                 let entry = entry.map_err(|e| Error::disk(&current, e))?;
                 let name = entry.file_name().to_string_lossy().to_string();
-                let Some(id) = parse_block_name(&name) else { continue };
+                let Some(id) = parse_block_name(&name) else {
+                    continue;
+                };
                 let meta_path = current.join(format!("{name}.meta"));
-                let valid = fs::read(&meta_path).ok().and_then(|b| Sidecar::decode(&b).ok()).filter(|s| {
-                    entry.metadata().map(|m| m.len() == s.len).unwrap_or(false)
-                });
+                let valid = fs::read(&meta_path)
+                    .ok()
+                    .and_then(|b| Sidecar::decode(&b).ok())
+                    .filter(|s| entry.metadata().map(|m| m.len() == s.len).unwrap_or(false));
                 match valid {
                     Some(s) => {
                         index.insert(id, Located { dir: i, len: s.len });
@@ -142,7 +157,10 @@ impl BlockStore {
             }
             dirs.push(DataDir { current, tmp });
         }
-        Ok(BlockStore { dirs, index: Mutex::new(index) })
+        Ok(BlockStore {
+            dirs,
+            index: Mutex::new(index),
+        })
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, HashMap<BlockId, Located>> {
@@ -152,7 +170,13 @@ impl BlockStore {
 
     /// Every finalized replica.
     pub fn report(&self) -> Vec<ReportedBlock> {
-        self.index().iter().map(|(id, l)| ReportedBlock { id: *id, len: l.len }).collect()
+        self.index()
+            .iter()
+            .map(|(id, l)| ReportedBlock {
+                id: *id,
+                len: l.len,
+            })
+            .collect()
     }
 
     /// Bytes of block data stored.
@@ -185,7 +209,11 @@ impl BlockStore {
     pub fn sidecar(&self, id: BlockId) -> Result<Sidecar, Error> {
         let (_, meta, _) = self.paths(id)?;
         let bytes = fs::read(&meta).map_err(|e| Error::disk(&meta, e))?;
-        Sidecar::decode(&bytes).map_err(|_| Error::Corrupt { id, offset: 0, stage: "read" })
+        Sidecar::decode(&bytes).map_err(|_| Error::Corrupt {
+            id,
+            offset: 0,
+            stage: "read",
+        })
     }
 
     /// Opens a block for reading: the file and its sidecar.
@@ -193,7 +221,12 @@ impl BlockStore {
         let sidecar = self.sidecar(id)?;
         let (data, _, _) = self.paths(id)?;
         let file = File::open(&data).map_err(|e| Error::disk(&data, e))?;
-        Ok(BlockReader { id, file, path: data, sidecar })
+        Ok(BlockReader {
+            id,
+            file,
+            path: data,
+            sidecar,
+        })
     }
 
     /// Starts writing a block; it becomes visible only when [`BlockWriter::finish`] returns.
@@ -202,8 +235,22 @@ impl BlockStore {
         let tmp = &self.dirs[dir].tmp;
         let suffix: u64 = rand::random();
         let data_path = tmp.join(format!("{}.{suffix:016x}", block_file_name(id)));
-        let file = OpenOptions::new().write(true).create_new(true).open(&data_path).map_err(|e| Error::disk(&data_path, e))?;
-        Ok(BlockWriter { store: self.clone(), id, dir, file_offset, file, data_path, len: 0, pieces: vec![], short_seen: false })
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&data_path)
+            .map_err(|e| Error::disk(&data_path, e))?;
+        Ok(BlockWriter {
+            store: self.clone(),
+            id,
+            dir,
+            file_offset,
+            file,
+            data_path,
+            len: 0,
+            pieces: vec![],
+            short_seen: false,
+        })
     }
 
     fn pick_dir(&self) -> usize {
@@ -214,7 +261,9 @@ impl BlockStore {
 
     /// Deletes a replica; false if it was not here.
     pub fn delete(&self, id: BlockId) -> Result<bool, Error> {
-        let Ok((data, meta, _)) = self.paths(id) else { return Ok(false) };
+        let Ok((data, meta, _)) = self.paths(id) else {
+            return Ok(false);
+        };
         self.index().remove(&id);
         for p in [&data, &meta] {
             match fs::remove_file(p) {
@@ -241,16 +290,27 @@ impl BlockReader {
     pub fn read_piece(&mut self, index: u64, buf: &mut Vec<u8>) -> Result<Blake3Cv, Error> {
         let offset = index * PIECE_BYTES;
         if offset >= self.sidecar.len {
-            return Err(Error::Invalid(format!("piece {index} is past the end of block {}", self.id)));
+            return Err(Error::Invalid(format!(
+                "piece {index} is past the end of block {}",
+                self.id
+            )));
         }
         let len = (self.sidecar.len - offset).min(PIECE_BYTES) as usize;
         buf.clear();
         buf.resize(len, 0);
-        self.file.seek(SeekFrom::Start(offset)).map_err(|e| Error::disk(&self.path, e))?;
-        self.file.read_exact(buf).map_err(|e| Error::disk(&self.path, e))?;
+        self.file
+            .seek(SeekFrom::Start(offset))
+            .map_err(|e| Error::disk(&self.path, e))?;
+        self.file
+            .read_exact(buf)
+            .map_err(|e| Error::disk(&self.path, e))?;
         let want = self.sidecar.pieces[index as usize];
         if checksum::piece_cv(self.sidecar.file_offset + offset, buf) != want {
-            return Err(Error::Corrupt { id: self.id, offset, stage: "read" });
+            return Err(Error::Corrupt {
+                id: self.id,
+                offset,
+                stage: "read",
+            });
         }
         Ok(want)
     }
@@ -273,12 +333,20 @@ impl BlockWriter {
     /// Verifies one piece against its value, then appends it.
     pub fn write_piece(&mut self, cv: Blake3Cv, data: &[u8]) -> Result<(), Error> {
         if self.short_seen || data.is_empty() || data.len() as u64 > PIECE_BYTES {
-            return Err(Error::Invalid("only the last piece of a block may be shorter than 64 KiB".into()));
+            return Err(Error::Invalid(
+                "only the last piece of a block may be shorter than 64 KiB".into(),
+            ));
         }
         if checksum::piece_cv(self.file_offset + self.len, data) != cv {
-            return Err(Error::Corrupt { id: self.id, offset: self.len, stage: "write" });
+            return Err(Error::Corrupt {
+                id: self.id,
+                offset: self.len,
+                stage: "write",
+            });
         }
-        self.file.write_all(data).map_err(|e| Error::disk(&self.data_path, e))?;
+        self.file
+            .write_all(data)
+            .map_err(|e| Error::disk(&self.data_path, e))?;
         self.short_seen = (data.len() as u64) < PIECE_BYTES;
         self.len += data.len() as u64;
         self.pieces.push(cv);
@@ -300,12 +368,20 @@ impl BlockWriter {
     pub fn finish(mut self) -> Result<(u64, Blake3Cv), Error> {
         let cv = checksum::block_cv(&self.pieces)
             .ok_or_else(|| Error::Invalid(format!("block {} is empty", self.id)))?;
-        self.file.sync_all().map_err(|e| Error::disk(&self.data_path, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| Error::disk(&self.data_path, e))?;
         let dir = &self.store.dirs[self.dir];
         let meta_tmp = self.data_path.with_extension("meta.tmp");
-        let sidecar = Sidecar { len: self.len, file_offset: self.file_offset, pieces: std::mem::take(&mut self.pieces) };
+        let sidecar = Sidecar {
+            len: self.len,
+            file_offset: self.file_offset,
+            pieces: std::mem::take(&mut self.pieces),
+        };
         let mut meta = File::create(&meta_tmp).map_err(|e| Error::disk(&meta_tmp, e))?;
-        meta.write_all(&sidecar.encode()).and_then(|_| meta.sync_all()).map_err(|e| Error::disk(&meta_tmp, e))?;
+        meta.write_all(&sidecar.encode())
+            .and_then(|_| meta.sync_all())
+            .map_err(|e| Error::disk(&meta_tmp, e))?;
         let name = block_file_name(self.id);
         let meta_final = dir.current.join(format!("{name}.meta"));
         let data_final = dir.current.join(&name);
@@ -314,7 +390,13 @@ impl BlockWriter {
         fs::rename(&meta_tmp, &meta_final).map_err(|e| Error::disk(&meta_final, e))?;
         fs::rename(&self.data_path, &data_final).map_err(|e| Error::disk(&data_final, e))?;
         sync_dir(&dir.current)?;
-        self.store.index().insert(self.id, Located { dir: self.dir, len: self.len });
+        self.store.index().insert(
+            self.id,
+            Located {
+                dir: self.dir,
+                len: self.len,
+            },
+        );
         Ok((self.len, cv))
     }
 }
@@ -342,7 +424,12 @@ fn statvfs(path: &Path) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
 
-    fn write_block(store: &Arc<BlockStore>, id: u64, offset: u64, data: &[u8]) -> Result<(u64, Blake3Cv), Error> {
+    fn write_block(
+        store: &Arc<BlockStore>,
+        id: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(u64, Blake3Cv), Error> {
         let mut w = store.create(BlockId(id), offset)?;
         for (i, p) in data.chunks(PIECE_BYTES as usize).enumerate() {
             w.write_piece(checksum::piece_cv(offset + i as u64 * PIECE_BYTES, p), p)?;
@@ -362,10 +449,19 @@ mod tests {
             assert_eq!(len, data.len() as u64);
             // a piece with the wrong value is refused and leaves nothing behind
             let mut w = store.create(BlockId(6), 0).unwrap();
-            assert!(matches!(w.write_piece(Blake3Cv([0; 32]), &data[..10]), Err(Error::Corrupt { .. })));
+            assert!(matches!(
+                w.write_piece(Blake3Cv([0; 32]), &data[..10]),
+                Err(Error::Corrupt { .. })
+            ));
         }
         let store = Arc::new(BlockStore::open(&roots).unwrap());
-        assert_eq!(store.report(), vec![ReportedBlock { id: BlockId(5), len: data.len() as u64 }]);
+        assert_eq!(
+            store.report(),
+            vec![ReportedBlock {
+                id: BlockId(5),
+                len: data.len() as u64
+            }]
+        );
         let mut r = store.open_block(BlockId(5)).unwrap();
         let mut buf = vec![];
         r.read_piece(3, &mut buf).unwrap();
@@ -376,10 +472,16 @@ mod tests {
         bytes[70_000] ^= 1;
         fs::write(&path, bytes).unwrap();
         let mut r = store.open_block(BlockId(5)).unwrap();
-        assert!(matches!(r.read_piece(1, &mut buf), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            r.read_piece(1, &mut buf),
+            Err(Error::Corrupt { .. })
+        ));
         assert!(store.delete(BlockId(5)).unwrap());
         assert!(store.report().is_empty());
-        assert!(matches!(store.open_block(BlockId(5)), Err(Error::BlockNotFound { .. })));
+        assert!(matches!(
+            store.open_block(BlockId(5)),
+            Err(Error::BlockNotFound { .. })
+        ));
     }
 
     #[test]
@@ -387,7 +489,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let file = d.path().join("not-a-dir");
         fs::write(&file, b"x").unwrap();
-        let err = BlockStore::open(&[file.clone()]).err().unwrap();
+        let err = BlockStore::open(std::slice::from_ref(&file)).err().unwrap();
         assert!(err.to_string().contains("not-a-dir"), "{err}");
     }
 }

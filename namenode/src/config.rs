@@ -104,23 +104,33 @@ pub enum ConfigError {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let mut cfg: Config = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.message().to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.tls = cfg.tls.relative_to(base);
         if cfg.meta_dir.is_relative() {
             cfg.meta_dir = base.join(&cfg.meta_dir);
         }
-        cfg.validate().map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
         Ok(cfg)
     }
 
     /// Checks every range.
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=7).contains(&self.replication_default) {
-            return Err(format!("replication_default must be 1..=7, got {}", self.replication_default));
+            return Err(format!(
+                "replication_default must be 1..=7, got {}",
+                self.replication_default
+            ));
         }
         lode_protocol::checksum::validate_block_size(self.block_size_default)
             .map_err(|e| format!("block_size_default: {e}"))?;
@@ -131,7 +141,10 @@ impl Config {
             return Err("dead_after_ms must exceed stale_after_ms".into());
         }
         if self.lease_expiry_ms < 1000 {
-            return Err(format!("lease_expiry_ms must be at least 1000, got {}", self.lease_expiry_ms));
+            return Err(format!(
+                "lease_expiry_ms must be at least 1000, got {}",
+                self.lease_expiry_ms
+            ));
         }
         self.transport.validate()
     }

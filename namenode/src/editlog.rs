@@ -26,8 +26,17 @@ impl EditLog {
     /// Opens (or creates) the log, returning it with every intact record in order.
     pub fn open(dir: &Path) -> Result<(EditLog, Vec<(u64, MetaOp)>), Error> {
         let path = dir.join("edits.log");
-        let io = |source| Error::EditLog { path: path.clone(), source };
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        let io = |source| Error::EditLog {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
         let mut records = Vec::new();
         let mut good_end = 0u64;
         {
@@ -60,11 +69,15 @@ impl EditLog {
                 }
                 let op: MetaOp = match postcard::from_bytes(&body) {
                     Ok(op) => op,
-                    Err(e) => return Err(Error::Corrupt(format!("edit {seq} does not decode: {e}"))),
+                    Err(e) => {
+                        return Err(Error::Corrupt(format!("edit {seq} does not decode: {e}")))
+                    }
                 };
                 if let Some((prev, _)) = records.last() {
                     if seq != prev + 1 {
-                        return Err(Error::Corrupt(format!("edit log sequence jumps from {prev} to {seq}")));
+                        return Err(Error::Corrupt(format!(
+                            "edit log sequence jumps from {prev} to {seq}"
+                        )));
                     }
                 }
                 records.push((seq, op));
@@ -78,7 +91,15 @@ impl EditLog {
             File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
         }
         let last_seq = records.last().map_or(0, |(s, _)| *s);
-        Ok((EditLog { file, path, last_seq, unsynced: false }, records))
+        Ok((
+            EditLog {
+                file,
+                path,
+                last_seq,
+                unsynced: false,
+            },
+            records,
+        ))
     }
 
     /// Sequence number of the last record written.
@@ -104,7 +125,10 @@ impl EditLog {
         rec.extend_from_slice(&h.finalize().to_le_bytes());
         rec.extend_from_slice(&seq.to_le_bytes());
         rec.extend_from_slice(&body);
-        self.file.write_all(&rec).map_err(|source| Error::EditLog { path: self.path.clone(), source })?;
+        self.file.write_all(&rec).map_err(|source| Error::EditLog {
+            path: self.path.clone(),
+            source,
+        })?;
         self.last_seq = seq;
         self.unsynced = true;
         Ok(seq)
@@ -113,7 +137,10 @@ impl EditLog {
     /// Makes every appended record durable (fdatasync).
     pub fn sync(&mut self) -> Result<(), Error> {
         if self.unsynced {
-            self.file.sync_data().map_err(|source| Error::EditLog { path: self.path.clone(), source })?;
+            self.file.sync_data().map_err(|source| Error::EditLog {
+                path: self.path.clone(),
+                source,
+            })?;
             self.unsynced = false;
         }
         Ok(())

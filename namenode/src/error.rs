@@ -41,12 +41,18 @@ pub enum Error {
 impl Error {
     /// A refusal with a code and message.
     pub fn refused(code: ErrorCode, message: impl Into<String>) -> Error {
-        Error::Refused { code, message: message.into() }
+        Error::Refused {
+            code,
+            message: message.into(),
+        }
     }
 
     /// True when the process can no longer be trusted to accept writes.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Error::EditLog { .. } | Error::Corrupt(_) | Error::WriterGone)
+        matches!(
+            self,
+            Error::EditLog { .. } | Error::Corrupt(_) | Error::WriterGone
+        )
     }
 }
 

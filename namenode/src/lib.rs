@@ -34,7 +34,11 @@ pub type ShutdownSignal = watch::Receiver<bool>;
 
 /// Recovers the namespace (replaying edits the store has not applied), then serves on `endpoint`
 /// until `shutdown` fires or the namespace writer fails.
-pub async fn run(config: Config, endpoint: quinn::Endpoint, shutdown: ShutdownSignal) -> Result<(), Error> {
+pub async fn run(
+    config: Config,
+    endpoint: quinn::Endpoint,
+    shutdown: ShutdownSignal,
+) -> Result<(), Error> {
     let meta_dir = config.meta_dir.clone();
     let (ns, log, ids, inodes) = tokio::task::spawn_blocking(move || recover(&meta_dir))
         .await
@@ -45,10 +49,21 @@ pub async fn run(config: Config, endpoint: quinn::Endpoint, shutdown: ShutdownSi
         lease_expiry: Duration::from_millis(config.lease_expiry_ms),
     };
     let state = Arc::new(Mutex::new(State::new(timing, &inodes, Instant::now())));
-    let writer = Writer { ns: ns.clone(), log, ids, state: state.clone(), lease_ms: config.lease_expiry_ms };
+    let writer = Writer {
+        ns: ns.clone(),
+        log,
+        ids,
+        state: state.clone(),
+        lease_ms: config.lease_expiry_ms,
+    };
     let (writer, mut fatal) = writer.spawn()?;
     tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = inodes.len(), "namenode serving");
-    let shared = Arc::new(server::Shared { ns, state: state.clone(), writer: writer.clone(), config });
+    let shared = Arc::new(server::Shared {
+        ns,
+        state: state.clone(),
+        writer: writer.clone(),
+        config,
+    });
     let leases = tokio::spawn(expire_leases(state, writer, shutdown.clone()));
     let result = tokio::select! {
         _ = server::serve(endpoint, shared.clone(), shutdown) => Ok(()),
@@ -62,11 +77,18 @@ pub async fn run(config: Config, endpoint: quinn::Endpoint, shutdown: ShutdownSi
     result
 }
 
-type Recovered = (Namespace<SledStore>, EditLog, IdAlloc, Vec<namespace::Inode>);
+type Recovered = (
+    Namespace<SledStore>,
+    EditLog,
+    IdAlloc,
+    Vec<namespace::Inode>,
+);
 
 fn recover(meta_dir: &std::path::Path) -> Result<Recovered, Error> {
-    std::fs::create_dir_all(meta_dir)
-        .map_err(|source| Error::EditLog { path: meta_dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(meta_dir).map_err(|source| Error::EditLog {
+        path: meta_dir.to_path_buf(),
+        source,
+    })?;
     let store = Arc::new(SledStore::open(&meta_dir.join("sled"))?);
     let ns = Namespace::open(store)?;
     let (mut log, records) = EditLog::open(meta_dir)?;
@@ -79,7 +101,11 @@ fn recover(meta_dir: &std::path::Path) -> Result<Recovered, Error> {
     if applied > log.last_seq() {
         // Only possible if the log lost its tail while sled kept it (power loss): those edits were
         // never acknowledged. Keep numbering above them so no sequence number is reused.
-        tracing::warn!(applied, logged = log.last_seq(), "metadata store is ahead of the edit log");
+        tracing::warn!(
+            applied,
+            logged = log.last_seq(),
+            "metadata store is ahead of the edit log"
+        );
         log.skip_to(applied);
     }
     ns.store().flush()?;
@@ -89,7 +115,11 @@ fn recover(meta_dir: &std::path::Path) -> Result<Recovered, Error> {
     Ok((ns, log, ids, inodes))
 }
 
-async fn expire_leases(state: Arc<Mutex<State>>, writer: writer::WriterHandle, mut shutdown: ShutdownSignal) {
+async fn expire_leases(
+    state: Arc<Mutex<State>>,
+    writer: writer::WriterHandle,
+    mut shutdown: ShutdownSignal,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {

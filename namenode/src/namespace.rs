@@ -69,7 +69,12 @@ pub struct Inode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaOp {
     /// New directory.
-    Mkdir { parent: InodeId, name: String, inode: InodeId, mtime_ms: u64 },
+    Mkdir {
+        parent: InodeId,
+        name: String,
+        inode: InodeId,
+        mtime_ms: u64,
+    },
     /// New file under construction, replacing `replaces` if set.
     Create {
         parent: InodeId,
@@ -82,15 +87,29 @@ pub enum MetaOp {
         replaces: Option<InodeId>,
     },
     /// Commit `previous` (the current last block) and append a new block.
-    AddBlock { inode: InodeId, block: BlockId, previous: Option<CommittedBlock> },
+    AddBlock {
+        inode: InodeId,
+        block: BlockId,
+        previous: Option<CommittedBlock>,
+    },
     /// Drop the last block (its pipeline failed).
     AbandonBlock { inode: InodeId, block: BlockId },
     /// Commit the last block and close the file.
-    Complete { inode: InodeId, last: Option<CommittedBlock>, size: u64, mtime_ms: u64 },
+    Complete {
+        inode: InodeId,
+        last: Option<CommittedBlock>,
+        size: u64,
+        mtime_ms: u64,
+    },
     /// Delete an entry and everything under it.
     Delete { inode: InodeId },
     /// Move an entry.
-    Rename { inode: InodeId, dst_parent: InodeId, dst_name: String, mtime_ms: u64 },
+    Rename {
+        inode: InodeId,
+        dst_parent: InodeId,
+        dst_name: String,
+        mtime_ms: u64,
+    },
 }
 
 /// What applying an edit changed that the in-memory state must follow.
@@ -115,7 +134,9 @@ pub struct Namespace<S: MetaStore> {
 
 impl<S: MetaStore> Clone for Namespace<S> {
     fn clone(&self) -> Self {
-        Namespace { store: self.store.clone() }
+        Namespace {
+            store: self.store.clone(),
+        }
     }
 }
 
@@ -147,16 +168,17 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {
 
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
     match bytes.split_first() {
-        Some((&FORMAT_VERSION, rest)) => {
-            postcard::from_bytes(rest).map_err(|e| Error::Corrupt(format!("undecodable record: {e}")))
-        }
+        Some((&FORMAT_VERSION, rest)) => postcard::from_bytes(rest)
+            .map_err(|e| Error::Corrupt(format!("undecodable record: {e}"))),
         Some((v, _)) => Err(Error::Corrupt(format!("unknown record format {v}"))),
         None => Err(Error::Corrupt("empty record".into())),
     }
 }
 
 fn u64_value(bytes: &[u8]) -> Result<u64, Error> {
-    let arr: [u8; 8] = bytes.try_into().map_err(|_| Error::Corrupt("bad counter".into()))?;
+    let arr: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| Error::Corrupt("bad counter".into()))?;
     Ok(u64::from_be_bytes(arr))
 }
 
@@ -169,8 +191,15 @@ impl<S: MetaStore> Namespace<S> {
     pub fn open(store: Arc<S>) -> Result<Namespace<S>, Error> {
         let ns = Namespace { store };
         if ns.get(ROOT)?.is_none() {
-            let root = Inode { id: ROOT, parent: ROOT, name: String::new(), mtime_ms: 0, kind: InodeKind::Directory };
-            ns.store.apply_batch(vec![(inode_key(ROOT), Some(encode(&root)?))])?;
+            let root = Inode {
+                id: ROOT,
+                parent: ROOT,
+                name: String::new(),
+                mtime_ms: 0,
+                kind: InodeKind::Directory,
+            };
+            ns.store
+                .apply_batch(vec![(inode_key(ROOT), Some(encode(&root)?))])?;
         }
         Ok(ns)
     }
@@ -182,21 +211,32 @@ impl<S: MetaStore> Namespace<S> {
 
     /// Sequence number of the last edit applied.
     pub fn last_applied(&self) -> Result<u64, Error> {
-        self.store.get(LAST_APPLIED_KEY)?.map(|v| u64_value(&v)).transpose().map(|v| v.unwrap_or(0))
+        self.store
+            .get(LAST_APPLIED_KEY)?
+            .map(|v| u64_value(&v))
+            .transpose()
+            .map(|v| v.unwrap_or(0))
     }
 
     /// One inode.
     pub fn get(&self, id: InodeId) -> Result<Option<Inode>, Error> {
-        self.store.get(&inode_key(id))?.map(|v| decode(&v)).transpose()
+        self.store
+            .get(&inode_key(id))?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     fn must_get(&self, id: InodeId) -> Result<Inode, Error> {
-        self.get(id)?.ok_or_else(|| Error::Corrupt(format!("inode {id} referenced but missing")))
+        self.get(id)?
+            .ok_or_else(|| Error::Corrupt(format!("inode {id} referenced but missing")))
     }
 
     /// The child named `name` of `parent`.
     pub fn lookup(&self, parent: InodeId, name: &str) -> Result<Option<InodeId>, Error> {
-        self.store.get(&dirent_key(parent, name))?.map(|v| u64_value(&v).map(InodeId)).transpose()
+        self.store
+            .get(&dirent_key(parent, name))?
+            .map(|v| u64_value(&v).map(InodeId))
+            .transpose()
     }
 
     /// The entries of a directory, sorted by name.
@@ -215,7 +255,11 @@ impl<S: MetaStore> Namespace<S> {
 
     /// Every inode in the store (used at start-up to rebuild block and lease state).
     pub fn all_inodes(&self) -> Result<Vec<Inode>, Error> {
-        self.store.scan_prefix(b"i")?.into_iter().map(|(_, v)| decode(&v)).collect()
+        self.store
+            .scan_prefix(b"i")?
+            .into_iter()
+            .map(|(_, v)| decode(&v))
+            .collect()
     }
 
     /// Resolves a normalised path. A file in the middle of the path is an error.
@@ -224,7 +268,10 @@ impl<S: MetaStore> Namespace<S> {
         let mut walked = String::new();
         for name in path::components(p) {
             if !matches!(cur.kind, InodeKind::Directory) {
-                return Err(refused(ErrorCode::NotADirectory, format!("{walked}: not a directory")));
+                return Err(refused(
+                    ErrorCode::NotADirectory,
+                    format!("{walked}: not a directory"),
+                ));
             }
             walked.push('/');
             walked.push_str(name);
@@ -238,7 +285,12 @@ impl<S: MetaStore> Namespace<S> {
 
     /// Resolves a path that must exist.
     pub fn resolve_existing(&self, p: &str) -> Result<Inode, Error> {
-        self.resolve(p)?.ok_or_else(|| refused(ErrorCode::NotFound, format!("{p}: no such file or directory")))
+        self.resolve(p)?.ok_or_else(|| {
+            refused(
+                ErrorCode::NotFound,
+                format!("{p}: no such file or directory"),
+            )
+        })
     }
 
     /// The status of an entry (without block locations; the server adds those).
@@ -254,13 +306,25 @@ impl<S: MetaStore> Namespace<S> {
                 complete: true,
                 blocks: vec![],
             },
-            InodeKind::File { replication, block_size, size, blocks, writer } => {
+            InodeKind::File {
+                replication,
+                block_size,
+                size,
+                blocks,
+                writer,
+            } => {
                 let mut offset = 0;
                 let located = if with_blocks {
                     blocks
                         .iter()
                         .map(|b| {
-                            let lb = LocatedBlock { id: b.id, offset, len: b.len, cv: b.cv, locations: vec![] };
+                            let lb = LocatedBlock {
+                                id: b.id,
+                                offset,
+                                len: b.len,
+                                cv: b.cv,
+                                locations: vec![],
+                            };
                             offset += b.len;
                             lb
                         })
@@ -294,7 +358,9 @@ impl<S: MetaStore> Namespace<S> {
                         stack.push(self.must_get(id)?);
                     }
                 }
-                InodeKind::File { replication, size, .. } => {
+                InodeKind::File {
+                    replication, size, ..
+                } => {
                     totals.0 += 1;
                     totals.2 += size;
                     totals.3 += size * u64::from(*replication);
@@ -305,29 +371,49 @@ impl<S: MetaStore> Namespace<S> {
     }
 
     fn parent_dir_of(&self, p: &str) -> Result<(Inode, String), Error> {
-        let (parent, name) =
-            path::split_parent(p).ok_or_else(|| refused(ErrorCode::InvalidArgument, "/: is the root directory"))?;
+        let (parent, name) = path::split_parent(p)
+            .ok_or_else(|| refused(ErrorCode::InvalidArgument, "/: is the root directory"))?;
         let dir = self
             .resolve(parent)?
             .ok_or_else(|| refused(ErrorCode::NotFound, format!("{parent}: no such directory")))?;
         if !matches!(dir.kind, InodeKind::Directory) {
-            return Err(refused(ErrorCode::NotADirectory, format!("{parent}: not a directory")));
+            return Err(refused(
+                ErrorCode::NotADirectory,
+                format!("{parent}: not a directory"),
+            ));
         }
         Ok((dir, name.to_string()))
     }
 
     /// Validates a mkdir; returns the edits (one per missing directory with `parents`).
-    pub fn prepare_mkdir(&self, p: &str, parents: bool, ids: &mut IdAlloc, now_ms: u64) -> Result<Vec<MetaOp>, Error> {
+    pub fn prepare_mkdir(
+        &self,
+        p: &str,
+        parents: bool,
+        ids: &mut IdAlloc,
+        now_ms: u64,
+    ) -> Result<Vec<MetaOp>, Error> {
         if let Some(existing) = self.resolve(p)? {
             return match existing.kind {
                 InodeKind::Directory if parents => Ok(vec![]),
-                InodeKind::Directory => Err(refused(ErrorCode::AlreadyExists, format!("{p}: directory exists"))),
-                InodeKind::File { .. } => Err(refused(ErrorCode::AlreadyExists, format!("{p}: file exists"))),
+                InodeKind::Directory => Err(refused(
+                    ErrorCode::AlreadyExists,
+                    format!("{p}: directory exists"),
+                )),
+                InodeKind::File { .. } => Err(refused(
+                    ErrorCode::AlreadyExists,
+                    format!("{p}: file exists"),
+                )),
             };
         }
         if !parents {
             let (dir, name) = self.parent_dir_of(p)?;
-            return Ok(vec![MetaOp::Mkdir { parent: dir.id, name, inode: ids.inode(), mtime_ms: now_ms }]);
+            return Ok(vec![MetaOp::Mkdir {
+                parent: dir.id,
+                name,
+                inode: ids.inode(),
+                mtime_ms: now_ms,
+            }]);
         }
         let mut ops = vec![];
         let mut cur = ROOT;
@@ -340,7 +426,10 @@ impl<S: MetaStore> Namespace<S> {
                 if let Some(id) = self.lookup(cur, name)? {
                     let node = self.must_get(id)?;
                     if !matches!(node.kind, InodeKind::Directory) {
-                        return Err(refused(ErrorCode::NotADirectory, format!("{walked}: not a directory")));
+                        return Err(refused(
+                            ErrorCode::NotADirectory,
+                            format!("{walked}: not a directory"),
+                        ));
                     }
                     cur = id;
                     continue;
@@ -348,7 +437,12 @@ impl<S: MetaStore> Namespace<S> {
                 creating = true;
             }
             let id = ids.inode();
-            ops.push(MetaOp::Mkdir { parent: cur, name: name.to_string(), inode: id, mtime_ms: now_ms });
+            ops.push(MetaOp::Mkdir {
+                parent: cur,
+                name: name.to_string(),
+                inode: id,
+                mtime_ms: now_ms,
+            });
             cur = id;
         }
         Ok(ops)
@@ -372,16 +466,24 @@ impl<S: MetaStore> Namespace<S> {
             let existing = self.must_get(id)?;
             match existing.kind {
                 InodeKind::Directory => {
-                    return Err(refused(ErrorCode::IsADirectory, format!("{p}: is a directory")));
+                    return Err(refused(
+                        ErrorCode::IsADirectory,
+                        format!("{p}: is a directory"),
+                    ));
                 }
-                InodeKind::File { writer: Some(w), .. } if w != session => {
+                InodeKind::File {
+                    writer: Some(w), ..
+                } if w != session => {
                     return Err(refused(
                         ErrorCode::LeaseConflict,
                         format!("{p}: is being written by another client"),
                     ));
                 }
                 InodeKind::File { .. } if !overwrite => {
-                    return Err(refused(ErrorCode::AlreadyExists, format!("{p}: file exists (use -f to overwrite)")));
+                    return Err(refused(
+                        ErrorCode::AlreadyExists,
+                        format!("{p}: file exists (use -f to overwrite)"),
+                    ));
                 }
                 InodeKind::File { .. } => replaces = Some(id),
             }
@@ -398,28 +500,56 @@ impl<S: MetaStore> Namespace<S> {
         })
     }
 
-    fn writing_file(&self, inode: InodeId, session: SessionId) -> Result<(u64, Vec<BlockMeta>), Error> {
-        let node = self
-            .get(inode)?
-            .ok_or_else(|| refused(ErrorCode::NotFound, format!("file {inode} no longer exists (lease lost?)")))?;
+    fn writing_file(
+        &self,
+        inode: InodeId,
+        session: SessionId,
+    ) -> Result<(u64, Vec<BlockMeta>), Error> {
+        let node = self.get(inode)?.ok_or_else(|| {
+            refused(
+                ErrorCode::NotFound,
+                format!("file {inode} no longer exists (lease lost?)"),
+            )
+        })?;
         match node.kind {
-            InodeKind::File { writer: Some(w), block_size, blocks, .. } if w == session => Ok((block_size, blocks)),
-            _ => Err(refused(ErrorCode::LeaseConflict, format!("file {inode}: this client does not hold its lease"))),
+            InodeKind::File {
+                writer: Some(w),
+                block_size,
+                blocks,
+                ..
+            } if w == session => Ok((block_size, blocks)),
+            _ => Err(refused(
+                ErrorCode::LeaseConflict,
+                format!("file {inode}: this client does not hold its lease"),
+            )),
         }
     }
 
-    fn check_commit(last: Option<&BlockMeta>, commit: Option<CommittedBlock>, full: Option<u64>) -> Result<(), Error> {
+    fn check_commit(
+        last: Option<&BlockMeta>,
+        commit: Option<CommittedBlock>,
+        full: Option<u64>,
+    ) -> Result<(), Error> {
         match (last, commit) {
             (None, None) => Ok(()),
             (Some(b), Some(c)) if b.id == c.id => match full {
-                Some(bs) if c.len != bs => {
-                    Err(refused(ErrorCode::InvalidArgument, format!("block {} must be full ({bs} bytes)", c.id)))
+                Some(bs) if c.len != bs => Err(refused(
+                    ErrorCode::InvalidArgument,
+                    format!("block {} must be full ({bs} bytes)", c.id),
+                )),
+                _ if c.len == 0 && full.is_some() => {
+                    Err(refused(ErrorCode::InvalidArgument, "empty block"))
                 }
-                _ if c.len == 0 && full.is_some() => Err(refused(ErrorCode::InvalidArgument, "empty block")),
                 _ => Ok(()),
             },
-            (Some(b), _) => Err(refused(ErrorCode::InvalidArgument, format!("block {} must be committed", b.id))),
-            (None, Some(c)) => Err(refused(ErrorCode::InvalidArgument, format!("block {} is not this file's", c.id))),
+            (Some(b), _) => Err(refused(
+                ErrorCode::InvalidArgument,
+                format!("block {} must be committed", b.id),
+            )),
+            (None, Some(c)) => Err(refused(
+                ErrorCode::InvalidArgument,
+                format!("block {} is not this file's", c.id),
+            )),
         }
     }
 
@@ -433,15 +563,27 @@ impl<S: MetaStore> Namespace<S> {
     ) -> Result<MetaOp, Error> {
         let (block_size, blocks) = self.writing_file(inode, session)?;
         Self::check_commit(blocks.last(), previous, Some(block_size))?;
-        Ok(MetaOp::AddBlock { inode, block: ids.block(), previous })
+        Ok(MetaOp::AddBlock {
+            inode,
+            block: ids.block(),
+            previous,
+        })
     }
 
     /// Validates giving up the last block.
-    pub fn prepare_abandon(&self, inode: InodeId, session: SessionId, block: BlockId) -> Result<MetaOp, Error> {
+    pub fn prepare_abandon(
+        &self,
+        inode: InodeId,
+        session: SessionId,
+        block: BlockId,
+    ) -> Result<MetaOp, Error> {
         let (_, blocks) = self.writing_file(inode, session)?;
         match blocks.last() {
             Some(b) if b.id == block => Ok(MetaOp::AbandonBlock { inode, block }),
-            _ => Err(refused(ErrorCode::InvalidArgument, format!("block {block} is not the file's last block"))),
+            _ => Err(refused(
+                ErrorCode::InvalidArgument,
+                format!("block {block} is not the file's last block"),
+            )),
         }
     }
 
@@ -456,24 +598,39 @@ impl<S: MetaStore> Namespace<S> {
     ) -> Result<MetaOp, Error> {
         let (block_size, blocks) = self.writing_file(inode, session)?;
         Self::check_commit(blocks.last(), last, None)?;
-        let committed: u64 = blocks.iter().rev().skip(1).map(|b| b.len).sum::<u64>() + last.map_or(0, |c| c.len);
+        let committed: u64 =
+            blocks.iter().rev().skip(1).map(|b| b.len).sum::<u64>() + last.map_or(0, |c| c.len);
         if committed != size || last.is_some_and(|c| c.len > block_size || c.len == 0) {
             return Err(refused(
                 ErrorCode::InvalidArgument,
                 format!("file {inode}: size {size} does not match its blocks ({committed} bytes)"),
             ));
         }
-        Ok(MetaOp::Complete { inode, last, size, mtime_ms: now_ms })
+        Ok(MetaOp::Complete {
+            inode,
+            last,
+            size,
+            mtime_ms: now_ms,
+        })
     }
 
     /// Validates a delete.
     pub fn prepare_delete(&self, p: &str, recursive: bool) -> Result<MetaOp, Error> {
         let node = self.resolve_existing(p)?;
         if node.id == ROOT {
-            return Err(refused(ErrorCode::InvalidArgument, "/: cannot delete the root directory"));
+            return Err(refused(
+                ErrorCode::InvalidArgument,
+                "/: cannot delete the root directory",
+            ));
         }
-        if matches!(node.kind, InodeKind::Directory) && !recursive && !self.children(node.id)?.is_empty() {
-            return Err(refused(ErrorCode::NotEmpty, format!("{p}: directory not empty (use -r)")));
+        if matches!(node.kind, InodeKind::Directory)
+            && !recursive
+            && !self.children(node.id)?.is_empty()
+        {
+            return Err(refused(
+                ErrorCode::NotEmpty,
+                format!("{p}: directory not empty (use -r)"),
+            ));
         }
         Ok(MetaOp::Delete { inode: node.id })
     }
@@ -482,28 +639,47 @@ impl<S: MetaStore> Namespace<S> {
     pub fn prepare_rename(&self, src: &str, dst: &str, now_ms: u64) -> Result<MetaOp, Error> {
         let node = self.resolve_existing(src)?;
         if node.id == ROOT {
-            return Err(refused(ErrorCode::InvalidArgument, "/: cannot move the root directory"));
+            return Err(refused(
+                ErrorCode::InvalidArgument,
+                "/: cannot move the root directory",
+            ));
         }
         let (dst_dir, dst_name) = match self.resolve(dst)? {
             Some(d) if matches!(d.kind, InodeKind::Directory) => (d, node.name.clone()),
-            Some(_) => return Err(refused(ErrorCode::AlreadyExists, format!("{dst}: file exists"))),
+            Some(_) => {
+                return Err(refused(
+                    ErrorCode::AlreadyExists,
+                    format!("{dst}: file exists"),
+                ))
+            }
             None => self.parent_dir_of(dst)?,
         };
         if self.lookup(dst_dir.id, &dst_name)?.is_some() {
-            return Err(refused(ErrorCode::AlreadyExists, format!("{}: exists", path::join(dst, &dst_name))));
+            return Err(refused(
+                ErrorCode::AlreadyExists,
+                format!("{}: exists", path::join(dst, &dst_name)),
+            ));
         }
         // Refuse moving a directory under itself: walk up from the destination.
         let mut cur = dst_dir.clone();
         loop {
             if cur.id == node.id {
-                return Err(refused(ErrorCode::InvalidArgument, format!("{src}: cannot move a directory into itself")));
+                return Err(refused(
+                    ErrorCode::InvalidArgument,
+                    format!("{src}: cannot move a directory into itself"),
+                ));
             }
             if cur.id == ROOT {
                 break;
             }
             cur = self.must_get(cur.parent)?;
         }
-        Ok(MetaOp::Rename { inode: node.id, dst_parent: dst_dir.id, dst_name, mtime_ms: now_ms })
+        Ok(MetaOp::Rename {
+            inode: node.id,
+            dst_parent: dst_dir.id,
+            dst_name,
+            mtime_ms: now_ms,
+        })
     }
 
     /// Applies one edit (already validated, or replayed from the log) as an atomic batch that also
@@ -512,13 +688,35 @@ impl<S: MetaStore> Namespace<S> {
         let mut batch: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut applied = Applied::default();
         match op {
-            MetaOp::Mkdir { parent, name, inode, mtime_ms } => {
-                let node =
-                    Inode { id: *inode, parent: *parent, name: name.clone(), mtime_ms: *mtime_ms, kind: InodeKind::Directory };
+            MetaOp::Mkdir {
+                parent,
+                name,
+                inode,
+                mtime_ms,
+            } => {
+                let node = Inode {
+                    id: *inode,
+                    parent: *parent,
+                    name: name.clone(),
+                    mtime_ms: *mtime_ms,
+                    kind: InodeKind::Directory,
+                };
                 batch.push((inode_key(*inode), Some(encode(&node)?)));
-                batch.push((dirent_key(*parent, name), Some(inode.0.to_be_bytes().to_vec())));
+                batch.push((
+                    dirent_key(*parent, name),
+                    Some(inode.0.to_be_bytes().to_vec()),
+                ));
             }
-            MetaOp::Create { parent, name, inode, replication, block_size, session, mtime_ms, replaces } => {
+            MetaOp::Create {
+                parent,
+                name,
+                inode,
+                replication,
+                block_size,
+                session,
+                mtime_ms,
+                replaces,
+            } => {
                 if let Some(old) = replaces {
                     self.delete_subtree(*old, &mut batch, &mut applied)?;
                 }
@@ -536,14 +734,30 @@ impl<S: MetaStore> Namespace<S> {
                     },
                 };
                 batch.push((inode_key(*inode), Some(encode(&node)?)));
-                batch.push((dirent_key(*parent, name), Some(inode.0.to_be_bytes().to_vec())));
+                batch.push((
+                    dirent_key(*parent, name),
+                    Some(inode.0.to_be_bytes().to_vec()),
+                ));
                 applied.leased = Some((*session, *inode));
             }
-            MetaOp::AddBlock { inode, block, previous } => {
+            MetaOp::AddBlock {
+                inode,
+                block,
+                previous,
+            } => {
                 let mut node = self.must_get(*inode)?;
-                if let InodeKind::File { blocks, replication, .. } = &mut node.kind {
+                if let InodeKind::File {
+                    blocks,
+                    replication,
+                    ..
+                } = &mut node.kind
+                {
                     commit_into(blocks, *previous);
-                    blocks.push(BlockMeta { id: *block, len: 0, cv: None });
+                    blocks.push(BlockMeta {
+                        id: *block,
+                        len: 0,
+                        cv: None,
+                    });
                     applied.added = Some((*block, *inode, *replication));
                 }
                 batch.push((inode_key(*inode), Some(encode(&node)?)));
@@ -558,10 +772,21 @@ impl<S: MetaStore> Namespace<S> {
                 }
                 batch.push((inode_key(*inode), Some(encode(&node)?)));
             }
-            MetaOp::Complete { inode, last, size, mtime_ms } => {
+            MetaOp::Complete {
+                inode,
+                last,
+                size,
+                mtime_ms,
+            } => {
                 let mut node = self.must_get(*inode)?;
                 node.mtime_ms = *mtime_ms;
-                if let InodeKind::File { blocks, writer, size: s, .. } = &mut node.kind {
+                if let InodeKind::File {
+                    blocks,
+                    writer,
+                    size: s,
+                    ..
+                } = &mut node.kind
+                {
                     commit_into(blocks, *last);
                     *writer = None;
                     *s = *size;
@@ -573,14 +798,22 @@ impl<S: MetaStore> Namespace<S> {
             MetaOp::Delete { inode } => {
                 self.delete_subtree(*inode, &mut batch, &mut applied)?;
             }
-            MetaOp::Rename { inode, dst_parent, dst_name, mtime_ms } => {
+            MetaOp::Rename {
+                inode,
+                dst_parent,
+                dst_name,
+                mtime_ms,
+            } => {
                 let mut node = self.must_get(*inode)?;
                 batch.push((dirent_key(node.parent, &node.name), None));
                 node.parent = *dst_parent;
                 node.name = dst_name.clone();
                 node.mtime_ms = *mtime_ms;
                 batch.push((inode_key(*inode), Some(encode(&node)?)));
-                batch.push((dirent_key(*dst_parent, dst_name), Some(inode.0.to_be_bytes().to_vec())));
+                batch.push((
+                    dirent_key(*dst_parent, dst_name),
+                    Some(inode.0.to_be_bytes().to_vec()),
+                ));
             }
         }
         batch.push((LAST_APPLIED_KEY.to_vec(), Some(seq.to_be_bytes().to_vec())));
@@ -637,7 +870,10 @@ pub struct IdAlloc {
 impl IdAlloc {
     /// Starts after the largest ids in use.
     pub fn from_inodes(inodes: &[Inode]) -> IdAlloc {
-        let mut a = IdAlloc { next_inode: ROOT.0 + 1, next_block: 1 };
+        let mut a = IdAlloc {
+            next_inode: ROOT.0 + 1,
+            next_block: 1,
+        };
         for i in inodes {
             a.see_inode(i.id);
             if let InodeKind::File { blocks, .. } = &i.kind {
@@ -708,15 +944,25 @@ mod tests {
         assert!(ns.prepare_mkdir("/a/b", false, &mut ids, 5).is_err());
         assert!(ns.prepare_mkdir("/x/y", false, &mut ids, 5).is_err());
         let s = SessionId(9);
-        let create = ns.prepare_create("/a/b/f", false, 2, 65536, s, &mut ids, 6).unwrap();
+        let create = ns
+            .prepare_create("/a/b/f", false, 2, 65536, s, &mut ids, 6)
+            .unwrap();
         let inode = match &create {
             MetaOp::Create { inode, .. } => *inode,
             _ => unreachable!(),
         };
         run(&ns, &mut seq, vec![create]);
         // a second writer is refused while the first holds the lease
-        let e = ns.prepare_create("/a/b/f", true, 2, 65536, SessionId(10), &mut ids, 6).unwrap_err();
-        assert!(matches!(e, Error::Refused { code: ErrorCode::LeaseConflict, .. }));
+        let e = ns
+            .prepare_create("/a/b/f", true, 2, 65536, SessionId(10), &mut ids, 6)
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Refused {
+                code: ErrorCode::LeaseConflict,
+                ..
+            }
+        ));
         let add = ns.prepare_add_block(inode, s, None, &mut ids).unwrap();
         let b1 = match &add {
             MetaOp::AddBlock { block, .. } => *block,
@@ -724,8 +970,14 @@ mod tests {
         };
         run(&ns, &mut seq, vec![add]);
         // a partial block cannot be followed by another
-        let partial = CommittedBlock { id: b1, len: 10, cv: Blake3Cv([1; 32]) };
-        assert!(ns.prepare_add_block(inode, s, Some(partial), &mut ids).is_err());
+        let partial = CommittedBlock {
+            id: b1,
+            len: 10,
+            cv: Blake3Cv([1; 32]),
+        };
+        assert!(ns
+            .prepare_add_block(inode, s, Some(partial), &mut ids)
+            .is_err());
         assert!(ns.prepare_complete(inode, s, Some(partial), 11, 7).is_err());
         let done = ns.prepare_complete(inode, s, Some(partial), 10, 7).unwrap();
         let applied = run(&ns, &mut seq, vec![done]);
@@ -735,7 +987,11 @@ mod tests {
         assert!(ns.prepare_mkdir("/a/b/f/g", true, &mut ids, 8).is_err());
         assert!(ns.prepare_delete("/a", false).is_err());
         assert!(ns.prepare_rename("/a", "/a/b/c", 9).is_err());
-        run(&ns, &mut seq, vec![ns.prepare_rename("/a/b/f", "/g", 9).unwrap()]);
+        run(
+            &ns,
+            &mut seq,
+            vec![ns.prepare_rename("/a/b/f", "/g", 9).unwrap()],
+        );
         assert!(ns.resolve("/a/b/f").unwrap().is_none());
         assert_eq!(ns.usage(&ns.resolve_existing("/").unwrap()).unwrap().2, 10);
         let freed = run(&ns, &mut seq, vec![ns.prepare_delete("/g", false).unwrap()]).freed;

@@ -38,7 +38,10 @@ pub fn choose_targets(
     exclude: &[String],
     seed: u64,
 ) -> Result<Vec<String>, PlacementError> {
-    let excluded = candidates.iter().filter(|c| exclude.contains(&c.name)).count();
+    let excluded = candidates
+        .iter()
+        .filter(|c| exclude.contains(&c.name))
+        .count();
     let mut eligible: Vec<&Candidate> = candidates
         .iter()
         .filter(|c| !exclude.contains(&c.name) && c.remaining >= block_bytes)
@@ -46,11 +49,19 @@ pub fn choose_targets(
     eligible.sort_by(|a, b| a.name.cmp(&b.name));
     eligible.dedup_by(|a, b| a.name == b.name);
     if eligible.is_empty() {
-        return Err(PlacementError::NoTargets { needed: block_bytes, live: candidates.len(), excluded });
+        return Err(PlacementError::NoTargets {
+            needed: block_bytes,
+            live: candidates.len(),
+            excluded,
+        });
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     eligible.shuffle(&mut rng);
-    Ok(eligible.into_iter().take(replicas).map(|c| c.name.clone()).collect())
+    Ok(eligible
+        .into_iter()
+        .take(replicas)
+        .map(|c| c.name.clone())
+        .collect())
 }
 
 #[cfg(test)]
@@ -58,7 +69,12 @@ mod tests {
     use super::*;
 
     fn nodes(n: usize) -> Vec<Candidate> {
-        (1..=n).map(|i| Candidate { name: format!("dn-{i}"), remaining: 1 << 40 }).collect()
+        (1..=n)
+            .map(|i| Candidate {
+                name: format!("dn-{i}"),
+                remaining: 1 << 40,
+            })
+            .collect()
     }
 
     #[test]
@@ -74,7 +90,10 @@ mod tests {
         }
         let mut full = nodes(2);
         full[0].remaining = 10;
-        assert_eq!(choose_targets(&full, 3, 1 << 20, &[], 1).unwrap(), vec!["dn-2".to_string()]);
+        assert_eq!(
+            choose_targets(&full, 3, 1 << 20, &[], 1).unwrap(),
+            vec!["dn-2".to_string()]
+        );
         assert!(choose_targets(&full, 3, 1 << 20, &["dn-2".into()], 1).is_err());
         assert!(choose_targets(&[], 1, 1, &[], 1).is_err());
     }

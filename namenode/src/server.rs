@@ -39,12 +39,18 @@ pub struct Shared {
 
 impl Shared {
     fn state(&self) -> Result<MutexGuard<'_, State>, Error> {
-        self.state.lock().map_err(|_| Error::Store("state lock poisoned".into()))
+        self.state
+            .lock()
+            .map_err(|_| Error::Store("state lock poisoned".into()))
     }
 }
 
 /// Accepts connections until `shutdown` fires.
-pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let incoming = tokio::select! {
@@ -79,7 +85,9 @@ pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown:
 async fn serve_connection(conn: quinn::Connection, identity: Identity, shared: Arc<Shared>) {
     let streams = Arc::new(Semaphore::new(STREAMS_PER_CONNECTION));
     loop {
-        let Ok(permit) = streams.clone().acquire_owned().await else { return };
+        let Ok(permit) = streams.clone().acquire_owned().await else {
+            return;
+        };
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(_) => return,
@@ -103,14 +111,24 @@ async fn serve_stream(
 ) -> Result<(), RpcError> {
     match identity.role {
         Role::Datanode => {
-            let reply = match net::read_frame::<DatanodeToNamenode>(&mut recv, kind::DATANODE_TO_NAMENODE).await {
-                Ok(req) => handle_datanode(req, &identity.name, shared).map_err(|e| to_wire(&e)),
-                Err(e) => Err(bad_request(e)),
-            };
+            let reply =
+                match net::read_frame::<DatanodeToNamenode>(&mut recv, kind::DATANODE_TO_NAMENODE)
+                    .await
+                {
+                    Ok(req) => {
+                        handle_datanode(req, &identity.name, shared).map_err(|e| to_wire(&e))
+                    }
+                    Err(e) => Err(bad_request(e)),
+                };
             finish(&mut send, kind::NAMENODE_TO_DATANODE, reply).await
         }
         Role::Admin | Role::User => {
-            let reply = match net::read_frame::<ClientToNamenode>(&mut recv, kind::CLIENT_TO_NAMENODE).await {
+            let reply = match net::read_frame::<ClientToNamenode>(
+                &mut recv,
+                kind::CLIENT_TO_NAMENODE,
+            )
+            .await
+            {
                 Ok(req) => handle_client(req, shared).await.map_err(|e| {
                     if e.is_fatal() || !matches!(e, Error::Refused { .. }) {
                         tracing::error!("request failed: {e}");
@@ -122,20 +140,35 @@ async fn serve_stream(
             finish(&mut send, kind::NAMENODE_REPLY, reply).await
         }
         Role::Namenode => {
-            finish::<()>(&mut send, 0, Err(WireError::new(ErrorCode::PermissionDenied, "namenodes do not call namenodes")))
-                .await
+            finish::<()>(
+                &mut send,
+                0,
+                Err(WireError::new(
+                    ErrorCode::PermissionDenied,
+                    "namenodes do not call namenodes",
+                )),
+            )
+            .await
         }
     }
 }
 
 fn bad_request(e: RpcError) -> WireError {
     match e {
-        RpcError::Decode(DecodeError::UnexpectedKind { got: kind::CLIENT_TO_NAMENODE, .. }) => {
-            WireError::new(ErrorCode::PermissionDenied, "a datanode certificate cannot make client requests")
-        }
-        RpcError::Decode(DecodeError::UnexpectedKind { got: kind::DATANODE_TO_NAMENODE, .. }) => {
-            WireError::new(ErrorCode::PermissionDenied, "only a datanode certificate can act as a datanode")
-        }
+        RpcError::Decode(DecodeError::UnexpectedKind {
+            got: kind::CLIENT_TO_NAMENODE,
+            ..
+        }) => WireError::new(
+            ErrorCode::PermissionDenied,
+            "a datanode certificate cannot make client requests",
+        ),
+        RpcError::Decode(DecodeError::UnexpectedKind {
+            got: kind::DATANODE_TO_NAMENODE,
+            ..
+        }) => WireError::new(
+            ErrorCode::PermissionDenied,
+            "only a datanode certificate can act as a datanode",
+        ),
         e => WireError::new(ErrorCode::Protocol, format!("bad request: {e}")),
     }
 }
@@ -159,14 +192,24 @@ fn normalize(p: &str) -> Result<String, Error> {
     path::normalize(p).map_err(|m| Error::refused(ErrorCode::InvalidPath, m))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Store(format!("reader task: {e}")))?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Store(format!("reader task: {e}")))?
 }
 
 async fn handle_client(req: ClientToNamenode, shared: &Shared) -> Result<NamenodeReply, Error> {
     match req {
         ClientToNamenode::Mkdir { path, parents } => {
-            shared.writer.submit(Mutation::Mkdir { path: normalize(&path)?, parents }).await
+            shared
+                .writer
+                .submit(Mutation::Mkdir {
+                    path: normalize(&path)?,
+                    parents,
+                })
+                .await
         }
         ClientToNamenode::List { path } => {
             let p = normalize(&path)?;
@@ -202,27 +245,70 @@ async fn handle_client(req: ClientToNamenode, shared: &Shared) -> Result<Namenod
             Ok(NamenodeReply::Status(status))
         }
         ClientToNamenode::Delete { path, recursive } => {
-            shared.writer.submit(Mutation::Delete { path: normalize(&path)?, recursive }).await
+            shared
+                .writer
+                .submit(Mutation::Delete {
+                    path: normalize(&path)?,
+                    recursive,
+                })
+                .await
         }
         ClientToNamenode::Rename { src, dst } => {
-            shared.writer.submit(Mutation::Rename { src: normalize(&src)?, dst: normalize(&dst)? }).await
+            shared
+                .writer
+                .submit(Mutation::Rename {
+                    src: normalize(&src)?,
+                    dst: normalize(&dst)?,
+                })
+                .await
         }
-        ClientToNamenode::Create { path, overwrite, replication, block_size, session } => {
+        ClientToNamenode::Create {
+            path,
+            overwrite,
+            replication,
+            block_size,
+            session,
+        } => {
             let replication = replication.unwrap_or(shared.config.replication_default);
             if !(1..=7).contains(&replication) {
-                return Err(Error::refused(ErrorCode::InvalidArgument, format!("replication must be 1..=7, got {replication}")));
+                return Err(Error::refused(
+                    ErrorCode::InvalidArgument,
+                    format!("replication must be 1..=7, got {replication}"),
+                ));
             }
             let block_size = block_size.unwrap_or(shared.config.block_size_default);
-            checksum::validate_block_size(block_size).map_err(|m| Error::refused(ErrorCode::InvalidArgument, m))?;
+            checksum::validate_block_size(block_size)
+                .map_err(|m| Error::refused(ErrorCode::InvalidArgument, m))?;
             let path = normalize(&path)?;
-            shared.writer.submit(Mutation::Create { path, overwrite, replication, block_size, session }).await
+            shared
+                .writer
+                .submit(Mutation::Create {
+                    path,
+                    overwrite,
+                    replication,
+                    block_size,
+                    session,
+                })
+                .await
         }
-        ClientToNamenode::AddBlock { inode, session, previous, exclude } => {
-            let node = shared
-                .ns
-                .get(inode)?
-                .ok_or_else(|| Error::refused(ErrorCode::NotFound, format!("file {inode} no longer exists")))?;
-            let crate::namespace::InodeKind::File { replication, block_size, .. } = node.kind else {
+        ClientToNamenode::AddBlock {
+            inode,
+            session,
+            previous,
+            exclude,
+        } => {
+            let node = shared.ns.get(inode)?.ok_or_else(|| {
+                Error::refused(
+                    ErrorCode::NotFound,
+                    format!("file {inode} no longer exists"),
+                )
+            })?;
+            let crate::namespace::InodeKind::File {
+                replication,
+                block_size,
+                ..
+            } = node.kind
+            else {
                 return Err(Error::refused(ErrorCode::IsADirectory, "not a file"));
             };
             let targets = {
@@ -239,13 +325,45 @@ async fn handle_client(req: ClientToNamenode, shared: &Shared) -> Result<Namenod
                 .map_err(|e| Error::refused(ErrorCode::NoDatanodes, e.to_string()))?;
                 chosen.iter().filter_map(|n| state.target(n)).collect()
             };
-            shared.writer.submit(Mutation::AddBlock { inode, session, previous, targets }).await
+            shared
+                .writer
+                .submit(Mutation::AddBlock {
+                    inode,
+                    session,
+                    previous,
+                    targets,
+                })
+                .await
         }
-        ClientToNamenode::AbandonBlock { inode, session, block } => {
-            shared.writer.submit(Mutation::Abandon { inode, session, block }).await
+        ClientToNamenode::AbandonBlock {
+            inode,
+            session,
+            block,
+        } => {
+            shared
+                .writer
+                .submit(Mutation::Abandon {
+                    inode,
+                    session,
+                    block,
+                })
+                .await
         }
-        ClientToNamenode::Complete { inode, session, last, size } => {
-            shared.writer.submit(Mutation::Complete { inode, session, last, size }).await
+        ClientToNamenode::Complete {
+            inode,
+            session,
+            last,
+            size,
+        } => {
+            shared
+                .writer
+                .submit(Mutation::Complete {
+                    inode,
+                    session,
+                    last,
+                    size,
+                })
+                .await
         }
         ClientToNamenode::RenewLease { session } => {
             shared.state()?.renew(session, Instant::now());
@@ -257,13 +375,23 @@ async fn handle_client(req: ClientToNamenode, shared: &Shared) -> Result<Namenod
             blocking(move || {
                 let node = ns.resolve_existing(&p)?;
                 let (files, directories, bytes, stored_bytes) = ns.usage(&node)?;
-                Ok(NamenodeReply::Usage { files, directories, bytes, stored_bytes })
+                Ok(NamenodeReply::Usage {
+                    files,
+                    directories,
+                    bytes,
+                    stored_bytes,
+                })
             })
             .await
         }
-        ClientToNamenode::Report => Ok(NamenodeReply::Report(shared.state()?.report(Instant::now()))),
+        ClientToNamenode::Report => Ok(NamenodeReply::Report(
+            shared.state()?.report(Instant::now()),
+        )),
         ClientToNamenode::AbandonFile { inode, session } => {
-            shared.writer.submit(Mutation::Expire { inode, session }).await
+            shared
+                .writer
+                .submit(Mutation::Expire { inode, session })
+                .await
         }
         ClientToNamenode::ReportBadReplica { block, datanode } => {
             tracing::warn!(%block, %datanode, "client reports a corrupt replica");
@@ -273,20 +401,43 @@ async fn handle_client(req: ClientToNamenode, shared: &Shared) -> Result<Namenod
     }
 }
 
-fn handle_datanode(req: DatanodeToNamenode, name: &str, shared: &Shared) -> Result<NamenodeToDatanode, Error> {
+fn handle_datanode(
+    req: DatanodeToNamenode,
+    name: &str,
+    shared: &Shared,
+) -> Result<NamenodeToDatanode, Error> {
     let now = Instant::now();
     let mut state = shared.state()?;
     match req {
-        DatanodeToNamenode::Register { addr, capacity, used, remaining, blocks } => {
-            let delete = state.register(name, addr.clone(), capacity, used, remaining, &blocks, now);
+        DatanodeToNamenode::Register {
+            addr,
+            capacity,
+            used,
+            remaining,
+            blocks,
+        } => {
+            let delete =
+                state.register(name, addr.clone(), capacity, used, remaining, &blocks, now);
             tracing::info!(datanode = name, %addr, replicas = blocks.len(), unknown = delete.len(), "datanode registered");
             Ok(NamenodeToDatanode::Registered { delete })
         }
-        DatanodeToNamenode::Heartbeat { capacity, used, remaining, received, deleted } => {
-            Ok(match state.heartbeat(name, capacity, used, remaining, &received, &deleted, now) {
-                Some(delete) => NamenodeToDatanode::HeartbeatReply { reregister: false, delete },
-                None => NamenodeToDatanode::HeartbeatReply { reregister: true, delete: vec![] },
-            })
-        }
+        DatanodeToNamenode::Heartbeat {
+            capacity,
+            used,
+            remaining,
+            received,
+            deleted,
+        } => Ok(
+            match state.heartbeat(name, capacity, used, remaining, &received, &deleted, now) {
+                Some(delete) => NamenodeToDatanode::HeartbeatReply {
+                    reregister: false,
+                    delete,
+                },
+                None => NamenodeToDatanode::HeartbeatReply {
+                    reregister: true,
+                    delete: vec![],
+                },
+            },
+        ),
     }
 }

@@ -111,7 +111,13 @@ impl State {
             corrupt: HashSet::new(),
         };
         for inode in inodes {
-            if let InodeKind::File { replication, blocks, writer, .. } = &inode.kind {
+            if let InodeKind::File {
+                replication,
+                blocks,
+                writer,
+                ..
+            } = &inode.kind
+            {
                 for b in blocks {
                     s.blocks.insert(
                         b.id,
@@ -126,7 +132,10 @@ impl State {
                 if let Some(w) = writer {
                     s.leases
                         .entry(*w)
-                        .or_insert_with(|| Lease { renewed: now, files: HashSet::new() })
+                        .or_insert_with(|| Lease {
+                            renewed: now,
+                            files: HashSet::new(),
+                        })
                         .files
                         .insert(inode.id);
                 }
@@ -153,12 +162,23 @@ impl State {
             self.forget_block(*block);
         }
         if let Some((block, inode, replication)) = applied.added {
-            self.blocks.insert(block, BlockEntry { inode, replication, complete: false, locations: BTreeSet::new() });
+            self.blocks.insert(
+                block,
+                BlockEntry {
+                    inode,
+                    replication,
+                    complete: false,
+                    locations: BTreeSet::new(),
+                },
+            );
         }
         if let Some((session, inode)) = applied.leased {
             self.leases
                 .entry(session)
-                .or_insert_with(|| Lease { renewed: now, files: HashSet::new() })
+                .or_insert_with(|| Lease {
+                    renewed: now,
+                    files: HashSet::new(),
+                })
                 .files
                 .insert(inode);
         }
@@ -232,7 +252,11 @@ impl State {
                 needs_report: false,
             },
         );
-        report.iter().filter(|b| !self.add_replica(name, **b)).map(|b| b.id).collect()
+        report
+            .iter()
+            .filter(|b| !self.add_replica(name, **b))
+            .map(|b| b.id)
+            .collect()
     }
 
     /// A heartbeat; `None` means the node is unknown (or was dead) and must register again.
@@ -247,7 +271,10 @@ impl State {
         deleted: &[BlockId],
         now: Instant,
     ) -> Option<Vec<BlockId>> {
-        let state = self.datanodes.get(name).map(|dn| self.node_state(dn, now))?;
+        let state = self
+            .datanodes
+            .get(name)
+            .map(|dn| self.node_state(dn, now))?;
         let dn = self.datanodes.get_mut(name)?;
         if state == NodeState::Dead || dn.needs_report {
             dn.needs_report = true;
@@ -263,7 +290,11 @@ impl State {
                 e.locations.remove(name);
             }
         }
-        let mut delete: Vec<BlockId> = received.iter().filter(|b| !self.add_replica(name, **b)).map(|b| b.id).collect();
+        let mut delete: Vec<BlockId> = received
+            .iter()
+            .filter(|b| !self.add_replica(name, **b))
+            .map(|b| b.id)
+            .collect();
         if let Some(dn) = self.datanodes.get_mut(name) {
             delete.append(&mut dn.pending_delete);
         }
@@ -273,12 +304,19 @@ impl State {
     /// Live replica holders of a block, live before stale, dead and corrupt ones left out. The order
     /// rotates with the block id so reads of consecutive blocks spread over the holders.
     pub fn locations(&self, block: BlockId, now: Instant) -> Vec<Target> {
-        let Some(entry) = self.blocks.get(&block) else { return vec![] };
+        let Some(entry) = self.blocks.get(&block) else {
+            return vec![];
+        };
         let mut live = vec![];
         let mut stale = vec![];
         for name in &entry.locations {
-            let Some(dn) = self.datanodes.get(name) else { continue };
-            let t = Target { name: name.clone(), addr: dn.addr.clone() };
+            let Some(dn) = self.datanodes.get(name) else {
+                continue;
+            };
+            let t = Target {
+                name: name.clone(),
+                addr: dn.addr.clone(),
+            };
             match self.node_state(dn, now) {
                 NodeState::Live => live.push(t),
                 NodeState::Stale => stale.push(t),
@@ -298,13 +336,19 @@ impl State {
         self.datanodes
             .iter()
             .filter(|(_, dn)| self.node_state(dn, now) == NodeState::Live && !dn.needs_report)
-            .map(|(name, dn)| Candidate { name: name.clone(), remaining: dn.remaining })
+            .map(|(name, dn)| Candidate {
+                name: name.clone(),
+                remaining: dn.remaining,
+            })
             .collect()
     }
 
     /// A datanode's address.
     pub fn target(&self, name: &str) -> Option<Target> {
-        self.datanodes.get(name).map(|dn| Target { name: name.to_string(), addr: dn.addr.clone() })
+        self.datanodes.get(name).map(|dn| Target {
+            name: name.to_string(),
+            addr: dn.addr.clone(),
+        })
     }
 
     /// Renews a session's lease; false if it holds none.
@@ -339,7 +383,9 @@ impl State {
     /// A client found a replica failing its checksum: stop serving it, and delete it if another
     /// replica remains.
     pub fn bad_replica(&mut self, block: BlockId, name: &str) {
-        let Some(entry) = self.blocks.get_mut(&block) else { return };
+        let Some(entry) = self.blocks.get_mut(&block) else {
+            return;
+        };
         if !entry.locations.remove(name) {
             return;
         }
@@ -361,7 +407,11 @@ impl State {
             let live = entry
                 .locations
                 .iter()
-                .filter(|n| self.datanodes.get(*n).is_some_and(|dn| self.node_state(dn, now) != NodeState::Dead))
+                .filter(|n| {
+                    self.datanodes
+                        .get(*n)
+                        .is_some_and(|dn| self.node_state(dn, now) != NodeState::Dead)
+                })
                 .count();
             if live == 0 {
                 missing += 1;

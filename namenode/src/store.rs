@@ -7,14 +7,19 @@ use std::sync::Mutex;
 
 use crate::error::Error;
 
+/// Key-value pairs in key order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+/// Puts (`Some`) and deletes (`None`), applied together.
+pub type Batch = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 /// A key-value store with atomic batches.
 pub trait MetaStore: Send + Sync + 'static {
     /// Reads one key.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
     /// All pairs whose key starts with `prefix`, in key order.
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error>;
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Pairs, Error>;
     /// Applies puts (`Some`) and deletes (`None`) atomically.
-    fn apply_batch(&self, batch: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), Error>;
+    fn apply_batch(&self, batch: Batch) -> Result<(), Error>;
     /// Writes buffered state out (not a power-loss barrier for sled; the edit log is).
     fn flush(&self) -> Result<(), Error>;
 }
@@ -27,7 +32,10 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<SledStore, Error> {
-        let tree = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+        let tree = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         Ok(SledStore { tree })
     }
 }
@@ -37,14 +45,17 @@ impl MetaStore for SledStore {
         Ok(self.tree.get(key)?.map(|v| v.to_vec()))
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Pairs, Error> {
         self.tree
             .scan_prefix(prefix)
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Error::from))
+            .map(|r| {
+                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(Error::from)
+            })
             .collect()
     }
 
-    fn apply_batch(&self, batch: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), Error> {
+    fn apply_batch(&self, batch: Batch) -> Result<(), Error> {
         let mut b = sled::Batch::default();
         for (k, v) in batch {
             match v {
@@ -69,11 +80,19 @@ pub struct MemStore {
 
 impl MetaStore for MemStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.map.lock().map_err(|_| Error::Store("poisoned".into()))?.get(key).cloned())
+        Ok(self
+            .map
+            .lock()
+            .map_err(|_| Error::Store("poisoned".into()))?
+            .get(key)
+            .cloned())
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
-        let map = self.map.lock().map_err(|_| Error::Store("poisoned".into()))?;
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Pairs, Error> {
+        let map = self
+            .map
+            .lock()
+            .map_err(|_| Error::Store("poisoned".into()))?;
         Ok(map
             .range(prefix.to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix))
@@ -81,8 +100,11 @@ impl MetaStore for MemStore {
             .collect())
     }
 
-    fn apply_batch(&self, batch: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), Error> {
-        let mut map = self.map.lock().map_err(|_| Error::Store("poisoned".into()))?;
+    fn apply_batch(&self, batch: Batch) -> Result<(), Error> {
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| Error::Store("poisoned".into()))?;
         for (k, v) in batch {
             match v {
                 Some(v) => map.insert(k, v),

@@ -26,13 +26,33 @@ pub enum Mutation {
     /// mkdir.
     Mkdir { path: String, parents: bool },
     /// Create a file for writing.
-    Create { path: String, overwrite: bool, replication: u8, block_size: u64, session: SessionId },
+    Create {
+        path: String,
+        overwrite: bool,
+        replication: u8,
+        block_size: u64,
+        session: SessionId,
+    },
     /// Commit the previous block and add one placed on `targets`.
-    AddBlock { inode: InodeId, session: SessionId, previous: Option<CommittedBlock>, targets: Vec<Target> },
+    AddBlock {
+        inode: InodeId,
+        session: SessionId,
+        previous: Option<CommittedBlock>,
+        targets: Vec<Target>,
+    },
     /// Drop the last block.
-    Abandon { inode: InodeId, session: SessionId, block: BlockId },
+    Abandon {
+        inode: InodeId,
+        session: SessionId,
+        block: BlockId,
+    },
     /// Close a file.
-    Complete { inode: InodeId, session: SessionId, last: Option<CommittedBlock>, size: u64 },
+    Complete {
+        inode: InodeId,
+        session: SessionId,
+        last: Option<CommittedBlock>,
+        size: u64,
+    },
     /// rm.
     Delete { path: String, recursive: bool },
     /// mv.
@@ -56,7 +76,10 @@ impl WriterHandle {
     /// Submits a mutation and waits until it is durable (or refused).
     pub async fn submit(&self, mutation: Mutation) -> Result<NamenodeReply, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job { mutation, reply }).await.map_err(|_| Error::WriterGone)?;
+        self.tx
+            .send(Job { mutation, reply })
+            .await
+            .map_err(|_| Error::WriterGone)?;
         rx.await.map_err(|_| Error::WriterGone)?
     }
 }
@@ -135,37 +158,84 @@ impl<S: MetaStore> Writer<S> {
     }
 
     fn execute(&mut self, m: Mutation) -> Result<NamenodeReply, Error> {
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let ns = &self.ns;
         let mut reply = NamenodeReply::Ok;
         let ops = match m {
-            Mutation::Mkdir { path, parents } => ns.prepare_mkdir(&path, parents, &mut self.ids, now_ms)?,
-            Mutation::Create { path, overwrite, replication, block_size, session } => {
-                let op = ns.prepare_create(&path, overwrite, replication, block_size, session, &mut self.ids, now_ms)?;
+            Mutation::Mkdir { path, parents } => {
+                ns.prepare_mkdir(&path, parents, &mut self.ids, now_ms)?
+            }
+            Mutation::Create {
+                path,
+                overwrite,
+                replication,
+                block_size,
+                session,
+            } => {
+                let op = ns.prepare_create(
+                    &path,
+                    overwrite,
+                    replication,
+                    block_size,
+                    session,
+                    &mut self.ids,
+                    now_ms,
+                )?;
                 if let MetaOp::Create { inode, .. } = &op {
-                    reply = NamenodeReply::Created { inode: *inode, replication, block_size, lease_ms: self.lease_ms };
+                    reply = NamenodeReply::Created {
+                        inode: *inode,
+                        replication,
+                        block_size,
+                        lease_ms: self.lease_ms,
+                    };
                 }
                 vec![op]
             }
-            Mutation::AddBlock { inode, session, previous, targets } => {
+            Mutation::AddBlock {
+                inode,
+                session,
+                previous,
+                targets,
+            } => {
                 let op = ns.prepare_add_block(inode, session, previous, &mut self.ids)?;
                 if let MetaOp::AddBlock { block, .. } = &op {
                     let offset = match ns.get(inode)?.map(|i| i.kind) {
-                        Some(InodeKind::File { blocks, block_size, .. }) => blocks.len() as u64 * block_size,
+                        Some(InodeKind::File {
+                            blocks, block_size, ..
+                        }) => blocks.len() as u64 * block_size,
                         _ => 0,
                     };
-                    reply = NamenodeReply::Block(LocatedBlock { id: *block, offset, len: 0, cv: None, locations: targets });
+                    reply = NamenodeReply::Block(LocatedBlock {
+                        id: *block,
+                        offset,
+                        len: 0,
+                        cv: None,
+                        locations: targets,
+                    });
                 }
                 vec![op]
             }
-            Mutation::Abandon { inode, session, block } => vec![ns.prepare_abandon(inode, session, block)?],
-            Mutation::Complete { inode, session, last, size } => {
+            Mutation::Abandon {
+                inode,
+                session,
+                block,
+            } => vec![ns.prepare_abandon(inode, session, block)?],
+            Mutation::Complete {
+                inode,
+                session,
+                last,
+                size,
+            } => {
                 vec![ns.prepare_complete(inode, session, last, size, now_ms)?]
             }
             Mutation::Delete { path, recursive } => vec![ns.prepare_delete(&path, recursive)?],
             Mutation::Rename { src, dst } => vec![ns.prepare_rename(&src, &dst, now_ms)?],
             Mutation::Expire { inode, session } => match ns.get(inode)?.map(|i| i.kind) {
-                Some(InodeKind::File { writer: Some(w), .. }) if w == session => {
+                Some(InodeKind::File {
+                    writer: Some(w), ..
+                }) if w == session => {
                     tracing::info!(%inode, %session, "lease expired; deleting the unfinished file");
                     vec![MetaOp::Delete { inode }]
                 }
@@ -176,7 +246,10 @@ impl<S: MetaStore> Writer<S> {
         for op in ops {
             let seq = self.log.append(&op)?;
             let applied = self.ns.apply(seq, &op)?;
-            self.state.lock().map_err(|_| Error::Store("state lock poisoned".into()))?.on_applied(&applied, now);
+            self.state
+                .lock()
+                .map_err(|_| Error::Store("state lock poisoned".into()))?
+                .on_applied(&applied, now);
         }
         Ok(reply)
     }

@@ -114,12 +114,35 @@ mod tests {
         let mut data = vec![0u8; 700_000];
         rng.fill(&mut data[..]);
         let p = PIECE_BYTES as usize;
-        let mut sizes = vec![0, 1, 1023, 1024, 1025, p - 1, p, p + 1, 2 * p - 1, 2 * p, 2 * p + 1];
-        sizes.extend([3 * p + 5, 4 * p, 4 * p + 1, 5 * p - 1, 8 * p + 1, 10 * p + 17]);
+        let mut sizes = vec![
+            0,
+            1,
+            1023,
+            1024,
+            1025,
+            p - 1,
+            p,
+            p + 1,
+            2 * p - 1,
+            2 * p,
+            2 * p + 1,
+        ];
+        sizes.extend([
+            3 * p + 5,
+            4 * p,
+            4 * p + 1,
+            5 * p - 1,
+            8 * p + 1,
+            10 * p + 17,
+        ]);
         for size in sizes {
             for block in [p, 2 * p, 4 * p] {
                 let d = &data[..size];
-                assert_eq!(file_hash_via_blocks(d, block), blake3::hash(d), "size {size} block {block}");
+                assert_eq!(
+                    file_hash_via_blocks(d, block),
+                    blake3::hash(d),
+                    "size {size} block {block}"
+                );
             }
         }
     }

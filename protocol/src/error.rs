@@ -57,7 +57,10 @@ pub struct WireError {
 impl WireError {
     /// Builds a wire error.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        WireError { code, message: message.into() }
+        WireError {
+            code,
+            message: message.into(),
+        }
     }
 }
 

@@ -56,7 +56,10 @@ impl FrameHeader {
         let kind = u16::from_le_bytes([bytes[4], bytes[5]]);
         let version = bytes[6];
         if len > MAX_FRAME_BYTES {
-            return Err(DecodeError::TooLarge { len: len.into(), max: MAX_FRAME_BYTES.into() });
+            return Err(DecodeError::TooLarge {
+                len: len.into(),
+                max: MAX_FRAME_BYTES.into(),
+            });
         }
         if version != ENCODING_VERSION {
             return Err(DecodeError::Version(version));
@@ -80,9 +83,19 @@ pub fn encode_frame<T: Serialize>(kind: u16, message: &T) -> Result<Vec<u8>, Dec
     let len = u32::try_from(body.len())
         .ok()
         .filter(|l| *l <= MAX_FRAME_BYTES)
-        .ok_or(DecodeError::TooLarge { len: body.len() as u64, max: MAX_FRAME_BYTES.into() })?;
+        .ok_or(DecodeError::TooLarge {
+            len: body.len() as u64,
+            max: MAX_FRAME_BYTES.into(),
+        })?;
     let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
-    out.extend_from_slice(&FrameHeader { len, kind, version: ENCODING_VERSION }.encode());
+    out.extend_from_slice(
+        &FrameHeader {
+            len,
+            kind,
+            version: ENCODING_VERSION,
+        }
+        .encode(),
+    );
     out.extend_from_slice(&body);
     Ok(out)
 }
@@ -124,7 +137,10 @@ pub struct PieceHeader {
 
 impl PieceHeader {
     /// The end-of-pieces marker.
-    pub const END: PieceHeader = PieceHeader { len: 0, cv: Blake3Cv([0; 32]) };
+    pub const END: PieceHeader = PieceHeader {
+        len: 0,
+        cv: Blake3Cv([0; 32]),
+    };
 
     /// Encodes the header.
     pub fn encode(&self) -> [u8; PIECE_HEADER_BYTES] {
@@ -138,11 +154,17 @@ impl PieceHeader {
     pub fn decode(bytes: &[u8; PIECE_HEADER_BYTES]) -> Result<PieceHeader, DecodeError> {
         let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         if u64::from(len) > PIECE_BYTES {
-            return Err(DecodeError::TooLarge { len: len.into(), max: PIECE_BYTES });
+            return Err(DecodeError::TooLarge {
+                len: len.into(),
+                max: PIECE_BYTES,
+            });
         }
         let mut cv = [0u8; 32];
         cv.copy_from_slice(&bytes[4..]);
-        Ok(PieceHeader { len, cv: Blake3Cv(cv) })
+        Ok(PieceHeader {
+            len,
+            cv: Blake3Cv(cv),
+        })
     }
 }
 
@@ -153,29 +175,51 @@ mod tests {
 
     #[test]
     fn oversized_header_is_refused_before_allocation() {
-        let h = FrameHeader { len: MAX_FRAME_BYTES + 1, kind: 1, version: ENCODING_VERSION };
-        assert!(matches!(FrameHeader::decode(&h.encode()), Err(DecodeError::TooLarge { .. })));
-        let bad_version = FrameHeader { len: 3, kind: 1, version: 9 };
-        assert_eq!(FrameHeader::decode(&bad_version.encode()), Err(DecodeError::Version(9)));
+        let h = FrameHeader {
+            len: MAX_FRAME_BYTES + 1,
+            kind: 1,
+            version: ENCODING_VERSION,
+        };
+        assert!(matches!(
+            FrameHeader::decode(&h.encode()),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        let bad_version = FrameHeader {
+            len: 3,
+            kind: 1,
+            version: 9,
+        };
+        assert_eq!(
+            FrameHeader::decode(&bad_version.encode()),
+            Err(DecodeError::Version(9))
+        );
     }
 
     #[test]
     fn frames_round_trip_and_garbage_is_an_error() {
-        let msg = ClientToNamenode::Stat { path: "/a/b".into(), blocks: true };
+        let msg = ClientToNamenode::Stat {
+            path: "/a/b".into(),
+            blocks: true,
+        };
         let bytes = encode_frame(kind::CLIENT_TO_NAMENODE, &msg).unwrap();
         let header = FrameHeader::decode(bytes[..HEADER_BYTES].try_into().unwrap()).unwrap();
         let back: Decoded<ClientToNamenode> =
             decode_body(header, kind::CLIENT_TO_NAMENODE, &bytes[HEADER_BYTES..]).unwrap();
         assert!(matches!(back, Decoded::Message(m) if m == msg));
-        let wrong = decode_body::<ClientToNamenode>(header, kind::DATANODE_REQUEST, &bytes[HEADER_BYTES..]);
+        let wrong =
+            decode_body::<ClientToNamenode>(header, kind::DATANODE_REQUEST, &bytes[HEADER_BYTES..]);
         assert!(matches!(wrong, Err(DecodeError::UnexpectedKind { .. })));
-        let garbage = decode_body::<ClientToNamenode>(header, kind::CLIENT_TO_NAMENODE, &[0xff; 40]);
+        let garbage =
+            decode_body::<ClientToNamenode>(header, kind::CLIENT_TO_NAMENODE, &[0xff; 40]);
         assert!(matches!(garbage, Err(DecodeError::Body(_))));
     }
 
     #[test]
     fn piece_headers_are_limited() {
-        let h = PieceHeader { len: PIECE_BYTES as u32, cv: Blake3Cv([7; 32]) };
+        let h = PieceHeader {
+            len: PIECE_BYTES as u32,
+            cv: Blake3Cv([7; 32]),
+        };
         assert_eq!(PieceHeader::decode(&h.encode()).unwrap(), h);
         let mut big = h.encode();
         big[..4].copy_from_slice(&(PIECE_BYTES as u32 + 1).to_le_bytes());

@@ -108,9 +108,18 @@ pub enum ClientToNamenode {
         exclude: Vec<String>,
     },
     /// Give up a block whose pipeline failed.
-    AbandonBlock { inode: InodeId, session: SessionId, block: BlockId },
+    AbandonBlock {
+        inode: InodeId,
+        session: SessionId,
+        block: BlockId,
+    },
     /// Commit the last block and close the file.
-    Complete { inode: InodeId, session: SessionId, last: Option<CommittedBlock>, size: u64 },
+    Complete {
+        inode: InodeId,
+        session: SessionId,
+        last: Option<CommittedBlock>,
+        size: u64,
+    },
     /// Keep this session's leases alive.
     RenewLease { session: SessionId },
     /// Space used under a path.
@@ -133,11 +142,21 @@ pub enum NamenodeReply {
     /// A directory listing, sorted by name.
     Listing(Vec<FileStatus>),
     /// A file was created.
-    Created { inode: InodeId, replication: u8, block_size: u64, lease_ms: u64 },
+    Created {
+        inode: InodeId,
+        replication: u8,
+        block_size: u64,
+        lease_ms: u64,
+    },
     /// A block was allocated.
     Block(LocatedBlock),
     /// Space usage.
-    Usage { files: u64, directories: u64, bytes: u64, stored_bytes: u64 },
+    Usage {
+        files: u64,
+        directories: u64,
+        bytes: u64,
+        stored_bytes: u64,
+    },
     /// Cluster overview.
     Report(ClusterReport),
 }
@@ -182,7 +201,13 @@ pub struct ClusterReport {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DatanodeToNamenode {
     /// Join (or rejoin) with a full block report.
-    Register { addr: String, capacity: u64, used: u64, remaining: u64, blocks: Vec<ReportedBlock> },
+    Register {
+        addr: String,
+        capacity: u64,
+        used: u64,
+        remaining: u64,
+        blocks: Vec<ReportedBlock>,
+    },
     /// Periodic liveness, with replicas finalized or deleted since the last one.
     Heartbeat {
         capacity: u64,
@@ -199,16 +224,28 @@ pub enum NamenodeToDatanode {
     /// Registration accepted; replicas of blocks nobody needs are to be deleted.
     Registered { delete: Vec<BlockId> },
     /// Heartbeat accepted; `reregister` asks for a full block report.
-    HeartbeatReply { reregister: bool, delete: Vec<BlockId> },
+    HeartbeatReply {
+        reregister: bool,
+        delete: Vec<BlockId>,
+    },
 }
 
 /// Requests to a datanode, from clients or from the previous datanode of a pipeline.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DatanodeRequest {
     /// Store a block, then forward it to `downstream` (in order). Pieces follow.
-    WriteBlock { block: BlockId, file_offset: u64, block_size: u64, downstream: Vec<Target> },
+    WriteBlock {
+        block: BlockId,
+        file_offset: u64,
+        block_size: u64,
+        downstream: Vec<Target>,
+    },
     /// Send whole verified pieces covering `[offset, offset + len)` of the block.
-    ReadBlock { block: BlockId, offset: u64, len: u64 },
+    ReadBlock {
+        block: BlockId,
+        offset: u64,
+        len: u64,
+    },
     /// Send the piece values of a block (from its sidecar, without reading the data).
     BlockChecksums { block: BlockId },
 }
@@ -217,9 +254,18 @@ pub enum DatanodeRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DatanodeReply {
     /// The write finished: names of the nodes that fsynced the block, and those that failed.
-    WriteAck { stored: Vec<String>, failed: Vec<String> },
+    WriteAck {
+        stored: Vec<String>,
+        failed: Vec<String>,
+    },
     /// Pieces follow, the first one starting at `first_piece_offset` in the block.
-    ReadStart { block_len: u64, first_piece_offset: u64 },
+    ReadStart {
+        block_len: u64,
+        first_piece_offset: u64,
+    },
     /// Piece values of a block.
-    Checksums { block_len: u64, pieces: Vec<Blake3Cv> },
+    Checksums {
+        block_len: u64,
+        pieces: Vec<Blake3Cv>,
+    },
 }

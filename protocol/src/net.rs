@@ -89,10 +89,17 @@ impl TransportConfig {
             ));
         }
         if self.idle_timeout_ms < 1000 {
-            return Err(format!("transport.idle_timeout_ms must be at least 1000, got {}", self.idle_timeout_ms));
+            return Err(format!(
+                "transport.idle_timeout_ms must be at least 1000, got {}",
+                self.idle_timeout_ms
+            ));
         }
-        if self.stream_window_bytes < 65536 || self.connection_window_bytes < self.stream_window_bytes {
-            return Err("transport windows must be at least 64 KiB and connection >= stream".into());
+        if self.stream_window_bytes < 65536
+            || self.connection_window_bytes < self.stream_window_bytes
+        {
+            return Err(
+                "transport windows must be at least 64 KiB and connection >= stream".into(),
+            );
         }
         Ok(())
     }
@@ -104,8 +111,12 @@ impl TransportConfig {
         t.stream_receive_window(self.stream_window_bytes.into());
         t.receive_window(self.connection_window_bytes.into());
         t.send_window(u64::from(self.connection_window_bytes));
-        t.keep_alive_interval(Some(Duration::from_millis(u64::from(self.idle_timeout_ms) / 3)));
-        if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_millis(self.idle_timeout_ms.into())) {
+        t.keep_alive_interval(Some(Duration::from_millis(
+            u64::from(self.idle_timeout_ms) / 3,
+        )));
+        if let Ok(idle) =
+            quinn::IdleTimeout::try_from(Duration::from_millis(self.idle_timeout_ms.into()))
+        {
             t.max_idle_timeout(Some(idle));
         }
         let mut mtu = quinn::MtuDiscoveryConfig::default();
@@ -191,7 +202,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, NetError> {
-    let err = |reason: String| NetError::Credentials { path: path.to_path_buf(), reason };
+    let err = |reason: String| NetError::Credentials {
+        path: path.to_path_buf(),
+        reason,
+    };
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| err(e.to_string()))?
         .collect::<Result<_, _>>()
@@ -206,8 +220,10 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, NetError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path)
-            .map_err(|e| NetError::Credentials { path: path.to_path_buf(), reason: e.to_string() })?;
+        let meta = std::fs::metadata(path).map_err(|e| NetError::Credentials {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(NetError::Credentials {
                 path: path.to_path_buf(),
@@ -215,8 +231,10 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, NetError> {
             });
         }
     }
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| NetError::Credentials { path: path.to_path_buf(), reason: e.to_string() })
+    PrivateKeyDer::from_pem_file(path).map_err(|e| NetError::Credentials {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 fn roots(files: &TlsFiles) -> Result<rustls::RootCertStore, NetError> {
@@ -228,7 +246,10 @@ fn roots(files: &TlsFiles) -> Result<rustls::RootCertStore, NetError> {
 }
 
 /// Client-side QUIC configuration: trusts only the cluster CA and presents our certificate.
-pub fn client_config(files: &TlsFiles, transport: &TransportConfig) -> Result<quinn::ClientConfig, NetError> {
+pub fn client_config(
+    files: &TlsFiles,
+    transport: &TransportConfig,
+) -> Result<quinn::ClientConfig, NetError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| NetError::Tls(e.to_string()))?
@@ -243,10 +264,16 @@ pub fn client_config(files: &TlsFiles, transport: &TransportConfig) -> Result<qu
 }
 
 /// Server-side QUIC configuration: requires a client certificate from the cluster CA.
-pub fn server_config(files: &TlsFiles, transport: &TransportConfig) -> Result<quinn::ServerConfig, NetError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(files)?), provider())
-        .build()
-        .map_err(|e| NetError::Tls(e.to_string()))?;
+pub fn server_config(
+    files: &TlsFiles,
+    transport: &TransportConfig,
+) -> Result<quinn::ServerConfig, NetError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(files)?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| NetError::Tls(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| NetError::Tls(e.to_string()))?
@@ -297,9 +324,17 @@ pub fn peer_identity(conn: &quinn::Connection) -> Option<Identity> {
 pub fn identity_from_der(der: &[u8]) -> Option<Identity> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = cert.subject();
-    let name = subject.iter_common_name().next()?.as_str().ok()?.to_string();
+    let name = subject
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
     let role = subject.iter_organizational_unit().next()?.as_str().ok()?;
-    Some(Identity { role: Role::parse(role)?, name })
+    Some(Identity {
+        role: Role::parse(role)?,
+        name,
+    })
 }
 
 /// A failed request: the transport, the framing, or the peer's own error reply.
@@ -331,7 +366,9 @@ impl From<quinn::ReadExactError> for RpcError {
     fn from(e: quinn::ReadExactError) -> Self {
         RpcError::Stream(match e {
             quinn::ReadExactError::FinishedEarly(_) => "stream ended early".to_string(),
-            quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)) => return RpcError::Reset(code.into_inner()),
+            quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)) => {
+                return RpcError::Reset(code.into_inner())
+            }
             quinn::ReadExactError::ReadError(e) => e.to_string(),
         })
     }
@@ -348,7 +385,11 @@ impl From<quinn::ClosedStream> for RpcError {
 }
 
 /// Writes one message frame.
-pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, kind: u16, msg: &T) -> Result<(), RpcError> {
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    kind: u16,
+    msg: &T,
+) -> Result<(), RpcError> {
     let bytes = frame::encode_frame(kind, msg)?;
     send.write_all(&bytes).await?;
     Ok(())
@@ -360,7 +401,10 @@ pub async fn write_error(send: &mut quinn::SendStream, err: &WireError) -> Resul
 }
 
 /// Reads one frame of the `expected` kind; an error frame becomes `RpcError::Remote`.
-pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, expected: u16) -> Result<T, RpcError> {
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    expected: u16,
+) -> Result<T, RpcError> {
     let mut head = [0u8; HEADER_BYTES];
     recv.read_exact(&mut head).await?;
     let header = FrameHeader::decode(&head)?;
@@ -374,7 +418,10 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, expec
 }
 
 /// Reads a piece header and its data into `buf` (cleared first). `None` at the end marker.
-pub async fn read_piece(recv: &mut quinn::RecvStream, buf: &mut Vec<u8>) -> Result<Option<PieceHeader>, RpcError> {
+pub async fn read_piece(
+    recv: &mut quinn::RecvStream,
+    buf: &mut Vec<u8>,
+) -> Result<Option<PieceHeader>, RpcError> {
     let mut head = [0u8; PIECE_HEADER_BYTES];
     recv.read_exact(&mut head).await?;
     let header = PieceHeader::decode(&head)?;
@@ -388,7 +435,11 @@ pub async fn read_piece(recv: &mut quinn::RecvStream, buf: &mut Vec<u8>) -> Resu
 }
 
 /// Writes one piece (header and data).
-pub async fn write_piece(send: &mut quinn::SendStream, header: &PieceHeader, data: &[u8]) -> Result<(), RpcError> {
+pub async fn write_piece(
+    send: &mut quinn::SendStream,
+    header: &PieceHeader,
+    data: &[u8],
+) -> Result<(), RpcError> {
     send.write_all(&header.encode()).await?;
     if !data.is_empty() {
         send.write_all(data).await?;
@@ -419,7 +470,11 @@ pub struct Pool {
 impl Pool {
     /// A pool connecting out through `endpoint`.
     pub fn new(endpoint: quinn::Endpoint, connect_timeout: Duration) -> Pool {
-        Pool { endpoint, conns: Default::default(), connect_timeout }
+        Pool {
+            endpoint,
+            conns: Default::default(),
+            connect_timeout,
+        }
     }
 
     /// The endpoint underneath.
@@ -470,7 +525,10 @@ impl Pool {
     /// Drops a connection that failed, so the next `get` reconnects.
     pub async fn forget(&self, addr: &str, server_name: &str) {
         if let Ok(sock) = addr.parse::<SocketAddr>() {
-            self.conns.lock().await.remove(&(sock, server_name.to_string()));
+            self.conns
+                .lock()
+                .await
+                .remove(&(sock, server_name.to_string()));
         }
     }
 }

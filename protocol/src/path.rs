@@ -24,7 +24,9 @@ pub fn normalize(path: &str) -> Result<String, String> {
                     return Err(format!("{path}: name longer than {NAME_BYTES_MAX} bytes"));
                 }
                 if name.chars().any(|c| c == '\0' || c.is_control()) {
-                    return Err(format!("{path}: control characters are not allowed in names"));
+                    return Err(format!(
+                        "{path}: control characters are not allowed in names"
+                    ));
                 }
                 out.push('/');
                 out.push_str(name);

@@ -25,7 +25,12 @@ pub struct ClusterSpec {
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        ClusterSpec { datanodes: 3, replication: 3, block_size: 64 * 1024, lease_expiry_ms: 10_000 }
+        ClusterSpec {
+            datanodes: 3,
+            replication: 3,
+            block_size: 64 * 1024,
+            lease_expiry_ms: 10_000,
+        }
     }
 }
 
@@ -46,7 +51,11 @@ pub struct Cluster {
 /// Where the built binaries are (target/debug or target/release, next to the test executable).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps").to_path_buf();
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps")
+        .to_path_buf();
     for b in ["lode", "lode-namenode", "lode-datanode"] {
         assert!(
             dir.join(b).exists(),
@@ -59,7 +68,10 @@ pub fn bin_dir() -> PathBuf {
 
 /// A free UDP port on loopback.
 pub fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("bind an ephemeral port").port()
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
 }
 
 /// Random bytes from a seed.
@@ -74,7 +86,10 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -83,7 +98,10 @@ impl Cluster {
     /// Creates certificates and configs, starts the namenode and datanodes, and waits until every
     /// datanode is registered and live.
     pub fn start(spec: ClusterSpec) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("lode-test-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("lode-test-")
+            .tempdir()
+            .expect("temp dir");
         let path = dir.path().to_path_buf();
         lode_client::certs::init(&path.join("certs"), spec.datanodes as u32).expect("certs init");
         let namenode_port = free_port();
@@ -121,8 +139,11 @@ impl Cluster {
             .expect("write datanode config");
         }
         for (file, cert) in [("client.toml", "admin"), ("client-user.toml", "user")] {
-            std::fs::write(path.join(file), format!("namenode = \"127.0.0.1:{namenode_port}\"\n{}", tls(cert)))
-                .expect("write client config");
+            std::fs::write(
+                path.join(file),
+                format!("namenode = \"127.0.0.1:{namenode_port}\"\n{}", tls(cert)),
+            )
+            .expect("write client config");
         }
         let mut c = Cluster {
             dir: Some(dir),
@@ -184,7 +205,11 @@ impl Cluster {
 
     /// Starts (or restarts) datanode `i` (1-based).
     pub fn start_datanode(&mut self, i: usize) {
-        let child = self.spawn("lode-datanode", &format!("dn-{i}.toml"), &format!("dn-{i}.log"));
+        let child = self.spawn(
+            "lode-datanode",
+            &format!("dn-{i}.toml"),
+            &format!("dn-{i}.log"),
+        );
         self.datanodes[i - 1] = Some(child);
     }
 
@@ -221,9 +246,11 @@ impl Cluster {
 
     /// Waits until at least `n` datanodes are live.
     pub fn wait_live(&self, n: usize) {
-        wait_until(&format!("{n} live datanodes"), Duration::from_secs(30), || {
-            self.datanodes_in_state("live").len() >= n
-        });
+        wait_until(
+            &format!("{n} live datanodes"),
+            Duration::from_secs(30),
+            || self.datanodes_in_state("live").len() >= n,
+        );
     }
 
     /// Runs the `lode` CLI with the admin config.
@@ -234,8 +261,15 @@ impl Cluster {
     /// Runs the `lode` CLI with a given config and optional stdin bytes.
     pub fn lode_with(&self, config: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut cmd = Command::new(self.bin.join("lode"));
-        cmd.arg("--config").arg(config).args(args).env_remove("LODE_CONFIG");
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.arg("--config")
+            .arg(config)
+            .args(args)
+            .env_remove("LODE_CONFIG");
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn lode");
         if let Some(bytes) = stdin {
@@ -281,7 +315,9 @@ impl Cluster {
 
     /// Reads a file back through `lode get` into a local file, returning the bytes.
     pub fn get_bytes(&self, remote: &str) -> Vec<u8> {
-        let local = self.path.join(format!("download-{}", rand::random::<u64>()));
+        let local = self
+            .path
+            .join(format!("download-{}", rand::random::<u64>()));
         let l = local.to_string_lossy().to_string();
         self.ok(&["get", remote, &l]);
         let bytes = std::fs::read(&local).expect("read downloaded file");
@@ -291,12 +327,16 @@ impl Cluster {
 
     /// `stat --json --blocks` of a path.
     pub fn stat(&self, remote: &str) -> Value {
-        serde_json::from_slice(&self.ok(&["stat", "--json", "--blocks", remote])).expect("stat json")
+        serde_json::from_slice(&self.ok(&["stat", "--json", "--blocks", remote]))
+            .expect("stat json")
     }
 
     /// Fails the test if any server logged an ERROR line that no pattern in `expected` matches.
     pub fn assert_no_unexpected_errors(&self, expected: &[&str]) {
-        for entry in std::fs::read_dir(&self.path).expect("read cluster dir").flatten() {
+        for entry in std::fs::read_dir(&self.path)
+            .expect("read cluster dir")
+            .flatten()
+        {
             let p = entry.path();
             if p.extension().is_some_and(|e| e == "log") {
                 let text = std::fs::read_to_string(&p).unwrap_or_default();
@@ -315,9 +355,20 @@ impl Cluster {
 /// Asserts a failed CLI run: exit code 1 and exactly one line on stderr.
 pub fn assert_one_line_error(out: &Output, args: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "lode {args:?} should fail with exit 1; stderr: {stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "lode {args:?} should print one error line, got: {stderr}");
-    assert!(stderr.starts_with("lode: "), "error line should start with 'lode: ': {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "lode {args:?} should fail with exit 1; stderr: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "lode {args:?} should print one error line, got: {stderr}"
+    );
+    assert!(
+        stderr.starts_with("lode: "),
+        "error line should start with 'lode: ': {stderr}"
+    );
 }
 
 impl Drop for Cluster {

@@ -1,6 +1,8 @@
 //! Faults with real processes: datanodes killed before and during writes, the namenode killed right
 //! after acknowledging, concurrent writers, and single-writer leases.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -10,19 +12,35 @@ use lode_tests::{random_bytes, wait_until, Cluster, ClusterSpec};
 const BLOCK: usize = 64 * 1024;
 
 fn live_locations_ok(c: &Cluster, remote: &str, min: usize) -> bool {
-    c.stat(remote)["blocks"].as_array().unwrap().iter().all(|b| b["locations"].as_array().unwrap().len() >= min)
+    c.stat(remote)["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|b| b["locations"].as_array().unwrap().len() >= min)
 }
 
 #[test]
 fn every_file_reads_back_after_a_datanode_is_killed() {
-    let mut c = Cluster::start(ClusterSpec { datanodes: 3, replication: 2, ..Default::default() });
-    let files: Vec<(String, Vec<u8>)> =
-        (0..4).map(|i| (format!("/f{i}"), random_bytes(3 * BLOCK + i * 1000 + 1, i as u64))).collect();
+    let mut c = Cluster::start(ClusterSpec {
+        datanodes: 3,
+        replication: 2,
+        ..Default::default()
+    });
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| {
+            (
+                format!("/f{i}"),
+                random_bytes(3 * BLOCK + i * 1000 + 1, i as u64),
+            )
+        })
+        .collect();
     for (p, b) in &files {
         c.put_bytes(p, b, &[]);
     }
     for (p, _) in &files {
-        wait_until("replicas reported", Duration::from_secs(10), || live_locations_ok(&c, p, 2));
+        wait_until("replicas reported", Duration::from_secs(10), || {
+            live_locations_ok(&c, p, 2)
+        });
     }
     c.kill_datanode(2);
     // Right away (dn-2 still counts as live at the namenode) and in one process: reads fail over.
@@ -41,10 +59,20 @@ fn every_file_reads_back_after_a_datanode_is_killed() {
 
 #[test]
 fn a_put_survives_a_datanode_killed_in_the_middle() {
-    let mut c = Cluster::start(ClusterSpec { datanodes: 3, replication: 3, ..Default::default() });
+    let mut c = Cluster::start(ClusterSpec {
+        datanodes: 3,
+        replication: 3,
+        ..Default::default()
+    });
     let bytes = random_bytes(48 * BLOCK + 99, 42);
     let mut child = Command::new(lode_tests::bin_dir().join("lode"))
-        .args(["--config", c.client_config().to_str().unwrap(), "put", "-", "/mid"])
+        .args([
+            "--config",
+            c.client_config().to_str().unwrap(),
+            "put",
+            "-",
+            "/mid",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -65,17 +93,27 @@ fn a_put_survives_a_datanode_killed_in_the_middle() {
     stdin.write_all(&bytes[16 * BLOCK..]).unwrap();
     drop(stdin);
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "put failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "put failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(c.get_bytes("/mid"), bytes);
     // Every block is on at least two live datanodes, none of them the dead one.
-    wait_until("reports", Duration::from_secs(10), || live_locations_ok(&c, "/mid", 2));
+    wait_until("reports", Duration::from_secs(10), || {
+        live_locations_ok(&c, "/mid", 2)
+    });
     let sum = String::from_utf8(c.ok(&["checksum", "/mid"])).unwrap();
     assert!(sum.starts_with(blake3::hash(&bytes).to_hex().as_str()));
 }
 
 #[test]
 fn acknowledged_writes_survive_a_namenode_kill() {
-    let mut c = Cluster::start(ClusterSpec { datanodes: 3, replication: 2, ..Default::default() });
+    let mut c = Cluster::start(ClusterSpec {
+        datanodes: 3,
+        replication: 2,
+        ..Default::default()
+    });
     let bytes = random_bytes(5 * BLOCK + 3, 9);
     c.ok(&["mkdir", "-p", "/keep/dir"]);
     c.put_bytes("/keep/dir/file", &bytes, &[]);
@@ -84,21 +122,44 @@ fn acknowledged_writes_survive_a_namenode_kill() {
     c.start_namenode();
     c.wait_live(3);
     let ls: serde_json::Value = serde_json::from_slice(&c.ok(&["ls", "--json", "/keep"])).unwrap();
-    let names: Vec<&str> = ls.as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    let names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
     assert_eq!(names, vec!["/keep/dir", "/keep/moved"]);
-    wait_until("block reports after restart", Duration::from_secs(10), || live_locations_ok(&c, "/keep/moved", 2));
+    wait_until(
+        "block reports after restart",
+        Duration::from_secs(10),
+        || live_locations_ok(&c, "/keep/moved", 2),
+    );
     assert_eq!(c.get_bytes("/keep/moved"), bytes);
     // New files get fresh block ids after recovery (no reuse of ids from the replayed log).
     c.put_bytes("/keep/second", &bytes, &[]);
-    let a: Vec<u64> = c.stat("/keep/moved")["blocks"].as_array().unwrap().iter().map(|b| b["id"].as_u64().unwrap()).collect();
-    let b: Vec<u64> = c.stat("/keep/second")["blocks"].as_array().unwrap().iter().map(|b| b["id"].as_u64().unwrap()).collect();
+    let a: Vec<u64> = c.stat("/keep/moved")["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_u64().unwrap())
+        .collect();
+    let b: Vec<u64> = c.stat("/keep/second")["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_u64().unwrap())
+        .collect();
     assert!(a.iter().all(|id| !b.contains(id)));
     assert_eq!(c.get_bytes("/keep/moved"), bytes);
 }
 
 #[test]
 fn many_concurrent_mkdirs_survive_a_namenode_kill() {
-    let mut c = Cluster::start(ClusterSpec { datanodes: 1, replication: 1, ..Default::default() });
+    let mut c = Cluster::start(ClusterSpec {
+        datanodes: 1,
+        replication: 1,
+        ..Default::default()
+    });
     std::thread::scope(|s| {
         for t in 0..4 {
             let c = &c;
@@ -112,15 +173,23 @@ fn many_concurrent_mkdirs_survive_a_namenode_kill() {
     c.kill_namenode();
     c.start_namenode();
     c.wait_live(1);
-    let ls: serde_json::Value = serde_json::from_slice(&c.ok(&["ls", "-R", "--json", "/m"])).unwrap();
+    let ls: serde_json::Value =
+        serde_json::from_slice(&c.ok(&["ls", "-R", "--json", "/m"])).unwrap();
     assert_eq!(ls.as_array().unwrap().len(), 4 + 40);
 }
 
 #[test]
 fn concurrent_writers_and_single_writer_leases() {
-    let c = Cluster::start(ClusterSpec { datanodes: 3, replication: 2, lease_expiry_ms: 2000, ..Default::default() });
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 3,
+        replication: 2,
+        lease_expiry_ms: 2000,
+        ..Default::default()
+    });
     // Several clients putting different files at once.
-    let files: Vec<Vec<u8>> = (0..4).map(|i| random_bytes(7 * BLOCK + i * 333, 50 + i as u64)).collect();
+    let files: Vec<Vec<u8>> = (0..4)
+        .map(|i| random_bytes(7 * BLOCK + i * 333, 50 + i as u64))
+        .collect();
     std::thread::scope(|s| {
         for (i, b) in files.iter().enumerate() {
             let c = &c;
@@ -133,7 +202,13 @@ fn concurrent_writers_and_single_writer_leases() {
 
     // A writer holds /locked open; a second writer is refused with a clear error.
     let mut first = Command::new(lode_tests::bin_dir().join("lode"))
-        .args(["--config", c.client_config().to_str().unwrap(), "put", "-", "/locked"])
+        .args([
+            "--config",
+            c.client_config().to_str().unwrap(),
+            "put",
+            "-",
+            "/locked",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -141,18 +216,29 @@ fn concurrent_writers_and_single_writer_leases() {
         .unwrap();
     let mut stdin = first.stdin.take().unwrap();
     stdin.write_all(&random_bytes(BLOCK / 2, 1)).unwrap();
-    wait_until("/locked to exist", Duration::from_secs(10), || c.lode(&["stat", "/locked"]).status.success());
+    wait_until("/locked to exist", Duration::from_secs(10), || {
+        c.lode(&["stat", "/locked"]).status.success()
+    });
     let local = c.dir().join("second-writer");
     std::fs::write(&local, b"second").unwrap();
     let err = c.fails(&["put", "-f", local.to_str().unwrap(), "/locked"]);
-    assert!(err.contains("/locked") && err.contains("another client"), "{err}");
+    assert!(
+        err.contains("/locked") && err.contains("another client"),
+        "{err}"
+    );
 
     // The first writer dies without closing: its lease expires and the path is free again.
     first.kill().unwrap();
     first.wait().unwrap();
     drop(stdin);
-    wait_until("the dead writer's lease to expire", Duration::from_secs(20), || {
-        c.lode(&["put", "-f", local.to_str().unwrap(), "/locked"]).status.success()
-    });
+    wait_until(
+        "the dead writer's lease to expire",
+        Duration::from_secs(20),
+        || {
+            c.lode(&["put", "-f", local.to_str().unwrap(), "/locked"])
+                .status
+                .success()
+        },
+    );
     assert_eq!(c.ok(&["cat", "/locked"]), b"second");
 }

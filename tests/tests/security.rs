@@ -1,6 +1,8 @@
 //! Identity and hostile input: foreign CAs, certificates used in the wrong role, garbage and
 //! oversized frames, configs that point nowhere, unusable data dirs.
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -10,8 +12,15 @@ use lode_protocol::net::{self, RpcError, TlsFiles, TransportConfig};
 use lode_protocol::ErrorCode;
 use lode_tests::{assert_one_line_error, free_port, random_bytes, Cluster, ClusterSpec};
 
-fn config_with(c: &Cluster, name: &str, certs: &std::path::Path, namenode_port: u16) -> std::path::PathBuf {
-    let path = c.dir().join(format!("client-{name}-{}.toml", rand::random::<u32>()));
+fn config_with(
+    c: &Cluster,
+    name: &str,
+    certs: &std::path::Path,
+    namenode_port: u16,
+) -> std::path::PathBuf {
+    let path = c
+        .dir()
+        .join(format!("client-{name}-{}.toml", rand::random::<u32>()));
     std::fs::write(
         &path,
         format!(
@@ -25,7 +34,11 @@ fn config_with(c: &Cluster, name: &str, certs: &std::path::Path, namenode_port: 
 
 #[test]
 fn foreign_and_wrong_role_certificates_are_refused() {
-    let c = Cluster::start(ClusterSpec { datanodes: 1, replication: 1, ..Default::default() });
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 1,
+        replication: 1,
+        ..Default::default()
+    });
     let other = c.dir().join("other-ca");
     lode_client::certs::init(&other, 1).unwrap();
     let foreign = config_with(&c, "admin", &other, c.namenode_port);
@@ -56,9 +69,15 @@ fn foreign_and_wrong_role_certificates_are_refused() {
         .stderr(log)
         .spawn()
         .unwrap();
-    lode_tests::wait_until("the fake datanode to be refused", Duration::from_secs(10), || {
-        std::fs::read_to_string(c.dir().join("fake-dn.out")).unwrap_or_default().contains("only a datanode certificate")
-    });
+    lode_tests::wait_until(
+        "the fake datanode to be refused",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(c.dir().join("fake-dn.out"))
+                .unwrap_or_default()
+                .contains("only a datanode certificate")
+        },
+    );
     fake.kill().unwrap();
     fake.wait().unwrap();
     let report = c.report().unwrap();
@@ -71,13 +90,31 @@ fn foreign_and_wrong_role_certificates_are_refused() {
     assert!(out.status.success());
 }
 
-async fn raw_stream_exchange(c: &Cluster, port: u16, server_name: &str, payload: &[u8]) -> Result<Vec<u8>, String> {
+async fn raw_stream_exchange(
+    c: &Cluster,
+    port: u16,
+    server_name: &str,
+    payload: &[u8],
+) -> Result<Vec<u8>, String> {
     let certs = c.dir().join("certs");
-    let files = TlsFiles { ca: certs.join("ca.pem"), cert: certs.join("user.pem"), key: certs.join("user-key.pem") };
+    let files = TlsFiles {
+        ca: certs.join("ca.pem"),
+        cert: certs.join("user.pem"),
+        key: certs.join("user-key.pem"),
+    };
     let transport = TransportConfig::default();
-    let ep = net::endpoint("127.0.0.1:0".parse().unwrap(), None, net::client_config(&files, &transport).unwrap(), &transport)
+    let ep = net::endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        net::client_config(&files, &transport).unwrap(),
+        &transport,
+    )
+    .map_err(|e| e.to_string())?;
+    let conn = ep
+        .connect(format!("127.0.0.1:{port}").parse().unwrap(), server_name)
+        .unwrap()
+        .await
         .map_err(|e| e.to_string())?;
-    let conn = ep.connect(format!("127.0.0.1:{port}").parse().unwrap(), server_name).unwrap().await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     send.write_all(payload).await.map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
@@ -90,39 +127,92 @@ async fn raw_stream_exchange(c: &Cluster, port: u16, server_name: &str, payload:
 
 #[test]
 fn garbage_and_oversized_frames_get_an_error_and_servers_keep_running() {
-    let c = Cluster::start(ClusterSpec { datanodes: 1, replication: 1, ..Default::default() });
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 1,
+        replication: 1,
+        ..Default::default()
+    });
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let oversized = FrameHeader { len: MAX_FRAME_BYTES + 1, kind: kind::CLIENT_TO_NAMENODE, version: ENCODING_VERSION }.encode();
-    let mut lying = FrameHeader { len: 1000, kind: kind::CLIENT_TO_NAMENODE, version: ENCODING_VERSION }.encode().to_vec();
+    let oversized = FrameHeader {
+        len: MAX_FRAME_BYTES + 1,
+        kind: kind::CLIENT_TO_NAMENODE,
+        version: ENCODING_VERSION,
+    }
+    .encode();
+    let mut lying = FrameHeader {
+        len: 1000,
+        kind: kind::CLIENT_TO_NAMENODE,
+        version: ENCODING_VERSION,
+    }
+    .encode()
+    .to_vec();
     lying.extend_from_slice(&[0xff; 1000]);
     let targets = [(c.namenode_port, "namenode"), (c.datanode_ports[0], "dn-1")];
     for (port, name) in targets {
-        for payload in [random_bytes(5000, 1), oversized.to_vec(), lying.clone(), vec![]] {
+        for payload in [
+            random_bytes(5000, 1),
+            oversized.to_vec(),
+            lying.clone(),
+            vec![],
+        ] {
             let reply = rt.block_on(raw_stream_exchange(&c, port, name, &payload));
             // The server answers with an error frame (or closes the stream); it never crashes.
             if let Ok(bytes) = reply {
                 if bytes.len() >= 8 {
                     let h = FrameHeader::decode(bytes[..8].try_into().unwrap()).unwrap();
-                    assert_eq!(h.kind, kind::ERROR, "{name} should answer garbage with an error frame");
+                    assert_eq!(
+                        h.kind,
+                        kind::ERROR,
+                        "{name} should answer garbage with an error frame"
+                    );
                 }
             }
         }
         // Raw UDP garbage that is not QUIC at all.
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         for i in 0..50 {
-            sock.send_to(&random_bytes(1200, i), ("127.0.0.1", port)).unwrap();
+            sock.send_to(&random_bytes(1200, i), ("127.0.0.1", port))
+                .unwrap();
         }
     }
     // A well-formed request that is refused crosses the wire as a code.
     let certs = c.dir().join("certs");
-    let files = TlsFiles { ca: certs.join("ca.pem"), cert: certs.join("user.pem"), key: certs.join("user-key.pem") };
+    let files = TlsFiles {
+        ca: certs.join("ca.pem"),
+        cert: certs.join("user.pem"),
+        key: certs.join("user-key.pem"),
+    };
     let refused = rt.block_on(async {
         let t = TransportConfig::default();
-        let ep = net::endpoint("127.0.0.1:0".parse().unwrap(), None, net::client_config(&files, &t).unwrap(), &t).unwrap();
-        let conn = ep.connect(format!("127.0.0.1:{}", c.namenode_port).parse().unwrap(), "namenode").unwrap().await.unwrap();
-        net::call::<_, lode_protocol::messages::NamenodeReply>(&conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, &ClientToNamenode::List { path: "/missing".into() }).await
+        let ep = net::endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            net::client_config(&files, &t).unwrap(),
+            &t,
+        )
+        .unwrap();
+        let conn = ep
+            .connect(
+                format!("127.0.0.1:{}", c.namenode_port).parse().unwrap(),
+                "namenode",
+            )
+            .unwrap()
+            .await
+            .unwrap();
+        net::call::<_, lode_protocol::messages::NamenodeReply>(
+            &conn,
+            kind::CLIENT_TO_NAMENODE,
+            kind::NAMENODE_REPLY,
+            &ClientToNamenode::List {
+                path: "/missing".into(),
+            },
+        )
+        .await
     });
-    assert!(matches!(refused, Err(RpcError::Remote(ref w)) if w.code == ErrorCode::NotFound), "{refused:?}");
+    assert!(
+        matches!(refused, Err(RpcError::Remote(ref w)) if w.code == ErrorCode::NotFound),
+        "{refused:?}"
+    );
     // Both servers still serve.
     let bytes = random_bytes(100_000, 5);
     c.put_bytes("/after-garbage", &bytes, &[]);
@@ -131,7 +221,11 @@ fn garbage_and_oversized_frames_get_an_error_and_servers_keep_running() {
 
 #[test]
 fn configs_that_point_nowhere_fail_with_one_line() {
-    let c = Cluster::start(ClusterSpec { datanodes: 1, replication: 1, ..Default::default() });
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 1,
+        replication: 1,
+        ..Default::default()
+    });
     let nowhere = config_with(&c, "admin", &c.dir().join("certs"), free_port());
     let started = std::time::Instant::now();
     let out = c.lode_with(&nowhere, &["ls", "/"], None);
@@ -146,7 +240,11 @@ fn configs_that_point_nowhere_fail_with_one_line() {
 
 #[test]
 fn a_datanode_with_an_unusable_data_dir_exits_with_a_clear_error() {
-    let c = Cluster::start(ClusterSpec { datanodes: 1, replication: 1, ..Default::default() });
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 1,
+        replication: 1,
+        ..Default::default()
+    });
     let blocker = c.dir().join("a-file");
     std::fs::write(&blocker, b"x").unwrap();
     let cfg = c.dir().join("bad-dn.toml");
@@ -161,9 +259,15 @@ fn a_datanode_with_an_unusable_data_dir_exits_with_a_clear_error() {
         ),
     )
     .unwrap();
-    let out = Command::new(lode_tests::bin_dir().join("lode-datanode")).args(["--config", cfg.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(lode_tests::bin_dir().join("lode-datanode"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let last = stderr.trim().lines().last().unwrap_or_default();
-    assert!(last.starts_with("lode-datanode: ") && last.contains("a-file/data"), "{stderr}");
+    assert!(
+        last.starts_with("lode-datanode: ") && last.contains("a-file/data"),
+        "{stderr}"
+    );
 }
