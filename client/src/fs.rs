@@ -41,7 +41,26 @@ pub struct Client {
     pub(crate) session: SessionId,
     pub(crate) config: ClientConfig,
     /// Datanodes that failed a request lately; tried last.
-    pub(crate) suspects: Mutex<HashSet<String>>,
+    pub(crate) suspects: Suspects,
+}
+
+/// Names of datanodes that failed a request lately, shared by concurrent reads.
+#[derive(Clone, Default)]
+pub(crate) struct Suspects(Arc<Mutex<HashSet<String>>>);
+
+impl Suspects {
+    pub(crate) fn mark(&self, name: &str, suspect: bool) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if suspect {
+            s.insert(name.to_string());
+        } else {
+            s.remove(name);
+        }
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
+    }
 }
 
 impl Client {
@@ -62,7 +81,7 @@ impl Client {
             namenode: addr.to_string(),
             session: SessionId(rand::random()),
             config,
-            suspects: Mutex::new(HashSet::new()),
+            suspects: Suspects::default(),
         };
         client
             .pool
@@ -203,19 +222,7 @@ impl Client {
     }
 
     pub(crate) fn mark_suspect(&self, name: &str, suspect: bool) {
-        let mut s = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
-        if suspect {
-            s.insert(name.to_string());
-        } else {
-            s.remove(name);
-        }
-    }
-
-    pub(crate) fn is_suspect(&self, name: &str) -> bool {
-        self.suspects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name)
+        self.suspects.mark(name, suspect);
     }
 
     async fn block_checksums(

@@ -5,18 +5,20 @@
 
 use std::time::Duration;
 
-use futures::stream::{self, StreamExt, TryStreamExt};
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt};
 use lode_protocol::checksum::{self, PIECE_BYTES};
 use lode_protocol::frame::kind;
 use lode_protocol::messages::{
     ClientToNamenode, DatanodeReply, DatanodeRequest, EntryKind, FileStatus, Target,
 };
-use lode_protocol::net::{self, RpcError};
+use lode_protocol::net::{self, Pool, RpcError};
 use lode_protocol::{BlockId, ErrorCode};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::error::Error;
-use crate::fs::{unexpected, Client};
+use crate::fs::{unexpected, Client, Suspects};
 
 /// Largest read request; a multiple of the piece size.
 const SEGMENT_BYTES: u64 = 8 << 20;
@@ -34,25 +36,26 @@ struct Segment {
     ordinal: usize,
 }
 
+/// What a spawned segment read needs: connections and the shared list of failing datanodes.
+#[derive(Clone)]
+struct Fetcher {
+    pool: Arc<Pool>,
+    suspects: Suspects,
+}
+
+/// A segment's bytes, and replicas found corrupt on the way (to report to the namenode).
+type Fetched = (Vec<u8>, Vec<(BlockId, String)>);
+
 impl Client {
     /// Reads a whole file into `out`. `progress` is told the bytes written so far.
-    pub async fn get<W: AsyncWrite + Unpin>(
-        &self,
-        remote: &str,
-        out: &mut W,
-        progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<u64, Error> {
+    pub async fn get<W: AsyncWrite + Unpin>(&self, remote: &str, out: &mut W, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, Error> {
         let st = self.stat(remote, true).await?;
         self.get_status(&st, out, progress).await
     }
 
-    /// Reads the file `st` describes (with blocks) into `out`.
-    pub(crate) async fn get_status<W: AsyncWrite + Unpin>(
-        &self,
-        st: &FileStatus,
-        out: &mut W,
-        progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<u64, Error> {
+    /// Reads the file `st` describes (with blocks) into `out`. Each segment is read by its own task,
+    /// so verifying and copying spread over the cores while the output is written in order.
+    pub(crate) async fn get_status<W: AsyncWrite + Unpin>(&self, st: &FileStatus, out: &mut W, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, Error> {
         if st.kind == EntryKind::Directory {
             return Err(Error::Invalid(format!("{}: is a directory", st.path)));
         }
@@ -72,13 +75,27 @@ impl Client {
                 off += len;
             }
         }
+        let fetcher = Fetcher { pool: self.pool.clone(), suspects: self.suspects.clone() };
+        let tasks = segments.into_iter().map(|s| {
+            let f = fetcher.clone();
+            async move {
+                tokio::spawn(async move { f.fetch_segment(s).await })
+                    .await
+                    .map_err(|e| (Error::Invalid(format!("read task failed: {e}")), vec![]))?
+            }
+        });
+        let mut results = stream::iter(tasks).buffered(self.config.reads_in_flight);
         let mut written = 0u64;
-        let mut results = stream::iter(segments.into_iter().map(|s| self.fetch_segment(s)))
-            .buffered(self.config.reads_in_flight);
-        while let Some(bytes) = results.try_next().await? {
-            out.write_all(&bytes)
-                .await
-                .map_err(|e| Error::local("output", e))?;
+        while let Some(fetched) = results.next().await {
+            let (bytes, corrupt) = match fetched {
+                Ok(f) => f,
+                Err((e, corrupt)) => {
+                    self.report_corrupt(corrupt).await;
+                    return Err(e);
+                }
+            };
+            self.report_corrupt(corrupt).await;
+            out.write_all(&bytes).await.map_err(|e| Error::local("output", e))?;
             written += bytes.len() as u64;
             progress(written);
         }
@@ -86,52 +103,52 @@ impl Client {
         Ok(written)
     }
 
-    async fn fetch_segment(&self, seg: Segment) -> Result<Vec<u8>, Error> {
+    async fn report_corrupt(&self, corrupt: Vec<(BlockId, String)>) {
+        for (block, datanode) in corrupt {
+            tracing::warn!(%block, %datanode, "replica failed its checksum; reporting it");
+            let _ = self.nn(&ClientToNamenode::ReportBadReplica { block, datanode }).await;
+        }
+    }
+}
+
+impl Fetcher {
+    async fn fetch_segment(&self, seg: Segment) -> Result<Fetched, (Error, Vec<(BlockId, String)>)> {
+        let mut corrupt = vec![];
         if seg.locations.is_empty() {
-            return Err(Error::Invalid(format!(
-                "block {} has no live replica",
-                seg.block
-            )));
+            return Err((Error::Invalid(format!("block {} has no live replica", seg.block)), corrupt));
         }
         // Spread segments over replicas; replicas that failed lately go last.
         let n = seg.locations.len();
-        let mut order: Vec<&Target> = (0..n)
-            .map(|i| &seg.locations[(seg.ordinal + i) % n])
-            .collect();
-        order.sort_by_key(|t| self.is_suspect(&t.name));
+        let mut order: Vec<&Target> = (0..n).map(|i| &seg.locations[(seg.ordinal + i) % n]).collect();
+        order.sort_by_key(|t| self.suspects.contains(&t.name));
         let mut last = None;
         for t in order {
             match self.read_segment(t, &seg).await {
                 Ok(bytes) => {
-                    self.mark_suspect(&t.name, false);
-                    return Ok(bytes);
+                    self.suspects.mark(&t.name, false);
+                    return Ok((bytes, corrupt));
                 }
                 Err(e) => {
-                    let corrupt = matches!(&e, Error::Corrupt(_))
+                    let is_corrupt = matches!(&e, Error::Corrupt(_))
                         || matches!(&e, Error::Rpc { source: RpcError::Reset(c), .. } if *c == ErrorCode::Corrupt as u64);
-                    if corrupt {
-                        tracing::warn!(block = %seg.block, datanode = %t.name, "replica failed its checksum: {e}");
-                        let report = ClientToNamenode::ReportBadReplica {
-                            block: seg.block,
-                            datanode: t.name.clone(),
-                        };
-                        let _ = self.nn(&report).await;
+                    if is_corrupt {
+                        corrupt.push((seg.block, t.name.clone()));
                     } else {
                         tracing::debug!(block = %seg.block, datanode = %t.name, "read failed: {e}");
-                        self.mark_suspect(&t.name, true);
+                        self.suspects.mark(&t.name, true);
                         self.pool.forget(&t.addr, &t.name).await;
                     }
                     last = Some(e);
                 }
             }
         }
-        Err(Error::Invalid(format!(
+        let e = Error::Invalid(format!(
             "block {}: no replica could be read ({})",
             seg.block,
             last.map(|e| e.to_string()).unwrap_or_default()
-        )))
+        ));
+        Err((e, corrupt))
     }
-
     async fn read_segment(&self, t: &Target, seg: &Segment) -> Result<Vec<u8>, Error> {
         let ctx = || format!("read block {} from {}", seg.block, t.name);
         let stalled = || {

@@ -1,0 +1,148 @@
+//! `lode-bench`: the pieces of the benchmark that need code (bench/run.sh drives them and the CLI).
+//!
+//! - `hash FILE`: BLAKE3 of a file on one core, in MB/s.
+//! - `transport-serve` / `transport-send`: one QUIC + mutual TLS stream between two processes with the
+//!   project's own transport settings (protocol::net), in MB/s: the ceiling for put and get.
+//! - `mkdirs`: durable mkdirs per second from several concurrent clients (group commit at work).
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use lode_protocol::net::{self, TlsFiles, TransportConfig};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Hash a file with BLAKE3 on one core.
+    Hash { file: PathBuf },
+    /// Accept one connection and count the bytes of one stream.
+    TransportServe {
+        #[arg(long)]
+        certs: PathBuf,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+    /// Send N bytes on one stream to a transport-serve process.
+    TransportSend {
+        #[arg(long)]
+        certs: PathBuf,
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Concurrent durable mkdirs.
+    Mkdirs {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 250)]
+        ops_per_client: usize,
+    },
+}
+
+fn tls(certs: &std::path::Path, name: &str) -> TlsFiles {
+    TlsFiles { ca: certs.join("ca.pem"), cert: certs.join(format!("{name}.pem")), key: certs.join(format!("{name}-key.pem")) }
+}
+
+fn mbps(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e6
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Hash { file } => {
+            let mut f = std::fs::File::open(&file).with_context(|| file.display().to_string())?;
+            let start = Instant::now();
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                total += n as u64;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!("{:.1} {}", mbps(total, secs), hasher.finalize().to_hex());
+        }
+        Cmd::TransportServe { certs, listen } => {
+            let t = TransportConfig::default();
+            let files = tls(&certs, "namenode");
+            let ep = net::endpoint(listen, Some(net::server_config(&files, &t)?), net::client_config(&files, &t)?, &t)?;
+            let conn = ep.accept().await.context("no connection")?.await?;
+            let (mut send, mut recv) = conn.accept_bi().await?;
+            let mut total = 0u64;
+            while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
+                total += chunk.bytes.len() as u64;
+            }
+            send.write_all(&total.to_le_bytes()).await?;
+            send.finish()?;
+            let _ = send.stopped().await;
+        }
+        Cmd::TransportSend { certs, addr, bytes } => {
+            let t = TransportConfig::default();
+            let files = tls(&certs, "user");
+            let ep = net::endpoint("127.0.0.1:0".parse()?, None, net::client_config(&files, &t)?, &t)?;
+            let conn = ep.connect(addr, net::NAMENODE_SERVER_NAME)?.await?;
+            let chunk = Bytes::from(vec![0x5au8; 1 << 20]);
+            let start = Instant::now();
+            let (mut send, mut recv) = conn.open_bi().await?;
+            let mut sent = 0u64;
+            while sent < bytes {
+                let n = (bytes - sent).min(chunk.len() as u64) as usize;
+                send.write_chunk(chunk.slice(..n)).await?;
+                sent += n as u64;
+            }
+            send.finish()?;
+            let mut ack = [0u8; 8];
+            recv.read_exact(&mut ack).await?;
+            let secs = start.elapsed().as_secs_f64();
+            anyhow::ensure!(u64::from_le_bytes(ack) == bytes, "server counted a different number of bytes");
+            println!("{:.1}", mbps(bytes, secs));
+        }
+        Cmd::Mkdirs { config, clients, ops_per_client } => {
+            let cfg = lode_client::ClientConfig::load(&config)?;
+            let mut handles = vec![];
+            let mut conns = vec![];
+            for _ in 0..clients {
+                conns.push(lode_client::Client::connect(cfg.clone()).await?);
+            }
+            let run = format!("/bench-mkdirs-{}", std::process::id());
+            conns[0].mkdir(&run, true).await?;
+            let start = Instant::now();
+            for (i, c) in conns.into_iter().enumerate() {
+                let run = run.clone();
+                handles.push(tokio::spawn(async move {
+                    for k in 0..ops_per_client {
+                        c.mkdir(&format!("{run}/c{i}-{k}"), false).await?;
+                    }
+                    Ok::<_, lode_client::Error>(c)
+                }));
+            }
+            let mut last = None;
+            for h in handles {
+                last = Some(h.await??);
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!("{:.0}", (clients * ops_per_client) as f64 / secs);
+            if let Some(c) = last {
+                c.delete(&run, true).await?;
+            }
+        }
+    }
+    Ok(())
+}
