@@ -52,7 +52,11 @@ enum Cmd {
 }
 
 fn tls(certs: &std::path::Path, name: &str) -> TlsFiles {
-    TlsFiles { ca: certs.join("ca.pem"), cert: certs.join(format!("{name}.pem")), key: certs.join(format!("{name}-key.pem")) }
+    TlsFiles {
+        ca: certs.join("ca.pem"),
+        cert: certs.join(format!("{name}.pem")),
+        key: certs.join(format!("{name}-key.pem")),
+    }
 }
 
 fn mbps(bytes: u64, secs: f64) -> f64 {
@@ -82,7 +86,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::TransportServe { certs, listen } => {
             let t = TransportConfig::default();
             let files = tls(&certs, "namenode");
-            let ep = net::endpoint(listen, Some(net::server_config(&files, &t)?), net::client_config(&files, &t)?, &t)?;
+            let ep = net::endpoint(
+                listen,
+                Some(net::server_config(&files, &t)?),
+                net::client_config(&files, &t)?,
+                &t,
+            )?;
             let conn = ep.accept().await.context("no connection")?.await?;
             let (mut send, mut recv) = conn.accept_bi().await?;
             let mut total = 0u64;
@@ -96,7 +105,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::TransportSend { certs, addr, bytes } => {
             let t = TransportConfig::default();
             let files = tls(&certs, "user");
-            let ep = net::endpoint("127.0.0.1:0".parse()?, None, net::client_config(&files, &t)?, &t)?;
+            let ep = net::endpoint(
+                "127.0.0.1:0".parse()?,
+                None,
+                net::client_config(&files, &t)?,
+                &t,
+            )?;
             let conn = ep.connect(addr, net::NAMENODE_SERVER_NAME)?.await?;
             let chunk = Bytes::from(vec![0x5au8; 1 << 20]);
             let start = Instant::now();
@@ -111,10 +125,17 @@ async fn main() -> anyhow::Result<()> {
             let mut ack = [0u8; 8];
             recv.read_exact(&mut ack).await?;
             let secs = start.elapsed().as_secs_f64();
-            anyhow::ensure!(u64::from_le_bytes(ack) == bytes, "server counted a different number of bytes");
+            anyhow::ensure!(
+                u64::from_le_bytes(ack) == bytes,
+                "server counted a different number of bytes"
+            );
             println!("{:.1}", mbps(bytes, secs));
         }
-        Cmd::Mkdirs { config, clients, ops_per_client } => {
+        Cmd::Mkdirs {
+            config,
+            clients,
+            ops_per_client,
+        } => {
             let cfg = lode_client::ClientConfig::load(&config)?;
             let mut handles = vec![];
             let mut conns = vec![];

@@ -59,7 +59,10 @@ impl Suspects {
     }
 
     pub(crate) fn contains(&self, name: &str) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
     }
 }
 

@@ -48,14 +48,24 @@ type Fetched = (Vec<u8>, Vec<(BlockId, String)>);
 
 impl Client {
     /// Reads a whole file into `out`. `progress` is told the bytes written so far.
-    pub async fn get<W: AsyncWrite + Unpin>(&self, remote: &str, out: &mut W, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, Error> {
+    pub async fn get<W: AsyncWrite + Unpin>(
+        &self,
+        remote: &str,
+        out: &mut W,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, Error> {
         let st = self.stat(remote, true).await?;
         self.get_status(&st, out, progress).await
     }
 
     /// Reads the file `st` describes (with blocks) into `out`. Each segment is read by its own task,
     /// so verifying and copying spread over the cores while the output is written in order.
-    pub(crate) async fn get_status<W: AsyncWrite + Unpin>(&self, st: &FileStatus, out: &mut W, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, Error> {
+    pub(crate) async fn get_status<W: AsyncWrite + Unpin>(
+        &self,
+        st: &FileStatus,
+        out: &mut W,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, Error> {
         if st.kind == EntryKind::Directory {
             return Err(Error::Invalid(format!("{}: is a directory", st.path)));
         }
@@ -75,7 +85,10 @@ impl Client {
                 off += len;
             }
         }
-        let fetcher = Fetcher { pool: self.pool.clone(), suspects: self.suspects.clone() };
+        let fetcher = Fetcher {
+            pool: self.pool.clone(),
+            suspects: self.suspects.clone(),
+        };
         let tasks = segments.into_iter().map(|s| {
             let f = fetcher.clone();
             async move {
@@ -95,7 +108,9 @@ impl Client {
                 }
             };
             self.report_corrupt(corrupt).await;
-            out.write_all(&bytes).await.map_err(|e| Error::local("output", e))?;
+            out.write_all(&bytes)
+                .await
+                .map_err(|e| Error::local("output", e))?;
             written += bytes.len() as u64;
             progress(written);
         }
@@ -106,20 +121,30 @@ impl Client {
     async fn report_corrupt(&self, corrupt: Vec<(BlockId, String)>) {
         for (block, datanode) in corrupt {
             tracing::warn!(%block, %datanode, "replica failed its checksum; reporting it");
-            let _ = self.nn(&ClientToNamenode::ReportBadReplica { block, datanode }).await;
+            let _ = self
+                .nn(&ClientToNamenode::ReportBadReplica { block, datanode })
+                .await;
         }
     }
 }
 
 impl Fetcher {
-    async fn fetch_segment(&self, seg: Segment) -> Result<Fetched, (Error, Vec<(BlockId, String)>)> {
+    async fn fetch_segment(
+        &self,
+        seg: Segment,
+    ) -> Result<Fetched, (Error, Vec<(BlockId, String)>)> {
         let mut corrupt = vec![];
         if seg.locations.is_empty() {
-            return Err((Error::Invalid(format!("block {} has no live replica", seg.block)), corrupt));
+            return Err((
+                Error::Invalid(format!("block {} has no live replica", seg.block)),
+                corrupt,
+            ));
         }
         // Spread segments over replicas; replicas that failed lately go last.
         let n = seg.locations.len();
-        let mut order: Vec<&Target> = (0..n).map(|i| &seg.locations[(seg.ordinal + i) % n]).collect();
+        let mut order: Vec<&Target> = (0..n)
+            .map(|i| &seg.locations[(seg.ordinal + i) % n])
+            .collect();
         order.sort_by_key(|t| self.suspects.contains(&t.name));
         let mut last = None;
         for t in order {
