@@ -47,6 +47,8 @@ pub enum InodeKind {
         blocks: Vec<BlockMeta>,
         /// The session writing it, while under construction.
         writer: Option<SessionId>,
+        /// While it is written to replace an existing file: the name it takes on completion.
+        target_name: Option<String>,
     },
 }
 
@@ -85,6 +87,7 @@ pub enum MetaOp {
         session: SessionId,
         mtime_ms: u64,
         replaces: Option<InodeId>,
+        target_name: Option<String>,
     },
     /// Commit `previous` (the current last block) and append a new block.
     AddBlock {
@@ -94,12 +97,14 @@ pub enum MetaOp {
     },
     /// Drop the last block (its pipeline failed).
     AbandonBlock { inode: InodeId, block: BlockId },
-    /// Commit the last block and close the file.
+    /// Commit the last block and close the file; with `rename`, move it onto its target name,
+    /// deleting the file it replaces (if one is still there).
     Complete {
         inode: InodeId,
         last: Option<CommittedBlock>,
         size: u64,
         mtime_ms: u64,
+        rename: Option<(String, Option<InodeId>)>,
     },
     /// Delete an entry and everything under it.
     Delete { inode: InodeId },
@@ -312,6 +317,7 @@ impl<S: MetaStore> Namespace<S> {
                 size,
                 blocks,
                 writer,
+                ..
             } => {
                 let mut offset = 0;
                 let located = if with_blocks {
@@ -461,10 +467,17 @@ impl<S: MetaStore> Namespace<S> {
         now_ms: u64,
     ) -> Result<MetaOp, Error> {
         let (dir, name) = self.parent_dir_of(p)?;
+        let conflict = || {
+            refused(
+                ErrorCode::LeaseConflict,
+                format!("{p}: is being written by another client"),
+            )
+        };
         let mut replaces = None;
+        let mut create_as = name.clone();
+        let mut target_name = None;
         if let Some(id) = self.lookup(dir.id, &name)? {
-            let existing = self.must_get(id)?;
-            match existing.kind {
+            match self.must_get(id)?.kind {
                 InodeKind::Directory => {
                     return Err(refused(
                         ErrorCode::IsADirectory,
@@ -473,30 +486,52 @@ impl<S: MetaStore> Namespace<S> {
                 }
                 InodeKind::File {
                     writer: Some(w), ..
-                } if w != session => {
-                    return Err(refused(
-                        ErrorCode::LeaseConflict,
-                        format!("{p}: is being written by another client"),
-                    ));
-                }
+                } if w != session => return Err(conflict()),
                 InodeKind::File { .. } if !overwrite => {
                     return Err(refused(
                         ErrorCode::AlreadyExists,
                         format!("{p}: file exists (use -f to overwrite)"),
                     ));
                 }
-                InodeKind::File { .. } => replaces = Some(id),
+                // Our own unfinished file: replace it now.
+                InodeKind::File {
+                    writer: Some(_), ..
+                } => replaces = Some(id),
+                // A complete file stays readable until the new one is complete: write under a
+                // hidden name and swap on completion, so a failed overwrite loses nothing.
+                InodeKind::File { writer: None, .. } => {
+                    create_as = replacing_name(&name);
+                    target_name = Some(name.clone());
+                    if let Some(hidden) = self.lookup(dir.id, &create_as)? {
+                        match self.must_get(hidden)?.kind {
+                            InodeKind::File {
+                                writer: Some(w), ..
+                            } if w != session => return Err(conflict()),
+                            InodeKind::File { .. } => replaces = Some(hidden),
+                            InodeKind::Directory => {
+                                return Err(refused(
+                                    ErrorCode::IsADirectory,
+                                    format!(
+                                        "{}: is a directory",
+                                        path::join(&path_of_parent(p), &create_as)
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                }
             }
         }
         Ok(MetaOp::Create {
             parent: dir.id,
-            name,
+            name: create_as,
             inode: ids.inode(),
             replication,
             block_size,
             session,
             mtime_ms: now_ms,
             replaces,
+            target_name,
         })
     }
 
@@ -505,6 +540,16 @@ impl<S: MetaStore> Namespace<S> {
         inode: InodeId,
         session: SessionId,
     ) -> Result<(u64, Vec<BlockMeta>), Error> {
+        let (block_size, blocks, _, _) = self.writing_inode(inode, session)?;
+        Ok((block_size, blocks))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn writing_inode(
+        &self,
+        inode: InodeId,
+        session: SessionId,
+    ) -> Result<(u64, Vec<BlockMeta>, Option<String>, InodeId), Error> {
         let node = self.get(inode)?.ok_or_else(|| {
             refused(
                 ErrorCode::NotFound,
@@ -516,8 +561,9 @@ impl<S: MetaStore> Namespace<S> {
                 writer: Some(w),
                 block_size,
                 blocks,
+                target_name,
                 ..
-            } if w == session => Ok((block_size, blocks)),
+            } if w == session => Ok((block_size, blocks, target_name, node.parent)),
             _ => Err(refused(
                 ErrorCode::LeaseConflict,
                 format!("file {inode}: this client does not hold its lease"),
@@ -596,7 +642,7 @@ impl<S: MetaStore> Namespace<S> {
         size: u64,
         now_ms: u64,
     ) -> Result<MetaOp, Error> {
-        let (block_size, blocks) = self.writing_file(inode, session)?;
+        let (block_size, blocks, target_name, parent) = self.writing_inode(inode, session)?;
         Self::check_commit(blocks.last(), last, None)?;
         let committed: u64 =
             blocks.iter().rev().skip(1).map(|b| b.len).sum::<u64>() + last.map_or(0, |c| c.len);
@@ -606,11 +652,38 @@ impl<S: MetaStore> Namespace<S> {
                 format!("file {inode}: size {size} does not match its blocks ({committed} bytes)"),
             ));
         }
+        let rename = match target_name {
+            None => None,
+            Some(target) => {
+                let replaces = match self.lookup(parent, &target)? {
+                    None => None,
+                    Some(id) => match self.must_get(id)?.kind {
+                        InodeKind::File {
+                            writer: Some(w), ..
+                        } if w != session => {
+                            return Err(refused(
+                                ErrorCode::LeaseConflict,
+                                format!("{target}: is being written by another client"),
+                            ));
+                        }
+                        InodeKind::File { .. } => Some(id),
+                        InodeKind::Directory => {
+                            return Err(refused(
+                                ErrorCode::IsADirectory,
+                                format!("{target}: became a directory"),
+                            ));
+                        }
+                    },
+                };
+                Some((target, replaces))
+            }
+        };
         Ok(MetaOp::Complete {
             inode,
             last,
             size,
             mtime_ms: now_ms,
+            rename,
         })
     }
 
@@ -716,6 +789,7 @@ impl<S: MetaStore> Namespace<S> {
                 session,
                 mtime_ms,
                 replaces,
+                target_name,
             } => {
                 if let Some(old) = replaces {
                     self.delete_subtree(*old, &mut batch, &mut applied)?;
@@ -731,6 +805,7 @@ impl<S: MetaStore> Namespace<S> {
                         size: 0,
                         blocks: vec![],
                         writer: Some(*session),
+                        target_name: target_name.clone(),
                     },
                 };
                 batch.push((inode_key(*inode), Some(encode(&node)?)));
@@ -777,6 +852,7 @@ impl<S: MetaStore> Namespace<S> {
                 last,
                 size,
                 mtime_ms,
+                rename,
             } => {
                 let mut node = self.must_get(*inode)?;
                 node.mtime_ms = *mtime_ms;
@@ -784,15 +860,28 @@ impl<S: MetaStore> Namespace<S> {
                     blocks,
                     writer,
                     size: s,
+                    target_name,
                     ..
                 } = &mut node.kind
                 {
                     commit_into(blocks, *last);
                     *writer = None;
                     *s = *size;
+                    *target_name = None;
                     applied.completed = blocks.iter().map(|b| b.id).collect();
                 }
                 applied.released.push(*inode);
+                if let Some((target, replaces)) = rename {
+                    if let Some(old) = replaces {
+                        self.delete_subtree(*old, &mut batch, &mut applied)?;
+                    }
+                    batch.push((dirent_key(node.parent, &node.name), None));
+                    node.name = target.clone();
+                    batch.push((
+                        dirent_key(node.parent, target),
+                        Some(inode.0.to_be_bytes().to_vec()),
+                    ));
+                }
                 batch.push((inode_key(*inode), Some(encode(&node)?)));
             }
             MetaOp::Delete { inode } => {
@@ -849,6 +938,15 @@ impl<S: MetaStore> Namespace<S> {
         }
         Ok(())
     }
+}
+
+/// The hidden name a file is written under while it replaces `name`.
+pub fn replacing_name(name: &str) -> String {
+    format!(".{name}.lode-replacing")
+}
+
+fn path_of_parent(p: &str) -> String {
+    path::split_parent(p).map_or_else(|| "/".to_string(), |(parent, _)| parent.to_string())
 }
 
 fn commit_into(blocks: &mut [BlockMeta], commit: Option<CommittedBlock>) {
@@ -1000,5 +1098,79 @@ mod tests {
         assert!(ns.children(ROOT).unwrap().is_empty());
         assert_eq!(ns.last_applied().unwrap(), seq);
         assert_eq!(ns.all_inodes().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn overwrite_keeps_the_old_file_until_the_new_one_is_complete() {
+        let (ns, mut ids, mut seq) = setup();
+        let s1 = SessionId(1);
+        let write = |ns: &Namespace<MemStore>,
+                     ids: &mut IdAlloc,
+                     seq: &mut u64,
+                     session,
+                     overwrite,
+                     len| {
+            let create = ns
+                .prepare_create("/f", overwrite, 1, 65536, session, ids, 1)
+                .unwrap();
+            let MetaOp::Create { inode, .. } = create else {
+                unreachable!()
+            };
+            run(ns, seq, vec![create]);
+            let add = ns.prepare_add_block(inode, session, None, ids).unwrap();
+            let MetaOp::AddBlock { block, .. } = add else {
+                unreachable!()
+            };
+            run(ns, seq, vec![add]);
+            (
+                inode,
+                CommittedBlock {
+                    id: block,
+                    len,
+                    cv: Blake3Cv([len as u8; 32]),
+                },
+            )
+        };
+        let (i1, b1) = write(&ns, &mut ids, &mut seq, s1, false, 10);
+        run(
+            &ns,
+            &mut seq,
+            vec![ns.prepare_complete(i1, s1, Some(b1), 10, 2).unwrap()],
+        );
+        // A second session overwrites: the old file stays in place while the new one is written.
+        let s2 = SessionId(2);
+        let (i2, b2) = write(&ns, &mut ids, &mut seq, s2, true, 20);
+        assert_eq!(ns.resolve_existing("/f").unwrap().id, i1);
+        assert_eq!(
+            ns.resolve_existing(&format!("/{}", replacing_name("f")))
+                .unwrap()
+                .id,
+            i2
+        );
+        // A third writer is refused while the second holds the lease.
+        let e = ns
+            .prepare_create("/f", true, 1, 65536, SessionId(3), &mut ids, 3)
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Refused {
+                code: ErrorCode::LeaseConflict,
+                ..
+            }
+        ));
+        let applied = run(
+            &ns,
+            &mut seq,
+            vec![ns.prepare_complete(i2, s2, Some(b2), 20, 4).unwrap()],
+        );
+        assert_eq!(applied.freed, vec![b1.id]);
+        let f = ns.resolve_existing("/f").unwrap();
+        assert_eq!(f.id, i2);
+        assert_eq!(ns.status("/f", &f, false).size, 20);
+        assert_eq!(
+            ns.children(ROOT).unwrap().len(),
+            1,
+            "the hidden name is gone"
+        );
     }
 }

@@ -242,3 +242,54 @@ fn concurrent_writers_and_single_writer_leases() {
     );
     assert_eq!(c.ok(&["cat", "/locked"]), b"second");
 }
+
+#[test]
+fn a_failed_overwrite_keeps_the_old_file() {
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 2,
+        replication: 2,
+        lease_expiry_ms: 2000,
+        ..Default::default()
+    });
+    let old = random_bytes(3 * BLOCK + 5, 77);
+    c.put_bytes("/doc", &old, &[]);
+    let mut writer = Command::new(lode_tests::bin_dir().join("lode"))
+        .args([
+            "--config",
+            c.client_config().to_str().unwrap(),
+            "put",
+            "-f",
+            "-",
+            "/doc",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = writer.stdin.take().unwrap();
+    stdin.write_all(&random_bytes(2 * BLOCK, 78)).unwrap();
+    stdin.flush().unwrap();
+    wait_until(
+        "the overwrite to be under way",
+        Duration::from_secs(10),
+        || c.lode(&["stat", "/.doc.lode-replacing"]).status.success(),
+    );
+    // While the new version is written, readers see the old one.
+    assert_eq!(c.get_bytes("/doc"), old);
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    drop(stdin);
+    wait_until(
+        "the dead writer's file to be removed",
+        Duration::from_secs(20),
+        || !c.lode(&["stat", "/.doc.lode-replacing"]).status.success(),
+    );
+    assert_eq!(c.get_bytes("/doc"), old);
+    // A successful overwrite replaces it.
+    let new = random_bytes(BLOCK + 1, 79);
+    c.put_bytes("/doc", &new, &["-f"]);
+    assert_eq!(c.get_bytes("/doc"), new);
+    let ls: serde_json::Value = serde_json::from_slice(&c.ok(&["ls", "--json", "/"])).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
+}
