@@ -30,6 +30,7 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 struct Segment {
     block: BlockId,
     block_offset_in_file: u64,
+    cv: Option<lode_protocol::Blake3Cv>,
     offset: u64,
     len: u64,
     locations: Vec<Target>,
@@ -77,6 +78,7 @@ impl Client {
                 segments.push(Segment {
                     block: b.id,
                     block_offset_in_file: b.offset,
+                    cv: b.cv,
                     offset: off,
                     len,
                     locations: b.locations.clone(),
@@ -208,11 +210,23 @@ impl Fetcher {
         .map_err(|_| stalled())?
         .map_err(|e| Error::rpc(ctx(), e))?;
         let DatanodeReply::ReadStart {
-            first_piece_offset, ..
+            first_piece_offset,
+            block_len,
+            pieces,
         } = start
         else {
             return Err(unexpected(start));
         };
+        // End to end: the datanode's piece values must merge to the value the writer committed.
+        let committed = seg
+            .cv
+            .is_none_or(|cv| checksum::block_cv(&pieces) == Some(cv));
+        if !committed || pieces.len() as u64 != checksum::piece_count(block_len) {
+            return Err(Error::Corrupt(format!(
+                "block {} from {}: piece values do not match the committed block value",
+                seg.block, t.name
+            )));
+        }
         if first_piece_offset > seg.offset || first_piece_offset % PIECE_BYTES != 0 {
             return Err(Error::Corrupt(format!(
                 "block {}: datanode sent the wrong range",
@@ -229,8 +243,10 @@ impl Fetcher {
                     .map_err(|_| stalled())?
                     .map_err(|e| Error::rpc(ctx(), e))?;
             let Some(header) = header else { break };
-            let at = seg.block_offset_in_file + first_piece_offset + data.len() as u64;
-            if checksum::piece_cv(at, &piece) != header.cv {
+            let in_block = first_piece_offset + data.len() as u64;
+            let at = seg.block_offset_in_file + in_block;
+            let expected = pieces.get((in_block / PIECE_BYTES) as usize);
+            if Some(&checksum::piece_cv(at, &piece)) != expected || expected != Some(&header.cv) {
                 return Err(Error::Corrupt(format!(
                     "block {} from {}: piece at {at} failed its checksum",
                     seg.block, t.name

@@ -162,6 +162,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "error".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -210,7 +210,7 @@ async fn write_block(
             Ok(d) => Some(d),
             Err(e) => {
                 tracing::warn!(%block, next = %targets[0].name, "pipeline: cannot reach next datanode: {e}");
-                failed.extend(targets.iter().map(|t| t.name.clone()));
+                failed.push(targets[0].name.clone());
                 None
             }
         }
@@ -252,7 +252,7 @@ async fn write_block(
             if let Some(d) = &mut downstream {
                 if let Err(e) = net::write_piece(&mut d.send, &header, &data).await {
                     tracing::warn!(%block, next = %d.targets[0].name, "pipeline: forwarding failed: {e}");
-                    failed.extend(d.targets.iter().map(|t| t.name.clone()));
+                    failed.push(d.targets[0].name.clone());
                     downstream = None;
                 }
             }
@@ -286,19 +286,12 @@ async fn write_block(
     if let Some(mut d) = downstream {
         match finish_downstream(&mut d).await {
             Ok((s, f)) => {
-                let ok: Vec<String> = s;
-                failed.extend(
-                    d.targets
-                        .iter()
-                        .filter(|t| !ok.contains(&t.name))
-                        .map(|t| t.name.clone()),
-                );
                 failed.extend(f);
-                stored.extend(ok);
+                stored.extend(s);
             }
             Err(e) => {
                 tracing::warn!(%block, next = %d.targets[0].name, "pipeline: downstream did not acknowledge: {e}");
-                failed.extend(d.targets.iter().map(|t| t.name.clone()));
+                failed.push(d.targets[0].name.clone());
             }
         }
     }
@@ -363,6 +356,7 @@ async fn read_block(
     let start = DatanodeReply::ReadStart {
         block_len: reader.sidecar.len,
         first_piece_offset: first * PIECE_BYTES,
+        pieces: reader.sidecar.pieces.clone(),
     };
     net::write_frame(&mut send, kind::DATANODE_REPLY, &start).await?;
     let (tx, mut rx) = mpsc::channel::<Result<(Blake3Cv, Bytes), Error>>(PIECES_IN_FLIGHT);

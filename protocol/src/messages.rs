@@ -253,15 +253,19 @@ pub enum DatanodeRequest {
 /// Replies from a datanode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DatanodeReply {
-    /// The write finished: names of the nodes that fsynced the block, and those that failed.
+    /// The write finished: names of the nodes that fsynced the block, and those that failed. A node
+    /// after a failed one was never reached and is in neither list (it is not to blame).
     WriteAck {
         stored: Vec<String>,
         failed: Vec<String>,
     },
-    /// Pieces follow, the first one starting at `first_piece_offset` in the block.
+    /// Pieces follow, the first one starting at `first_piece_offset` in the block. `pieces` holds
+    /// the values of every piece of the block, so the reader can check that they merge to the block
+    /// value the namenode recorded before trusting any of them.
     ReadStart {
         block_len: u64,
         first_piece_offset: u64,
+        pieces: Vec<Blake3Cv>,
     },
     /// Piece values of a block.
     Checksums {

@@ -90,7 +90,8 @@ fn a_put_survives_a_datanode_killed_in_the_middle() {
                 .unwrap_or(false)
     });
     c.kill_datanode(1);
-    stdin.write_all(&bytes[16 * BLOCK..]).unwrap();
+    // If the put gave up, its stdin is closed; the assertion below shows why.
+    let _ = stdin.write_all(&bytes[16 * BLOCK..]);
     drop(stdin);
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -292,4 +293,83 @@ fn a_failed_overwrite_keeps_the_old_file() {
     assert_eq!(c.get_bytes("/doc"), new);
     let ls: serde_json::Value = serde_json::from_slice(&c.ok(&["ls", "--json", "/"])).unwrap();
     assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
+}
+
+/// The block file and sidecar of block `id` on datanode `dn` (1-based), wherever its data dir is.
+fn replica_files(
+    c: &Cluster,
+    dn: usize,
+    id: u64,
+) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    ["data1", "data2"].iter().find_map(|d| {
+        let cur = c.dir().join(format!("dn-{dn}")).join(d).join("current");
+        let data = cur.join(format!("blk_{id}"));
+        data.exists()
+            .then(|| (data, cur.join(format!("blk_{id}.meta"))))
+    })
+}
+
+#[test]
+fn corrupt_replicas_are_never_returned() {
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 2,
+        replication: 2,
+        ..Default::default()
+    });
+    let bytes = random_bytes(2 * BLOCK, 11);
+    c.put_bytes("/precious", &bytes, &[]);
+    wait_until("both replicas reported", Duration::from_secs(10), || {
+        live_locations_ok(&c, "/precious", 2)
+    });
+    // Each block here is one read segment, and segment i starts on location i % 2 of its block:
+    // corrupt exactly the replicas the client will try first.
+    let st = c.stat("/precious");
+    let first_try = |i: usize| -> (u64, usize) {
+        let b = &st["blocks"][i];
+        let loc = b["locations"][i % 2].as_str().unwrap();
+        (
+            b["id"].as_u64().unwrap(),
+            loc.trim_start_matches("dn-").parse().unwrap(),
+        )
+    };
+    let (b0, dn0) = first_try(0);
+    let (b1, dn1) = first_try(1);
+
+    // Block 0: flip a byte in the data file (the datanode's own check catches it).
+    let (data, _) = replica_files(&c, dn0, b0).expect("replica of block 0");
+    let mut d = std::fs::read(&data).unwrap();
+    d[1000] ^= 0x40;
+    std::fs::write(&data, &d).unwrap();
+
+    // Block 1: flip a byte *and* rewrite the sidecar to match, as a lying or buggy datanode
+    // would; only the client's end-to-end check against the committed block value catches this.
+    let (data, meta) = replica_files(&c, dn1, b1).expect("replica of block 1");
+    let mut d = std::fs::read(&data).unwrap();
+    d[5] ^= 0x01;
+    std::fs::write(&data, &d).unwrap();
+    let mut m = std::fs::read(&meta).unwrap();
+    let cv = lode_protocol::checksum::piece_cv(BLOCK as u64, &d[..]);
+    m[17..49].copy_from_slice(&cv.0);
+    std::fs::write(&meta, &m).unwrap();
+
+    assert_eq!(c.get_bytes("/precious"), bytes);
+    // The bad replicas were reported and are no longer offered.
+    wait_until(
+        "corrupt replicas to leave the locations",
+        Duration::from_secs(10),
+        || {
+            let st = c.stat("/precious");
+            let locs = |i: usize| -> Vec<String> {
+                st["blocks"][i]["locations"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|l| l.as_str().unwrap().to_string())
+                    .collect()
+            };
+            locs(0) == vec![format!("dn-{}", 3 - dn0)] && locs(1) == vec![format!("dn-{}", 3 - dn1)]
+        },
+    );
+    assert_eq!(c.get_bytes("/precious"), bytes);
+    c.assert_no_unexpected_errors(&["failed its hash check", "the replica is not served"]);
 }
