@@ -34,10 +34,14 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// Resolves relative paths against `base` (the directory of the config file naming them).
+    /// Resolves `~/` against `$HOME` and other relative paths against `base` (the directory of the
+    /// config file naming them).
     pub fn relative_to(mut self, base: &Path) -> Self {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
         for p in [&mut self.ca, &mut self.cert, &mut self.key] {
-            if p.is_relative() {
+            if let (Ok(rest), Some(home)) = (p.strip_prefix("~"), &home) {
+                *p = home.join(rest);
+            } else if p.is_relative() {
                 *p = base.join(&*p);
             }
         }

@@ -1,0 +1,360 @@
+//! Golden bytes: one example of every message, encoded as a whole frame, compared with the files in
+//! `tests/golden/v1/`. A change that alters the bytes fails here and is reviewed for a version bump.
+//! `LODE_BLESS=1 cargo test -p lode-protocol --test golden` rewrites the files.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use lode_protocol::frame::{self, kind, Decoded, FrameHeader, HEADER_BYTES};
+use lode_protocol::messages::*;
+use lode_protocol::{Blake3Cv, BlockId, ErrorCode, InodeId, SessionId, WireError};
+use serde::{de::DeserializeOwned, Serialize};
+
+fn target(i: u8) -> Target {
+    Target {
+        name: format!("dn-{i}"),
+        addr: format!("127.0.0.1:74{i:02}"),
+    }
+}
+
+fn located() -> LocatedBlock {
+    LocatedBlock {
+        id: BlockId(7),
+        offset: 1 << 20,
+        len: 4096,
+        cv: Some(Blake3Cv([3; 32])),
+        locations: vec![target(1), target(2)],
+    }
+}
+
+fn committed() -> CommittedBlock {
+    CommittedBlock {
+        id: BlockId(7),
+        len: 65536,
+        cv: Blake3Cv([9; 32]),
+    }
+}
+
+fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
+    name: &str,
+    k: u16,
+    msg: T,
+) {
+    let bytes = frame::encode_frame(k, &msg).unwrap();
+    let header = FrameHeader::decode(bytes[..HEADER_BYTES].try_into().unwrap()).unwrap();
+    match frame::decode_body::<T>(header, k, &bytes[HEADER_BYTES..]).unwrap() {
+        Decoded::Message(back) => assert_eq!(back, msg, "{name} round trip"),
+        Decoded::Error(e) => panic!("{name} decoded as an error: {e}"),
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/v1")
+        .join(format!("{name}.bin"));
+    if std::env::var_os("LODE_BLESS").is_some() {
+        std::fs::write(&path, &bytes).unwrap();
+        return;
+    }
+    let golden = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (LODE_BLESS=1 writes it)", path.display()));
+    assert_eq!(
+        bytes, golden,
+        "{name}: encoding changed; decide on a version bump, then LODE_BLESS=1"
+    );
+}
+
+#[test]
+fn every_message_matches_its_golden_bytes() {
+    use ClientToNamenode as C;
+    let s = SessionId(0x1122334455667788);
+    let c = kind::CLIENT_TO_NAMENODE;
+    check(
+        "c2n_mkdir",
+        c,
+        C::Mkdir {
+            path: "/a/b".into(),
+            parents: true,
+        },
+    );
+    check("c2n_list", c, C::List { path: "/a".into() });
+    check(
+        "c2n_stat",
+        c,
+        C::Stat {
+            path: "/a/f".into(),
+            blocks: true,
+        },
+    );
+    check(
+        "c2n_delete",
+        c,
+        C::Delete {
+            path: "/a".into(),
+            recursive: true,
+        },
+    );
+    check(
+        "c2n_rename",
+        c,
+        C::Rename {
+            src: "/a".into(),
+            dst: "/b".into(),
+        },
+    );
+    check(
+        "c2n_create",
+        c,
+        C::Create {
+            path: "/f".into(),
+            overwrite: true,
+            replication: Some(3),
+            block_size: Some(1 << 27),
+            session: s,
+        },
+    );
+    check(
+        "c2n_add_block",
+        c,
+        C::AddBlock {
+            inode: InodeId(5),
+            session: s,
+            previous: Some(committed()),
+            exclude: vec!["dn-3".into()],
+        },
+    );
+    check(
+        "c2n_abandon_block",
+        c,
+        C::AbandonBlock {
+            inode: InodeId(5),
+            session: s,
+            block: BlockId(7),
+        },
+    );
+    check(
+        "c2n_complete",
+        c,
+        C::Complete {
+            inode: InodeId(5),
+            session: s,
+            last: Some(committed()),
+            size: 65536,
+        },
+    );
+    check("c2n_renew_lease", c, C::RenewLease { session: s });
+    check("c2n_du", c, C::Du { path: "/".into() });
+    check("c2n_report", c, C::Report);
+    check(
+        "c2n_report_bad_replica",
+        c,
+        C::ReportBadReplica {
+            block: BlockId(7),
+            datanode: "dn-2".into(),
+        },
+    );
+    check(
+        "c2n_abandon_file",
+        c,
+        C::AbandonFile {
+            inode: InodeId(5),
+            session: s,
+        },
+    );
+
+    let r = kind::NAMENODE_REPLY;
+    let status = FileStatus {
+        path: "/f".into(),
+        kind: EntryKind::File,
+        size: 4096,
+        replication: 2,
+        block_size: 65536,
+        mtime_ms: 1_700_000_000_000,
+        complete: true,
+        blocks: vec![located()],
+    };
+    check("n2c_ok", r, NamenodeReply::Ok);
+    check("n2c_status", r, NamenodeReply::Status(status.clone()));
+    check("n2c_listing", r, NamenodeReply::Listing(vec![status]));
+    check(
+        "n2c_created",
+        r,
+        NamenodeReply::Created {
+            inode: InodeId(5),
+            replication: 3,
+            block_size: 65536,
+            lease_ms: 60_000,
+        },
+    );
+    check("n2c_block", r, NamenodeReply::Block(located()));
+    check(
+        "n2c_usage",
+        r,
+        NamenodeReply::Usage {
+            files: 1,
+            directories: 2,
+            bytes: 3,
+            stored_bytes: 9,
+        },
+    );
+    let report = ClusterReport {
+        safemode: false,
+        under_replicated: 1,
+        missing: 0,
+        corrupt: 2,
+        datanodes: vec![DatanodeReport {
+            name: "dn-1".into(),
+            state: "live".into(),
+            addr: "127.0.0.1:7401".into(),
+            last_heartbeat_ms: 12,
+            blocks: 3,
+            capacity: 1 << 40,
+            used: 1 << 20,
+            remaining: 1 << 39,
+        }],
+    };
+    check("n2c_report", r, NamenodeReply::Report(report));
+
+    let d = kind::DATANODE_TO_NAMENODE;
+    let rb = ReportedBlock {
+        id: BlockId(7),
+        len: 65536,
+    };
+    check(
+        "d2n_register",
+        d,
+        DatanodeToNamenode::Register {
+            addr: "127.0.0.1:7401".into(),
+            capacity: 10,
+            used: 5,
+            remaining: 5,
+            blocks: vec![rb],
+        },
+    );
+    check(
+        "d2n_heartbeat",
+        d,
+        DatanodeToNamenode::Heartbeat {
+            capacity: 10,
+            used: 5,
+            remaining: 5,
+            received: vec![rb],
+            deleted: vec![BlockId(8)],
+        },
+    );
+    let n = kind::NAMENODE_TO_DATANODE;
+    check(
+        "n2d_registered",
+        n,
+        NamenodeToDatanode::Registered {
+            delete: vec![BlockId(9)],
+        },
+    );
+    check(
+        "n2d_heartbeat_reply",
+        n,
+        NamenodeToDatanode::HeartbeatReply {
+            reregister: true,
+            delete: vec![BlockId(9)],
+        },
+    );
+
+    let q = kind::DATANODE_REQUEST;
+    check(
+        "dn_write_block",
+        q,
+        DatanodeRequest::WriteBlock {
+            block: BlockId(7),
+            file_offset: 1 << 20,
+            block_size: 1 << 20,
+            downstream: vec![target(2), target(3)],
+        },
+    );
+    check(
+        "dn_read_block",
+        q,
+        DatanodeRequest::ReadBlock {
+            block: BlockId(7),
+            offset: 65536,
+            len: 100,
+        },
+    );
+    check(
+        "dn_block_checksums",
+        q,
+        DatanodeRequest::BlockChecksums { block: BlockId(7) },
+    );
+    let p = kind::DATANODE_REPLY;
+    check(
+        "dn_write_ack",
+        p,
+        DatanodeReply::WriteAck {
+            stored: vec!["dn-1".into()],
+            failed: vec!["dn-2".into()],
+        },
+    );
+    check(
+        "dn_read_start",
+        p,
+        DatanodeReply::ReadStart {
+            block_len: 65536,
+            first_piece_offset: 0,
+            pieces: vec![Blake3Cv([1; 32])],
+        },
+    );
+    check(
+        "dn_checksums",
+        p,
+        DatanodeReply::Checksums {
+            block_len: 65536,
+            pieces: vec![Blake3Cv([2; 32])],
+        },
+    );
+
+    check(
+        "error",
+        kind::ERROR,
+        WireError::new(ErrorCode::NotFound, "/x: no such file or directory"),
+    );
+}
+
+/// Arbitrary bytes never make a decoder panic or allocate what a length merely claims.
+#[test]
+fn decoders_survive_arbitrary_bytes() {
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for round in 0..20_000 {
+        let len = (next() % 300) as usize;
+        let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let mut head = [0u8; HEADER_BYTES];
+        for (i, b) in head.iter_mut().enumerate() {
+            *b = bytes.get(i).copied().unwrap_or(0);
+        }
+        if round % 2 == 0 {
+            head[6] = frame::ENCODING_VERSION;
+        }
+        if let Ok(h) = FrameHeader::decode(&head) {
+            assert!(h.len <= frame::MAX_FRAME_BYTES);
+        }
+        let h = FrameHeader {
+            len: bytes.len() as u32,
+            kind: (next() % 16) as u16,
+            version: frame::ENCODING_VERSION,
+        };
+        let _ = frame::decode_body::<ClientToNamenode>(h, kind::CLIENT_TO_NAMENODE, &bytes);
+        let _ = frame::decode_body::<DatanodeToNamenode>(h, kind::DATANODE_TO_NAMENODE, &bytes);
+        let _ = frame::decode_body::<DatanodeRequest>(h, kind::DATANODE_REQUEST, &bytes);
+        let _ = frame::decode_body::<DatanodeReply>(h, kind::DATANODE_REPLY, &bytes);
+        let _ = frame::decode_body::<NamenodeReply>(h, kind::NAMENODE_REPLY, &bytes);
+        let mut ph = [0u8; frame::PIECE_HEADER_BYTES];
+        for (i, b) in ph.iter_mut().enumerate() {
+            *b = bytes.get(i).copied().unwrap_or(0);
+        }
+        if let Ok(p) = frame::PieceHeader::decode(&ph) {
+            assert!(u64::from(p.len) <= lode_protocol::checksum::PIECE_BYTES);
+        }
+    }
+}
