@@ -15,13 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lode_protocol::net::Pool;
-use tokio::sync::watch;
 
 pub use config::Config;
 pub use error::Error;
 
-/// Signals shutdown when its value becomes `true`.
-pub type ShutdownSignal = watch::Receiver<bool>;
+pub use lode_protocol::service::ShutdownSignal;
 
 /// Opens the block store, registers with the namenode and serves on `endpoint` until `shutdown`.
 pub async fn run(

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use lode_datanode::Config;
-use lode_protocol::net;
+use lode_protocol::service;
 
 /// The Lode datanode.
 #[derive(Parser)]
@@ -19,14 +19,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LODE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    service::init_logging("info");
     if let Err(e) = start(args) {
         eprintln!("lode-datanode: {e:#}");
         std::process::exit(1);
@@ -39,26 +32,9 @@ async fn start(args: Args) -> anyhow::Result<()> {
     if let Some(l) = args.listen {
         config.listen = l;
     }
-    let client = net::client_config(&config.tls, &config.transport)?;
-    let server = net::server_config(&config.tls, &config.transport)?;
-    let endpoint = net::endpoint(config.listen, Some(server), client, &config.transport)?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = tx.send(true);
-    });
-    lode_datanode::run(config, endpoint, rx)
+    let endpoint = service::bind_server(config.listen, &config.tls, &config.transport)?;
+    let shutdown = service::shutdown_on_signals();
+    lode_datanode::run(config, endpoint, shutdown)
         .await
         .context("datanode stopped")
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -8,8 +8,9 @@ use lode_protocol::checksum::{self, PIECE_BYTES};
 use lode_protocol::frame::{kind, PieceHeader};
 use lode_protocol::messages::{DatanodeReply, DatanodeRequest, ReportedBlock, Target};
 use lode_protocol::net::{self, Pool, RpcError};
+use lode_protocol::service;
 use lode_protocol::{Blake3Cv, BlockId, ErrorCode, WireError};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 
 use crate::error::{to_wire, Error};
 use crate::heartbeat::Reports;
@@ -40,52 +41,27 @@ pub struct Shared {
 pub async fn serve(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    loop {
-        let incoming = tokio::select! {
-            i = endpoint.accept() => i,
-            _ = shutdown.changed() => break,
-        };
-        let Some(incoming) = incoming else { break };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            incoming.refuse();
-            continue;
-        };
+    let limits = service::Limits {
+        connections: CONNECTIONS_MAX,
+        streams_per_connection: STREAMS_PER_CONNECTION,
+    };
+    service::accept_loop(endpoint, limits, shutdown, move |identity, send, recv| {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Ok(conn) = incoming.await else { return };
-            let Some(identity) = net::peer_identity(&conn) else {
-                conn.close(1u32.into(), b"certificate has no lode role");
-                return;
-            };
-            let streams = Arc::new(Semaphore::new(STREAMS_PER_CONNECTION));
-            loop {
-                let Ok(permit) = streams.clone().acquire_owned().await else {
-                    return;
-                };
-                let Ok((send, recv)) = conn.accept_bi().await else {
-                    return;
-                };
-                let shared = shared.clone();
-                let peer = identity.name.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    if let Err(e) = serve_stream(send, recv, &shared).await {
-                        tracing::debug!(%peer, "stream ended: {e}");
-                    }
-                });
+        async move {
+            if let Err(e) = serve_stream(send, recv, &identity, &shared).await {
+                tracing::debug!(peer = %identity.name, "stream ended: {e}");
             }
-        });
-    }
-    endpoint.close(0u32.into(), b"shutdown");
+        }
+    })
+    .await;
 }
 
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    _identity: &lode_protocol::net::Identity,
     shared: &Shared,
 ) -> Result<(), RpcError> {
     let req = match net::read_frame::<DatanodeRequest>(&mut recv, kind::DATANODE_REQUEST).await {

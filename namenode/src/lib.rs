@@ -18,8 +18,6 @@ pub mod writer;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-
 pub use config::Config;
 pub use error::Error;
 
@@ -29,8 +27,7 @@ use crate::state::{State, Timing};
 use crate::store::{MetaStore, SledStore};
 use crate::writer::{Mutation, Writer};
 
-/// Signals shutdown when its value becomes `true`.
-pub type ShutdownSignal = watch::Receiver<bool>;
+pub use lode_protocol::service::ShutdownSignal;
 
 /// Recovers the namespace (replaying edits the store has not applied), then serves on `endpoint`
 /// until `shutdown` fires or the namespace writer fails.

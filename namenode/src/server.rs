@@ -9,8 +9,9 @@ use lode_protocol::messages::{
     ClientToNamenode, DatanodeToNamenode, EntryKind, NamenodeReply, NamenodeToDatanode,
 };
 use lode_protocol::net::{self, Identity, Role, RpcError};
+use lode_protocol::service;
 use lode_protocol::{checksum, path, DecodeError, ErrorCode, WireError};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::error::{to_wire, Error};
@@ -49,58 +50,21 @@ impl Shared {
 pub async fn serve(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    loop {
-        let incoming = tokio::select! {
-            i = endpoint.accept() => i,
-            _ = shutdown.changed() => break,
-        };
-        let Some(incoming) = incoming else { break };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            incoming.refuse();
-            continue;
-        };
+    let limits = service::Limits {
+        connections: CONNECTIONS_MAX,
+        streams_per_connection: STREAMS_PER_CONNECTION,
+    };
+    service::accept_loop(endpoint, limits, shutdown, move |identity, send, recv| {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!("handshake failed: {e}");
-                    return;
-                }
-            };
-            let Some(identity) = net::peer_identity(&conn) else {
-                conn.close(1u32.into(), b"certificate has no lode role");
-                return;
-            };
-            serve_connection(conn, identity, shared).await;
-        });
-    }
-    endpoint.close(0u32.into(), b"shutdown");
-}
-
-async fn serve_connection(conn: quinn::Connection, identity: Identity, shared: Arc<Shared>) {
-    let streams = Arc::new(Semaphore::new(STREAMS_PER_CONNECTION));
-    loop {
-        let Ok(permit) = streams.clone().acquire_owned().await else {
-            return;
-        };
-        let (send, recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        let shared = shared.clone();
-        let identity = identity.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
             if let Err(e) = serve_stream(send, recv, &identity, &shared).await {
                 tracing::debug!(peer = %identity.name, "stream ended: {e}");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn serve_stream(

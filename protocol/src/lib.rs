@@ -14,6 +14,7 @@ pub mod ids;
 pub mod messages;
 pub mod net;
 pub mod path;
+pub mod service;
 
 pub use error::{DecodeError, ErrorCode, WireError};
 pub use ids::{Blake3Cv, BlockId, InodeId, SessionId};

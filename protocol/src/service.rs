@@ -1,0 +1,120 @@
+//! What every server process shares: the accept loop (connection and stream limits, identity from
+//! the certificate), binding a server endpoint, logging setup and shutdown on SIGTERM / Ctrl-C.
+//! Keeping these in one place stops the services drifting apart.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{watch, Semaphore};
+
+use crate::net::{self, Identity, NetError, TlsFiles, TransportConfig};
+
+/// Signals shutdown when its value becomes `true`.
+pub type ShutdownSignal = watch::Receiver<bool>;
+
+/// Bounds on what one server accepts at once.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; more are refused.
+    pub connections: usize,
+    /// Requests (streams) served at once on one connection; more wait.
+    pub streams_per_connection: usize,
+}
+
+/// Binds a server endpoint that requires client certificates from the cluster CA and can also
+/// connect out (datanodes forward to each other) with the same identity.
+pub fn bind_server(
+    listen: SocketAddr,
+    tls: &TlsFiles,
+    transport: &TransportConfig,
+) -> Result<quinn::Endpoint, NetError> {
+    let client = net::client_config(tls, transport)?;
+    let server = net::server_config(tls, transport)?;
+    net::endpoint(listen, Some(server), client, transport)
+}
+
+/// Accepts connections until `shutdown` fires, and runs `handle` for every request stream with the
+/// caller's identity. A connection without a Lode role in its certificate is closed.
+pub async fn accept_loop<F, Fut>(
+    endpoint: quinn::Endpoint,
+    limits: Limits,
+    mut shutdown: ShutdownSignal,
+    handle: F,
+) where
+    F: Fn(Identity, quinn::SendStream, quinn::RecvStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let handle = Arc::new(handle);
+    let connections = Arc::new(Semaphore::new(limits.connections));
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shutdown.changed() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!("handshake failed: {e}");
+                    return;
+                }
+            };
+            let Some(identity) = net::peer_identity(&conn) else {
+                conn.close(1u32.into(), b"certificate has no lode role");
+                return;
+            };
+            let streams = Arc::new(Semaphore::new(limits.streams_per_connection));
+            loop {
+                let Ok(permit) = streams.clone().acquire_owned().await else {
+                    return;
+                };
+                let Ok((send, recv)) = conn.accept_bi().await else {
+                    return;
+                };
+                let fut = handle(identity.clone(), send, recv);
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    fut.await;
+                });
+            }
+        });
+    }
+    endpoint.close(0u32.into(), b"shutdown");
+}
+
+/// Logs to stderr at the level in `$LODE_LOG` (default `default_level`), colored only on a terminal.
+pub fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LODE_LOG")
+        .unwrap_or_else(|_| default_level.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// A shutdown signal that fires on SIGTERM or Ctrl-C.
+pub fn shutdown_on_signals() -> ShutdownSignal {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
