@@ -64,6 +64,7 @@ sync
 t0=$(now); "$BIN/lode" get /bench.bin - > /dev/null; t1=$(now)
 GET_NULL=$(rate $BYTES $t0 $t1)
 MKDIRS=$("$BIN/lode-bench" mkdirs --config "$LODE_CONFIG" --clients 8 --ops-per-client 250)
+MKDIRS1=$("$BIN/lode-bench" mkdirs --config "$LODE_CONFIG" --clients 1 --ops-per-client 500)
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 printf '\n%-44s %10s %12s\n' "what (${SIZE_MIB} MiB, $(nproc) cores)" "MB/s" "x transport"
@@ -73,4 +74,5 @@ printf '%-44s %10s %12s\n' "blake3, one core" "$HASH_RATE" "$(ratio $HASH_RATE $
 printf '%-44s %10s %12s\n' "lode put, replication 3" "$PUT" "$(ratio $PUT $TRANSPORT)"
 printf '%-44s %10s %12s\n' "lode get to a local file" "$GET" "$(ratio $GET $TRANSPORT)"
 printf '%-44s %10s %12s\n' "lode get to /dev/null" "$GET_NULL" "$(ratio $GET_NULL $TRANSPORT)"
-printf '%-44s %10s\n' "durable mkdir ops/s, 8 concurrent clients" "$MKDIRS"
+printf '%-44s %10s\n' "durable mkdir ops/s, 1 client" "$MKDIRS1"
+printf '%-44s %10s %12s\n' "durable mkdir ops/s, 8 concurrent clients" "$MKDIRS" "$(ratio $MKDIRS $MKDIRS1) x 1 client"

@@ -227,6 +227,10 @@ fn concurrent_writers_and_single_writer_leases() {
         err.contains("/locked") && err.contains("another client"),
         "{err}"
     );
+    // The live writer renews its lease: past the 2 s expiry it still holds the file.
+    std::thread::sleep(Duration::from_millis(3000));
+    let err = c.fails(&["put", "-f", local.to_str().unwrap(), "/locked"]);
+    assert!(err.contains("another client"), "{err}");
 
     // The first writer dies without closing: its lease expires and the path is free again.
     first.kill().unwrap();
@@ -372,4 +376,44 @@ fn corrupt_replicas_are_never_returned() {
     );
     assert_eq!(c.get_bytes("/precious"), bytes);
     c.assert_no_unexpected_errors(&["failed its hash check", "the replica is not served"]);
+}
+
+#[test]
+fn a_restarted_datanode_rejoins_and_drops_replicas_deleted_while_it_was_down() {
+    let mut c = Cluster::start(ClusterSpec {
+        datanodes: 2,
+        replication: 2,
+        ..Default::default()
+    });
+    let keep = random_bytes(3 * BLOCK, 21);
+    let gone = random_bytes(3 * BLOCK, 22);
+    c.put_bytes("/keep", &keep, &[]);
+    c.put_bytes("/gone", &gone, &[]);
+    wait_until("replicas reported", Duration::from_secs(10), || {
+        live_locations_ok(&c, "/keep", 2) && live_locations_ok(&c, "/gone", 2)
+    });
+    let gone_ids: Vec<u64> = c.stat("/gone")["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_u64().unwrap())
+        .collect();
+    c.kill_datanode(1);
+    c.ok(&["rm", "/gone"]);
+    c.start_datanode(1);
+    // It re-registers with a full report; the namenode tells it to drop what no file owns.
+    wait_until(
+        "deleted replicas removed from the restarted datanode",
+        Duration::from_secs(20),
+        || {
+            gone_ids
+                .iter()
+                .all(|id| replica_files(&c, 1, *id).is_none())
+        },
+    );
+    wait_until("dn-1 serving /keep again", Duration::from_secs(20), || {
+        live_locations_ok(&c, "/keep", 2)
+    });
+    c.kill_datanode(2);
+    assert_eq!(c.get_bytes("/keep"), keep);
 }
