@@ -269,15 +269,20 @@ fn progress_bar(total: Option<u64>) -> Option<ProgressBar> {
     if !(std::io::stderr().is_terminal() && std::io::stdout().is_terminal()) {
         return None;
     }
-    let pb = match total {
-        Some(t) => ProgressBar::new(t),
-        None => ProgressBar::new_spinner(),
+    let (pb, template) = match total {
+        Some(t) => (
+            ProgressBar::new(t),
+            "{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+        ),
+        None => (
+            ProgressBar::new_spinner(),
+            "{spinner} {binary_bytes} {binary_bytes_per_sec} {elapsed}",
+        ),
     };
-    let style = ProgressStyle::with_template(
-        "{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    pb.set_style(style);
+    pb.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
     Some(pb)
 }
 
