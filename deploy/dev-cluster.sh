@@ -60,7 +60,16 @@ build() {
   done
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file's process is alive if it exists and is not a zombie (a killed daemon whose parent has
+# not reaped it yet counts as dead).
+pid_alive() {
+  [ -f "$1" ] || return 1
+  local pid state
+  pid=$(cat "$1")
+  kill -0 "$pid" 2>/dev/null || return 1
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo "?")
+  [ "$state" != Z ]
+}
 
 saved_datanodes() {
   if [ -f "$DIR/cluster.env" ]; then . "$DIR/cluster.env"; echo "$CLUSTER_DATANODES"; else echo "$DATANODES"; fi
@@ -129,6 +138,10 @@ start_datanode() {
 kill_pid() {
   local f=$1 sig=$2
   if pid_alive "$f"; then kill "-$sig" "$(cat "$f")" 2>/dev/null || true; fi
+  if [ "$sig" = KILL ]; then
+    local deadline=$((SECONDS + 5))
+    while pid_alive "$f" && [ $SECONDS -lt $deadline ]; do sleep 0.05; done
+  fi
 }
 
 wait_registered() {

@@ -70,6 +70,12 @@ impl Config {
 
     /// Checks every range.
     pub fn validate(&self) -> Result<(), String> {
+        if self.advertise.is_none() && self.listen.ip().is_unspecified() {
+            return Err(format!(
+                "listen = \"{}\" is a wildcard address; set advertise to the address clients should use",
+                self.listen
+            ));
+        }
         if self.name.is_empty()
             || !self
                 .name

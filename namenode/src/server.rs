@@ -261,7 +261,8 @@ async fn handle_client(req: ClientToNamenode, shared: &Shared) -> Result<Namenod
             previous,
             exclude,
         } => {
-            let node = shared.ns.get(inode)?.ok_or_else(|| {
+            let ns = shared.ns.clone();
+            let node = blocking(move || ns.get(inode)).await?.ok_or_else(|| {
                 Error::refused(
                     ErrorCode::NotFound,
                     format!("file {inode} no longer exists"),

@@ -1,0 +1,135 @@
+//! The dev-cluster script's contract: `up` starts a namenode and N datanodes with fresh certificates,
+//! waits for registration and prints `export LODE_CONFIG=DIR/client.toml`; `status`, `kill-datanode`,
+//! `start-datanode`, `kill-namenode`, `start-namenode` and `down` do what they say.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use lode_tests::wait_until;
+
+fn script(dir: &Path, port: u16, args: &[&str]) -> Output {
+    Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/dev-cluster.sh"))
+        .args(args)
+        .args(["--dir", dir.to_str().unwrap()])
+        .env("LODE_DEV_PROFILE", "debug")
+        .env("LODE_DEV_BASE_PORT", port.to_string())
+        .output()
+        .unwrap()
+}
+
+fn lode(config: &str, args: &[&str]) -> Output {
+    Command::new(lode_tests::bin_dir().join("lode"))
+        .env("LODE_CONFIG", config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn live(config: &str) -> usize {
+    let out = lode(config, &["admin", "report", "--json"]);
+    if !out.status.success() {
+        return 0;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["datanodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["state"] == "live")
+        .count()
+}
+
+#[test]
+fn dev_cluster_script_subcommands() {
+    let dir = tempfile::tempdir().unwrap();
+    // A base port unlikely to collide with other tests or a developer's own dev cluster.
+    let port = 20_000 + (std::process::id() % 20_000) as u16;
+    let up = script(dir.path(), port, &["up", "--datanodes", "2"]);
+    assert!(
+        up.status.success(),
+        "up failed: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let stdout = String::from_utf8(up.stdout).unwrap();
+    let config = dir.path().join("client.toml");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l == format!("export LODE_CONFIG={}", config.display())),
+        "{stdout}"
+    );
+    let config = config.to_str().unwrap();
+    assert_eq!(live(config), 2);
+
+    let put = Command::new(lode_tests::bin_dir().join("lode"))
+        .env("LODE_CONFIG", config)
+        .args(["put", "-", "/hello"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"hello dev cluster")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(put.status.success());
+
+    let status = script(dir.path(), port, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(
+        text.contains("namenode: running") && text.contains("dn-2: running"),
+        "{text}"
+    );
+
+    assert!(script(dir.path(), port, &["kill-datanode", "1"])
+        .status
+        .success());
+    let text = String::from_utf8_lossy(&script(dir.path(), port, &["status"]).stdout).to_string();
+    assert!(text.contains("dn-1: stopped"), "{text}");
+    assert_eq!(
+        lode(config, &["cat", "/hello"]).stdout,
+        b"hello dev cluster"
+    );
+    assert!(script(dir.path(), port, &["start-datanode", "1"])
+        .status
+        .success());
+    wait_until("dn-1 back", Duration::from_secs(30), || live(config) == 2);
+
+    assert!(script(dir.path(), port, &["kill-namenode"])
+        .status
+        .success());
+    assert!(!lode(config, &["ls", "/"]).status.success());
+    assert!(script(dir.path(), port, &["start-namenode"])
+        .status
+        .success());
+    wait_until(
+        "namenode back with both datanodes",
+        Duration::from_secs(30),
+        || live(config) == 2,
+    );
+    assert_eq!(
+        lode(config, &["cat", "/hello"]).stdout,
+        b"hello dev cluster"
+    );
+
+    assert!(script(dir.path(), port, &["down"]).status.success());
+    let text = String::from_utf8_lossy(&script(dir.path(), port, &["status"]).stdout).to_string();
+    assert!(
+        text.contains("namenode: stopped") && text.contains("dn-1: stopped"),
+        "{text}"
+    );
+    // A bad argument is a usage error.
+    assert_eq!(
+        script(dir.path(), port, &["up", "--datanodes", "zero"])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        script(dir.path(), port, &["frobnicate"]).status.code(),
+        Some(2)
+    );
+}
