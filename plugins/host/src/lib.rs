@@ -1,0 +1,397 @@
+//! Runs Lode plugins without trusting them: every call happens in a fresh `lode-plugin-host` child
+//! process that applies its sandbox (see [`sandbox`]) *before* loading the plugin, so even the
+//! plugin's initializers are confined. The parent enforces the wall-clock and output limits and
+//! turns every way a child can die into an [`Error`] that names the plugin and the cause.
+//!
+//! The block a task reads reaches the child as its stdin file descriptor (no copy through the
+//! caller); the child checks every 64 KiB piece against the block's sidecar values before the
+//! plugin sees it. Read [`Host`] first.
+
+pub mod child;
+pub mod sandbox;
+pub mod wire;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub use wire::RunSpec;
+use wire::{exit, ChildLimits, Request};
+
+/// Limits for one plugin call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Address space of the child, bytes. Default 1 GiB.
+    pub memory_bytes: u64,
+    /// CPU time, seconds. Default 60.
+    pub cpu_secs: u64,
+    /// Wall-clock time. Default 120 s.
+    pub wall: Duration,
+    /// Largest result accepted, bytes. Default 16 MiB.
+    pub output_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 1 << 30,
+            cpu_secs: 60,
+            wall: Duration::from_secs(120),
+            output_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Why a plugin call failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// The child died on a signal (segfault, abort, ...).
+    #[error("plugin {plugin} crashed ({signal})")]
+    Crashed {
+        /// Plugin file.
+        plugin: String,
+        /// The signal, in words.
+        signal: String,
+    },
+    /// The plugin hit its memory limit.
+    #[error("plugin {plugin} exceeded its memory limit of {limit_bytes} bytes")]
+    Memory {
+        /// Plugin file.
+        plugin: String,
+        /// The limit.
+        limit_bytes: u64,
+    },
+    /// The plugin used up its CPU time.
+    #[error("plugin {plugin} exceeded its CPU limit of {secs} s")]
+    Cpu {
+        /// Plugin file.
+        plugin: String,
+        /// The limit.
+        secs: u64,
+    },
+    /// The plugin ran past its wall-clock limit and was killed.
+    #[error("plugin {plugin} ran longer than {secs} s and was killed")]
+    WallClock {
+        /// Plugin file.
+        plugin: String,
+        /// The limit.
+        secs: u64,
+    },
+    /// The plugin produced more output than allowed.
+    #[error("plugin {plugin} produced more than {limit_bytes} bytes of result")]
+    OutputTooLarge {
+        /// Plugin file.
+        plugin: String,
+        /// The limit.
+        limit_bytes: usize,
+    },
+    /// A plugin call returned an error, or its arguments were refused.
+    #[error("plugin {plugin}: {message}")]
+    Plugin {
+        /// Plugin file.
+        plugin: String,
+        /// What it said.
+        message: String,
+    },
+    /// The file is not a plugin (not a shared library, missing exports, wrong ABI version).
+    #[error("{plugin} is not a usable plugin: {message}")]
+    NotAPlugin {
+        /// Plugin file.
+        plugin: String,
+        /// Why.
+        message: String,
+    },
+    /// The block failed its checksum.
+    #[error("plugin {plugin}: input {message}")]
+    Corrupt {
+        /// Plugin file.
+        plugin: String,
+        /// Where.
+        message: String,
+    },
+    /// Starting or talking to the child failed.
+    #[error("plugin host: {0}")]
+    Host(String),
+}
+
+/// What `inspect` learns about a plugin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginInfo {
+    /// `lode_plugin_name()`.
+    pub name: String,
+    /// `lode_plugin_input_mode()`: 0 bytes, 1 lines.
+    pub input_mode: u32,
+    /// Whether it exports `lode_plugin_render`.
+    pub has_render: bool,
+}
+
+/// The result of one task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskOutput {
+    /// Bytes fed to the plugin.
+    pub bytes_fed: u64,
+    /// The partial result.
+    pub partial: Vec<u8>,
+}
+
+/// Starts sandboxed plugin calls through a `lode-plugin-host` executable.
+#[derive(Clone, Debug)]
+pub struct Host {
+    exe: PathBuf,
+    limits: Limits,
+}
+
+impl Host {
+    /// A host using the given `lode-plugin-host` executable.
+    pub fn new(exe: PathBuf, limits: Limits) -> Host {
+        Host { exe, limits }
+    }
+
+    /// Finds `lode-plugin-host` next to the running executable (where cargo and installs put it).
+    pub fn beside_current_exe(limits: Limits) -> Result<Host, Error> {
+        let exe = std::env::current_exe().map_err(|e| Error::Host(format!("current exe: {e}")))?;
+        let dir = exe
+            .parent()
+            .ok_or_else(|| Error::Host("executable has no directory".into()))?;
+        for candidate in [
+            dir.join("lode-plugin-host"),
+            dir.join("../lode-plugin-host"),
+        ] {
+            if candidate.exists() {
+                return Ok(Host::new(candidate, limits));
+            }
+        }
+        Err(Error::Host(format!(
+            "lode-plugin-host not found next to {}",
+            exe.display()
+        )))
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Runs one task: `block` is the block file, read by the child directly.
+    pub fn run(&self, plugin: &Path, block: &File, spec: RunSpec) -> Result<TaskOutput, Error> {
+        let out = self.call(plugin, Request::Run(spec), Some(block))?;
+        if out.len() < 8 {
+            return Err(Error::Host("short task output".into()));
+        }
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&out[..8]);
+        Ok(TaskOutput {
+            bytes_fed: u64::from_le_bytes(n),
+            partial: out[8..].to_vec(),
+        })
+    }
+
+    /// Combines partial results.
+    pub fn combine(&self, plugin: &Path, parts: Vec<Vec<u8>>) -> Result<Vec<u8>, Error> {
+        self.call(plugin, Request::Combine(parts), None)
+    }
+
+    /// Renders a final partial for humans (the partial itself when the plugin has no render).
+    pub fn render(&self, plugin: &Path, partial: Vec<u8>) -> Result<Vec<u8>, Error> {
+        self.call(plugin, Request::Render(partial), None)
+    }
+
+    /// Loads a plugin (in the sandbox) and reports its name and input mode.
+    pub fn inspect(&self, plugin: &Path) -> Result<PluginInfo, Error> {
+        let out = self.call(plugin, Request::Inspect, None)?;
+        let text = String::from_utf8_lossy(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        match lines.as_slice() {
+            [name, "1", mode, render] => Ok(PluginInfo {
+                name: name.to_string(),
+                input_mode: mode
+                    .parse()
+                    .map_err(|_| Error::Host("bad inspect output".into()))?,
+                has_render: *render == "1",
+            }),
+            _ => Err(Error::Host("bad inspect output".into())),
+        }
+    }
+
+    /// The protections a sandboxed child gets on this machine (e.g. `rlimits,no_new_privs,seccomp`).
+    pub fn probe(&self) -> Result<Vec<String>, Error> {
+        let out = self.call(Path::new("/nonexistent-probe"), Request::Probe, None)?;
+        Ok(String::from_utf8_lossy(&out)
+            .split(',')
+            .map(str::to_string)
+            .collect())
+    }
+
+    fn call(&self, plugin: &Path, req: Request, block: Option<&File>) -> Result<Vec<u8>, Error> {
+        let name = plugin.display().to_string();
+        let limits = ChildLimits {
+            memory_bytes: self.limits.memory_bytes,
+            cpu_secs: self.limits.cpu_secs,
+        };
+        let control = wire::encode(&req, limits);
+        let (control_read, mut control_write) =
+            pipe().map_err(|e| Error::Host(format!("pipe: {e}")))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg(plugin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_clear();
+        match block {
+            Some(f) => cmd.stdin(
+                f.try_clone()
+                    .map_err(|e| Error::Host(format!("dup block fd: {e}")))?,
+            ),
+            None => cmd.stdin(Stdio::null()),
+        };
+        let fd = control_read.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if fd == 3 {
+                    let flags = libc::fcntl(3, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::Host(format!("start {}: {e}", self.exe.display())))?;
+        drop(control_read);
+        let writer = std::thread::spawn(move || {
+            let _ = control_write.write_all(&control);
+        });
+        let mut stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| Error::Host("no stdout".into()))?;
+        let mut stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| Error::Host("no stderr".into()))?;
+        let cap = self.limits.output_bytes;
+        let (out_tx, out_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let r = (&mut stdout).take(cap as u64 + 9).read_to_end(&mut buf);
+            let _ = out_tx.send(r.map(|_| buf));
+        });
+        let err_reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut buf);
+            buf
+        });
+        // Wait for the output (the child closes stdout when it exits) within the wall-clock limit.
+        let deadline = Instant::now() + self.limits.wall;
+        let output = out_rx.recv_timeout(self.limits.wall);
+        let timed_out = output.is_err();
+        let too_large = matches!(&output, Ok(Ok(b)) if b.len() > cap + 8);
+        if timed_out || too_large {
+            let _ = child.kill();
+        }
+        let status = child
+            .wait()
+            .map_err(|e| Error::Host(format!("wait: {e}")))?;
+        let _ = writer.join();
+        let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default())
+            .trim()
+            .to_string();
+        if timed_out || Instant::now() > deadline && !status.success() {
+            return Err(Error::WallClock {
+                plugin: name,
+                secs: self.limits.wall.as_secs(),
+            });
+        }
+        if too_large {
+            return Err(Error::OutputTooLarge {
+                plugin: name,
+                limit_bytes: cap,
+            });
+        }
+        let output = match output {
+            Ok(Ok(b)) => b,
+            _ => Vec::new(),
+        };
+        if let Some(sig) = status.signal() {
+            return Err(match sig {
+                libc::SIGXCPU => Error::Cpu {
+                    plugin: name,
+                    secs: self.limits.cpu_secs,
+                },
+                libc::SIGABRT if stderr.contains("memory allocation") => Error::Memory {
+                    plugin: name,
+                    limit_bytes: self.limits.memory_bytes,
+                },
+                libc::SIGKILL if stderr.is_empty() => Error::Cpu {
+                    plugin: name,
+                    secs: self.limits.cpu_secs,
+                },
+                s => Error::Crashed {
+                    plugin: name,
+                    signal: signal_name(s),
+                },
+            });
+        }
+        match status.code() {
+            Some(0) => Ok(output),
+            Some(exit::PLUGIN_ERROR) if stderr.contains("memory allocation") => {
+                Err(Error::Memory {
+                    plugin: name,
+                    limit_bytes: self.limits.memory_bytes,
+                })
+            }
+            Some(exit::PLUGIN_ERROR) => Err(Error::Plugin {
+                plugin: name,
+                message: stderr,
+            }),
+            Some(exit::NOT_A_PLUGIN | exit::MISSING_EXPORT | exit::ABI_MISMATCH) => {
+                Err(Error::NotAPlugin {
+                    plugin: name,
+                    message: stderr,
+                })
+            }
+            Some(exit::CORRUPT) => Err(Error::Corrupt {
+                plugin: name,
+                message: stderr,
+            }),
+            Some(code) => Err(Error::Host(format!("child exited with {code}: {stderr}"))),
+            None => Err(Error::Host("child ended without a status".into())),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGSEGV => "segmentation fault",
+        libc::SIGBUS => "bus error",
+        libc::SIGILL => "illegal instruction",
+        libc::SIGFPE => "arithmetic error",
+        libc::SIGABRT => "aborted",
+        libc::SIGKILL => "killed",
+        libc::SIGSYS => "forbidden system call",
+        _ => "signal",
+    };
+    format!("signal {sig}: {name}")
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, File)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two descriptors we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    unsafe {
+        use std::os::fd::FromRawFd;
+        Ok((OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])))
+    }
+}
