@@ -53,7 +53,7 @@ build() {
     echo "dev-cluster: building ($PROFILE) ..." >&2
     local flag=""
     [ "$PROFILE" = release ] && flag="--release"
-    (cd "$ROOT" && cargo build $flag -q -p lode-namenode -p lode-datanode -p lode-client --bins) >&2
+    (cd "$ROOT" && cargo build $flag -q -p lode-namenode -p lode-datanode -p lode-client -p lode-plugin-host -p lode-plugin-wc -p lode-plugin-grep -p lode-plugin-csvsum) >&2
   fi
   for b in lode lode-namenode lode-datanode; do
     [ -x "$BIN/$b" ] || die "missing $BIN/$b and no cargo to build it"

@@ -8,17 +8,13 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use futures::stream::{self, StreamExt};
-use lode_protocol::checksum::{self, PIECE_BYTES};
-use lode_protocol::frame::kind;
-use lode_protocol::messages::{
-    ClientToNamenode, DatanodeReply, DatanodeRequest, EntryKind, FileStatus, Target,
-};
-use lode_protocol::net::{self, Pool, RpcError};
+use lode_protocol::messages::{ClientToNamenode, EntryKind, FileStatus, Target};
+use lode_protocol::net::{self, Pool, RangeError, RangeRead, RpcError};
 use lode_protocol::{BlockId, ErrorCode};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::error::Error;
-use crate::fs::{unexpected, Client, Suspects};
+use crate::fs::{Client, Suspects};
 
 /// Largest read request; a multiple of the piece size.
 const SEGMENT_BYTES: u64 = 8 << 20;
@@ -178,96 +174,23 @@ impl Fetcher {
     }
     async fn read_segment(&self, t: &Target, seg: &Segment) -> Result<Vec<u8>, Error> {
         let ctx = || format!("read block {} from {}", seg.block, t.name);
-        let stalled = || {
-            Error::rpc(
-                ctx(),
-                RpcError::Stream("no progress, giving up on this replica".into()),
-            )
-        };
         let conn = self
             .pool
             .get(&t.addr, &t.name)
             .await
             .map_err(|e| Error::rpc(ctx(), e))?;
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| Error::rpc(ctx(), e.into()))?;
-        let req = DatanodeRequest::ReadBlock {
+        let range = RangeRead {
             block: seg.block,
+            block_offset_in_file: seg.block_offset_in_file,
+            committed: seg.cv,
             offset: seg.offset,
             len: seg.len,
         };
-        net::write_frame(&mut send, kind::DATANODE_REQUEST, &req)
-            .await
-            .map_err(|e| Error::rpc(ctx(), e))?;
-        send.finish().map_err(|e| Error::rpc(ctx(), e.into()))?;
-        let start = tokio::time::timeout(
-            STALL_TIMEOUT,
-            net::read_frame::<DatanodeReply>(&mut recv, kind::DATANODE_REPLY),
-        )
-        .await
-        .map_err(|_| stalled())?
-        .map_err(|e| Error::rpc(ctx(), e))?;
-        let DatanodeReply::ReadStart {
-            first_piece_offset,
-            block_len,
-            pieces,
-        } = start
-        else {
-            return Err(unexpected(start));
-        };
-        // End to end: the datanode's piece values must merge to the value the writer committed.
-        let committed = seg
-            .cv
-            .is_none_or(|cv| checksum::block_cv(&pieces) == Some(cv));
-        if !committed || pieces.len() as u64 != checksum::piece_count(block_len) {
-            return Err(Error::Corrupt(format!(
-                "block {} from {}: piece values do not match the committed block value",
-                seg.block, t.name
-            )));
+        match net::read_verified_range(&conn, range, STALL_TIMEOUT).await {
+            Ok(data) => Ok(data),
+            Err(e) if e.is_corrupt() => Err(Error::Corrupt(format!("{}: {e}", ctx()))),
+            Err(RangeError::Rpc(e)) => Err(Error::rpc(ctx(), e)),
+            Err(e) => Err(Error::rpc(ctx(), RpcError::Stream(e.to_string()))),
         }
-        if first_piece_offset > seg.offset || first_piece_offset % PIECE_BYTES != 0 {
-            return Err(Error::Corrupt(format!(
-                "block {}: datanode sent the wrong range",
-                seg.block
-            )));
-        }
-        let skip = (seg.offset - first_piece_offset) as usize;
-        let mut data = Vec::with_capacity(seg.len as usize + skip + PIECE_BYTES as usize);
-        let mut piece = Vec::new();
-        loop {
-            let header =
-                tokio::time::timeout(STALL_TIMEOUT, net::read_piece(&mut recv, &mut piece))
-                    .await
-                    .map_err(|_| stalled())?
-                    .map_err(|e| Error::rpc(ctx(), e))?;
-            let Some(header) = header else { break };
-            let in_block = first_piece_offset + data.len() as u64;
-            let at = seg.block_offset_in_file + in_block;
-            let expected = pieces.get((in_block / PIECE_BYTES) as usize);
-            if Some(&checksum::piece_cv(at, &piece)) != expected || expected != Some(&header.cv) {
-                return Err(Error::Corrupt(format!(
-                    "block {} from {}: piece at {at} failed its checksum",
-                    seg.block, t.name
-                )));
-            }
-            data.extend_from_slice(&piece);
-            if data.len() as u64 > seg.len + skip as u64 + PIECE_BYTES {
-                return Err(Error::Corrupt(format!(
-                    "block {}: datanode sent too much",
-                    seg.block
-                )));
-            }
-        }
-        if (data.len() as u64) < skip as u64 + seg.len {
-            return Err(Error::Corrupt(format!(
-                "block {} from {}: short read",
-                seg.block, t.name
-            )));
-        }
-        data.drain(..skip);
-        data.truncate(seg.len as usize);
-        Ok(data)
     }
 }

@@ -11,8 +11,10 @@ pub mod fs;
 pub mod get;
 pub mod human;
 pub mod put;
+pub mod scan;
 
 pub use config::ClientConfig;
 pub use error::Error;
 pub use fs::{Client, Usage};
 pub use put::PutOptions;
+pub use scan::{ScanOutcome, ScanStats};

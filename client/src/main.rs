@@ -116,6 +116,26 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<String>,
     },
+    /// Run a plugin over files where their blocks lie and print the combined result.
+    Scan {
+        /// A plugin library file (added if new), a registered name, or a hash.
+        #[arg(long)]
+        plugin: String,
+        /// A plugin argument (repeatable).
+        #[arg(long = "arg", value_name = "K=V", value_parser = parse_kv)]
+        args: Vec<(String, String)>,
+        /// Print JSON: {"result", "stats"}.
+        #[arg(long)]
+        json: bool,
+        /// Files or directories (every file under a directory).
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Plugins: add, list, approve.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Certificates for a cluster.
     Certs {
         #[command(subcommand)]
@@ -126,6 +146,37 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Store a plugin library in Lode under its BLAKE3 hash and register it (approved at once
+    /// when an admin adds it).
+    Add {
+        /// The shared library.
+        file: PathBuf,
+        /// Register under this name instead of the plugin's own.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List registered plugins.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a plugin (admin only).
+    Approve {
+        /// The plugin's hash.
+        hash: String,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -235,6 +286,19 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
         Command::Checksum { paths } => (
             "checksum",
             with_client(config, |c| checksum(c, paths)).await,
+        ),
+        Command::Scan {
+            plugin,
+            args,
+            json,
+            paths,
+        } => (
+            "scan",
+            with_client(config, |c| scan(c, plugin, args, json, paths)).await,
+        ),
+        Command::Plugin { command } => (
+            "plugin",
+            with_client(config, |c| plugin_cmd(c, command)).await,
         ),
         Command::Admin {
             command: AdminCommand::Report { json },
@@ -660,6 +724,95 @@ async fn report(c: Client, json: bool) -> Result<(), Error> {
             human::size(d.used),
             human::size(d.remaining)
         );
+    }
+    Ok(())
+}
+
+async fn scan(
+    c: Client,
+    plugin: String,
+    args: Vec<(String, String)>,
+    json: bool,
+    paths: Vec<String>,
+) -> Result<(), Error> {
+    let bar = if std::io::stderr().is_terminal() && std::io::stdout().is_terminal() {
+        let pb = ProgressBar::new(0);
+        pb.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} tasks {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Some(pb)
+    } else {
+        None
+    };
+    let b = bar.clone();
+    let progress = move |done: u64, total: u64| {
+        if let Some(b) = &b {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    };
+    let out = c.scan(&plugin, &args, &paths, &progress).await?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if json {
+        let s = &out.stats;
+        let v = json!({
+            "result": String::from_utf8_lossy(&out.rendered),
+            "plugin": { "name": out.plugin.name, "hash": out.plugin.hash.to_hex() },
+            "stats": {
+                "input_bytes": s.input_bytes,
+                "tasks": s.tasks,
+                "local_tasks": s.local_tasks,
+                "bytes_read_local": s.bytes_read_local,
+                "bytes_over_network": s.bytes_over_network,
+                "retried_tasks": s.retried_tasks,
+                "elapsed_ms": s.elapsed_ms,
+            },
+        });
+        println!("{v}");
+    } else {
+        use std::io::Write;
+        std::io::stdout()
+            .write_all(&out.rendered)
+            .map_err(|e| Error::local("stdout", e))?;
+    }
+    Ok(())
+}
+
+async fn plugin_cmd(c: Client, command: PluginCommand) -> Result<(), Error> {
+    let line = |p: &lode_protocol::messages::PluginRecord| {
+        let state = if p.approved {
+            "approved"
+        } else {
+            "waiting for approval"
+        };
+        format!("{}  {}  {}  added by {}", p.hash, p.name, state, p.added_by)
+    };
+    match command {
+        PluginCommand::Add { file, name } => {
+            let p = c.add_plugin(&file, name).await?;
+            println!("{}", line(&p));
+        }
+        PluginCommand::List { json } => {
+            let all = c.list_plugins().await?;
+            if json {
+                let v: Vec<Value> = all
+                    .iter()
+                    .map(|p| json!({"hash": p.hash.to_hex(), "name": p.name, "path": p.path, "added_by": p.added_by, "approved": p.approved, "added_ms": p.added_ms}))
+                    .collect();
+                println!("{}", Value::Array(v));
+            } else {
+                for p in &all {
+                    println!("{}", line(p));
+                }
+            }
+        }
+        PluginCommand::Approve { hash } => {
+            let p = c.approve_plugin(&hash).await?;
+            println!("{}", line(&p));
+        }
     }
     Ok(())
 }

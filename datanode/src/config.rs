@@ -32,6 +32,31 @@ pub struct Config {
     /// Heartbeat interval in ms. Default 3000.
     #[serde(default = "d_heartbeat")]
     pub heartbeat_interval_ms: u64,
+    /// Scan tasks run at once; more wait. Default: the number of cores.
+    #[serde(default)]
+    pub task_slots: Option<usize>,
+    /// Where plugin libraries fetched from Lode are cached. Default: `plugin-cache` in the first data dir.
+    #[serde(default)]
+    pub plugin_cache_dir: Option<PathBuf>,
+    /// Address-space limit of a plugin task, bytes. Default 1 GiB.
+    #[serde(default = "d_plugin_memory")]
+    pub plugin_memory_bytes: u64,
+    /// CPU-time limit of a plugin task, seconds. Default 60.
+    #[serde(default = "d_plugin_cpu")]
+    pub plugin_cpu_secs: u64,
+    /// Wall-clock limit of a plugin task, seconds. Default 120.
+    #[serde(default = "d_plugin_wall")]
+    pub plugin_wall_secs: u64,
+}
+
+fn d_plugin_memory() -> u64 {
+    1 << 30
+}
+fn d_plugin_cpu() -> u64 {
+    60
+}
+fn d_plugin_wall() -> u64 {
+    120
 }
 
 fn d_heartbeat() -> u64 {
@@ -59,7 +84,11 @@ impl Config {
         let mut cfg: Config = toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.tls = cfg.tls.relative_to(base);
-        for d in &mut cfg.data_dirs {
+        for d in cfg
+            .data_dirs
+            .iter_mut()
+            .chain(cfg.plugin_cache_dir.as_mut())
+        {
             if d.is_relative() {
                 *d = base.join(&*d);
             }
@@ -89,6 +118,15 @@ impl Config {
         }
         if self.data_dirs.is_empty() {
             return Err("data_dirs must name at least one directory".into());
+        }
+        if self.task_slots == Some(0) {
+            return Err("task_slots must be at least 1".into());
+        }
+        if self.plugin_memory_bytes < (64 << 20)
+            || self.plugin_cpu_secs == 0
+            || self.plugin_wall_secs == 0
+        {
+            return Err("plugin limits: memory at least 64 MiB, cpu and wall at least 1 s".into());
         }
         if self.heartbeat_interval_ms == 0 {
             return Err("heartbeat_interval_ms must be > 0".into());

@@ -41,6 +41,12 @@ pub enum Error {
     /// Setting up the network failed.
     #[error(transparent)]
     Net(#[from] lode_protocol::net::NetError),
+    /// A plugin task failed; the message names the plugin and the cause.
+    #[error("{0}")]
+    Plugin(String),
+    /// The plugin is not approved by an admin.
+    #[error("{0}")]
+    NotApproved(String),
 }
 
 impl Error {
@@ -62,5 +68,7 @@ pub fn to_wire(e: &Error) -> WireError {
         Error::Invalid(m) => WireError::new(ErrorCode::InvalidArgument, m.clone()),
         Error::Rpc(r) => WireError::new(ErrorCode::Unavailable, r.to_string()),
         Error::Net(_) => WireError::new(ErrorCode::Internal, "datanode network setup"),
+        Error::Plugin(m) => WireError::new(ErrorCode::PluginFailed, m.clone()),
+        Error::NotApproved(m) => WireError::new(ErrorCode::PermissionDenied, m.clone()),
     }
 }

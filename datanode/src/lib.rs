@@ -10,6 +10,7 @@ pub mod error;
 pub mod heartbeat;
 pub mod server;
 pub mod store;
+pub mod task;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,11 +33,30 @@ pub async fn run(
         .await
         .map_err(|e| Error::Invalid(format!("open block store: {e}")))??;
     let store = Arc::new(store);
+    let limits = lode_plugin_host::Limits {
+        memory_bytes: config.plugin_memory_bytes,
+        cpu_secs: config.plugin_cpu_secs,
+        wall: Duration::from_secs(config.plugin_wall_secs),
+        // A task's partial result travels in one reply frame.
+        output_bytes: 2 << 20,
+    };
+    let host = lode_plugin_host::Host::beside_current_exe(limits)
+        .map_err(|e| Error::Plugin(e.to_string()))?;
+    let slots = config
+        .task_slots
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let cache = config
+        .plugin_cache_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dirs[0].join("plugin-cache"));
+    let tasks = task::Tasks::new(host, slots, cache)?;
     let shared = Arc::new(server::Shared {
         name: config.name.clone(),
         store,
         pool: Pool::new(endpoint.clone(), Duration::from_secs(5)),
         reports: Arc::new(heartbeat::Reports::default()),
+        namenode: config.namenode.clone(),
+        tasks,
     });
     tracing::info!(name = %config.name, addr = ?endpoint.local_addr().ok(), replicas = shared.store.report().len(), "datanode serving");
     let hb = tokio::spawn(heartbeat::run(

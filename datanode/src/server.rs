@@ -35,6 +35,10 @@ pub struct Shared {
     pub pool: Pool,
     /// Replicas finalized or deleted, for the next heartbeat.
     pub reports: Arc<Reports>,
+    /// The namenode's address.
+    pub namenode: String,
+    /// Scan task runner.
+    pub tasks: crate::task::Tasks,
 }
 
 /// Accepts connections until `shutdown` fires.
@@ -96,6 +100,9 @@ async fn serve_stream(
         DatanodeRequest::ReadBlock { block, offset, len } => {
             return read_block(shared, send, block, offset, len).await
         }
+        DatanodeRequest::RunTask(task) => crate::task::run(shared, *task)
+            .await
+            .map(DatanodeReply::TaskDone),
         DatanodeRequest::BlockChecksums { block } => {
             let store = shared.store.clone();
             blocking(move || store.sidecar(block))

@@ -179,6 +179,11 @@ impl BlockStore {
             .collect()
     }
 
+    /// Whether a finalized replica of `id` is here.
+    pub fn contains(&self, id: BlockId) -> bool {
+        self.index().contains_key(&id)
+    }
+
     /// Bytes of block data stored.
     pub fn used(&self) -> u64 {
         self.index().values().map(|l| l.len).sum()
@@ -286,6 +291,11 @@ pub struct BlockReader {
 }
 
 impl BlockReader {
+    /// The open file and its sidecar (to hand the file to a plugin task).
+    pub fn into_parts(self) -> (File, Sidecar) {
+        (self.file, self.sidecar)
+    }
+
     /// Reads and verifies piece `index` into `buf`.
     pub fn read_piece(&mut self, index: u64, buf: &mut Vec<u8>) -> Result<Blake3Cv, Error> {
         let offset = index * PIECE_BYTES;

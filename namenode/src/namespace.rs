@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use lode_protocol::messages::{CommittedBlock, EntryKind, FileStatus, LocatedBlock};
+use lode_protocol::messages::{CommittedBlock, EntryKind, FileStatus, LocatedBlock, PluginRecord};
 use lode_protocol::{path, Blake3Cv, BlockId, ErrorCode, InodeId, SessionId};
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +108,10 @@ pub enum MetaOp {
     },
     /// Delete an entry and everything under it.
     Delete { inode: InodeId },
+    /// Register a plugin.
+    AddPlugin(PluginRecord),
+    /// Approve a registered plugin.
+    ApprovePlugin { hash: Blake3Cv },
     /// Move an entry.
     Rename {
         inode: InodeId,
@@ -162,6 +166,13 @@ fn dirent_prefix(parent: InodeId) -> Vec<u8> {
 fn dirent_key(parent: InodeId, name: &str) -> Vec<u8> {
     let mut k = dirent_prefix(parent);
     k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn plugin_key(hash: &Blake3Cv) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(b'g');
+    k.extend_from_slice(&hash.0);
     k
 }
 
@@ -265,6 +276,49 @@ impl<S: MetaStore> Namespace<S> {
             .into_iter()
             .map(|(_, v)| decode(&v))
             .collect()
+    }
+
+    /// A registered plugin.
+    pub fn get_plugin(&self, hash: &Blake3Cv) -> Result<Option<PluginRecord>, Error> {
+        self.store
+            .get(&plugin_key(hash))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Every registered plugin, oldest first.
+    pub fn list_plugins(&self) -> Result<Vec<PluginRecord>, Error> {
+        let mut all: Vec<PluginRecord> = self
+            .store
+            .scan_prefix(b"g")?
+            .into_iter()
+            .map(|(_, v)| decode(&v))
+            .collect::<Result<_, _>>()?;
+        all.sort_by_key(|p| p.added_ms);
+        Ok(all)
+    }
+
+    /// Validates registering a plugin: a new hash is added; adding a known hash again only
+    /// approves it (when the new adder may approve).
+    pub fn prepare_add_plugin(&self, record: PluginRecord) -> Result<Vec<MetaOp>, Error> {
+        match self.get_plugin(&record.hash)? {
+            None => Ok(vec![MetaOp::AddPlugin(record)]),
+            Some(old) if record.approved && !old.approved => {
+                Ok(vec![MetaOp::ApprovePlugin { hash: record.hash }])
+            }
+            Some(_) => Ok(vec![]),
+        }
+    }
+
+    /// Validates approving a plugin.
+    pub fn prepare_approve_plugin(&self, hash: Blake3Cv) -> Result<MetaOp, Error> {
+        if self.get_plugin(&hash)?.is_none() {
+            return Err(refused(
+                ErrorCode::NotFound,
+                format!("no plugin with hash {hash}"),
+            ));
+        }
+        Ok(MetaOp::ApprovePlugin { hash })
     }
 
     /// Resolves a normalised path. A file in the middle of the path is an error.
@@ -886,6 +940,15 @@ impl<S: MetaStore> Namespace<S> {
             }
             MetaOp::Delete { inode } => {
                 self.delete_subtree(*inode, &mut batch, &mut applied)?;
+            }
+            MetaOp::AddPlugin(record) => {
+                batch.push((plugin_key(&record.hash), Some(encode(record)?)));
+            }
+            MetaOp::ApprovePlugin { hash } => {
+                if let Some(mut record) = self.get_plugin(hash)? {
+                    record.approved = true;
+                    batch.push((plugin_key(hash), Some(encode(&record)?)));
+                }
             }
             MetaOp::Rename {
                 inode,

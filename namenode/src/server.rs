@@ -7,10 +7,11 @@ use std::time::Instant;
 use lode_protocol::frame::kind;
 use lode_protocol::messages::{
     ClientToNamenode, DatanodeToNamenode, EntryKind, NamenodeReply, NamenodeToDatanode,
+    PluginRecord,
 };
 use lode_protocol::net::{self, Identity, Role, RpcError};
 use lode_protocol::service;
-use lode_protocol::{checksum, path, DecodeError, ErrorCode, WireError};
+use lode_protocol::{checksum, path, ErrorCode, WireError};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -73,68 +74,81 @@ async fn serve_stream(
     identity: &Identity,
     shared: &Shared,
 ) -> Result<(), RpcError> {
-    match identity.role {
-        Role::Datanode => {
-            let reply =
-                match net::read_frame::<DatanodeToNamenode>(&mut recv, kind::DATANODE_TO_NAMENODE)
-                    .await
-                {
-                    Ok(req) => {
-                        handle_datanode(req, &identity.name, shared).map_err(|e| to_wire(&e))
-                    }
-                    Err(e) => Err(bad_request(e)),
-                };
+    let (header, body) = match net::read_raw_frame(&mut recv).await {
+        Ok(f) => f,
+        Err(e) => {
+            let err = WireError::new(ErrorCode::Protocol, format!("bad request: {e}"));
+            return finish::<()>(&mut send, 0, Err(err)).await;
+        }
+    };
+    let denied = |m: &str| WireError::new(ErrorCode::PermissionDenied, m);
+    match (header.kind, identity.role) {
+        (kind::DATANODE_TO_NAMENODE, Role::Datanode) => {
+            let reply = match decode::<DatanodeToNamenode>(header, &body) {
+                Ok(req) => handle_datanode(req, &identity.name, shared).map_err(|e| to_wire(&e)),
+                Err(e) => Err(e),
+            };
             finish(&mut send, kind::NAMENODE_TO_DATANODE, reply).await
         }
-        Role::Admin | Role::User => {
-            let reply = match net::read_frame::<ClientToNamenode>(
-                &mut recv,
-                kind::CLIENT_TO_NAMENODE,
+        (kind::DATANODE_TO_NAMENODE, _) => {
+            finish::<()>(
+                &mut send,
+                0,
+                Err(denied("only a datanode certificate can act as a datanode")),
             )
             .await
-            {
-                Ok(req) => handle_client(req, shared).await.map_err(|e| {
+        }
+        (kind::CLIENT_TO_NAMENODE, Role::Admin | Role::User | Role::Datanode) => {
+            let reply = match decode::<ClientToNamenode>(header, &body) {
+                // Datanodes may look things up (to fetch plugins and finish records), never change them.
+                Ok(req) if identity.role == Role::Datanode && !is_lookup(&req) => {
+                    Err(denied("a datanode certificate cannot make client requests"))
+                }
+                Ok(req) => handle_client(req, identity, shared).await.map_err(|e| {
                     if e.is_fatal() || !matches!(e, Error::Refused { .. }) {
                         tracing::error!("request failed: {e}");
                     }
                     to_wire(&e)
                 }),
-                Err(e) => Err(bad_request(e)),
+                Err(e) => Err(e),
             };
             finish(&mut send, kind::NAMENODE_REPLY, reply).await
         }
-        Role::Namenode => {
-            finish::<()>(
-                &mut send,
-                0,
-                Err(WireError::new(
-                    ErrorCode::PermissionDenied,
-                    "namenodes do not call namenodes",
-                )),
-            )
-            .await
+        (kind::CLIENT_TO_NAMENODE, _) => {
+            finish::<()>(&mut send, 0, Err(denied("namenodes do not call namenodes"))).await
+        }
+        (k, _) => {
+            let err = WireError::new(
+                ErrorCode::Protocol,
+                format!("bad request: unexpected frame kind {k}"),
+            );
+            finish::<()>(&mut send, 0, Err(err)).await
         }
     }
 }
 
-fn bad_request(e: RpcError) -> WireError {
-    match e {
-        RpcError::Decode(DecodeError::UnexpectedKind {
-            got: kind::CLIENT_TO_NAMENODE,
-            ..
-        }) => WireError::new(
-            ErrorCode::PermissionDenied,
-            "a datanode certificate cannot make client requests",
-        ),
-        RpcError::Decode(DecodeError::UnexpectedKind {
-            got: kind::DATANODE_TO_NAMENODE,
-            ..
-        }) => WireError::new(
-            ErrorCode::PermissionDenied,
-            "only a datanode certificate can act as a datanode",
-        ),
-        e => WireError::new(ErrorCode::Protocol, format!("bad request: {e}")),
+fn decode<T: serde::de::DeserializeOwned>(
+    header: lode_protocol::frame::FrameHeader,
+    body: &[u8],
+) -> Result<T, WireError> {
+    match lode_protocol::frame::decode_body::<T>(header, header.kind, body) {
+        Ok(lode_protocol::frame::Decoded::Message(m)) => Ok(m),
+        Ok(lode_protocol::frame::Decoded::Error(_)) => Err(WireError::new(
+            ErrorCode::Protocol,
+            "bad request: an error frame",
+        )),
+        Err(e) => Err(WireError::new(
+            ErrorCode::Protocol,
+            format!("bad request: {e}"),
+        )),
     }
+}
+
+fn is_lookup(req: &ClientToNamenode) -> bool {
+    matches!(
+        req,
+        ClientToNamenode::Stat { .. } | ClientToNamenode::FindPlugin { .. }
+    )
 }
 
 async fn finish<T: serde::Serialize>(
@@ -164,7 +178,11 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::Store(format!("reader task: {e}")))?
 }
 
-async fn handle_client(req: ClientToNamenode, shared: &Shared) -> Result<NamenodeReply, Error> {
+async fn handle_client(
+    req: ClientToNamenode,
+    identity: &Identity,
+    shared: &Shared,
+) -> Result<NamenodeReply, Error> {
     match req {
         ClientToNamenode::Mkdir { path, parents } => {
             shared
@@ -352,6 +370,84 @@ async fn handle_client(req: ClientToNamenode, shared: &Shared) -> Result<Namenod
         ClientToNamenode::Report => Ok(NamenodeReply::Report(
             shared.state()?.report(Instant::now()),
         )),
+        ClientToNamenode::AddPlugin { hash, name, path } => {
+            let path = normalize(&path)?;
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            if !valid {
+                return Err(Error::refused(
+                    ErrorCode::InvalidArgument,
+                    format!("plugin name {name:?} must be 1..=64 of [A-Za-z0-9_.-]"),
+                ));
+            }
+            let ns = shared.ns.clone();
+            let p = path.clone();
+            let complete =
+                blocking(move || Ok(ns.resolve(&p)?.map(|i| ns.status(&p, &i, false).complete)))
+                    .await?;
+            if complete != Some(true) {
+                return Err(Error::refused(
+                    ErrorCode::NotFound,
+                    format!("{path}: no complete file to register as a plugin"),
+                ));
+            }
+            let record = PluginRecord {
+                hash,
+                name,
+                path,
+                added_by: identity.name.clone(),
+                approved: identity.role == Role::Admin,
+                added_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            };
+            shared.writer.submit(Mutation::AddPlugin(record)).await
+        }
+        ClientToNamenode::ListPlugins => {
+            let ns = shared.ns.clone();
+            Ok(NamenodeReply::Plugins(
+                blocking(move || ns.list_plugins()).await?,
+            ))
+        }
+        ClientToNamenode::ApprovePlugin { hash } => {
+            if identity.role != Role::Admin {
+                return Err(Error::refused(
+                    ErrorCode::PermissionDenied,
+                    "only an admin can approve plugins",
+                ));
+            }
+            shared.writer.submit(Mutation::ApprovePlugin { hash }).await
+        }
+        ClientToNamenode::FindPlugin { key } => {
+            let ns = shared.ns.clone();
+            let found = blocking(move || {
+                let all = ns.list_plugins()?;
+                let by_hash = all
+                    .iter()
+                    .find(|p| p.hash.to_hex() == key.to_ascii_lowercase())
+                    .cloned();
+                let by_name = || {
+                    let named: Vec<&PluginRecord> = all.iter().filter(|p| p.name == key).collect();
+                    named
+                        .iter()
+                        .rev()
+                        .find(|p| p.approved)
+                        .or(named.last())
+                        .map(|p| (*p).clone())
+                };
+                by_hash.or_else(by_name).ok_or_else(|| {
+                    Error::refused(
+                        ErrorCode::NotFound,
+                        format!("no plugin named or hashed {key:?}"),
+                    )
+                })
+            })
+            .await?;
+            Ok(NamenodeReply::Plugin(found))
+        }
         ClientToNamenode::AbandonFile { inode, session } => {
             shared
                 .writer

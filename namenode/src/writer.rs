@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use lode_protocol::messages::{CommittedBlock, LocatedBlock, NamenodeReply, Target};
-use lode_protocol::{BlockId, ErrorCode, InodeId, SessionId};
+use lode_protocol::messages::{CommittedBlock, LocatedBlock, NamenodeReply, PluginRecord, Target};
+use lode_protocol::{Blake3Cv, BlockId, ErrorCode, InodeId, SessionId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::editlog::EditLog;
@@ -57,6 +57,10 @@ pub enum Mutation {
     Delete { path: String, recursive: bool },
     /// mv.
     Rename { src: String, dst: String },
+    /// Register a plugin.
+    AddPlugin(PluginRecord),
+    /// Approve a plugin.
+    ApprovePlugin { hash: Blake3Cv },
     /// A lease expired: delete the file if that session still writes it.
     Expire { inode: InodeId, session: SessionId },
 }
@@ -232,6 +236,25 @@ impl<S: MetaStore> Writer<S> {
             }
             Mutation::Delete { path, recursive } => vec![ns.prepare_delete(&path, recursive)?],
             Mutation::Rename { src, dst } => vec![ns.prepare_rename(&src, &dst, now_ms)?],
+            Mutation::AddPlugin(record) => {
+                let hash = record.hash;
+                let ops = ns.prepare_add_plugin(record.clone())?;
+                reply = NamenodeReply::Plugin(ns.get_plugin(&hash)?.map_or(record, |mut r| {
+                    r.approved |= ops
+                        .iter()
+                        .any(|o| matches!(o, MetaOp::ApprovePlugin { .. }));
+                    r
+                }));
+                ops
+            }
+            Mutation::ApprovePlugin { hash } => {
+                let op = ns.prepare_approve_plugin(hash)?;
+                if let Some(mut r) = ns.get_plugin(&hash)? {
+                    r.approved = true;
+                    reply = NamenodeReply::Plugin(r);
+                }
+                vec![op]
+            }
             Mutation::Expire { inode, session } => match ns.get(inode)?.map(|i| i.kind) {
                 Some(InodeKind::File {
                     writer: Some(w), ..

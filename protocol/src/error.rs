@@ -42,6 +42,8 @@ pub enum ErrorCode {
     Unavailable = 17,
     /// The path is not a valid absolute path.
     InvalidPath = 18,
+    /// A plugin task failed (crash, limit, error); the message names the plugin and the cause.
+    PluginFailed = 19,
 }
 
 /// An error as it crosses the wire: a code and a short message without server internals.

@@ -130,6 +130,19 @@ pub enum ClientToNamenode {
     ReportBadReplica { block: BlockId, datanode: String },
     /// Give up writing a file: it is deleted if this session still writes it.
     AbandonFile { inode: InodeId, session: SessionId },
+    /// Register a plugin library already stored in Lode at `path` under its BLAKE3 `hash`.
+    /// Approved at once when an admin adds it.
+    AddPlugin {
+        hash: Blake3Cv,
+        name: String,
+        path: String,
+    },
+    /// Every registered plugin.
+    ListPlugins,
+    /// Approve a plugin (admins only).
+    ApprovePlugin { hash: Blake3Cv },
+    /// Look a plugin up by hash (hex) or by name (the newest with that name).
+    FindPlugin { key: String },
 }
 
 /// Replies from the namenode to clients.
@@ -159,6 +172,61 @@ pub enum NamenodeReply {
     },
     /// Cluster overview.
     Report(ClusterReport),
+    /// Registered plugins.
+    Plugins(Vec<PluginRecord>),
+    /// One plugin.
+    Plugin(PluginRecord),
+}
+
+/// A registered plugin.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginRecord {
+    /// BLAKE3 hash of the library: its identity.
+    pub hash: Blake3Cv,
+    /// Its name (`lode_plugin_name()` unless the adder chose one).
+    pub name: String,
+    /// Where the library is stored in Lode.
+    pub path: String,
+    /// Who added it (certificate name).
+    pub added_by: String,
+    /// Whether datanodes may run it.
+    pub approved: bool,
+    /// When it was added, ms since the epoch.
+    pub added_ms: u64,
+}
+
+/// One scan task: run a plugin over a split of one block on a datanode holding it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRequest {
+    /// The plugin's hash (it must be approved).
+    pub plugin: Blake3Cv,
+    /// Where the plugin library is stored in Lode.
+    pub plugin_path: String,
+    /// The task's arguments (a JSON object of strings).
+    pub args_json: String,
+    /// The file being scanned (passed to the plugin as `_path`).
+    pub path: String,
+    /// The block to read locally.
+    pub block: LocatedBlock,
+    /// The split `[start, end)` within the block.
+    pub start: u64,
+    /// End of the split within the block.
+    pub end: u64,
+    /// The blocks after this one (line mode reads into them to finish its last record).
+    pub following: Vec<LocatedBlock>,
+}
+
+/// What a task produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// The plugin's partial result.
+    pub partial: Vec<u8>,
+    /// Bytes read from this datanode's disk.
+    pub bytes_read_local: u64,
+    /// Bytes fetched from other datanodes (to finish a record, or the plugin library on a cache miss).
+    pub bytes_fetched_remote: u64,
+    /// Time the task took on the datanode.
+    pub elapsed_ms: u64,
 }
 
 /// A datanode's state as the namenode sees it.
@@ -248,6 +316,8 @@ pub enum DatanodeRequest {
     },
     /// Send the piece values of a block (from its sidecar, without reading the data).
     BlockChecksums { block: BlockId },
+    /// Run a scan task against a local replica.
+    RunTask(Box<TaskRequest>),
 }
 
 /// Replies from a datanode.
@@ -272,4 +342,6 @@ pub enum DatanodeReply {
         block_len: u64,
         pieces: Vec<Blake3Cv>,
     },
+    /// A scan task finished.
+    TaskDone(TaskResult),
 }

@@ -409,16 +409,24 @@ pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     expected: u16,
 ) -> Result<T, RpcError> {
+    let (header, body) = read_raw_frame(recv).await?;
+    match frame::decode_body(header, expected, &body)? {
+        Decoded::Message(m) => Ok(m),
+        Decoded::Error(e) => Err(RpcError::Remote(e)),
+    }
+}
+
+/// Reads one frame of any kind: its header and body, checked against the size limit first.
+pub async fn read_raw_frame(
+    recv: &mut quinn::RecvStream,
+) -> Result<(FrameHeader, Vec<u8>), RpcError> {
     let mut head = [0u8; HEADER_BYTES];
     recv.read_exact(&mut head).await?;
     let header = FrameHeader::decode(&head)?;
     // The length was checked against MAX_FRAME_BYTES by decode, so this allocation is bounded.
     let mut body = vec![0u8; header.len as usize];
     recv.read_exact(&mut body).await?;
-    match frame::decode_body(header, expected, &body)? {
-        Decoded::Message(m) => Ok(m),
-        Decoded::Error(e) => Err(RpcError::Remote(e)),
-    }
+    Ok((header, body))
 }
 
 /// Reads a piece header and its data into `buf` (cleared first). `None` at the end marker.
@@ -535,4 +543,125 @@ impl Pool {
                 .remove(&(sock, server_name.to_string()));
         }
     }
+}
+
+/// Why a verified range read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RangeError {
+    /// The request or stream failed (or the datanode refused).
+    #[error("{0}")]
+    Rpc(#[from] RpcError),
+    /// The data or its piece values failed a check: the replica must not be trusted.
+    #[error("{0}")]
+    Corrupt(String),
+    /// The datanode made no progress for the stall timeout.
+    #[error("no progress for {0:?}, giving up on this replica")]
+    Stalled(Duration),
+}
+
+impl RangeError {
+    /// True when the replica itself is bad (not merely unreachable).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, RangeError::Corrupt(_))
+            || matches!(self, RangeError::Rpc(RpcError::Reset(c)) if *c == crate::ErrorCode::Corrupt as u64)
+    }
+}
+
+/// What to read: `[offset, offset + len)` of a block that starts at `block_offset_in_file`, whose
+/// committed value (if known) is `committed`.
+#[derive(Clone, Copy, Debug)]
+pub struct RangeRead {
+    /// Block id.
+    pub block: crate::BlockId,
+    /// Offset of the block in its file (pieces are hashed at their file offset).
+    pub block_offset_in_file: u64,
+    /// The block value recorded at commit, checked against the datanode's piece values.
+    pub committed: Option<crate::Blake3Cv>,
+    /// Start within the block.
+    pub offset: u64,
+    /// Bytes wanted.
+    pub len: u64,
+}
+
+/// Reads a byte range of a block from one datanode and verifies it end to end: the datanode's piece
+/// values must merge to the committed block value, and every piece must match its value.
+pub async fn read_verified_range(
+    conn: &quinn::Connection,
+    r: RangeRead,
+    stall: Duration,
+) -> Result<Vec<u8>, RangeError> {
+    use crate::checksum::{self, PIECE_BYTES};
+    use crate::frame::kind;
+    use crate::messages::{DatanodeReply, DatanodeRequest};
+    let (mut send, mut recv) = conn.open_bi().await.map_err(RpcError::from)?;
+    let req = DatanodeRequest::ReadBlock {
+        block: r.block,
+        offset: r.offset,
+        len: r.len,
+    };
+    write_frame(&mut send, kind::DATANODE_REQUEST, &req).await?;
+    send.finish().map_err(RpcError::from)?;
+    let start = tokio::time::timeout(
+        stall,
+        read_frame::<DatanodeReply>(&mut recv, kind::DATANODE_REPLY),
+    )
+    .await
+    .map_err(|_| RangeError::Stalled(stall))??;
+    let DatanodeReply::ReadStart {
+        first_piece_offset,
+        block_len,
+        pieces,
+    } = start
+    else {
+        return Err(RpcError::Stream(format!("unexpected reply {start:?}")).into());
+    };
+    let committed = r
+        .committed
+        .is_none_or(|cv| checksum::block_cv(&pieces) == Some(cv));
+    if !committed || pieces.len() as u64 != checksum::piece_count(block_len) {
+        return Err(RangeError::Corrupt(format!(
+            "block {}: piece values do not match the committed block value",
+            r.block
+        )));
+    }
+    if first_piece_offset > r.offset || first_piece_offset % PIECE_BYTES != 0 {
+        return Err(RangeError::Corrupt(format!(
+            "block {}: datanode sent the wrong range",
+            r.block
+        )));
+    }
+    let skip = (r.offset - first_piece_offset) as usize;
+    let mut data = Vec::with_capacity(r.len as usize + skip + PIECE_BYTES as usize);
+    let mut piece = Vec::new();
+    loop {
+        let header = tokio::time::timeout(stall, read_piece(&mut recv, &mut piece))
+            .await
+            .map_err(|_| RangeError::Stalled(stall))??;
+        let Some(header) = header else { break };
+        let in_block = first_piece_offset + data.len() as u64;
+        let at = r.block_offset_in_file + in_block;
+        let expected = pieces.get((in_block / PIECE_BYTES) as usize);
+        if Some(&checksum::piece_cv(at, &piece)) != expected || expected != Some(&header.cv) {
+            return Err(RangeError::Corrupt(format!(
+                "block {}: piece at {at} failed its checksum",
+                r.block
+            )));
+        }
+        data.extend_from_slice(&piece);
+        if data.len() as u64 > r.len + skip as u64 + PIECE_BYTES {
+            return Err(RangeError::Corrupt(format!(
+                "block {}: datanode sent too much",
+                r.block
+            )));
+        }
+    }
+    if (data.len() as u64) < skip as u64 + r.len {
+        return Err(RangeError::Corrupt(format!(
+            "block {}: short read",
+            r.block
+        )));
+    }
+    data.drain(..skip);
+    data.truncate(r.len as usize);
+    Ok(data)
 }

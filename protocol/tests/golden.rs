@@ -159,6 +159,19 @@ fn every_message_matches_its_golden_bytes() {
             session: s,
         },
     );
+    let h = Blake3Cv([0x42; 32]);
+    check(
+        "c2n_add_plugin",
+        c,
+        C::AddPlugin {
+            hash: h,
+            name: "wc".into(),
+            path: "/.lode/plugins/42".into(),
+        },
+    );
+    check("c2n_list_plugins", c, C::ListPlugins);
+    check("c2n_approve_plugin", c, C::ApprovePlugin { hash: h });
+    check("c2n_find_plugin", c, C::FindPlugin { key: "wc".into() });
 
     let r = kind::NAMENODE_REPLY;
     let status = FileStatus {
@@ -212,6 +225,20 @@ fn every_message_matches_its_golden_bytes() {
         }],
     };
     check("n2c_report", r, NamenodeReply::Report(report));
+    let plugin = PluginRecord {
+        hash: Blake3Cv([0x42; 32]),
+        name: "wc".into(),
+        path: "/.lode/plugins/42".into(),
+        added_by: "admin".into(),
+        approved: true,
+        added_ms: 1_700_000_000_000,
+    };
+    check(
+        "n2c_plugins",
+        r,
+        NamenodeReply::Plugins(vec![plugin.clone()]),
+    );
+    check("n2c_plugin", r, NamenodeReply::Plugin(plugin));
 
     let d = kind::DATANODE_TO_NAMENODE;
     let rb = ReportedBlock {
@@ -282,6 +309,17 @@ fn every_message_matches_its_golden_bytes() {
         q,
         DatanodeRequest::BlockChecksums { block: BlockId(7) },
     );
+    let task = TaskRequest {
+        plugin: Blake3Cv([0x42; 32]),
+        plugin_path: "/.lode/plugins/42".into(),
+        args_json: r#"{"pattern":"x"}"#.into(),
+        path: "/logs/a".into(),
+        block: located(),
+        start: 0,
+        end: 4096,
+        following: vec![located()],
+    };
+    check("dn_run_task", q, DatanodeRequest::RunTask(Box::new(task)));
     let p = kind::DATANODE_REPLY;
     check(
         "dn_write_ack",
@@ -308,6 +346,13 @@ fn every_message_matches_its_golden_bytes() {
             pieces: vec![Blake3Cv([2; 32])],
         },
     );
+    let result = TaskResult {
+        partial: vec![1, 2, 3],
+        bytes_read_local: 4096,
+        bytes_fetched_remote: 10,
+        elapsed_ms: 5,
+    };
+    check("dn_task_done", p, DatanodeReply::TaskDone(result));
 
     check(
         "error",

@@ -56,14 +56,25 @@ pub fn bin_dir() -> PathBuf {
         .and_then(|d| d.parent())
         .expect("target/<profile>/deps")
         .to_path_buf();
-    for b in ["lode", "lode-namenode", "lode-datanode"] {
+    for b in ["lode", "lode-namenode", "lode-datanode", "lode-plugin-host"] {
         assert!(
             dir.join(b).exists(),
-            "{} is missing: build the binaries first (cargo build --workspace --bins)",
+            "{} is missing: build the workspace first (cargo build --workspace)",
             dir.join(b).display()
         );
     }
     dir
+}
+
+/// An example plugin library built with the workspace (`liblode_plugin_<name>.so`).
+pub fn plugin_lib(name: &str) -> PathBuf {
+    let p = bin_dir().join(format!("liblode_plugin_{name}.so"));
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
+    p
 }
 
 /// A free UDP port on loopback.
