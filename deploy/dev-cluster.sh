@@ -16,7 +16,8 @@
 # Short timings so faults show quickly: heartbeat every 1 s, a datanode is stale after 3 s of silence
 # and dead after 10 s, and a writer's lease expires after 10 s without renewal.
 # Ports: the namenode listens on UDP 127.0.0.1:$LODE_DEV_BASE_PORT (default 7400), dn-I on base+I.
-# Binaries: release builds by default; LODE_DEV_PROFILE=debug uses debug builds.
+# Binaries: release builds by default; LODE_DEV_PROFILE=debug uses debug builds; LODE_DEV_SKIP_BUILD=1
+# uses the binaries already built without running cargo.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -49,13 +50,13 @@ BIN="$ROOT/target/$PROFILE"
 [ "$PROFILE" = debug ] || [ "$PROFILE" = release ] || die "LODE_DEV_PROFILE must be debug or release"
 
 build() {
-  if command -v cargo >/dev/null 2>&1; then
+  if [ "${LODE_DEV_SKIP_BUILD:-0}" != 1 ] && command -v cargo >/dev/null 2>&1; then
     echo "dev-cluster: building ($PROFILE) ..." >&2
     local flag=""
     [ "$PROFILE" = release ] && flag="--release"
     (cd "$ROOT" && cargo build $flag -q -p lode-namenode -p lode-datanode -p lode-client -p lode-plugin-host -p lode-plugin-wc -p lode-plugin-grep -p lode-plugin-csvsum) >&2
   fi
-  for b in lode lode-namenode lode-datanode; do
+  for b in lode lode-namenode lode-datanode lode-plugin-host; do
     [ -x "$BIN/$b" ] || die "missing $BIN/$b and no cargo to build it"
   done
 }

@@ -15,6 +15,8 @@ fn script(dir: &Path, port: u16, args: &[&str]) -> Output {
         .args(args)
         .args(["--dir", dir.to_str().unwrap()])
         .env("LODE_DEV_PROFILE", "debug")
+        // Never rebuild (and relink binaries other tests are running) from inside the test suite.
+        .env("LODE_DEV_SKIP_BUILD", "1")
         .env("LODE_DEV_BASE_PORT", port.to_string())
         .output()
         .unwrap()
