@@ -687,7 +687,7 @@ async fn report(c: Client, json: bool) -> Result<(), Error> {
                 "capacity": d.capacity,
                 "used": d.used,
                 "remaining": d.remaining,
-                "sandbox": Value::Null,
+                "sandbox": d.sandbox,
             })).collect::<Vec<_>>(),
         });
         println!("{v}");

@@ -137,6 +137,16 @@ async fn register(shared: &Shared, namenode: &str, advertise: &str) -> Result<()
         );
         delete_replicas(shared, delete).await;
     }
+    let sandbox = DatanodeToNamenode::Sandbox {
+        protections: shared.sandbox.clone(),
+    };
+    net::call::<_, NamenodeToDatanode>(
+        &conn,
+        kind::DATANODE_TO_NAMENODE,
+        kind::NAMENODE_TO_DATANODE,
+        &sandbox,
+    )
+    .await?;
     Ok(())
 }
 

@@ -49,7 +49,16 @@ pub async fn run(
         .plugin_cache_dir
         .clone()
         .unwrap_or_else(|| config.data_dirs[0].join("plugin-cache"));
+    let probe = host.clone();
     let tasks = task::Tasks::new(host, slots, cache)?;
+    let sandbox = tokio::task::spawn_blocking(move || {
+        probe
+            .probe()
+            .unwrap_or_else(|e| vec![format!("unavailable: {e}")])
+    })
+    .await
+    .unwrap_or_default();
+    tracing::info!(protections = %sandbox.join(","), "plugin sandbox");
     let shared = Arc::new(server::Shared {
         name: config.name.clone(),
         store,
@@ -57,6 +66,7 @@ pub async fn run(
         reports: Arc::new(heartbeat::Reports::default()),
         namenode: config.namenode.clone(),
         tasks,
+        sandbox,
     });
     tracing::info!(name = %config.name, addr = ?endpoint.local_addr().ok(), replicas = shared.store.report().len(), "datanode serving");
     let hb = tokio::spawn(heartbeat::run(

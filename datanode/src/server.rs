@@ -39,6 +39,8 @@ pub struct Shared {
     pub namenode: String,
     /// Scan task runner.
     pub tasks: crate::task::Tasks,
+    /// The plugin sandbox protections tasks get here (probed once at start).
+    pub sandbox: Vec<String>,
 }
 
 /// Accepts connections until `shutdown` fires.

@@ -51,13 +51,6 @@ impl Tasks {
             fetching: tokio::sync::Mutex::new(()),
         })
     }
-
-    /// The sandbox protections plugin tasks get on this machine.
-    pub fn protections(&self) -> Vec<String> {
-        self.host
-            .probe()
-            .unwrap_or_else(|e| vec![format!("unavailable: {e}")])
-    }
 }
 
 async fn blocking<T: Send + 'static>(

@@ -482,6 +482,12 @@ fn handle_datanode(
             tracing::info!(datanode = name, %addr, replicas = blocks.len(), unknown = delete.len(), "datanode registered");
             Ok(NamenodeToDatanode::Registered { delete })
         }
+        DatanodeToNamenode::Sandbox { protections } => {
+            if let Some(dn) = state.datanodes.get_mut(name) {
+                dn.sandbox = protections;
+            }
+            Ok(NamenodeToDatanode::Ack)
+        }
         DatanodeToNamenode::Heartbeat {
             capacity,
             used,

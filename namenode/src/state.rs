@@ -61,6 +61,8 @@ pub struct Datanode {
     pub pending_delete: Vec<BlockId>,
     /// Whether it must send a full report again (it was dead).
     pub needs_report: bool,
+    /// Plugin sandbox protections it reported.
+    pub sandbox: Vec<String>,
 }
 
 /// Where a block's replicas are.
@@ -250,6 +252,7 @@ impl State {
                 blocks: HashSet::new(),
                 pending_delete: vec![],
                 needs_report: false,
+                sandbox: vec![],
             },
         );
         report
@@ -431,6 +434,7 @@ impl State {
                 capacity: dn.capacity,
                 used: dn.used,
                 remaining: dn.remaining,
+                sandbox: dn.sandbox.clone(),
             })
             .collect();
         datanodes.sort_by(|a, b| a.name.cmp(&b.name));

@@ -248,6 +248,8 @@ pub struct DatanodeReport {
     pub used: u64,
     /// Bytes still free on its data dirs.
     pub remaining: u64,
+    /// Plugin sandbox protections it reported (`rlimits`, `no_new_privs`, `landlock`, `seccomp`).
+    pub sandbox: Vec<String>,
 }
 
 /// Cluster overview.
@@ -284,6 +286,8 @@ pub enum DatanodeToNamenode {
         received: Vec<ReportedBlock>,
         deleted: Vec<BlockId>,
     },
+    /// The plugin sandbox protections this datanode's tasks get (sent after registering).
+    Sandbox { protections: Vec<String> },
 }
 
 /// Replies from the namenode to a datanode.
@@ -296,6 +300,8 @@ pub enum NamenodeToDatanode {
         reregister: bool,
         delete: Vec<BlockId>,
     },
+    /// Noted.
+    Ack,
 }
 
 /// Requests to a datanode, from clients or from the previous datanode of a pipeline.

@@ -222,6 +222,7 @@ fn every_message_matches_its_golden_bytes() {
             capacity: 1 << 40,
             used: 1 << 20,
             remaining: 1 << 39,
+            sandbox: vec!["rlimits".into(), "seccomp".into()],
         }],
     };
     check("n2c_report", r, NamenodeReply::Report(report));
@@ -267,7 +268,15 @@ fn every_message_matches_its_golden_bytes() {
             deleted: vec![BlockId(8)],
         },
     );
+    check(
+        "d2n_sandbox",
+        d,
+        DatanodeToNamenode::Sandbox {
+            protections: vec!["rlimits".into(), "landlock".into()],
+        },
+    );
     let n = kind::NAMENODE_TO_DATANODE;
+    check("n2d_ack", n, NamenodeToDatanode::Ack);
     check(
         "n2d_registered",
         n,

@@ -163,6 +163,20 @@ fn plugins_are_shipped_approved_cached_and_contained() {
     c.put_bytes("/data.csv", &text, &[]);
     let user = c.dir().join("client-user.toml");
     let csvsum = plugin_lib("csvsum");
+    // Every datanode reports the sandbox its plugin tasks get.
+    lode_tests::wait_until(
+        "sandbox reports",
+        std::time::Duration::from_secs(10),
+        || {
+            c.report().is_some_and(|r| {
+                r["datanodes"].as_array().unwrap().iter().all(|d| {
+                    d["sandbox"].as_array().is_some_and(|p| {
+                        p.iter().any(|x| x == "seccomp") && p.iter().any(|x| x == "rlimits")
+                    })
+                })
+            })
+        },
+    );
 
     // A user's plugin waits for approval; the user cannot approve it; scans refuse it.
     let out = c.lode_with(&user, &["plugin", "add", csvsum.to_str().unwrap()], None);
