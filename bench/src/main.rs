@@ -40,6 +40,13 @@ enum Cmd {
         #[arg(long)]
         bytes: u64,
     },
+    /// Write N bytes of log-like text lines (about 1 in 50 holds ERROR).
+    Text {
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Concurrent durable mkdirs.
     Mkdirs {
         #[arg(long)]
@@ -130,6 +137,43 @@ async fn main() -> anyhow::Result<()> {
                 "server counted a different number of bytes"
             );
             println!("{:.1}", mbps(bytes, secs));
+        }
+        Cmd::Text { bytes, out } => {
+            use std::io::Write;
+            let words = [
+                "alpha", "beta", "gamma", "delta", "request", "served", "user", "cache", "miss",
+                "disk",
+            ];
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&out)?);
+            let mut state = 0x2545f4914f6cdd1du64;
+            let mut next = || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let mut written = 0u64;
+            let mut line = String::with_capacity(256);
+            let mut n = 0u64;
+            while written < bytes {
+                line.clear();
+                n += 1;
+                let level = if next() % 50 == 0 { "ERROR" } else { "INFO" };
+                line.push_str(&format!(
+                    "2026-11-25T04:{:02}:{:02} {level} id={n}",
+                    n % 60,
+                    (n / 60) % 60
+                ));
+                for _ in 0..(4 + next() % 12) {
+                    line.push(' ');
+                    line.push_str(words[(next() % words.len() as u64) as usize]);
+                }
+                line.push('\n');
+                let take = ((bytes - written) as usize).min(line.len());
+                w.write_all(&line.as_bytes()[..take])?;
+                written += take as u64;
+            }
+            w.flush()?;
         }
         Cmd::Mkdirs {
             config,

@@ -9,6 +9,8 @@ use regex::bytes::Regex;
 /// Per-task state.
 pub struct Grep {
     re: Regex,
+    /// The same pattern with `^`/`$` at line breaks: finds candidate lines in a whole buffer.
+    finder: Regex,
     path: String,
     offset: u64,
     partial: Partial,
@@ -105,9 +107,14 @@ impl Plugin for Grep {
             pattern.to_string()
         };
         let re = Regex::new(&source).map_err(|e| format!("bad pattern: {e}"))?;
+        let finder = regex::bytes::RegexBuilder::new(&source)
+            .multi_line(true)
+            .build()
+            .map_err(|e| format!("bad pattern: {e}"))?;
         let max: u32 = args.parse_or("max_matches", 10)?;
         Ok(Grep {
             re,
+            finder,
             path: args.get("_path").unwrap_or("").to_string(),
             offset: args.parse_or("_offset", 0)?,
             partial: Partial {
@@ -118,24 +125,35 @@ impl Plugin for Grep {
     }
 
     fn feed(&mut self, data: &[u8]) -> Result<(), String> {
-        let mut at = 0usize;
-        while at < data.len() {
-            let end = data[at..]
+        // Search the whole buffer at once (the regex engine skips non-matching text with fast
+        // literal scans), then widen each match to its line and continue after that line.
+        let mut from = 0usize;
+        while from < data.len() {
+            let Some(m) = self.finder.find_at(data, from) else {
+                break;
+            };
+            let start = data[..m.start()]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |p| p + 1);
+            let end = data[m.start()..]
                 .iter()
                 .position(|b| *b == b'\n')
-                .map_or(data.len(), |p| at + p + 1);
-            let line = &data[at..end];
-            let text = line.strip_suffix(b"\n").unwrap_or(line);
-            if self.re.is_match(text) {
+                .map_or(data.len(), |p| m.start() + p);
+            let line = &data[start..end];
+            // The candidate is confirmed on its own line (a match may not span a line break).
+            if self.re.is_match(line) {
                 self.partial.count += 1;
                 if self.partial.matches.len() < self.partial.max as usize {
-                    let kept = text[..text.len().min(LINE_KEPT_MAX)].to_vec();
-                    self.partial
-                        .matches
-                        .push((self.path.clone(), self.offset + at as u64, kept));
+                    let kept = line[..line.len().min(LINE_KEPT_MAX)].to_vec();
+                    self.partial.matches.push((
+                        self.path.clone(),
+                        self.offset + start as u64,
+                        kept,
+                    ));
                 }
             }
-            at = end;
+            from = end + 1;
         }
         self.offset += data.len() as u64;
         Ok(())

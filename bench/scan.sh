@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Scan benchmark: on a dev cluster (3 datanodes, replication 3) holding a text file (default 2 GiB),
+# compare in one run `lode scan` with the grep and wc plugins against (a) `lode get | grep -c` and
+# (b) grep -c / wc on a local copy, and report the bytes that crossed the network.
+#
+#   bench/scan.sh [--size-mib N]
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SIZE_MIB=2048
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size-mib) SIZE_MIB=$2; shift 2 ;;
+    *) echo "usage: bench/scan.sh [--size-mib N]" >&2; exit 2 ;;
+  esac
+done
+OUT="$ROOT/bench/out"
+BIN="$ROOT/target/release"
+mkdir -p "$OUT"
+cd "$ROOT"
+cargo build --release -q --workspace
+BYTES=$((SIZE_MIB * 1024 * 1024))
+now() { date +%s.%N; }
+secs() { python3 -c "print(f'{$2-$1:.3f}')"; }
+mbps() { python3 -c "print(f'{$1/($3-$2)/1e6:.1f}')"; }
+
+echo "bench: writing ${SIZE_MIB} MiB of text" >&2
+"$BIN/lode-bench" text --bytes "$BYTES" --out "$OUT/text.log"
+
+export LODE_DEV_BASE_PORT=${LODE_DEV_BASE_PORT:-7650}
+"$ROOT/deploy/dev-cluster.sh" down --dir "$OUT/scan-cluster" >/dev/null 2>&1 || true
+rm -rf "$OUT/scan-cluster"
+eval "$("$ROOT/deploy/dev-cluster.sh" up --datanodes 3 --dir "$OUT/scan-cluster")"
+trap '"$ROOT/deploy/dev-cluster.sh" down --dir "$OUT/scan-cluster" >/dev/null 2>&1 || true' EXIT
+"$BIN/lode" put "$OUT/text.log" /text.log
+"$BIN/lode" plugin add "$BIN/liblode_plugin_grep.so" >/dev/null
+"$BIN/lode" plugin add "$BIN/liblode_plugin_wc.so" >/dev/null
+# Warm the datanodes' plugin caches and page caches as the local tools get a warm page cache.
+"$BIN/lode" scan --plugin wc /text.log >/dev/null
+"$BIN/lode" scan --plugin grep --arg pattern=warmup /text.log >/dev/null
+cat "$OUT/text.log" > /dev/null
+
+t0=$(now); LOCAL_GREP=$(grep -c ERROR "$OUT/text.log"); t1=$(now)
+GREP_LOCAL_RATE=$(mbps $BYTES $t0 $t1)
+t0=$(now); LOCAL_WC=$(wc < "$OUT/text.log" | awk '{print $1, $2, $3}'); t1=$(now)
+WC_LOCAL_RATE=$(mbps $BYTES $t0 $t1)
+
+t0=$(now); SCAN_GREP=$("$BIN/lode" scan --json --plugin grep --arg pattern=ERROR --arg fixed=true --arg max_matches=0 /text.log); t1=$(now)
+SCAN_GREP_RATE=$(mbps $BYTES $t0 $t1)
+t0=$(now); SCAN_WC=$("$BIN/lode" scan --json --plugin wc /text.log); t1=$(now)
+SCAN_WC_RATE=$(mbps $BYTES $t0 $t1)
+t0=$(now); GET_GREP=$("$BIN/lode" get /text.log - | grep -c ERROR); t1=$(now)
+GET_GREP_RATE=$(mbps $BYTES $t0 $t1)
+
+GREP_COUNT=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['result'].split()[0])" "$SCAN_GREP")
+WC_RESULT=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['result'].strip())" "$SCAN_WC")
+NET=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['stats']['bytes_over_network'])" "$SCAN_GREP")
+TASKS=$(python3 -c "import json,sys; s=json.loads(sys.argv[1])['stats']; print(s['local_tasks'], '/', s['tasks'])" "$SCAN_GREP")
+[ "$GREP_COUNT" = "$LOCAL_GREP" ] && [ "$GET_GREP" = "$LOCAL_GREP" ] || { echo "bench: grep counts differ: scan $GREP_COUNT, get|grep $GET_GREP, local $LOCAL_GREP" >&2; exit 1; }
+[ "$WC_RESULT" = "$LOCAL_WC" ] || { echo "bench: wc differs: scan '$WC_RESULT', local '$LOCAL_WC'" >&2; exit 1; }
+
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+printf '\n%-40s %10s\n' "what (${SIZE_MIB} MiB text, $(nproc) cores)" "MB/s"
+printf '%-40s %10s\n' "grep -c on a local copy" "$GREP_LOCAL_RATE"
+printf '%-40s %10s\n' "wc on a local copy" "$WC_LOCAL_RATE"
+printf '%-40s %10s   %s x local grep, %s x get|grep\n' "lode scan --plugin grep" "$SCAN_GREP_RATE" "$(ratio $SCAN_GREP_RATE $GREP_LOCAL_RATE)" "$(ratio $SCAN_GREP_RATE $GET_GREP_RATE)"
+printf '%-40s %10s   %s x local wc\n' "lode scan --plugin wc" "$SCAN_WC_RATE" "$(ratio $SCAN_WC_RATE $WC_LOCAL_RATE)"
+printf '%-40s %10s\n' "lode get | grep -c" "$GET_GREP_RATE"
+printf '%-40s %10s bytes (%s%% of the input), tasks local: %s\n' "scan network traffic" "$NET" "$(python3 -c "print(f'{100*$NET/$BYTES:.4f}')")" "$TASKS"
