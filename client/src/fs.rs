@@ -186,6 +186,18 @@ impl Client {
         )
     }
 
+    /// Sets the target replica count of a file or of every file under a directory; the namenode
+    /// adds or removes replicas in the background.
+    pub async fn setrep(&self, path: &str, replication: u8) -> Result<(), Error> {
+        expect_ok(
+            self.nn(&ClientToNamenode::SetReplication {
+                path: path.into(),
+                replication,
+            })
+            .await?,
+        )
+    }
+
     /// Space used under a path.
     pub async fn du(&self, path: &str) -> Result<Usage, Error> {
         match self.nn(&ClientToNamenode::Du { path: path.into() }).await? {

@@ -110,6 +110,13 @@ enum Command {
         /// Path in Lode (default /).
         path: Option<String>,
     },
+    /// Change the target replica count of a file or of every file under a directory.
+    Setrep {
+        /// Replica count (1..=7).
+        replication: u8,
+        /// File or directory.
+        path: String,
+    },
     /// Print a file's BLAKE3 hash (as b3sum prints it), merged from block values.
     Checksum {
         /// Paths in Lode.
@@ -286,6 +293,14 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
         Command::Checksum { paths } => (
             "checksum",
             with_client(config, |c| checksum(c, paths)).await,
+        ),
+        Command::Setrep { replication, path } => (
+            "setrep",
+            with_client(
+                config,
+                |c| async move { c.setrep(&path, replication).await },
+            )
+            .await,
         ),
         Command::Scan {
             plugin,

@@ -151,7 +151,7 @@ async fn register(shared: &Shared, namenode: &str, advertise: &str) -> Result<()
 }
 
 /// Sends one heartbeat; false when the namenode wants a new registration.
-async fn heartbeat(shared: &Shared, namenode: &str) -> Result<bool, RpcError> {
+async fn heartbeat(shared: &Arc<Shared>, namenode: &str) -> Result<bool, RpcError> {
     let (capacity, used, remaining) = space(shared).await;
     let taken = shared.reports.take();
     let conn = match shared.pool.get(namenode, NAMENODE_SERVER_NAME).await {
@@ -178,6 +178,15 @@ async fn heartbeat(shared: &Shared, namenode: &str) -> Result<bool, RpcError> {
     match reply {
         Ok(NamenodeToDatanode::HeartbeatReply { reregister, delete }) => {
             delete_replicas(shared, delete).await;
+            Ok(!reregister)
+        }
+        Ok(NamenodeToDatanode::Commands {
+            reregister,
+            delete,
+            copy,
+        }) => {
+            delete_replicas(shared, delete).await;
+            start_copies(shared, copy);
             Ok(!reregister)
         }
         Ok(other) => {
@@ -212,5 +221,20 @@ async fn delete_replicas(shared: &Shared, blocks: Vec<BlockId>) {
     for b in deleted {
         tracing::debug!(block = %b, "replica deleted");
         shared.reports.deleted(b);
+    }
+}
+
+/// Starts re-replication copies in the background; the receivers report the new replicas.
+fn start_copies(shared: &Arc<Shared>, copies: Vec<lode_protocol::messages::CopyCommand>) {
+    for cmd in copies {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let block = cmd.block;
+            let to: Vec<String> = cmd.targets.iter().map(|t| t.name.clone()).collect();
+            match crate::server::copy_block(&shared, cmd).await {
+                Ok(stored) => tracing::info!(%block, to = ?stored, "replica copied"),
+                Err(e) => tracing::warn!(%block, to = ?to, "copy failed: {e}"),
+            }
+        });
     }
 }

@@ -309,7 +309,7 @@ async fn read_block(
 ) -> Result<(), RpcError> {
     let store = shared.store.clone();
     let opened = blocking(move || store.open_block(block)).await;
-    let mut reader = match opened {
+    let reader = match opened {
         Ok(r)
             if offset
                 .checked_add(len)
@@ -344,19 +344,7 @@ async fn read_block(
         pieces: reader.sidecar.pieces.clone(),
     };
     net::write_frame(&mut send, kind::DATANODE_REPLY, &start).await?;
-    let (tx, mut rx) = mpsc::channel::<Result<(Blake3Cv, Bytes), Error>>(PIECES_IN_FLIGHT);
-    tokio::task::spawn_blocking(move || {
-        for idx in first..end {
-            let mut buf = Vec::with_capacity(PIECE_BYTES as usize);
-            let item = reader
-                .read_piece(idx, &mut buf)
-                .map(|cv| (cv, Bytes::from(buf)));
-            let stop = item.is_err();
-            if tx.blocking_send(item).is_err() || stop {
-                return;
-            }
-        }
-    });
+    let mut rx = spawn_piece_reader(reader, first, end);
     while let Some(item) = rx.recv().await {
         match item {
             Ok((cv, data)) => {
@@ -382,4 +370,79 @@ async fn read_block(
     send.finish()?;
     let _ = send.stopped().await;
     Ok(())
+}
+
+/// Reads pieces `first..end` of a block on a blocking thread, each verified against the sidecar.
+pub fn spawn_piece_reader(
+    mut reader: crate::store::BlockReader,
+    first: u64,
+    end: u64,
+) -> mpsc::Receiver<Result<(Blake3Cv, Bytes), Error>> {
+    let (tx, rx) = mpsc::channel(PIECES_IN_FLIGHT);
+    tokio::task::spawn_blocking(move || {
+        for idx in first..end {
+            let mut buf = Vec::with_capacity(PIECE_BYTES as usize);
+            let item = reader
+                .read_piece(idx, &mut buf)
+                .map(|cv| (cv, Bytes::from(buf)));
+            let stop = item.is_err();
+            if tx.blocking_send(item).is_err() || stop {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Re-replication: sends a local replica to `targets` (a pipeline), as a writer would.
+pub async fn copy_block(
+    shared: &Shared,
+    cmd: lode_protocol::messages::CopyCommand,
+) -> Result<Vec<String>, Error> {
+    let Some(first) = cmd.targets.first() else {
+        return Ok(vec![]);
+    };
+    let store = shared.store.clone();
+    let block = cmd.block;
+    let reader = tokio::task::spawn_blocking(move || store.open_block(block))
+        .await
+        .map_err(|e| Error::Invalid(format!("disk task failed: {e}")))??;
+    let (len, file_offset) = (reader.sidecar.len, reader.sidecar.file_offset);
+    // Any power of two from the block's length up divides its file offset (the file's block size
+    // is such a power of two), so the receiver's checks hold.
+    let block_size = len.max(PIECE_BYTES).next_power_of_two();
+    let conn = shared.pool.get(&first.addr, &first.name).await?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(RpcError::from)?;
+    let req = DatanodeRequest::WriteBlock {
+        block,
+        file_offset,
+        block_size,
+        downstream: cmd.targets[1..].to_vec(),
+    };
+    net::write_frame(&mut send, kind::DATANODE_REQUEST, &req).await?;
+    let mut rx = spawn_piece_reader(reader, 0, lode_protocol::checksum::piece_count(len));
+    while let Some(item) = rx.recv().await {
+        let (cv, data) = item?;
+        net::write_piece(
+            &mut send,
+            &PieceHeader {
+                len: data.len() as u32,
+                cv,
+            },
+            &data,
+        )
+        .await?;
+    }
+    net::write_piece(&mut send, &PieceHeader::END, &[]).await?;
+    send.finish().map_err(RpcError::from)?;
+    match tokio::time::timeout(
+        DOWNSTREAM_ACK_TIMEOUT,
+        net::read_frame::<DatanodeReply>(&mut recv, kind::DATANODE_REPLY),
+    )
+    .await
+    .map_err(|_| Error::Invalid("copy: no acknowledgement".into()))??
+    {
+        DatanodeReply::WriteAck { stored, .. } => Ok(stored),
+        other => Err(Error::Invalid(format!("copy: unexpected reply {other:?}"))),
+    }
 }

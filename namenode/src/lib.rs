@@ -10,6 +10,7 @@ pub mod editlog;
 pub mod error;
 pub mod namespace;
 pub mod placement;
+pub mod repair;
 pub mod server;
 pub mod state;
 pub mod store;
@@ -61,6 +62,12 @@ pub async fn run(
         writer: writer.clone(),
         config,
     });
+    let repairs = tokio::spawn(repair_loop(
+        state.clone(),
+        Duration::from_millis(shared.config.heartbeat_interval_ms),
+        Duration::from_millis(shared.config.stale_after_ms),
+        shutdown.clone(),
+    ));
     let leases = tokio::spawn(expire_leases(state, writer, shutdown.clone()));
     let result = tokio::select! {
         _ = server::serve(endpoint, shared.clone(), shutdown) => Ok(()),
@@ -70,6 +77,7 @@ pub async fn run(
         },
     };
     leases.abort();
+    repairs.abort();
     shared.ns.store().flush()?;
     result
 }
@@ -110,6 +118,31 @@ fn recover(meta_dir: &std::path::Path) -> Result<Recovered, Error> {
     let ids = IdAlloc::from_inodes(&inodes);
     tracing::info!(edits = records.len(), replayed, "namespace recovered");
     Ok((ns, log, ids, inodes))
+}
+
+/// Plans re-replication every heartbeat interval, after a grace period at start-up so datanodes
+/// can report their replicas before any block looks under-replicated.
+async fn repair_loop(
+    state: Arc<Mutex<State>>,
+    every: Duration,
+    grace: Duration,
+    mut shutdown: ShutdownSignal,
+) {
+    tokio::select! {
+        _ = tokio::time::sleep(grace) => {}
+        _ = shutdown.changed() => return,
+    }
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        match state.lock() {
+            Ok(mut s) => s.plan_repairs(Instant::now()),
+            Err(_) => return,
+        }
+    }
 }
 
 async fn expire_leases(

@@ -108,6 +108,11 @@ pub enum MetaOp {
     },
     /// Delete an entry and everything under it.
     Delete { inode: InodeId },
+    /// Set the target replica count of files.
+    SetReplication {
+        files: Vec<InodeId>,
+        replication: u8,
+    },
     /// Register a plugin.
     AddPlugin(PluginRecord),
     /// Approve a registered plugin.
@@ -134,6 +139,8 @@ pub struct Applied {
     pub released: Vec<InodeId>,
     /// Blocks of a file that was completed.
     pub completed: Vec<BlockId>,
+    /// Blocks whose target replica count changed.
+    pub replication: Vec<(BlockId, u8)>,
 }
 
 /// Reads and writes the namespace in a store.
@@ -741,6 +748,24 @@ impl<S: MetaStore> Namespace<S> {
         })
     }
 
+    /// Validates a replication change of a file or of every file under a directory.
+    pub fn prepare_setrep(&self, p: &str, replication: u8) -> Result<MetaOp, Error> {
+        let node = self.resolve_existing(p)?;
+        let mut files = vec![];
+        let mut stack = vec![node];
+        while let Some(n) = stack.pop() {
+            match n.kind {
+                InodeKind::Directory => {
+                    for (_, id) in self.children(n.id)? {
+                        stack.push(self.must_get(id)?);
+                    }
+                }
+                InodeKind::File { .. } => files.push(n.id),
+            }
+        }
+        Ok(MetaOp::SetReplication { files, replication })
+    }
+
     /// Validates a delete.
     pub fn prepare_delete(&self, p: &str, recursive: bool) -> Result<MetaOp, Error> {
         let node = self.resolve_existing(p)?;
@@ -940,6 +965,25 @@ impl<S: MetaStore> Namespace<S> {
             }
             MetaOp::Delete { inode } => {
                 self.delete_subtree(*inode, &mut batch, &mut applied)?;
+            }
+            MetaOp::SetReplication { files, replication } => {
+                for id in files {
+                    let Some(mut node) = self.get(*id)? else {
+                        continue;
+                    };
+                    if let InodeKind::File {
+                        replication: r,
+                        blocks,
+                        ..
+                    } = &mut node.kind
+                    {
+                        *r = *replication;
+                        applied
+                            .replication
+                            .extend(blocks.iter().map(|b| (b.id, *replication)));
+                    }
+                    batch.push((inode_key(*id), Some(encode(&node)?)));
+                }
             }
             MetaOp::AddPlugin(record) => {
                 batch.push((plugin_key(&record.hash), Some(encode(record)?)));

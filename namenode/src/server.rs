@@ -406,6 +406,21 @@ async fn handle_client(
             };
             shared.writer.submit(Mutation::AddPlugin(record)).await
         }
+        ClientToNamenode::SetReplication { path, replication } => {
+            if !(1..=7).contains(&replication) {
+                return Err(Error::refused(
+                    ErrorCode::InvalidArgument,
+                    format!("replication must be 1..=7, got {replication}"),
+                ));
+            }
+            shared
+                .writer
+                .submit(Mutation::SetReplication {
+                    path: normalize(&path)?,
+                    replication,
+                })
+                .await
+        }
         ClientToNamenode::ListPlugins => {
             let ns = shared.ns.clone();
             Ok(NamenodeReply::Plugins(
@@ -496,13 +511,15 @@ fn handle_datanode(
             deleted,
         } => Ok(
             match state.heartbeat(name, capacity, used, remaining, &received, &deleted, now) {
-                Some(delete) => NamenodeToDatanode::HeartbeatReply {
+                Some((delete, copy)) => NamenodeToDatanode::Commands {
                     reregister: false,
                     delete,
+                    copy,
                 },
-                None => NamenodeToDatanode::HeartbeatReply {
+                None => NamenodeToDatanode::Commands {
                     reregister: true,
                     delete: vec![],
+                    copy: vec![],
                 },
             },
         ),

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use lode_protocol::messages::{ClusterReport, DatanodeReport, ReportedBlock, Target};
+use lode_protocol::messages::{ClusterReport, CopyCommand, DatanodeReport, ReportedBlock, Target};
 use lode_protocol::{BlockId, InodeId, SessionId};
 
 use crate::namespace::{Applied, Inode, InodeKind};
@@ -63,7 +63,27 @@ pub struct Datanode {
     pub needs_report: bool,
     /// Plugin sandbox protections it reported.
     pub sandbox: Vec<String>,
+    /// Copies it should start, sent with the next heartbeat reply.
+    pub pending_copy: Vec<CopyCommand>,
 }
+
+/// A re-replication copy under way.
+#[derive(Clone, Debug)]
+pub struct PendingCopy {
+    /// The block.
+    pub block: BlockId,
+    /// Sending datanode.
+    pub source: String,
+    /// Receiving datanode.
+    pub target: String,
+    /// When to give up waiting for the target's report and plan again.
+    pub deadline: Instant,
+}
+
+/// Copies one datanode sends at once.
+pub const COPIES_PER_SOURCE: usize = 4;
+/// How long a copy may take before it is planned again.
+pub const COPY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Where a block's replicas are.
 #[derive(Debug)]
@@ -76,6 +96,8 @@ pub struct BlockEntry {
     pub complete: bool,
     /// Datanodes that reported a finalized replica.
     pub locations: BTreeSet<String>,
+    /// Length of the block (from the namespace, or the largest replica reported).
+    pub len: u64,
 }
 
 /// A client session's lease.
@@ -100,6 +122,8 @@ pub struct State {
     pub leases: HashMap<SessionId, Lease>,
     /// Replicas reported corrupt: (block, datanode).
     pub corrupt: HashSet<(BlockId, String)>,
+    /// Re-replication copies under way.
+    pub copies: Vec<PendingCopy>,
 }
 
 impl State {
@@ -111,6 +135,7 @@ impl State {
             blocks: HashMap::new(),
             leases: HashMap::new(),
             corrupt: HashSet::new(),
+            copies: vec![],
         };
         for inode in inodes {
             if let InodeKind::File {
@@ -128,6 +153,7 @@ impl State {
                             replication: *replication,
                             complete: writer.is_none(),
                             locations: BTreeSet::new(),
+                            len: b.len,
                         },
                     );
                 }
@@ -171,6 +197,7 @@ impl State {
                     replication,
                     complete: false,
                     locations: BTreeSet::new(),
+                    len: 0,
                 },
             );
         }
@@ -189,6 +216,11 @@ impl State {
                 lease.files.remove(inode);
                 !lease.files.is_empty()
             });
+        }
+        for (block, replication) in &applied.replication {
+            if let Some(e) = self.blocks.get_mut(block) {
+                e.replication = *replication;
+            }
         }
         for block in &applied.completed {
             if let Some(e) = self.blocks.get_mut(block) {
@@ -213,9 +245,12 @@ impl State {
         match self.blocks.get_mut(&block.id) {
             Some(entry) if !self.corrupt.contains(&(block.id, name.to_string())) => {
                 entry.locations.insert(name.to_string());
+                entry.len = entry.len.max(block.len);
                 if let Some(dn) = self.datanodes.get_mut(name) {
                     dn.blocks.insert(block.id);
                 }
+                self.copies
+                    .retain(|c| !(c.block == block.id && c.target == name));
                 true
             }
             _ => false,
@@ -253,6 +288,7 @@ impl State {
                 pending_delete: vec![],
                 needs_report: false,
                 sandbox: vec![],
+                pending_copy: vec![],
             },
         );
         report
@@ -273,7 +309,7 @@ impl State {
         received: &[ReportedBlock],
         deleted: &[BlockId],
         now: Instant,
-    ) -> Option<Vec<BlockId>> {
+    ) -> Option<(Vec<BlockId>, Vec<CopyCommand>)> {
         let state = self
             .datanodes
             .get(name)
@@ -298,10 +334,86 @@ impl State {
             .filter(|b| !self.add_replica(name, **b))
             .map(|b| b.id)
             .collect();
+        let mut copy = vec![];
         if let Some(dn) = self.datanodes.get_mut(name) {
             delete.append(&mut dn.pending_delete);
+            copy.append(&mut dn.pending_copy);
         }
-        Some(delete)
+        Some((delete, copy))
+    }
+
+    /// Plans re-replication and excess-replica removal for complete files (see `repair.rs`) and
+    /// queues the commands for the datanodes' next heartbeats.
+    pub fn plan_repairs(&mut self, now: Instant) {
+        self.copies.retain(|c| c.deadline > now);
+        let live: HashSet<&String> = self
+            .datanodes
+            .iter()
+            .filter(|(_, dn)| self.node_state(dn, now) != NodeState::Dead && !dn.needs_report)
+            .map(|(n, _)| n)
+            .collect();
+        let mut pending: HashMap<BlockId, usize> = HashMap::new();
+        let mut copies_out: HashMap<&str, usize> = HashMap::new();
+        for c in &self.copies {
+            *pending.entry(c.block).or_default() += 1;
+            *copies_out.entry(c.source.as_str()).or_default() += 1;
+        }
+        let blocks: Vec<crate::repair::BlockView> = self
+            .blocks
+            .iter()
+            .filter(|(_, e)| e.complete)
+            .map(|(id, e)| crate::repair::BlockView {
+                id: *id,
+                target: usize::from(e.replication),
+                holders: e
+                    .locations
+                    .iter()
+                    .filter(|n| live.contains(n))
+                    .cloned()
+                    .collect(),
+                pending: pending.get(id).copied().unwrap_or(0),
+                len: e.len,
+            })
+            .collect();
+        let nodes: Vec<crate::repair::NodeView> = self
+            .datanodes
+            .iter()
+            .filter(|(n, dn)| live.contains(n) && self.node_state(dn, now) == NodeState::Live)
+            .map(|(n, dn)| crate::repair::NodeView {
+                name: n.clone(),
+                remaining: dn.remaining,
+                copies_out: copies_out.get(n.as_str()).copied().unwrap_or(0),
+            })
+            .collect();
+        let plan = crate::repair::plan(&blocks, &nodes, COPIES_PER_SOURCE);
+        for (source, block, target) in plan.copies {
+            let Some(t) = self.target(&target) else {
+                continue;
+            };
+            if let Some(dn) = self.datanodes.get_mut(&source) {
+                tracing::info!(%block, %source, %target, "re-replicating");
+                dn.pending_copy.push(CopyCommand {
+                    block,
+                    targets: vec![t],
+                });
+                self.copies.push(PendingCopy {
+                    block,
+                    source,
+                    target,
+                    deadline: now + COPY_TIMEOUT,
+                });
+            }
+        }
+        for (holder, block) in plan.deletes {
+            tracing::info!(%block, datanode = %holder, "removing an excess replica");
+            if let Some(e) = self.blocks.get_mut(&block) {
+                e.locations.remove(&holder);
+            }
+            if let Some(dn) = self.datanodes.get_mut(&holder) {
+                dn.blocks.remove(&block);
+                dn.pending_delete.push(block);
+            }
+        }
     }
 
     /// Live replica holders of a block, live before stale, dead and corrupt ones left out. The order

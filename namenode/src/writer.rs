@@ -57,6 +57,8 @@ pub enum Mutation {
     Delete { path: String, recursive: bool },
     /// mv.
     Rename { src: String, dst: String },
+    /// Change replication.
+    SetReplication { path: String, replication: u8 },
     /// Register a plugin.
     AddPlugin(PluginRecord),
     /// Approve a plugin.
@@ -236,6 +238,9 @@ impl<S: MetaStore> Writer<S> {
             }
             Mutation::Delete { path, recursive } => vec![ns.prepare_delete(&path, recursive)?],
             Mutation::Rename { src, dst } => vec![ns.prepare_rename(&src, &dst, now_ms)?],
+            Mutation::SetReplication { path, replication } => {
+                vec![ns.prepare_setrep(&path, replication)?]
+            }
             Mutation::AddPlugin(record) => {
                 let hash = record.hash;
                 let ops = ns.prepare_add_plugin(record.clone())?;

@@ -143,6 +143,8 @@ pub enum ClientToNamenode {
     ApprovePlugin { hash: Blake3Cv },
     /// Look a plugin up by hash (hex) or by name (the newest with that name).
     FindPlugin { key: String },
+    /// Change the target replica count of a file, or of every file under a directory.
+    SetReplication { path: String, replication: u8 },
 }
 
 /// Replies from the namenode to clients.
@@ -302,6 +304,22 @@ pub enum NamenodeToDatanode {
     },
     /// Noted.
     Ack,
+    /// Heartbeat accepted, with work: `reregister` asks for a full block report, `delete` lists
+    /// replicas to remove, `copy` lists replicas to send to other datanodes (re-replication).
+    Commands {
+        reregister: bool,
+        delete: Vec<BlockId>,
+        copy: Vec<CopyCommand>,
+    },
+}
+
+/// Copy a local replica to other datanodes (in pipeline order).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyCommand {
+    /// The block.
+    pub block: BlockId,
+    /// Where to copy it.
+    pub targets: Vec<Target>,
 }
 
 /// Requests to a datanode, from clients or from the previous datanode of a pipeline.

@@ -172,6 +172,14 @@ fn every_message_matches_its_golden_bytes() {
     check("c2n_list_plugins", c, C::ListPlugins);
     check("c2n_approve_plugin", c, C::ApprovePlugin { hash: h });
     check("c2n_find_plugin", c, C::FindPlugin { key: "wc".into() });
+    check(
+        "c2n_set_replication",
+        c,
+        C::SetReplication {
+            path: "/logs".into(),
+            replication: 2,
+        },
+    );
 
     let r = kind::NAMENODE_REPLY;
     let status = FileStatus {
@@ -277,6 +285,18 @@ fn every_message_matches_its_golden_bytes() {
     );
     let n = kind::NAMENODE_TO_DATANODE;
     check("n2d_ack", n, NamenodeToDatanode::Ack);
+    check(
+        "n2d_commands",
+        n,
+        NamenodeToDatanode::Commands {
+            reregister: false,
+            delete: vec![BlockId(3)],
+            copy: vec![CopyCommand {
+                block: BlockId(7),
+                targets: vec![target(4)],
+            }],
+        },
+    );
     check(
         "n2d_registered",
         n,

@@ -357,21 +357,30 @@ fn corrupt_replicas_are_never_returned() {
     std::fs::write(&meta, &m).unwrap();
 
     assert_eq!(c.get_bytes("/precious"), bytes);
-    // The bad replicas were reported and are no longer offered.
+    // The bad replicas were reported: every replica still offered holds the right bytes (the
+    // corrupt ones were deleted, and re-replication may have copied good ones back).
     wait_until(
-        "corrupt replicas to leave the locations",
-        Duration::from_secs(10),
+        "only good replicas offered",
+        Duration::from_secs(20),
         || {
             let st = c.stat("/precious");
-            let locs = |i: usize| -> Vec<String> {
-                st["blocks"][i]["locations"]
+            [(0usize, b0), (1, b1)].iter().all(|(i, id)| {
+                let want = &bytes[i * BLOCK..(i + 1) * BLOCK];
+                st["blocks"][*i]["locations"]
                     .as_array()
                     .unwrap()
                     .iter()
-                    .map(|l| l.as_str().unwrap().to_string())
-                    .collect()
-            };
-            locs(0) == vec![format!("dn-{}", 3 - dn0)] && locs(1) == vec![format!("dn-{}", 3 - dn1)]
+                    .all(|l| {
+                        let dn: usize = l
+                            .as_str()
+                            .unwrap()
+                            .trim_start_matches("dn-")
+                            .parse()
+                            .unwrap();
+                        replica_files(&c, dn, *id)
+                            .is_some_and(|(data, _)| std::fs::read(data).is_ok_and(|d| d == want))
+                    })
+            })
         },
     );
     assert_eq!(c.get_bytes("/precious"), bytes);
