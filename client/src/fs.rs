@@ -198,6 +198,32 @@ impl Client {
         )
     }
 
+    /// Block health of a file or of every file under a directory.
+    pub async fn fsck(&self, path: &str) -> Result<lode_protocol::messages::FsckReport, Error> {
+        match self
+            .nn(&ClientToNamenode::Fsck { path: path.into() })
+            .await?
+        {
+            NamenodeReply::Fsck(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads or changes safe mode: (on, blocks reported, blocks).
+    pub async fn safemode(
+        &self,
+        action: lode_protocol::messages::SafeModeAction,
+    ) -> Result<(bool, u64, u64), Error> {
+        match self.nn(&ClientToNamenode::SafeMode { action }).await? {
+            NamenodeReply::SafeMode {
+                on,
+                reported,
+                total,
+            } => Ok((on, reported, total)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Space used under a path.
     pub async fn du(&self, path: &str) -> Result<Usage, Error> {
         match self.nn(&ClientToNamenode::Du { path: path.into() }).await? {

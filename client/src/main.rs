@@ -117,6 +117,15 @@ enum Command {
         /// File or directory.
         path: String,
     },
+    /// Block health of a file or of every file under a directory (exit 1 if any block is missing
+    /// or corrupt).
+    Fsck {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// File or directory.
+        path: String,
+    },
     /// Print a file's BLAKE3 hash (as b3sum prints it), merged from block values.
     Checksum {
         /// Paths in Lode.
@@ -202,8 +211,20 @@ struct CertsInit {
     datanodes: u32,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SafeModeArg {
+    Get,
+    Enter,
+    Leave,
+}
+
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// Read or change safe mode (namespace changes are refused while it is on).
+    Safemode {
+        /// get, enter or leave.
+        action: SafeModeArg,
+    },
     /// Capacity, datanodes and block health.
     Report {
         /// Print JSON.
@@ -293,6 +314,15 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
         Command::Checksum { paths } => (
             "checksum",
             with_client(config, |c| checksum(c, paths)).await,
+        ),
+        Command::Fsck { json, path } => {
+            ("fsck", with_client(config, |c| fsck(c, json, path)).await)
+        }
+        Command::Admin {
+            command: AdminCommand::Safemode { action },
+        } => (
+            "admin safemode",
+            with_client(config, |c| safemode(c, action)).await,
         ),
         Command::Setrep { replication, path } => (
             "setrep",
@@ -829,5 +859,68 @@ async fn plugin_cmd(c: Client, command: PluginCommand) -> Result<(), Error> {
             println!("{}", line(&p));
         }
     }
+    Ok(())
+}
+
+async fn fsck(c: Client, json: bool, path: String) -> Result<(), Error> {
+    let r = c.fsck(&path).await?;
+    let status = if r.missing > 0 {
+        "missing"
+    } else if r.corrupt > 0 {
+        "corrupt"
+    } else if r.under_replicated > 0 {
+        "under_replicated"
+    } else {
+        "healthy"
+    };
+    if json {
+        let v = json!({
+            "status": status,
+            "files": r.files,
+            "blocks": r.blocks,
+            "under_replicated": r.under_replicated,
+            "missing": r.missing,
+            "corrupt": r.corrupt,
+            "problems": r.problems.iter().map(|p| json!({
+                "path": p.path, "block": p.block, "state": p.state, "locations": p.locations,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+    } else {
+        for p in &r.problems {
+            println!(
+                "{}: block {} {} [{}]",
+                p.path,
+                p.block,
+                p.state,
+                p.locations.join(", ")
+            );
+        }
+        println!(
+            "{path}: {status}: {} files, {} blocks, {} under-replicated, {} missing, {} corrupt",
+            r.files, r.blocks, r.under_replicated, r.missing, r.corrupt
+        );
+    }
+    if r.missing > 0 || r.corrupt > 0 {
+        return Err(Error::Invalid(format!(
+            "{path}: {} missing and {} corrupt blocks",
+            r.missing, r.corrupt
+        )));
+    }
+    Ok(())
+}
+
+async fn safemode(c: Client, action: SafeModeArg) -> Result<(), Error> {
+    use lode_protocol::messages::SafeModeAction as A;
+    let action = match action {
+        SafeModeArg::Get => A::Get,
+        SafeModeArg::Enter => A::Enter,
+        SafeModeArg::Leave => A::Leave,
+    };
+    let (on, reported, total) = c.safemode(action).await?;
+    println!(
+        "safe mode is {} ({reported} of {total} blocks reported)",
+        if on { "ON" } else { "OFF" }
+    );
     Ok(())
 }

@@ -50,6 +50,14 @@ pub struct Config {
     /// Block size of new files when the client does not choose: a power of two >= 64 KiB. Default 128 MiB.
     #[serde(default = "d_block")]
     pub block_size_default: u64,
+    /// After a start, namespace changes wait until this fraction of blocks has a reported replica
+    /// (or an admin leaves safe mode). 0.0 disables start-up safe mode. Default 0.999.
+    #[serde(default = "d_safemode")]
+    pub safemode_threshold: f64,
+}
+
+fn d_safemode() -> f64 {
+    0.999
 }
 
 fn d_heartbeat() -> u64 {
@@ -139,6 +147,12 @@ impl Config {
         }
         if self.dead_after_ms <= self.stale_after_ms {
             return Err("dead_after_ms must exceed stale_after_ms".into());
+        }
+        if !(0.0..=1.0).contains(&self.safemode_threshold) {
+            return Err(format!(
+                "safemode_threshold must be 0.0..=1.0, got {}",
+                self.safemode_threshold
+            ));
         }
         if self.lease_expiry_ms < 1000 {
             return Err(format!(

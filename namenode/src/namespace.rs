@@ -413,6 +413,24 @@ impl<S: MetaStore> Namespace<S> {
         }
     }
 
+    /// Every file at or under a path: (path, inode).
+    pub fn files_under(&self, p: &str, top: Inode) -> Result<Vec<(String, Inode)>, Error> {
+        let mut out = vec![];
+        let mut stack = vec![(p.to_string(), top)];
+        while let Some((path, node)) = stack.pop() {
+            match node.kind {
+                InodeKind::Directory => {
+                    for (name, id) in self.children(node.id)? {
+                        stack.push((path::join(&path, &name), self.must_get(id)?));
+                    }
+                }
+                InodeKind::File { .. } => out.push((path, node)),
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     /// (files, directories, bytes, bytes times replication) under an entry.
     pub fn usage(&self, inode: &Inode) -> Result<(u64, u64, u64, u64), Error> {
         let mut totals = (0, 0, 0, 0);

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use lode_protocol::frame::kind;
+use lode_protocol::messages::SafeModeAction;
 use lode_protocol::messages::{
     ClientToNamenode, DatanodeToNamenode, EntryKind, NamenodeReply, NamenodeToDatanode,
     PluginRecord,
@@ -18,7 +19,7 @@ use crate::config::Config;
 use crate::error::{to_wire, Error};
 use crate::namespace::Namespace;
 use crate::placement;
-use crate::state::State;
+use crate::state::{SafeMode, State};
 use crate::store::SledStore;
 use crate::writer::{Mutation, WriterHandle};
 
@@ -144,6 +145,21 @@ fn decode<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// Requests refused in safe mode. Completing or abandoning a write already under way is allowed.
+fn changes_namespace(req: &ClientToNamenode) -> bool {
+    matches!(
+        req,
+        ClientToNamenode::Mkdir { .. }
+            | ClientToNamenode::Create { .. }
+            | ClientToNamenode::AddBlock { .. }
+            | ClientToNamenode::Delete { .. }
+            | ClientToNamenode::Rename { .. }
+            | ClientToNamenode::SetReplication { .. }
+            | ClientToNamenode::AddPlugin { .. }
+            | ClientToNamenode::ApprovePlugin { .. }
+    )
+}
+
 fn is_lookup(req: &ClientToNamenode) -> bool {
     matches!(
         req,
@@ -183,6 +199,19 @@ async fn handle_client(
     identity: &Identity,
     shared: &Shared,
 ) -> Result<NamenodeReply, Error> {
+    if changes_namespace(&req) {
+        let state = shared.state()?;
+        if state.safemode != SafeMode::Off {
+            let (reported, total) = state.reported_blocks(Instant::now());
+            return Err(Error::refused(
+                ErrorCode::SafeMode,
+                format!(
+                    "namenode is in safe mode ({reported} of {total} blocks reported); changes resume when enough \
+                     blocks are reported or an admin runs `lode admin safemode leave`"
+                ),
+            ));
+        }
+    }
     match req {
         ClientToNamenode::Mkdir { path, parents } => {
             shared
@@ -420,6 +449,58 @@ async fn handle_client(
                     replication,
                 })
                 .await
+        }
+        ClientToNamenode::Fsck { path } => {
+            let p = normalize(&path)?;
+            let ns = shared.ns.clone();
+            let files = blocking(move || {
+                let top = ns.resolve_existing(&p)?;
+                Ok(ns
+                    .files_under(&p, top)?
+                    .into_iter()
+                    .filter_map(|(path, inode)| match inode.kind {
+                        crate::namespace::InodeKind::File {
+                            replication,
+                            blocks,
+                            writer,
+                            ..
+                        } => Some((
+                            path,
+                            replication,
+                            writer.is_none(),
+                            blocks.iter().map(|b| b.id).collect(),
+                        )),
+                        crate::namespace::InodeKind::Directory => None,
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+            Ok(NamenodeReply::Fsck(
+                shared.state()?.fsck(&files, Instant::now()),
+            ))
+        }
+        ClientToNamenode::SafeMode { action } => {
+            if action != SafeModeAction::Get && identity.role != Role::Admin {
+                return Err(Error::refused(
+                    ErrorCode::PermissionDenied,
+                    "only an admin can change safe mode",
+                ));
+            }
+            let mut state = shared.state()?;
+            match action {
+                SafeModeAction::Get => {}
+                SafeModeAction::Enter => state.safemode = SafeMode::Manual,
+                SafeModeAction::Leave => state.safemode = SafeMode::Off,
+            }
+            if action != SafeModeAction::Get {
+                tracing::info!(by = %identity.name, ?action, "safe mode changed by an admin");
+            }
+            let (reported, total) = state.reported_blocks(Instant::now());
+            Ok(NamenodeReply::SafeMode {
+                on: state.safemode != SafeMode::Off,
+                reported,
+                total,
+            })
         }
         ClientToNamenode::ListPlugins => {
             let ns = shared.ns.clone();

@@ -4,7 +4,9 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use lode_protocol::messages::{ClusterReport, CopyCommand, DatanodeReport, ReportedBlock, Target};
+use lode_protocol::messages::{
+    ClusterReport, CopyCommand, DatanodeReport, FsckProblem, FsckReport, ReportedBlock, Target,
+};
 use lode_protocol::{BlockId, InodeId, SessionId};
 
 use crate::namespace::{Applied, Inode, InodeKind};
@@ -124,6 +126,21 @@ pub struct State {
     pub corrupt: HashSet<(BlockId, String)>,
     /// Re-replication copies under way.
     pub copies: Vec<PendingCopy>,
+    /// Whether namespace changes are refused.
+    pub safemode: SafeMode,
+    /// Fraction of blocks that must have a reported replica before start-up safe mode lifts.
+    pub safemode_threshold: f64,
+}
+
+/// Safe mode: namespace changes are refused while it is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SafeMode {
+    /// Writes allowed.
+    Off,
+    /// After a start, until enough blocks are reported; lifts by itself.
+    Startup,
+    /// Entered by an admin; only an admin lifts it.
+    Manual,
 }
 
 impl State {
@@ -136,6 +153,8 @@ impl State {
             leases: HashMap::new(),
             corrupt: HashSet::new(),
             copies: vec![],
+            safemode: SafeMode::Startup,
+            safemode_threshold: 0.999,
         };
         for inode in inodes {
             if let InodeKind::File {
@@ -291,11 +310,13 @@ impl State {
                 pending_copy: vec![],
             },
         );
-        report
+        let delete: Vec<BlockId> = report
             .iter()
             .filter(|b| !self.add_replica(name, **b))
             .map(|b| b.id)
-            .collect()
+            .collect();
+        self.check_safemode(now);
+        delete
     }
 
     /// A heartbeat; `None` means the node is unknown (or was dead) and must register again.
@@ -342,9 +363,90 @@ impl State {
         Some((delete, copy))
     }
 
+    /// (complete blocks with at least one reported replica, complete blocks).
+    pub fn reported_blocks(&self, now: Instant) -> (u64, u64) {
+        let mut reported = 0;
+        let mut total = 0;
+        for e in self.blocks.values().filter(|e| e.complete) {
+            total += 1;
+            let any = e.locations.iter().any(|n| {
+                self.datanodes
+                    .get(n)
+                    .is_some_and(|dn| self.node_state(dn, now) != NodeState::Dead)
+            });
+            reported += u64::from(any);
+        }
+        (reported, total)
+    }
+
+    /// Lifts start-up safe mode once the threshold of blocks has a reported replica.
+    pub fn check_safemode(&mut self, now: Instant) {
+        if self.safemode != SafeMode::Startup {
+            return;
+        }
+        let (reported, total) = self.reported_blocks(now);
+        if total == 0 || reported as f64 >= self.safemode_threshold * total as f64 {
+            self.safemode = SafeMode::Off;
+            tracing::info!(
+                reported,
+                total,
+                "leaving safe mode: enough blocks are reported"
+            );
+        }
+    }
+
+    /// Block health of the given files: (path, replication, complete, block ids).
+    pub fn fsck(&self, files: &[(String, u8, bool, Vec<BlockId>)], now: Instant) -> FsckReport {
+        let mut r = FsckReport {
+            files: files.len() as u64,
+            blocks: 0,
+            under_replicated: 0,
+            missing: 0,
+            corrupt: 0,
+            problems: vec![],
+        };
+        for (path, replication, complete, blocks) in files {
+            for id in blocks {
+                r.blocks += 1;
+                if !complete {
+                    continue;
+                }
+                let live: Vec<String> = self
+                    .locations(*id, now)
+                    .into_iter()
+                    .map(|t| t.name)
+                    .collect();
+                let corrupt = self.corrupt.iter().any(|(b, _)| b == id);
+                let state = if live.is_empty() && corrupt {
+                    r.corrupt += 1;
+                    "corrupt"
+                } else if live.is_empty() {
+                    r.missing += 1;
+                    "missing"
+                } else if live.len() < usize::from(*replication) {
+                    r.under_replicated += 1;
+                    "under_replicated"
+                } else {
+                    continue;
+                };
+                r.problems.push(FsckProblem {
+                    path: path.clone(),
+                    block: *id,
+                    state: state.into(),
+                    locations: live,
+                });
+            }
+        }
+        r
+    }
+
     /// Plans re-replication and excess-replica removal for complete files (see `repair.rs`) and
     /// queues the commands for the datanodes' next heartbeats.
     pub fn plan_repairs(&mut self, now: Instant) {
+        self.check_safemode(now);
+        if self.safemode != SafeMode::Off {
+            return;
+        }
         self.copies.retain(|c| c.deadline > now);
         let live: HashSet<&String> = self
             .datanodes
@@ -551,7 +653,7 @@ impl State {
             .collect();
         datanodes.sort_by(|a, b| a.name.cmp(&b.name));
         ClusterReport {
-            safemode: false,
+            safemode: self.safemode != SafeMode::Off,
             under_replicated: under,
             missing,
             corrupt: self.corrupt.len() as u64,

@@ -145,6 +145,51 @@ pub enum ClientToNamenode {
     FindPlugin { key: String },
     /// Change the target replica count of a file, or of every file under a directory.
     SetReplication { path: String, replication: u8 },
+    /// Block health of a file or of every file under a directory.
+    Fsck { path: String },
+    /// Read or change safe mode (changes need an admin certificate).
+    SafeMode { action: SafeModeAction },
+}
+
+/// What to do with safe mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SafeModeAction {
+    /// Report it.
+    Get,
+    /// Turn it on: refuse namespace changes until an admin leaves it.
+    Enter,
+    /// Turn it off.
+    Leave,
+}
+
+/// Block health under a path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsckReport {
+    /// Files examined.
+    pub files: u64,
+    /// Blocks examined.
+    pub blocks: u64,
+    /// Blocks with fewer live replicas than their target (but at least one).
+    pub under_replicated: u64,
+    /// Blocks with no live replica.
+    pub missing: u64,
+    /// Blocks whose only known replicas are corrupt.
+    pub corrupt: u64,
+    /// Every block that is not healthy.
+    pub problems: Vec<FsckProblem>,
+}
+
+/// One unhealthy block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsckProblem {
+    /// The file.
+    pub path: String,
+    /// The block.
+    pub block: BlockId,
+    /// `under_replicated`, `missing` or `corrupt`.
+    pub state: String,
+    /// Live healthy replica holders.
+    pub locations: Vec<String>,
 }
 
 /// Replies from the namenode to clients.
@@ -178,6 +223,10 @@ pub enum NamenodeReply {
     Plugins(Vec<PluginRecord>),
     /// One plugin.
     Plugin(PluginRecord),
+    /// Block health.
+    Fsck(FsckReport),
+    /// Safe mode state: on or off, and blocks with a reported replica out of all blocks.
+    SafeMode { on: bool, reported: u64, total: u64 },
 }
 
 /// A registered plugin.

@@ -180,6 +180,14 @@ fn every_message_matches_its_golden_bytes() {
             replication: 2,
         },
     );
+    check("c2n_fsck", c, C::Fsck { path: "/".into() });
+    check(
+        "c2n_safemode",
+        c,
+        C::SafeMode {
+            action: SafeModeAction::Leave,
+        },
+    );
 
     let r = kind::NAMENODE_REPLY;
     let status = FileStatus {
@@ -248,6 +256,29 @@ fn every_message_matches_its_golden_bytes() {
         NamenodeReply::Plugins(vec![plugin.clone()]),
     );
     check("n2c_plugin", r, NamenodeReply::Plugin(plugin));
+    let fsck = FsckReport {
+        files: 2,
+        blocks: 5,
+        under_replicated: 1,
+        missing: 0,
+        corrupt: 0,
+        problems: vec![FsckProblem {
+            path: "/d/two".into(),
+            block: BlockId(9),
+            state: "under_replicated".into(),
+            locations: vec!["dn-1".into()],
+        }],
+    };
+    check("n2c_fsck", r, NamenodeReply::Fsck(fsck));
+    check(
+        "n2c_safemode",
+        r,
+        NamenodeReply::SafeMode {
+            on: true,
+            reported: 3,
+            total: 4,
+        },
+    );
 
     let d = kind::DATANODE_TO_NAMENODE;
     let rb = ReportedBlock {
