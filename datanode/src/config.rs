@@ -47,6 +47,20 @@ pub struct Config {
     /// Wall-clock limit of a plugin task, seconds. Default 120.
     #[serde(default = "d_plugin_wall")]
     pub plugin_wall_secs: u64,
+    /// The block scanner re-reads and verifies every replica at most this fast, bytes per second;
+    /// 0 turns it off. Default 8 MiB/s.
+    #[serde(default = "d_scan_rate")]
+    pub scan_bytes_per_sec: u64,
+    /// Pause between two full passes of the block scanner, seconds. Default 3600.
+    #[serde(default = "d_scan_pause")]
+    pub scan_pause_secs: u64,
+}
+
+fn d_scan_rate() -> u64 {
+    8 << 20
+}
+fn d_scan_pause() -> u64 {
+    3600
 }
 
 fn d_plugin_memory() -> u64 {

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod heartbeat;
+pub mod scanner;
 pub mod server;
 pub mod store;
 pub mod task;
@@ -76,7 +77,14 @@ pub async fn run(
         Duration::from_millis(config.heartbeat_interval_ms),
         shutdown.clone(),
     ));
+    let scanner = tokio::spawn(scanner::run(
+        shared.clone(),
+        config.scan_bytes_per_sec,
+        Duration::from_secs(config.scan_pause_secs),
+        shutdown.clone(),
+    ));
     server::serve(endpoint, shared, shutdown).await;
+    scanner.abort();
     hb.abort();
     Ok(())
 }

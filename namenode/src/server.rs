@@ -578,6 +578,13 @@ fn handle_datanode(
             tracing::info!(datanode = name, %addr, replicas = blocks.len(), unknown = delete.len(), "datanode registered");
             Ok(NamenodeToDatanode::Registered { delete })
         }
+        DatanodeToNamenode::CorruptReplicas { blocks } => {
+            for block in blocks {
+                tracing::warn!(%block, datanode = name, "datanode reports a corrupt replica");
+                state.bad_replica(block, name);
+            }
+            Ok(NamenodeToDatanode::Ack)
+        }
         DatanodeToNamenode::Sandbox { protections } => {
             if let Some(dn) = state.datanodes.get_mut(name) {
                 dn.sandbox = protections;

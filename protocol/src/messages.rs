@@ -339,6 +339,8 @@ pub enum DatanodeToNamenode {
     },
     /// The plugin sandbox protections this datanode's tasks get (sent after registering).
     Sandbox { protections: Vec<String> },
+    /// Local replicas that failed their checksums (found by the block scanner).
+    CorruptReplicas { blocks: Vec<BlockId> },
 }
 
 /// Replies from the namenode to a datanode.

@@ -314,6 +314,13 @@ fn every_message_matches_its_golden_bytes() {
             protections: vec!["rlimits".into(), "landlock".into()],
         },
     );
+    check(
+        "d2n_corrupt_replicas",
+        d,
+        DatanodeToNamenode::CorruptReplicas {
+            blocks: vec![BlockId(7)],
+        },
+    );
     let n = kind::NAMENODE_TO_DATANODE;
     check("n2d_ack", n, NamenodeToDatanode::Ack);
     check(

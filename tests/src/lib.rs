@@ -21,6 +21,8 @@ pub struct ClusterSpec {
     pub block_size: u64,
     /// Lease expiry in ms.
     pub lease_expiry_ms: u64,
+    /// Run the datanodes' block scanners fast and often (else at their gentle default).
+    pub fast_block_scanner: bool,
 }
 
 impl Default for ClusterSpec {
@@ -30,6 +32,7 @@ impl Default for ClusterSpec {
             replication: 3,
             block_size: 64 * 1024,
             lease_expiry_ms: 10_000,
+            fast_block_scanner: false,
         }
     }
 }
@@ -137,13 +140,18 @@ impl Cluster {
             ),
         )
         .expect("write namenode config");
+        let scanner = if spec.fast_block_scanner {
+            "scan_bytes_per_sec = 1073741824\nscan_pause_secs = 1\n"
+        } else {
+            ""
+        };
         for (i, port) in datanode_ports.iter().enumerate() {
             let name = format!("dn-{}", i + 1);
             std::fs::write(
                 path.join(format!("{name}.toml")),
                 format!(
                     "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nnamenode = \"127.0.0.1:{namenode_port}\"\n\
-                     data_dirs = [\"{name}/data1\", \"{name}/data2\"]\nheartbeat_interval_ms = 200\n{}",
+                     data_dirs = [\"{name}/data1\", \"{name}/data2\"]\nheartbeat_interval_ms = 200\n{scanner}{}",
                     tls(&name)
                 ),
             )

@@ -103,3 +103,61 @@ fn a_lost_datanode_is_healed_and_setrep_converges() {
     let err = c.fails(&["setrep", "9", "/heal"]);
     assert!(err.contains("replication"), "{err}");
 }
+
+#[test]
+fn the_block_scanner_finds_a_corrupt_replica_and_it_is_healed() {
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 3,
+        replication: 2,
+        fast_block_scanner: true,
+        ..Default::default()
+    });
+    let bytes = random_bytes(2 * BLOCK, 44);
+    c.put_bytes("/scanned", &bytes, &[]);
+    wait_until("2 replicas reported", Duration::from_secs(10), || {
+        all_have(&c, "/scanned", 2, None)
+    });
+    let locs = locations(&c, "/scanned");
+    let id = c.stat("/scanned")["blocks"][0]["id"].as_u64().unwrap();
+    let holder: usize = locs[0][0].trim_start_matches("dn-").parse().unwrap();
+    let file = ["data1", "data2"]
+        .iter()
+        .map(|d| {
+            c.dir()
+                .join(format!("dn-{holder}"))
+                .join(d)
+                .join("current")
+                .join(format!("blk_{id}"))
+        })
+        .find(|p| p.exists())
+        .unwrap();
+    let mut d = std::fs::read(&file).unwrap();
+    d[12_345] ^= 0x20;
+    std::fs::write(&file, &d).unwrap();
+    // No read touches the block: the scanner finds it, the namenode has it deleted and copies a good
+    // replica, so in the end every offered replica holds the right bytes again.
+    let want = &bytes[..BLOCK];
+    wait_until(
+        "the corrupt replica to be replaced",
+        Duration::from_secs(30),
+        || {
+            let l = locations(&c, "/scanned");
+            l[0].len() == 2
+                && l[0].iter().all(|n| {
+                    let i: usize = n.trim_start_matches("dn-").parse().unwrap();
+                    ["data1", "data2"].iter().any(|dd| {
+                        std::fs::read(
+                            c.dir()
+                                .join(format!("dn-{i}"))
+                                .join(dd)
+                                .join("current")
+                                .join(format!("blk_{id}")),
+                        )
+                        .is_ok_and(|b| b == want)
+                    })
+                })
+        },
+    );
+    assert_eq!(c.get_bytes("/scanned"), bytes);
+    c.assert_no_unexpected_errors(&["block scanner: replica failed its checksum"]);
+}

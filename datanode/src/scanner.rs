@@ -1,0 +1,90 @@
+//! The block scanner: re-reads every replica at a bounded rate, verifying each piece against its
+//! sidecar value, and reports replicas that fail to the namenode, which stops offering them, has
+//! them deleted and copies a good replica in their place.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lode_protocol::frame::kind;
+use lode_protocol::messages::{DatanodeToNamenode, NamenodeToDatanode};
+use lode_protocol::net::{self, NAMENODE_SERVER_NAME};
+use lode_protocol::BlockId;
+use tokio::sync::watch;
+
+use crate::error::Error;
+use crate::server::Shared;
+
+/// Runs until shutdown: a full pass over all replicas, then a pause, and again.
+pub async fn run(
+    shared: Arc<Shared>,
+    bytes_per_sec: u64,
+    pause: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if bytes_per_sec == 0 {
+        return;
+    }
+    loop {
+        let started = Instant::now();
+        let mut ids: Vec<BlockId> = shared.store.report().into_iter().map(|r| r.id).collect();
+        ids.sort();
+        let mut scanned = 0u64;
+        for id in ids {
+            let store = shared.store.clone();
+            let result = tokio::task::spawn_blocking(move || verify(&store, id)).await;
+            match result {
+                Ok(Ok(len)) => scanned += len,
+                Ok(Err(Error::Corrupt { .. })) => {
+                    tracing::error!(block = %id, "block scanner: replica failed its checksum; reporting it");
+                    report(&shared, id).await;
+                }
+                // Deleted meanwhile, or a disk error reported elsewhere.
+                Ok(Err(_)) | Err(_) => {}
+            }
+            // Keep to the read budget: the pass so far may not have taken less than scanned / rate.
+            let due = Duration::from_secs_f64(scanned as f64 / bytes_per_sec as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn verify(store: &crate::store::BlockStore, id: BlockId) -> Result<u64, Error> {
+    let mut r = store.open_block(id)?;
+    let mut buf = Vec::new();
+    let len = r.sidecar.len;
+    for idx in 0..lode_protocol::checksum::piece_count(len) {
+        r.read_piece(idx, &mut buf)?;
+    }
+    Ok(len)
+}
+
+async fn report(shared: &Shared, block: BlockId) {
+    let msg = DatanodeToNamenode::CorruptReplicas {
+        blocks: vec![block],
+    };
+    let sent = async {
+        let conn = shared
+            .pool
+            .get(&shared.namenode, NAMENODE_SERVER_NAME)
+            .await?;
+        net::call::<_, NamenodeToDatanode>(
+            &conn,
+            kind::DATANODE_TO_NAMENODE,
+            kind::NAMENODE_TO_DATANODE,
+            &msg,
+        )
+        .await
+    };
+    if let Err(e) = sent.await {
+        tracing::warn!(%block, "could not report a corrupt replica: {e}");
+    }
+}
