@@ -224,6 +224,17 @@ impl Client {
         }
     }
 
+    /// Starts (`on`) or undoes draining a datanode (admin only).
+    pub async fn decommission(&self, datanode: &str, on: bool) -> Result<(), Error> {
+        expect_ok(
+            self.nn(&ClientToNamenode::Decommission {
+                datanode: datanode.into(),
+                on,
+            })
+            .await?,
+        )
+    }
+
     /// Space used under a path.
     pub async fn du(&self, path: &str) -> Result<Usage, Error> {
         match self.nn(&ClientToNamenode::Du { path: path.into() }).await? {

@@ -220,6 +220,17 @@ enum SafeModeArg {
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// Drain a datanode: its blocks gain replicas elsewhere while it still serves reads; it is
+    /// decommissioned when nothing the cluster needs is only there.
+    Decommission {
+        /// Datanode name (dn-2).
+        datanode: String,
+    },
+    /// Undo a decommission.
+    Recommission {
+        /// Datanode name.
+        datanode: String,
+    },
     /// Read or change safe mode (namespace changes are refused while it is on).
     Safemode {
         /// get, enter or leave.
@@ -314,6 +325,26 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
         Command::Checksum { paths } => (
             "checksum",
             with_client(config, |c| checksum(c, paths)).await,
+        ),
+        Command::Admin {
+            command: AdminCommand::Decommission { datanode },
+        } => (
+            "admin decommission",
+            with_client(
+                config,
+                |c| async move { c.decommission(&datanode, true).await },
+            )
+            .await,
+        ),
+        Command::Admin {
+            command: AdminCommand::Recommission { datanode },
+        } => (
+            "admin recommission",
+            with_client(
+                config,
+                |c| async move { c.decommission(&datanode, false).await },
+            )
+            .await,
         ),
         Command::Fsck { json, path } => {
             ("fsck", with_client(config, |c| fsck(c, json, path)).await)

@@ -46,8 +46,10 @@ pub async fn run(
         dead_after: Duration::from_millis(config.dead_after_ms),
         lease_expiry: Duration::from_millis(config.lease_expiry_ms),
     };
+    let decommissioned = ns.decommissioned()?;
     let mut initial = State::new(timing, &inodes, Instant::now());
     initial.safemode_threshold = config.safemode_threshold;
+    initial.decommission = decommissioned.into_iter().collect();
     initial.check_safemode(Instant::now());
     let state = Arc::new(Mutex::new(initial));
     let writer = Writer {

@@ -113,6 +113,8 @@ pub enum MetaOp {
         files: Vec<InodeId>,
         replication: u8,
     },
+    /// Start (`on`) or stop draining a datanode.
+    SetDecommission { datanode: String, on: bool },
     /// Register a plugin.
     AddPlugin(PluginRecord),
     /// Approve a registered plugin.
@@ -141,6 +143,8 @@ pub struct Applied {
     pub completed: Vec<BlockId>,
     /// Blocks whose target replica count changed.
     pub replication: Vec<(BlockId, u8)>,
+    /// A datanode's decommissioning changed.
+    pub decommission: Option<(String, bool)>,
 }
 
 /// Reads and writes the namespace in a store.
@@ -172,6 +176,12 @@ fn dirent_prefix(parent: InodeId) -> Vec<u8> {
 
 fn dirent_key(parent: InodeId, name: &str) -> Vec<u8> {
     let mut k = dirent_prefix(parent);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn decommission_key(name: &str) -> Vec<u8> {
+    let mut k = vec![b'x'];
     k.extend_from_slice(name.as_bytes());
     k
 }
@@ -291,6 +301,16 @@ impl<S: MetaStore> Namespace<S> {
             .get(&plugin_key(hash))?
             .map(|v| decode(&v))
             .transpose()
+    }
+
+    /// Datanodes being drained.
+    pub fn decommissioned(&self) -> Result<Vec<String>, Error> {
+        Ok(self
+            .store
+            .scan_prefix(b"x")?
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[1..]).into_owned())
+            .collect())
     }
 
     /// Every registered plugin, oldest first.
@@ -1002,6 +1022,15 @@ impl<S: MetaStore> Namespace<S> {
                     }
                     batch.push((inode_key(*id), Some(encode(&node)?)));
                 }
+            }
+            MetaOp::SetDecommission { datanode, on } => {
+                let value = if *on {
+                    Some(vec![FORMAT_VERSION])
+                } else {
+                    None
+                };
+                batch.push((decommission_key(datanode), value));
+                applied.decommission = Some((datanode.clone(), *on));
             }
             MetaOp::AddPlugin(record) => {
                 batch.push((plugin_key(&record.hash), Some(encode(record)?)));

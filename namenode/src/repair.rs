@@ -13,8 +13,10 @@ pub struct BlockView {
     pub id: BlockId,
     /// Target replica count.
     pub target: usize,
-    /// Live, healthy holders.
+    /// Live, healthy holders that count toward the target.
     pub holders: Vec<String>,
+    /// Other live holders that may still be copied from (decommissioning datanodes).
+    pub extra_sources: Vec<String>,
     /// Copies already under way.
     pub pending: usize,
     /// Bytes (to check the target has room).
@@ -30,6 +32,8 @@ pub struct NodeView {
     pub remaining: u64,
     /// Copies it is already sending.
     pub copies_out: usize,
+    /// Whether it may receive new replicas (false while decommissioning).
+    pub accepts: bool,
 }
 
 /// What to do.
@@ -57,7 +61,8 @@ pub fn plan(blocks: &[BlockView], nodes: &[NodeView], copies_per_source: usize) 
     let live: HashSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
     let mut under: Vec<&BlockView> = blocks
         .iter()
-        .filter(|b| !b.holders.is_empty() && b.holders.len() + b.pending < b.target)
+        .filter(|b| !(b.holders.is_empty() && b.extra_sources.is_empty()))
+        .filter(|b| b.holders.len() + b.pending < b.target)
         .collect();
     under.sort_by_key(|b| (b.holders.len(), b.id));
     for b in under {
@@ -66,6 +71,7 @@ pub fn plan(blocks: &[BlockView], nodes: &[NodeView], copies_per_source: usize) 
             let source = b
                 .holders
                 .iter()
+                .chain(&b.extra_sources)
                 .filter(|h| live.contains(h.as_str()))
                 .filter(|h| busy.get(h.as_str()).copied().unwrap_or(usize::MAX) < copies_per_source)
                 .min_by_key(|h| busy.get(h.as_str()).copied().unwrap_or(0));
@@ -77,7 +83,10 @@ pub fn plan(blocks: &[BlockView], nodes: &[NodeView], copies_per_source: usize) 
                 .collect();
             let target = nodes
                 .iter()
-                .filter(|n| !b.holders.contains(&n.name) && !chosen.contains(n.name.as_str()))
+                .filter(|n| {
+                    n.accepts && !b.holders.contains(&n.name) && !b.extra_sources.contains(&n.name)
+                })
+                .filter(|n| !chosen.contains(n.name.as_str()))
                 .filter(|n| room.get(n.name.as_str()).copied().unwrap_or(0) >= b.len)
                 .max_by_key(|n| {
                     (
@@ -118,6 +127,7 @@ mod tests {
             name: n.into(),
             remaining,
             copies_out: 0,
+            accepts: true,
         }
     }
 
@@ -126,6 +136,7 @@ mod tests {
             id: BlockId(id),
             target,
             holders: holders.iter().map(|h| h.to_string()).collect(),
+            extra_sources: vec![],
             pending: 0,
             len: 10,
         }
@@ -189,6 +200,27 @@ mod tests {
             plan(&[pending], &nodes, 2).deletes.is_empty(),
             "no deletes while copies run"
         );
+    }
+
+    #[test]
+    fn a_draining_node_is_a_source_but_never_a_target_or_a_counted_holder() {
+        let mut nodes = vec![node("a", 100), node("b", 100), node("c", 100)];
+        nodes[0].accepts = false;
+        let b = BlockView {
+            holders: vec!["b".into()],
+            extra_sources: vec!["a".into()],
+            ..block(1, 2, &[])
+        };
+        let p = plan(&[b], &nodes, 1);
+        assert_eq!(p.copies.len(), 1);
+        assert_eq!(p.copies[0].2, "c");
+        // Its replicas are never counted as excess either.
+        let full = BlockView {
+            holders: vec!["b".into(), "c".into()],
+            extra_sources: vec!["a".into()],
+            ..block(2, 2, &[])
+        };
+        assert!(plan(&[full], &nodes, 1).deletes.is_empty());
     }
 
     #[test]

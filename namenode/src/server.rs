@@ -502,6 +502,25 @@ async fn handle_client(
                 total,
             })
         }
+        ClientToNamenode::Decommission { datanode, on } => {
+            if identity.role != Role::Admin {
+                return Err(Error::refused(
+                    ErrorCode::PermissionDenied,
+                    "only an admin can decommission datanodes",
+                ));
+            }
+            if !shared.state()?.datanodes.contains_key(&datanode) {
+                return Err(Error::refused(
+                    ErrorCode::NotFound,
+                    format!("{datanode}: no such datanode"),
+                ));
+            }
+            tracing::info!(%datanode, on, by = %identity.name, "decommissioning changed");
+            shared
+                .writer
+                .submit(Mutation::Decommission { datanode, on })
+                .await
+        }
         ClientToNamenode::ListPlugins => {
             let ns = shared.ns.clone();
             Ok(NamenodeReply::Plugins(

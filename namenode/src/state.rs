@@ -130,6 +130,8 @@ pub struct State {
     pub safemode: SafeMode,
     /// Fraction of blocks that must have a reported replica before start-up safe mode lifts.
     pub safemode_threshold: f64,
+    /// Datanodes being drained (decommissioning, or decommissioned once drained).
+    pub decommission: HashSet<String>,
 }
 
 /// Safe mode: namespace changes are refused while it is on.
@@ -155,6 +157,7 @@ impl State {
             copies: vec![],
             safemode: SafeMode::Startup,
             safemode_threshold: 0.999,
+            decommission: HashSet::new(),
         };
         for inode in inodes {
             if let InodeKind::File {
@@ -235,6 +238,13 @@ impl State {
                 lease.files.remove(inode);
                 !lease.files.is_empty()
             });
+        }
+        if let Some((name, on)) = &applied.decommission {
+            if *on {
+                self.decommission.insert(name.clone());
+            } else {
+                self.decommission.remove(name);
+            }
         }
         for (block, replication) in &applied.replication {
             if let Some(e) = self.blocks.get_mut(block) {
@@ -470,7 +480,13 @@ impl State {
                 holders: e
                     .locations
                     .iter()
-                    .filter(|n| live.contains(n))
+                    .filter(|n| live.contains(n) && !self.decommission.contains(*n))
+                    .cloned()
+                    .collect(),
+                extra_sources: e
+                    .locations
+                    .iter()
+                    .filter(|n| live.contains(n) && self.decommission.contains(*n))
                     .cloned()
                     .collect(),
                 pending: pending.get(id).copied().unwrap_or(0),
@@ -485,6 +501,7 @@ impl State {
                 name: n.clone(),
                 remaining: dn.remaining,
                 copies_out: copies_out.get(n.as_str()).copied().unwrap_or(0),
+                accepts: !self.decommission.contains(n),
             })
             .collect();
         let plan = crate::repair::plan(&blocks, &nodes, COPIES_PER_SOURCE);
@@ -526,6 +543,7 @@ impl State {
         };
         let mut live = vec![];
         let mut stale = vec![];
+        let mut draining = vec![];
         for name in &entry.locations {
             let Some(dn) = self.datanodes.get(name) else {
                 continue;
@@ -535,9 +553,10 @@ impl State {
                 addr: dn.addr.clone(),
             };
             match self.node_state(dn, now) {
+                NodeState::Dead => {}
+                _ if self.decommission.contains(name) => draining.push(t),
                 NodeState::Live => live.push(t),
                 NodeState::Stale => stale.push(t),
-                NodeState::Dead => {}
             }
         }
         if !live.is_empty() {
@@ -545,14 +564,42 @@ impl State {
             live.rotate_left(k);
         }
         live.extend(stale);
+        live.extend(draining);
         live
+    }
+
+    /// Whether every complete block with a replica on `name` has its target count of live replicas
+    /// on other, non-draining datanodes.
+    pub fn drained(&self, name: &str, now: Instant) -> bool {
+        let Some(dn) = self.datanodes.get(name) else {
+            return true;
+        };
+        dn.blocks.iter().all(|b| {
+            self.blocks.get(b).is_none_or(|e| {
+                !e.complete
+                    || e.locations
+                        .iter()
+                        .filter(|n| *n != name && !self.decommission.contains(*n))
+                        .filter(|n| {
+                            self.datanodes
+                                .get(*n)
+                                .is_some_and(|d| self.node_state(d, now) != NodeState::Dead)
+                        })
+                        .count()
+                        >= usize::from(e.replication)
+            })
+        })
     }
 
     /// Datanodes that may take new blocks (live only).
     pub fn write_candidates(&self, now: Instant) -> Vec<Candidate> {
         self.datanodes
             .iter()
-            .filter(|(_, dn)| self.node_state(dn, now) == NodeState::Live && !dn.needs_report)
+            .filter(|(n, dn)| {
+                self.node_state(dn, now) == NodeState::Live
+                    && !dn.needs_report
+                    && !self.decommission.contains(*n)
+            })
             .map(|(name, dn)| Candidate {
                 name: name.clone(),
                 remaining: dn.remaining,
@@ -641,7 +688,14 @@ impl State {
             .iter()
             .map(|(name, dn)| DatanodeReport {
                 name: name.clone(),
-                state: self.node_state(dn, now).as_str().to_string(),
+                state: match self.node_state(dn, now) {
+                    NodeState::Dead => "dead".to_string(),
+                    _ if self.decommission.contains(name) && self.drained(name, now) => {
+                        "decommissioned".to_string()
+                    }
+                    _ if self.decommission.contains(name) => "decommissioning".to_string(),
+                    s => s.as_str().to_string(),
+                },
                 addr: dn.addr.clone(),
                 last_heartbeat_ms: now.saturating_duration_since(dn.last_seen).as_millis() as u64,
                 blocks: dn.blocks.len() as u64,

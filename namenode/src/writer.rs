@@ -59,6 +59,8 @@ pub enum Mutation {
     Rename { src: String, dst: String },
     /// Change replication.
     SetReplication { path: String, replication: u8 },
+    /// Start or stop draining a datanode.
+    Decommission { datanode: String, on: bool },
     /// Register a plugin.
     AddPlugin(PluginRecord),
     /// Approve a plugin.
@@ -240,6 +242,9 @@ impl<S: MetaStore> Writer<S> {
             Mutation::Rename { src, dst } => vec![ns.prepare_rename(&src, &dst, now_ms)?],
             Mutation::SetReplication { path, replication } => {
                 vec![ns.prepare_setrep(&path, replication)?]
+            }
+            Mutation::Decommission { datanode, on } => {
+                vec![MetaOp::SetDecommission { datanode, on }]
             }
             Mutation::AddPlugin(record) => {
                 let hash = record.hash;

@@ -149,6 +149,8 @@ pub enum ClientToNamenode {
     Fsck { path: String },
     /// Read or change safe mode (changes need an admin certificate).
     SafeMode { action: SafeModeAction },
+    /// Start (`on`) or undo draining a datanode (admins only).
+    Decommission { datanode: String, on: bool },
 }
 
 /// What to do with safe mode.

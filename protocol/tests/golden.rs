@@ -182,6 +182,14 @@ fn every_message_matches_its_golden_bytes() {
     );
     check("c2n_fsck", c, C::Fsck { path: "/".into() });
     check(
+        "c2n_decommission",
+        c,
+        C::Decommission {
+            datanode: "dn-2".into(),
+            on: true,
+        },
+    );
+    check(
         "c2n_safemode",
         c,
         C::SafeMode {

@@ -161,3 +161,85 @@ fn the_block_scanner_finds_a_corrupt_replica_and_it_is_healed() {
     assert_eq!(c.get_bytes("/scanned"), bytes);
     c.assert_no_unexpected_errors(&["block scanner: replica failed its checksum"]);
 }
+
+#[test]
+fn decommissioning_drains_a_node_under_read_load_and_recommission_undoes_it() {
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 4,
+        replication: 2,
+        ..Default::default()
+    });
+    let bytes = random_bytes(8 * BLOCK + 5, 61);
+    c.put_bytes("/busy", &bytes, &[]);
+    wait_until("2 replicas reported", Duration::from_secs(10), || {
+        all_have(&c, "/busy", 2, None)
+    });
+    let counts = |name: &str| {
+        locations(&c, "/busy")
+            .iter()
+            .filter(|l| l.iter().any(|x| x == name))
+            .count()
+    };
+    let victim = (1..=4)
+        .map(|i| format!("dn-{i}"))
+        .max_by_key(|n| counts(n))
+        .unwrap();
+    assert!(counts(&victim) > 0);
+    let state = |name: &str| -> String {
+        let r = c.report().unwrap();
+        r["datanodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // Readers throughout: no read may fail.
+        let reader = s.spawn(|| {
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(c.get_bytes("/busy"), bytes);
+                reads += 1;
+            }
+            reads
+        });
+        c.ok(&["admin", "decommission", &victim]);
+        wait_until(
+            "the node to be decommissioned",
+            Duration::from_secs(40),
+            || state(&victim) == "decommissioned",
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    });
+    // Every block has its 2 replicas on other nodes; the drained node still serves, listed last.
+    for l in locations(&c, "/busy") {
+        let others = l.iter().filter(|x| **x != victim).count();
+        assert!(others >= 2, "{l:?}");
+        if let Some(pos) = l.iter().position(|x| *x == victim) {
+            assert_eq!(pos, l.len() - 1, "a draining node is read from last: {l:?}");
+        }
+    }
+    // New blocks avoid it.
+    c.put_bytes("/new", &random_bytes(4 * BLOCK, 62), &[]);
+    wait_until("new replicas", Duration::from_secs(10), || {
+        all_have(&c, "/new", 2, Some(&victim))
+    });
+    // Recommission: it is live again and the excess replicas are removed.
+    c.ok(&["admin", "recommission", &victim]);
+    wait_until(
+        "back to exactly 2 replicas",
+        Duration::from_secs(20),
+        || state(&victim) == "live" && all_have(&c, "/busy", 2, None),
+    );
+    let user = c.dir().join("client-user.toml");
+    let out = c.lode_with(&user, &["admin", "decommission", "dn-1"], None);
+    lode_tests::assert_one_line_error(&out, &["decommission as user"]);
+    let err = c.fails(&["admin", "decommission", "dn-99"]);
+    assert!(err.contains("dn-99"), "{err}");
+}
