@@ -235,6 +235,57 @@ impl Client {
         )
     }
 
+    /// Writes a consistent backup of the namenode's metadata to `file` (admin only); returns the
+    /// number of bytes and the last edit it includes.
+    pub async fn backup(&self, file: &std::path::Path) -> Result<(u64, u64), Error> {
+        let ctx = || format!("namenode at {}", self.namenode);
+        let conn = self
+            .pool
+            .get(&self.namenode, NAMENODE_SERVER_NAME)
+            .await
+            .map_err(|e| Error::rpc(ctx(), e))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Error::rpc(ctx(), e.into()))?;
+        net::write_frame(
+            &mut send,
+            kind::CLIENT_TO_NAMENODE,
+            &ClientToNamenode::Backup,
+        )
+        .await
+        .map_err(|e| Error::rpc(ctx(), e))?;
+        send.finish().map_err(|e| Error::rpc(ctx(), e.into()))?;
+        let start = net::read_frame::<NamenodeReply>(&mut recv, kind::NAMENODE_REPLY)
+            .await
+            .map_err(|e| Error::rpc(ctx(), e))?;
+        let NamenodeReply::BackupStart {
+            len,
+            hash,
+            last_applied,
+        } = start
+        else {
+            return Err(unexpected(start));
+        };
+        let bytes = recv
+            .read_to_end(usize::try_from(len).unwrap_or(usize::MAX))
+            .await
+            .map_err(|e| Error::rpc(ctx(), net::RpcError::Stream(e.to_string())))?;
+        if bytes.len() as u64 != len || blake3::hash(&bytes).as_bytes() != &hash.0 {
+            return Err(Error::Corrupt(
+                "backup arrived damaged (length or hash mismatch)".into(),
+            ));
+        }
+        let tmp = file.with_extension("part");
+        tokio::fs::write(&tmp, &bytes)
+            .await
+            .map_err(|e| Error::local(&tmp, e))?;
+        tokio::fs::rename(&tmp, file)
+            .await
+            .map_err(|e| Error::local(file, e))?;
+        Ok((len, last_applied))
+    }
+
     /// Space used under a path.
     pub async fn du(&self, path: &str) -> Result<Usage, Error> {
         match self.nn(&ClientToNamenode::Du { path: path.into() }).await? {

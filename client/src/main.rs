@@ -220,6 +220,12 @@ enum SafeModeArg {
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// Write a consistent backup of the namenode's metadata to FILE (restore it with
+    /// `lode-namenode --config CONFIG --restore-from FILE` into an empty meta_dir).
+    Backup {
+        /// Where to write the backup.
+        file: PathBuf,
+    },
     /// Drain a datanode: its blocks gain replicas elsewhere while it still serves reads; it is
     /// decommissioned when nothing the cluster needs is only there.
     Decommission {
@@ -344,6 +350,20 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
                 config,
                 |c| async move { c.decommission(&datanode, false).await },
             )
+            .await,
+        ),
+        Command::Admin {
+            command: AdminCommand::Backup { file },
+        } => (
+            "admin backup",
+            with_client(config, |c| async move {
+                let (len, applied) = c.backup(&file).await?;
+                println!(
+                    "wrote {} ({len} bytes, up to edit {applied})",
+                    file.display()
+                );
+                Ok(())
+            })
             .await,
         ),
         Command::Fsck { json, path } => {

@@ -5,6 +5,7 @@
 //! Read [`namespace`] first (edits and their validation), then [`writer`] (group commit),
 //! [`state`] (datanodes, block locations, leases) and [`server`] (the request loop).
 
+pub mod backup;
 pub mod config;
 pub mod editlog;
 pub mod error;
@@ -114,7 +115,7 @@ fn recover(meta_dir: &std::path::Path) -> Result<Recovered, Error> {
         tracing::warn!(
             applied,
             logged = log.last_seq(),
-            "metadata store is ahead of the edit log"
+            "metadata store is ahead of the edit log (expected after a restore from backup)"
         );
         log.skip_to(applied);
     }

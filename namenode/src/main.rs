@@ -15,6 +15,9 @@ struct Args {
     /// Override the listen address.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// Restore a metadata backup (from `lode admin backup`) into the config's empty meta_dir, then exit.
+    #[arg(long, value_name = "FILE")]
+    restore_from: Option<PathBuf>,
 }
 
 fn main() {
@@ -29,6 +32,17 @@ fn main() {
 #[tokio::main]
 async fn start(args: Args) -> anyhow::Result<()> {
     let mut config = Config::load(&args.config)?;
+    if let Some(file) = args.restore_from {
+        let dir = config.meta_dir.clone();
+        let applied =
+            tokio::task::spawn_blocking(move || lode_namenode::backup::restore(&file, &dir))
+                .await??;
+        println!(
+            "restored metadata up to edit {applied} into {}",
+            config.meta_dir.display()
+        );
+        return Ok(());
+    }
     if let Some(l) = args.listen {
         config.listen = l;
     }

@@ -102,6 +102,9 @@ async fn serve_stream(
         (kind::CLIENT_TO_NAMENODE, Role::Admin | Role::User | Role::Datanode) => {
             let reply = match decode::<ClientToNamenode>(header, &body) {
                 // Datanodes may look things up (to fetch plugins and finish records), never change them.
+                Ok(ClientToNamenode::Backup) if identity.role == Role::Admin => {
+                    return serve_backup(send, shared).await;
+                }
                 Ok(req) if identity.role == Role::Datanode && !is_lookup(&req) => {
                     Err(denied("a datanode certificate cannot make client requests"))
                 }
@@ -126,6 +129,30 @@ async fn serve_stream(
             finish::<()>(&mut send, 0, Err(err)).await
         }
     }
+}
+
+/// Streams a consistent metadata backup: a `BackupStart` frame, then the bytes.
+async fn serve_backup(mut send: quinn::SendStream, shared: &Shared) -> Result<(), RpcError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let taken = match shared.writer.submit(Mutation::Backup { out: tx }).await {
+        Ok(_) => rx.await.map_err(|_| Error::WriterGone),
+        Err(e) => Err(e),
+    };
+    let (last_applied, bytes) = match taken {
+        Ok(t) => t,
+        Err(e) => return finish::<()>(&mut send, 0, Err(to_wire(&e))).await,
+    };
+    let start = NamenodeReply::BackupStart {
+        len: bytes.len() as u64,
+        hash: lode_protocol::Blake3Cv(*blake3::hash(&bytes).as_bytes()),
+        last_applied,
+    };
+    tracing::info!(bytes = bytes.len(), last_applied, "metadata backup taken");
+    net::write_frame(&mut send, kind::NAMENODE_REPLY, &start).await?;
+    send.write_all(&bytes).await.map_err(RpcError::from)?;
+    send.finish()?;
+    let _ = send.stopped().await;
+    Ok(())
 }
 
 fn decode<T: serde::de::DeserializeOwned>(
@@ -521,6 +548,10 @@ async fn handle_client(
                 .submit(Mutation::Decommission { datanode, on })
                 .await
         }
+        ClientToNamenode::Backup => Err(Error::refused(
+            ErrorCode::PermissionDenied,
+            "only an admin can back up metadata",
+        )),
         ClientToNamenode::ListPlugins => {
             let ns = shared.ns.clone();
             Ok(NamenodeReply::Plugins(

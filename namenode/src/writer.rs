@@ -61,6 +61,10 @@ pub enum Mutation {
     SetReplication { path: String, replication: u8 },
     /// Start or stop draining a datanode.
     Decommission { datanode: String, on: bool },
+    /// Dump the metadata store (consistent: no change runs meanwhile); the bytes go to `out`.
+    Backup {
+        out: oneshot::Sender<(u64, Vec<u8>)>,
+    },
     /// Register a plugin.
     AddPlugin(PluginRecord),
     /// Approve a plugin.
@@ -245,6 +249,12 @@ impl<S: MetaStore> Writer<S> {
             }
             Mutation::Decommission { datanode, on } => {
                 vec![MetaOp::SetDecommission { datanode, on }]
+            }
+            Mutation::Backup { out } => {
+                let applied = ns.last_applied()?;
+                let bytes = crate::backup::dump(ns.store(), applied)?;
+                let _ = out.send((applied, bytes));
+                vec![]
             }
             Mutation::AddPlugin(record) => {
                 let hash = record.hash;

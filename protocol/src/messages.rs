@@ -151,6 +151,8 @@ pub enum ClientToNamenode {
     SafeMode { action: SafeModeAction },
     /// Start (`on`) or undo draining a datanode (admins only).
     Decommission { datanode: String, on: bool },
+    /// A consistent copy of the namespace metadata (admins only); the bytes follow the reply.
+    Backup,
 }
 
 /// What to do with safe mode.
@@ -229,6 +231,12 @@ pub enum NamenodeReply {
     Fsck(FsckReport),
     /// Safe mode state: on or off, and blocks with a reported replica out of all blocks.
     SafeMode { on: bool, reported: u64, total: u64 },
+    /// A metadata backup of `len` bytes follows as raw stream data; `hash` is its BLAKE3 hash.
+    BackupStart {
+        len: u64,
+        hash: Blake3Cv,
+        last_applied: u64,
+    },
 }
 
 /// A registered plugin.

@@ -189,6 +189,7 @@ fn every_message_matches_its_golden_bytes() {
             on: true,
         },
     );
+    check("c2n_backup", c, C::Backup);
     check(
         "c2n_safemode",
         c,
@@ -285,6 +286,15 @@ fn every_message_matches_its_golden_bytes() {
             on: true,
             reported: 3,
             total: 4,
+        },
+    );
+    check(
+        "n2c_backup_start",
+        r,
+        NamenodeReply::BackupStart {
+            len: 100,
+            hash: Blake3Cv([5; 32]),
+            last_applied: 9,
         },
     );
 

@@ -112,3 +112,74 @@ fn fsck_reports_healthy_under_replicated_and_missing_blocks() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("under_replicated"));
 }
+
+#[test]
+fn metadata_backup_wipe_restore_and_every_file_reads_back() {
+    let mut c = Cluster::start(ClusterSpec {
+        datanodes: 2,
+        replication: 2,
+        ..Default::default()
+    });
+    c.ok(&["mkdir", "-p", "/b/deep/er"]);
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| {
+            (
+                format!("/b/deep/f{i}"),
+                random_bytes(i * BLOCK + 99, 70 + i as u64),
+            )
+        })
+        .collect();
+    for (p, b) in &files {
+        c.put_bytes(p, b, &[]);
+    }
+    let backup = c.dir().join("meta.backup");
+    let out = String::from_utf8(c.ok(&["admin", "backup", backup.to_str().unwrap()])).unwrap();
+    assert!(out.contains("wrote"), "{out}");
+    // A user may not take one.
+    let user = c.dir().join("client-user.toml");
+    let out = c.lode_with(
+        &user,
+        &["admin", "backup", c.dir().join("x").to_str().unwrap()],
+        None,
+    );
+    assert_one_line_error(&out, &["backup as user"]);
+
+    c.kill_namenode();
+    std::fs::remove_dir_all(c.dir().join("meta")).unwrap();
+    let restore = |extra: &str| {
+        std::process::Command::new(lode_tests::bin_dir().join("lode-namenode"))
+            .arg("--config")
+            .arg(c.dir().join("namenode.toml"))
+            .arg("--restore-from")
+            .arg(extra)
+            .output()
+            .unwrap()
+    };
+    let done = restore(backup.to_str().unwrap());
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    // Restoring over existing metadata is refused.
+    let again = restore(backup.to_str().unwrap());
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("empty directory"));
+
+    c.start_namenode();
+    c.wait_live(2);
+    let ls: Value = serde_json::from_slice(&c.ok(&["ls", "-R", "--json", "/b"])).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 2 + files.len());
+    for (p, b) in &files {
+        wait_until("replicas reported", Duration::from_secs(10), || {
+            c.lode(&["cat", p]).status.success()
+        });
+        assert_eq!(&c.get_bytes(p), b, "{p}");
+    }
+    // New changes continue after the restored edits.
+    c.put_bytes("/b/after", b"after restore", &[]);
+    c.kill_namenode();
+    c.start_namenode();
+    c.wait_live(2);
+    assert_eq!(c.ok(&["cat", "/b/after"]), b"after restore");
+}
