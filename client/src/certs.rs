@@ -50,35 +50,64 @@ pub fn init(dir: &Path, datanodes: u32) -> Result<Vec<String>, Error> {
     leaves.push(("admin".into(), Role::Admin));
     leaves.push(("user".into(), Role::User));
     for (name, role) in leaves {
-        let key = KeyPair::generate().map_err(tls)?;
-        let mut params = CertificateParams::new(vec![name.clone()]).map_err(tls)?;
-        if role == Role::Namenode || role == Role::Datanode {
-            params
-                .subject_alt_names
-                .push(SanType::DnsName("localhost".try_into().map_err(tls)?));
-        }
-        params
-            .distinguished_name
-            .push(DnType::CommonName, name.clone());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationalUnitName, role.as_str());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "lode");
-        params.not_after = rcgen::date_time_ymd(2099, 1, 1);
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &issuer).map_err(tls)?;
-        write(dir, &format!("{name}.pem"), cert.pem().as_bytes(), false)?;
-        write(
-            dir,
-            &format!("{name}-key.pem"),
-            key.serialize_pem().as_bytes(),
-            true,
-        )?;
+        leaf(dir, &issuer, &name, role)?;
         made.push(name);
     }
     Ok(made)
+}
+
+/// Issues one more certificate (a new datanode, user or admin) with the CA in `dir` (`ca.pem` and
+/// `ca-key.pem` from [`init`]). Refuses to overwrite an existing certificate.
+pub fn issue(dir: &Path, name: &str, role: Role) -> Result<(), Error> {
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+    if !valid {
+        return Err(Error::Invalid(format!(
+            "certificate name {name:?} must be [A-Za-z0-9._-]"
+        )));
+    }
+    if dir.join(format!("{name}.pem")).exists() {
+        return Err(Error::Invalid(format!(
+            "{}: already holds a certificate for {name}",
+            dir.display()
+        )));
+    }
+    let read = |f: &str| fs::read_to_string(dir.join(f)).map_err(|e| Error::local(dir.join(f), e));
+    let tls = |e: rcgen::Error| Error::Invalid(format!("certificate generation: {e}"));
+    let key = KeyPair::from_pem(&read("ca-key.pem")?).map_err(tls)?;
+    let issuer = Issuer::from_ca_cert_pem(&read("ca.pem")?, key).map_err(tls)?;
+    leaf(dir, &issuer, name, role)
+}
+
+/// Makes, signs and writes one leaf certificate and its key.
+fn leaf(dir: &Path, issuer: &Issuer<'_, KeyPair>, name: &str, role: Role) -> Result<(), Error> {
+    let tls = |e: rcgen::Error| Error::Invalid(format!("certificate generation: {e}"));
+    let key = KeyPair::generate().map_err(tls)?;
+    let mut params = CertificateParams::new(vec![name.to_string()]).map_err(tls)?;
+    if role == Role::Namenode || role == Role::Datanode {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName("localhost".try_into().map_err(tls)?));
+    }
+    params.distinguished_name.push(DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, role.as_str());
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "lode");
+    params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, issuer).map_err(tls)?;
+    write(dir, &format!("{name}.pem"), cert.pem().as_bytes(), false)?;
+    write(
+        dir,
+        &format!("{name}-key.pem"),
+        key.serialize_pem().as_bytes(),
+        true,
+    )
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8], secret: bool) -> Result<(), Error> {

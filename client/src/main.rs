@@ -199,6 +199,18 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 enum CertsCommand {
     /// Create a cluster CA and certificates for the namenode, datanodes, an admin and a user.
     Init(CertsInit),
+    /// Issue one more certificate with an existing CA (a new datanode, user or admin).
+    Issue {
+        /// Directory holding ca.pem and ca-key.pem (from `certs init`); the new files go there too.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Name (CN): the datanode's name (dn-4) or the user's.
+        #[arg(long)]
+        name: String,
+        /// Role: datanode, user or admin.
+        #[arg(long, value_parser = ["datanode", "user", "admin"])]
+        role: String,
+    },
 }
 
 #[derive(Args)]
@@ -283,6 +295,14 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
         Command::Certs {
             command: CertsCommand::Init(args),
         } => ("certs init", certs_init(args)),
+        Command::Certs {
+            command: CertsCommand::Issue { dir, name, role },
+        } => ("certs issue", {
+            let role =
+                lode_protocol::net::Role::parse(&role).unwrap_or(lode_protocol::net::Role::User);
+            certs::issue(&dir, &name, role)
+                .map(|_| println!("wrote {name}.pem and {name}-key.pem to {}", dir.display()))
+        }),
         Command::Put {
             force,
             replication,
