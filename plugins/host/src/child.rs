@@ -5,7 +5,6 @@
 use std::ffi::{c_char, c_void, CStr};
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::wire::{self, exit, Request, RunSpec};
@@ -236,7 +235,9 @@ fn combine(l: &Loaded, parts: &[Vec<u8>]) -> Vec<u8> {
     take(l, out)
 }
 
-/// Runs one task over the block on fd 0; returns the bytes fed and the partial result.
+/// Runs one task over the block on fd 0; returns the bytes fed and the partial result. The block is
+/// mapped, each piece is checked against its value before any of it is fed, and whole-record windows
+/// are fed straight from the mapping (only the last record, finished by the continuation, is copied).
 fn run(l: &Loaded, spec: RunSpec) -> (u64, Vec<u8>) {
     // SAFETY: fd 0 is the block file the parent opened for us.
     let block = unsafe { std::fs::File::from_raw_fd(0) };
@@ -244,34 +245,37 @@ fn run(l: &Loaded, spec: RunSpec) -> (u64, Vec<u8>) {
     if spec.start > end {
         fail(exit::BAD_REQUEST, "split starts after it ends");
     }
-    let mut reader = PieceReader {
-        file: &block,
+    let map = Mapping::new(&block, spec.block_len).unwrap_or_else(|e| fail(exit::CORRUPT, e));
+    let mut checked = Checked {
+        data: map.bytes(),
         spec: &spec,
-        buf: Vec::new(),
-        piece: u64::MAX,
+        upto: 0,
     };
+    let data = map.bytes();
     let lines = l.mode == 1;
-    let file_start = spec.block_file_offset + spec.start;
     // Line mode: a split that does not start the file skips its first, partial record; the
     // previous split finishes that record.
     let mut pos = spec.start;
     let mut owns_records = true;
-    if lines && file_start > 0 {
+    if lines && spec.block_file_offset + spec.start > 0 {
         owns_records = false;
         while pos < end {
-            let chunk = reader.slice(pos, end);
-            match chunk.iter().position(|b| *b == b'\n') {
+            let window_end = (pos + FEED_BYTES as u64).min(end);
+            checked.through(window_end);
+            match data[pos as usize..window_end as usize]
+                .iter()
+                .position(|b| *b == b'\n')
+            {
                 Some(i) => {
                     pos += i as u64 + 1;
                     owns_records = true;
                     break;
                 }
-                None => pos += chunk.len() as u64,
+                None => pos = window_end,
             }
         }
     }
-    let first_offset = spec.block_file_offset + pos;
-    let args = with_offset(&spec.args_json, first_offset);
+    let args = with_offset(&spec.args_json, spec.block_file_offset + pos);
     // SAFETY: ABI call with the arguments buffer.
     let state = unsafe { (l.new)(args.as_ptr(), args.len()) };
     if state.is_null() {
@@ -292,26 +296,35 @@ fn run(l: &Loaded, spec: RunSpec) -> (u64, Vec<u8>) {
     };
     if !lines {
         while pos < end {
-            let chunk = reader.slice(pos, end).to_vec();
-            pos += chunk.len() as u64;
-            feed(&chunk);
+            let window_end = (pos + FEED_BYTES as u64).min(end);
+            checked.through(window_end);
+            feed(&data[pos as usize..window_end as usize]);
+            pos = window_end;
         }
     } else if owns_records {
-        let mut pending: Vec<u8> = Vec::with_capacity(FEED_BYTES + PIECE as usize);
+        // Feed windows that end at a record boundary; a record longer than a window widens it.
+        let mut search_end = (pos + FEED_BYTES as u64).min(end);
         while pos < end {
-            let chunk = reader.slice(pos, end);
-            pending.extend_from_slice(chunk);
-            pos += chunk.len() as u64;
-            if pending.len() >= FEED_BYTES {
-                if let Some(last_nl) = pending.iter().rposition(|b| *b == b'\n') {
-                    feed(&pending[..=last_nl]);
-                    pending.drain(..=last_nl);
+            checked.through(search_end);
+            match data[pos as usize..search_end as usize]
+                .iter()
+                .rposition(|b| *b == b'\n')
+            {
+                Some(q) => {
+                    let stop = pos + q as u64 + 1;
+                    feed(&data[pos as usize..stop as usize]);
+                    pos = stop;
+                    search_end = (pos + FEED_BYTES as u64).min(end);
                 }
+                None if search_end == end => break,
+                None => search_end = (search_end + FEED_BYTES as u64).min(end),
             }
         }
         // The last record starting in this split ends in the continuation (or at the end of file).
-        pending.extend_from_slice(&spec.continuation);
-        feed(&pending);
+        checked.through(end);
+        let mut last = data[pos as usize..end as usize].to_vec();
+        last.extend_from_slice(&spec.continuation);
+        feed(&last);
     }
     let mut out = LodeBuf {
         ptr: std::ptr::null_mut(),
@@ -323,6 +336,100 @@ fn run(l: &Loaded, spec: RunSpec) -> (u64, Vec<u8>) {
     (fed, take(l, out))
 }
 
+/// A read-only mapping of the block file.
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(file: &std::fs::File, len: u64) -> Result<Mapping, String> {
+        let on_disk = file
+            .metadata()
+            .map_err(|e| format!("block file: {e}"))?
+            .len();
+        if on_disk < len {
+            return Err(format!(
+                "block file holds {on_disk} bytes, its sidecar says {len}"
+            ));
+        }
+        if len == 0 {
+            return Ok(Mapping {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        let len = usize::try_from(len).map_err(|_| "block too large to map".to_string())?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: mapping a regular file we hold open, read-only and private; unmapped on drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(format!("map block: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: advice on the mapping just made.
+        unsafe { libc::madvise(ptr, len, libc::MADV_SEQUENTIAL) };
+        Ok(Mapping { ptr, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` maps `len` readable bytes for the life of `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmapping what `new` mapped.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
+}
+
+/// Checks pieces against their values, in order, before their bytes are used.
+struct Checked<'a> {
+    data: &'a [u8],
+    spec: &'a RunSpec,
+    /// Bytes from the start of the block already checked.
+    upto: u64,
+}
+
+impl Checked<'_> {
+    /// Checks every piece that overlaps `[.., end)`.
+    fn through(&mut self, end: u64) {
+        while self.upto < end {
+            let idx = self.upto / PIECE;
+            let off = idx * PIECE;
+            let stop = (off + PIECE).min(self.spec.block_len);
+            let piece = &self.data[off as usize..stop as usize];
+            let mut h = blake3::Hasher::new();
+            blake3::hazmat::HasherExt::set_input_offset(&mut h, self.spec.block_file_offset + off);
+            h.update(piece);
+            if Some(blake3::hazmat::HasherExt::finalize_non_root(&h))
+                != self.spec.pieces.get(idx as usize).copied()
+            {
+                fail(
+                    exit::CORRUPT,
+                    format!("block data at offset {off} failed its checksum"),
+                );
+            }
+            self.upto = stop;
+        }
+    }
+}
+
 /// Adds `"_offset"` to the arguments object.
 fn with_offset(args: &[u8], offset: u64) -> Vec<u8> {
     let text = String::from_utf8_lossy(args);
@@ -330,43 +437,6 @@ fn with_offset(args: &[u8], offset: u64) -> Vec<u8> {
     let body = trimmed.strip_suffix('}').unwrap_or(trimmed).trim_end();
     let sep = if body.trim_start() == "{" { "" } else { "," };
     format!("{body}{sep}\"_offset\":\"{offset}\"}}").into_bytes()
-}
-
-/// Reads whole pieces of the block, checks each against its value, and hands out slices.
-struct PieceReader<'a> {
-    file: &'a std::fs::File,
-    spec: &'a RunSpec,
-    buf: Vec<u8>,
-    piece: u64,
-}
-
-impl PieceReader<'_> {
-    /// Bytes from `pos` to the end of its piece (or `end`), verified.
-    fn slice(&mut self, pos: u64, end: u64) -> &[u8] {
-        let idx = pos / PIECE;
-        if idx != self.piece {
-            let off = idx * PIECE;
-            let len = (self.spec.block_len - off).min(PIECE) as usize;
-            self.buf.resize(len, 0);
-            if let Err(e) = self.file.read_exact_at(&mut self.buf, off) {
-                fail(exit::CORRUPT, format!("read block at {off}: {e}"));
-            }
-            let want = self.spec.pieces.get(idx as usize).copied();
-            let mut h = blake3::Hasher::new();
-            blake3::hazmat::HasherExt::set_input_offset(&mut h, self.spec.block_file_offset + off);
-            h.update(&self.buf);
-            if Some(blake3::hazmat::HasherExt::finalize_non_root(&h)) != want {
-                fail(
-                    exit::CORRUPT,
-                    format!("block data at offset {off} failed its checksum"),
-                );
-            }
-            self.piece = idx;
-        }
-        let from = (pos - idx * PIECE) as usize;
-        let to = ((end.min((idx + 1) * PIECE)) - idx * PIECE) as usize;
-        &self.buf[from..to.max(from)]
-    }
 }
 
 #[cfg(test)]
