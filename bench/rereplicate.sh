@@ -5,22 +5,8 @@
 # disk's write bandwidth measured in the same run (dd with fdatasync).
 #
 #   bench/rereplicate.sh [--size-mib N]
-set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SIZE_MIB=1024
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --size-mib) SIZE_MIB=$2; shift 2 ;;
-    *) echo "usage: bench/rereplicate.sh [--size-mib N]" >&2; exit 2 ;;
-  esac
-done
-OUT="$ROOT/bench/out"
-BIN="$ROOT/target/release"
-mkdir -p "$OUT"
-cd "$ROOT"
-cargo build --release -q --workspace
-BYTES=$((SIZE_MIB * 1024 * 1024))
-now() { date +%s.%N; }
+DEFAULT_SIZE_MIB=1024
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 echo "bench: disk write bandwidth" >&2
 t0=$(now); dd if=/dev/zero of="$OUT/dd.bin" bs=8M count=$((SIZE_MIB / 8)) conv=fdatasync status=none; t1=$(now)
@@ -29,10 +15,7 @@ rm -f "$OUT/dd.bin"
 
 head -c "$BYTES" /dev/urandom > "$OUT/rr.bin"
 export LODE_DEV_BASE_PORT=${LODE_DEV_BASE_PORT:-7680}
-"$ROOT/deploy/dev-cluster.sh" down --dir "$OUT/rr-cluster" >/dev/null 2>&1 || true
-rm -rf "$OUT/rr-cluster"
-eval "$("$ROOT/deploy/dev-cluster.sh" up --datanodes 4 --dir "$OUT/rr-cluster")"
-trap '"$ROOT/deploy/dev-cluster.sh" down --dir "$OUT/rr-cluster" >/dev/null 2>&1 || true' EXIT
+fresh_cluster rr-cluster 4
 "$BIN/lode" put --replication 3 "$OUT/rr.bin" /rr.bin
 until "$BIN/lode" fsck / >/dev/null 2>&1 && "$BIN/lode" fsck --json / | grep -q '"status":"healthy"'; do sleep 0.2; done
 VICTIM=$("$BIN/lode" stat --json --blocks /rr.bin | python3 -c "

@@ -4,33 +4,14 @@
 # (b) grep -c / wc on a local copy, and report the bytes that crossed the network.
 #
 #   bench/scan.sh [--size-mib N]
-set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SIZE_MIB=2048
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --size-mib) SIZE_MIB=$2; shift 2 ;;
-    *) echo "usage: bench/scan.sh [--size-mib N]" >&2; exit 2 ;;
-  esac
-done
-OUT="$ROOT/bench/out"
-BIN="$ROOT/target/release"
-mkdir -p "$OUT"
-cd "$ROOT"
-cargo build --release -q --workspace
-BYTES=$((SIZE_MIB * 1024 * 1024))
-now() { date +%s.%N; }
-secs() { python3 -c "print(f'{$2-$1:.3f}')"; }
-mbps() { python3 -c "print(f'{$1/($3-$2)/1e6:.1f}')"; }
+DEFAULT_SIZE_MIB=2048
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 echo "bench: writing ${SIZE_MIB} MiB of text" >&2
 "$BIN/lode-bench" text --bytes "$BYTES" --out "$OUT/text.log"
 
 export LODE_DEV_BASE_PORT=${LODE_DEV_BASE_PORT:-7650}
-"$ROOT/deploy/dev-cluster.sh" down --dir "$OUT/scan-cluster" >/dev/null 2>&1 || true
-rm -rf "$OUT/scan-cluster"
-eval "$("$ROOT/deploy/dev-cluster.sh" up --datanodes 3 --dir "$OUT/scan-cluster")"
-trap '"$ROOT/deploy/dev-cluster.sh" down --dir "$OUT/scan-cluster" >/dev/null 2>&1 || true' EXIT
+fresh_cluster scan-cluster 3
 "$BIN/lode" put "$OUT/text.log" /text.log
 "$BIN/lode" plugin add "$BIN/liblode_plugin_grep.so" >/dev/null
 "$BIN/lode" plugin add "$BIN/liblode_plugin_wc.so" >/dev/null
@@ -58,7 +39,6 @@ TASKS=$(python3 -c "import json,sys; s=json.loads(sys.argv[1])['stats']; print(s
 [ "$GREP_COUNT" = "$LOCAL_GREP" ] && [ "$GET_GREP" = "$LOCAL_GREP" ] || { echo "bench: grep counts differ: scan $GREP_COUNT, get|grep $GET_GREP, local $LOCAL_GREP" >&2; exit 1; }
 [ "$WC_RESULT" = "$LOCAL_WC" ] || { echo "bench: wc differs: scan '$WC_RESULT', local '$LOCAL_WC'" >&2; exit 1; }
 
-ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 printf '\n%-40s %10s\n' "what (${SIZE_MIB} MiB text, $(nproc) cores)" "MB/s"
 printf '%-40s %10s\n' "grep -c on a local copy" "$GREP_LOCAL_RATE"
 printf '%-40s %10s\n' "wc on a local copy" "$WC_LOCAL_RATE"
