@@ -15,7 +15,9 @@
 #
 # Short timings so faults show quickly: heartbeat every 1 s, a datanode is stale after 3 s of silence
 # and dead after 10 s, and a writer's lease expires after 10 s without renewal.
-# Ports: the namenode listens on UDP 127.0.0.1:$LODE_DEV_BASE_PORT (default 7400), dn-I on base+I.
+# Ports: the namenode listens on UDP 127.0.0.1:$LODE_DEV_BASE_PORT (default 7400), dn-I on base+I;
+# the namenode's status page and metrics on TCP base+100 (http://127.0.0.1:7500/), dn-I's metrics on
+# TCP base+100+I.
 # Binaries: release builds by default; LODE_DEV_PROFILE=debug uses debug builds; LODE_DEV_SKIP_BUILD=1
 # uses the binaries already built without running cargo.
 set -euo pipefail
@@ -89,6 +91,7 @@ stale_after_ms = 3000
 dead_after_ms = 10000
 lease_expiry_ms = 10000
 replication_default = $repl
+http_listen = "127.0.0.1:$((BASE_PORT + 100))"
 
 [tls]
 ca = "certs/ca.pem"
@@ -103,6 +106,7 @@ listen = "127.0.0.1:$((BASE_PORT + i))"
 namenode = "127.0.0.1:$BASE_PORT"
 data_dirs = ["dn-$i/data"]
 heartbeat_interval_ms = 1000
+http_listen = "127.0.0.1:$((BASE_PORT + 100 + i))"
 
 [tls]
 ca = "certs/ca.pem"

@@ -54,6 +54,9 @@ pub struct Config {
     /// Pause between two full passes of the block scanner, seconds. Default 3600.
     #[serde(default = "d_scan_pause")]
     pub scan_pause_secs: u64,
+    /// TCP address of Prometheus metrics (`/metrics`); none when absent.
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
 }
 
 fn d_scan_rate() -> u64 {

@@ -137,8 +137,9 @@ async fn register(shared: &Shared, namenode: &str, advertise: &str) -> Result<()
         );
         delete_replicas(shared, delete).await;
     }
-    let sandbox = DatanodeToNamenode::Sandbox {
+    let sandbox = DatanodeToNamenode::Info {
         protections: shared.sandbox.clone(),
+        http_addr: shared.http_addr.clone(),
     };
     net::call::<_, NamenodeToDatanode>(
         &conn,

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod heartbeat;
+pub mod http;
 pub mod scanner;
 pub mod server;
 pub mod store;
@@ -60,6 +61,19 @@ pub async fn run(
     .await
     .unwrap_or_default();
     tracing::info!(protections = %sandbox.join(","), "plugin sandbox");
+    let metrics = Arc::new(http::Metrics::default());
+    let http_listener = match config.http_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Invalid(format!("bind metrics at {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let http_addr = http_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string());
     let shared = Arc::new(server::Shared {
         name: config.name.clone(),
         store,
@@ -68,6 +82,16 @@ pub async fn run(
         namenode: config.namenode.clone(),
         tasks,
         sandbox,
+        metrics: metrics.clone(),
+        http_addr,
+    });
+    let web = http_listener.map(|l| {
+        tokio::spawn(http::serve(
+            l,
+            shared.store.clone(),
+            metrics,
+            shutdown.clone(),
+        ))
     });
     tracing::info!(name = %config.name, addr = ?endpoint.local_addr().ok(), replicas = shared.store.report().len(), "datanode serving");
     let hb = tokio::spawn(heartbeat::run(
@@ -85,6 +109,9 @@ pub async fn run(
     ));
     server::serve(endpoint, shared, shutdown).await;
     scanner.abort();
+    if let Some(w) = web {
+        w.abort();
+    }
     hb.abort();
     Ok(())
 }

@@ -33,9 +33,13 @@ pub async fn run(
             let store = shared.store.clone();
             let result = tokio::task::spawn_blocking(move || verify(&store, id)).await;
             match result {
-                Ok(Ok(len)) => scanned += len,
+                Ok(Ok(len)) => {
+                    scanned += len;
+                    shared.metrics.scanned_bytes.inc_by(len);
+                }
                 Ok(Err(Error::Corrupt { .. })) => {
-                    tracing::error!(block = %id, "block scanner: replica failed its checksum; reporting it");
+                    tracing::error!(block = %id, "block scanner: replica failed its checksum;
+                    shared.metrics.corrupt_found.inc(); reporting it");
                     report(&shared, id).await;
                 }
                 // Deleted meanwhile, or a disk error reported elsewhere.

@@ -41,6 +41,10 @@ pub struct Shared {
     pub tasks: crate::task::Tasks,
     /// The plugin sandbox protections tasks get here (probed once at start).
     pub sandbox: Vec<String>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<crate::http::Metrics>,
+    /// The metrics address, reported to the namenode.
+    pub http_addr: Option<String>,
 }
 
 /// Accepts connections until `shutdown` fires.
@@ -102,9 +106,23 @@ async fn serve_stream(
         DatanodeRequest::ReadBlock { block, offset, len } => {
             return read_block(shared, send, block, offset, len).await
         }
-        DatanodeRequest::RunTask(task) => crate::task::run(shared, *task)
-            .await
-            .map(DatanodeReply::TaskDone),
+        DatanodeRequest::RunTask(task) => {
+            let started = std::time::Instant::now();
+            let r = crate::task::run(shared, *task).await;
+            let result = if r.is_ok() { "ok" } else { "failed" };
+            shared
+                .metrics
+                .tasks
+                .get_or_create(&crate::http::ResultLabel {
+                    result: result.into(),
+                })
+                .inc();
+            shared
+                .metrics
+                .task_seconds
+                .observe(started.elapsed().as_secs_f64());
+            r.map(DatanodeReply::TaskDone)
+        }
         DatanodeRequest::BlockChecksums { block } => {
             let store = shared.store.clone();
             blocking(move || store.sidecar(block))
@@ -266,6 +284,7 @@ async fn write_block(
         }
     };
     shared.reports.received(ReportedBlock { id: block, len });
+    shared.metrics.bytes_written.inc_by(len);
 
     let mut stored = vec![shared.name.clone()];
     if let Some(mut d) = downstream {
@@ -348,6 +367,7 @@ async fn read_block(
     while let Some(item) = rx.recv().await {
         match item {
             Ok((cv, data)) => {
+                shared.metrics.bytes_read.inc_by(data.len() as u64);
                 let header = PieceHeader {
                     len: data.len() as u32,
                     cv,

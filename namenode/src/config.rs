@@ -54,6 +54,9 @@ pub struct Config {
     /// (or an admin leaves safe mode). 0.0 disables start-up safe mode. Default 0.999.
     #[serde(default = "d_safemode")]
     pub safemode_threshold: f64,
+    /// TCP address of the status page (`/`) and Prometheus metrics (`/metrics`); none when absent.
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
 }
 
 fn d_safemode() -> f64 {

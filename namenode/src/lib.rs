@@ -9,6 +9,7 @@ pub mod backup;
 pub mod config;
 pub mod editlog;
 pub mod error;
+pub mod http;
 pub mod namespace;
 pub mod placement;
 pub mod repair;
@@ -52,13 +53,33 @@ pub async fn run(
     initial.safemode_threshold = config.safemode_threshold;
     initial.decommission = decommissioned.into_iter().collect();
     initial.check_safemode(Instant::now());
+    let metrics = Arc::new(http::Metrics::default());
+    let http_listener = match config.http_listen {
+        Some(addr) => {
+            let l = http::bind(addr)
+                .await
+                .map_err(|e| Error::Store(format!("bind status page at {addr}: {e}")))?;
+            initial.http_addr = l.local_addr().ok().map(|a| a.to_string());
+            Some(l)
+        }
+        None => None,
+    };
     let state = Arc::new(Mutex::new(initial));
+    let web = http_listener.map(|l| {
+        tokio::spawn(http::serve(
+            l,
+            state.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ))
+    });
     let writer = Writer {
         ns: ns.clone(),
         log,
         ids,
         state: state.clone(),
         lease_ms: config.lease_expiry_ms,
+        metrics: metrics.clone(),
     };
     let (writer, mut fatal) = writer.spawn()?;
     tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = inodes.len(), "namenode serving");
@@ -67,6 +88,7 @@ pub async fn run(
         state: state.clone(),
         writer: writer.clone(),
         config,
+        metrics,
     });
     let repairs = tokio::spawn(repair_loop(
         state.clone(),
@@ -84,6 +106,9 @@ pub async fn run(
     };
     leases.abort();
     repairs.abort();
+    if let Some(w) = web {
+        w.abort();
+    }
     shared.ns.store().flush()?;
     result
 }

@@ -38,6 +38,8 @@ pub struct Shared {
     pub writer: WriterHandle,
     /// Settings.
     pub config: Config,
+    /// Request counters and latencies.
+    pub metrics: Arc<crate::http::Metrics>,
 }
 
 impl Shared {
@@ -75,6 +77,7 @@ async fn serve_stream(
     identity: &Identity,
     shared: &Shared,
 ) -> Result<(), RpcError> {
+    let started = std::time::Instant::now();
     let (header, body) = match net::read_raw_frame(&mut recv).await {
         Ok(f) => f,
         Err(e) => {
@@ -86,7 +89,12 @@ async fn serve_stream(
     match (header.kind, identity.role) {
         (kind::DATANODE_TO_NAMENODE, Role::Datanode) => {
             let reply = match decode::<DatanodeToNamenode>(header, &body) {
-                Ok(req) => handle_datanode(req, &identity.name, shared).map_err(|e| to_wire(&e)),
+                Ok(req) => {
+                    let kind = request_kind(&req);
+                    let r = handle_datanode(req, &identity.name, shared).map_err(|e| to_wire(&e));
+                    shared.metrics.observe(kind, started);
+                    r
+                }
                 Err(e) => Err(e),
             };
             finish(&mut send, kind::NAMENODE_TO_DATANODE, reply).await
@@ -108,12 +116,17 @@ async fn serve_stream(
                 Ok(req) if identity.role == Role::Datanode && !is_lookup(&req) => {
                     Err(denied("a datanode certificate cannot make client requests"))
                 }
-                Ok(req) => handle_client(req, identity, shared).await.map_err(|e| {
-                    if e.is_fatal() || !matches!(e, Error::Refused { .. }) {
-                        tracing::error!("request failed: {e}");
-                    }
-                    to_wire(&e)
-                }),
+                Ok(req) => {
+                    let kind = request_kind(&req);
+                    let r = handle_client(req, identity, shared).await.map_err(|e| {
+                        if e.is_fatal() || !matches!(e, Error::Refused { .. }) {
+                            tracing::error!("request failed: {e}");
+                        }
+                        to_wire(&e)
+                    });
+                    shared.metrics.observe(kind, started);
+                    r
+                }
                 Err(e) => Err(e),
             };
             finish(&mut send, kind::NAMENODE_REPLY, reply).await
@@ -185,6 +198,56 @@ fn changes_namespace(req: &ClientToNamenode) -> bool {
             | ClientToNamenode::AddPlugin { .. }
             | ClientToNamenode::ApprovePlugin { .. }
     )
+}
+
+/// A request's variant name, for metrics labels.
+trait RequestKind {
+    fn kind(&self) -> &'static str;
+}
+
+impl RequestKind for DatanodeToNamenode {
+    fn kind(&self) -> &'static str {
+        match self {
+            DatanodeToNamenode::Register { .. } => "Register",
+            DatanodeToNamenode::Heartbeat { .. } => "Heartbeat",
+            DatanodeToNamenode::Info { .. } => "Info",
+            DatanodeToNamenode::CorruptReplicas { .. } => "CorruptReplicas",
+        }
+    }
+}
+
+impl RequestKind for ClientToNamenode {
+    fn kind(&self) -> &'static str {
+        match self {
+            ClientToNamenode::Report => "Report",
+            ClientToNamenode::ListPlugins => "ListPlugins",
+            ClientToNamenode::Backup => "Backup",
+            ClientToNamenode::Mkdir { .. } => "Mkdir",
+            ClientToNamenode::List { .. } => "List",
+            ClientToNamenode::Stat { .. } => "Stat",
+            ClientToNamenode::Delete { .. } => "Delete",
+            ClientToNamenode::Rename { .. } => "Rename",
+            ClientToNamenode::Create { .. } => "Create",
+            ClientToNamenode::AddBlock { .. } => "AddBlock",
+            ClientToNamenode::AbandonBlock { .. } => "AbandonBlock",
+            ClientToNamenode::Complete { .. } => "Complete",
+            ClientToNamenode::RenewLease { .. } => "RenewLease",
+            ClientToNamenode::Du { .. } => "Du",
+            ClientToNamenode::ReportBadReplica { .. } => "ReportBadReplica",
+            ClientToNamenode::AbandonFile { .. } => "AbandonFile",
+            ClientToNamenode::AddPlugin { .. } => "AddPlugin",
+            ClientToNamenode::ApprovePlugin { .. } => "ApprovePlugin",
+            ClientToNamenode::FindPlugin { .. } => "FindPlugin",
+            ClientToNamenode::SetReplication { .. } => "SetReplication",
+            ClientToNamenode::Fsck { .. } => "Fsck",
+            ClientToNamenode::SafeMode { .. } => "SafeMode",
+            ClientToNamenode::Decommission { .. } => "Decommission",
+        }
+    }
+}
+
+fn request_kind(req: &impl RequestKind) -> &'static str {
+    req.kind()
 }
 
 fn is_lookup(req: &ClientToNamenode) -> bool {
@@ -635,9 +698,13 @@ fn handle_datanode(
             }
             Ok(NamenodeToDatanode::Ack)
         }
-        DatanodeToNamenode::Sandbox { protections } => {
+        DatanodeToNamenode::Info {
+            protections,
+            http_addr,
+        } => {
             if let Some(dn) = state.datanodes.get_mut(name) {
                 dn.sandbox = protections;
+                dn.http_addr = http_addr;
             }
             Ok(NamenodeToDatanode::Ack)
         }

@@ -67,6 +67,8 @@ pub struct Datanode {
     pub sandbox: Vec<String>,
     /// Copies it should start, sent with the next heartbeat reply.
     pub pending_copy: Vec<CopyCommand>,
+    /// Its metrics address.
+    pub http_addr: Option<String>,
 }
 
 /// A re-replication copy under way.
@@ -132,7 +134,14 @@ pub struct State {
     pub safemode_threshold: f64,
     /// Datanodes being drained (decommissioning, or decommissioned once drained).
     pub decommission: HashSet<String>,
+    /// Recent events for the status page, oldest first.
+    pub events: std::collections::VecDeque<(Instant, String)>,
+    /// The namenode's own HTTP address.
+    pub http_addr: Option<String>,
 }
+
+/// Events kept for the status page.
+const EVENTS_MAX: usize = 100;
 
 /// Safe mode: namespace changes are refused while it is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +167,8 @@ impl State {
             safemode: SafeMode::Startup,
             safemode_threshold: 0.999,
             decommission: HashSet::new(),
+            events: std::collections::VecDeque::new(),
+            http_addr: None,
         };
         for inode in inodes {
             if let InodeKind::File {
@@ -192,6 +203,14 @@ impl State {
             }
         }
         s
+    }
+
+    /// Records an event for the status page.
+    pub fn event(&mut self, what: String) {
+        if self.events.len() >= EVENTS_MAX {
+            self.events.pop_front();
+        }
+        self.events.push_back((Instant::now(), what));
     }
 
     /// The liveness of a node at `now`.
@@ -240,6 +259,12 @@ impl State {
             });
         }
         if let Some((name, on)) = &applied.decommission {
+            let what = if *on {
+                "decommissioning"
+            } else {
+                "recommissioned"
+            };
+            self.event(format!("{name} {what}"));
             if *on {
                 self.decommission.insert(name.clone());
             } else {
@@ -318,6 +343,7 @@ impl State {
                 needs_report: false,
                 sandbox: vec![],
                 pending_copy: vec![],
+                http_addr: None,
             },
         );
         let delete: Vec<BlockId> = report
@@ -325,6 +351,7 @@ impl State {
             .filter(|b| !self.add_replica(name, **b))
             .map(|b| b.id)
             .collect();
+        self.event(format!("{name} registered with {} replicas", report.len()));
         self.check_safemode(now);
         delete
     }
@@ -402,6 +429,9 @@ impl State {
                 total,
                 "leaving safe mode: enough blocks are reported"
             );
+            self.event(format!(
+                "left safe mode: {reported} of {total} blocks reported"
+            ));
         }
     }
 
@@ -511,6 +541,10 @@ impl State {
             };
             if let Some(dn) = self.datanodes.get_mut(&source) {
                 tracing::info!(%block, %source, %target, "re-replicating");
+                self.events.push_back((
+                    now,
+                    format!("re-replicating block {block} from {source} to {target}"),
+                ));
                 dn.pending_copy.push(CopyCommand {
                     block,
                     targets: vec![t],
@@ -525,6 +559,9 @@ impl State {
         }
         for (holder, block) in plan.deletes {
             tracing::info!(%block, datanode = %holder, "removing an excess replica");
+            self.event(format!(
+                "removing an excess replica of block {block} from {holder}"
+            ));
             if let Some(e) = self.blocks.get_mut(&block) {
                 e.locations.remove(&holder);
             }
@@ -647,6 +684,13 @@ impl State {
     /// A client found a replica failing its checksum: stop serving it, and delete it if another
     /// replica remains.
     pub fn bad_replica(&mut self, block: BlockId, name: &str) {
+        if self
+            .blocks
+            .get(&block)
+            .is_some_and(|e| e.locations.contains(name))
+        {
+            self.event(format!("corrupt replica of block {block} on {name}"));
+        }
         let Some(entry) = self.blocks.get_mut(&block) else {
             return;
         };
@@ -703,10 +747,12 @@ impl State {
                 used: dn.used,
                 remaining: dn.remaining,
                 sandbox: dn.sandbox.clone(),
+                http_addr: dn.http_addr.clone(),
             })
             .collect();
         datanodes.sort_by(|a, b| a.name.cmp(&b.name));
         ClusterReport {
+            http_addr: self.http_addr.clone(),
             safemode: self.safemode != SafeMode::Off,
             under_replicated: under,
             missing,

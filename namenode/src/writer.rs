@@ -108,6 +108,8 @@ pub struct Writer<S: MetaStore> {
     pub state: Arc<Mutex<State>>,
     /// Lease lifetime told to writers.
     pub lease_ms: u64,
+    /// Group-commit metrics.
+    pub metrics: Arc<crate::http::Metrics>,
 }
 
 impl<S: MetaStore> Writer<S> {
@@ -152,8 +154,12 @@ impl<S: MetaStore> Writer<S> {
                 }
             }
             if fatal.is_none() {
-                if let Err(e) = self.log.sync() {
-                    fatal = Some(e);
+                match self.log.sync() {
+                    Ok(()) => {
+                        self.metrics.editlog_syncs.inc();
+                        self.metrics.editlog_group.observe(replies.len() as f64);
+                    }
+                    Err(e) => fatal = Some(e),
                 }
             }
             if let Some(e) = fatal {

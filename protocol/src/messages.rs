@@ -311,11 +311,15 @@ pub struct DatanodeReport {
     pub remaining: u64,
     /// Plugin sandbox protections it reported (`rlimits`, `no_new_privs`, `landlock`, `seccomp`).
     pub sandbox: Vec<String>,
+    /// Its metrics address, if it serves HTTP.
+    pub http_addr: Option<String>,
 }
 
 /// Cluster overview.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterReport {
+    /// The namenode's status page and metrics address, if it serves HTTP.
+    pub http_addr: Option<String>,
     /// Whether the namenode refuses namespace changes.
     pub safemode: bool,
     /// Blocks of complete files with fewer live replicas than their target (but at least one).
@@ -347,8 +351,12 @@ pub enum DatanodeToNamenode {
         received: Vec<ReportedBlock>,
         deleted: Vec<BlockId>,
     },
-    /// The plugin sandbox protections this datanode's tasks get (sent after registering).
-    Sandbox { protections: Vec<String> },
+    /// What this datanode offers besides data (sent after registering): the plugin sandbox
+    /// protections its tasks get, and its metrics address.
+    Info {
+        protections: Vec<String>,
+        http_addr: Option<String>,
+    },
     /// Local replicas that failed their checksums (found by the block scanner).
     CorruptReplicas { blocks: Vec<BlockId> },
 }

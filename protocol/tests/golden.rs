@@ -234,6 +234,7 @@ fn every_message_matches_its_golden_bytes() {
         },
     );
     let report = ClusterReport {
+        http_addr: Some("127.0.0.1:7500".into()),
         safemode: false,
         under_replicated: 1,
         missing: 0,
@@ -248,6 +249,7 @@ fn every_message_matches_its_golden_bytes() {
             used: 1 << 20,
             remaining: 1 << 39,
             sandbox: vec!["rlimits".into(), "seccomp".into()],
+            http_addr: None,
         }],
     };
     check("n2c_report", r, NamenodeReply::Report(report));
@@ -326,10 +328,11 @@ fn every_message_matches_its_golden_bytes() {
         },
     );
     check(
-        "d2n_sandbox",
+        "d2n_info",
         d,
-        DatanodeToNamenode::Sandbox {
+        DatanodeToNamenode::Info {
             protections: vec!["rlimits".into(), "landlock".into()],
+            http_addr: Some("127.0.0.1:7501".into()),
         },
     );
     check(

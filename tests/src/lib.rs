@@ -88,6 +88,38 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free TCP port on loopback.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// A plain HTTP GET on loopback: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
 /// Random bytes from a seed.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     use rand::{RngCore, SeedableRng};
@@ -119,6 +151,7 @@ impl Cluster {
         let path = dir.path().to_path_buf();
         lode_client::certs::init(&path.join("certs"), spec.datanodes as u32).expect("certs init");
         let namenode_port = free_port();
+        let namenode_http = free_tcp_port();
         let datanode_ports: Vec<u16> = (0..spec.datanodes).map(|_| free_port()).collect();
         // Short idle timeouts so a killed peer is noticed within seconds.
         let tls = |name: &str| {
@@ -132,7 +165,7 @@ impl Cluster {
             format!(
                 "listen = \"127.0.0.1:{namenode_port}\"\nmeta_dir = \"meta\"\nheartbeat_interval_ms = 200\n\
                  stale_after_ms = 2000\ndead_after_ms = 5000\nlease_expiry_ms = {}\nreplication_default = {}\n\
-                 block_size_default = {}\n{}",
+                 block_size_default = {}\nhttp_listen = \"127.0.0.1:{namenode_http}\"\n{}",
                 spec.lease_expiry_ms,
                 spec.replication,
                 spec.block_size,
@@ -151,7 +184,8 @@ impl Cluster {
                 path.join(format!("{name}.toml")),
                 format!(
                     "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nnamenode = \"127.0.0.1:{namenode_port}\"\n\
-                     data_dirs = [\"{name}/data1\", \"{name}/data2\"]\nheartbeat_interval_ms = 200\n{scanner}{}",
+                     data_dirs = [\"{name}/data1\", \"{name}/data2\"]\nheartbeat_interval_ms = 200\nhttp_listen = \"127.0.0.1:{}\"\n{scanner}{}",
+                    free_tcp_port(),
                     tls(&name)
                 ),
             )

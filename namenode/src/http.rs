@@ -1,0 +1,318 @@
+//! The namenode's HTTP side: a status page (plain server-rendered HTML, no JavaScript) and
+//! Prometheus metrics. Gauges that describe the cluster are computed from the soft state at scrape
+//! time; counters and histograms are updated where the work happens.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::State as AxumState;
+use axum::http::header;
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::state::State;
+
+/// A label set with one label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Request kind, datanode state or datanode name.
+    pub kind: String,
+}
+
+/// The namenode's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests served, by kind.
+    pub requests: Family<KindLabel, Counter>,
+    /// Request latency, by kind.
+    pub request_seconds: Family<KindLabel, Histogram>,
+    /// Edit-log syncs (one per group commit).
+    pub editlog_syncs: Counter,
+    /// Edits per group commit.
+    pub editlog_group: Histogram,
+    datanodes: Family<KindLabel, Gauge>,
+    heartbeat_age: Family<KindLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    blocks: Gauge,
+    under_replicated: Gauge,
+    missing: Gauge,
+    corrupt: Gauge,
+    pending_copies: Gauge,
+    safemode: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("lode_namenode");
+        let requests = Family::<KindLabel, Counter>::default();
+        let request_seconds = Family::<KindLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        let editlog_syncs = Counter::default();
+        let editlog_group = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        let datanodes = Family::<KindLabel, Gauge>::default();
+        let heartbeat_age =
+            Family::<KindLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let (blocks, under_replicated, missing, corrupt, pending_copies, safemode) = (
+            Gauge::default(),
+            Gauge::default(),
+            Gauge::default(),
+            Gauge::default(),
+            Gauge::default(),
+            Gauge::default(),
+        );
+        registry.register(
+            "requests",
+            "Client and datanode requests served, by kind",
+            requests.clone(),
+        );
+        registry.register(
+            "request_seconds",
+            "Request latency in seconds, by kind",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "editlog_syncs",
+            "Edit-log fdatasyncs (one per group commit)",
+            editlog_syncs.clone(),
+        );
+        registry.register(
+            "editlog_group_edits",
+            "Edits made durable per fdatasync",
+            editlog_group.clone(),
+        );
+        registry.register("datanodes", "Datanodes by state", datanodes.clone());
+        registry.register(
+            "datanode_heartbeat_age_seconds",
+            "Seconds since each datanode's last heartbeat",
+            heartbeat_age.clone(),
+        );
+        registry.register("blocks", "Blocks of complete files", blocks.clone());
+        registry.register(
+            "blocks_under_replicated",
+            "Blocks with fewer live replicas than their target",
+            under_replicated.clone(),
+        );
+        registry.register(
+            "blocks_missing",
+            "Blocks with no live replica",
+            missing.clone(),
+        );
+        registry.register(
+            "replicas_corrupt",
+            "Replicas reported corrupt and not yet removed",
+            corrupt.clone(),
+        );
+        registry.register(
+            "replication_queue",
+            "Re-replication copies under way",
+            pending_copies.clone(),
+        );
+        registry.register(
+            "safemode",
+            "1 while namespace changes are refused",
+            safemode.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_seconds,
+            editlog_syncs,
+            editlog_group,
+            datanodes,
+            heartbeat_age,
+            blocks,
+            under_replicated,
+            missing,
+            corrupt,
+            pending_copies,
+            safemode,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one request and its latency.
+    pub fn observe(&self, kind: &str, started: Instant) {
+        let label = KindLabel {
+            kind: kind.to_string(),
+        };
+        self.requests.get_or_create(&label).inc();
+        self.request_seconds
+            .get_or_create(&label)
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn render(&self, state: &State) -> String {
+        let now = Instant::now();
+        let report = state.report(now);
+        self.datanodes.clear();
+        for s in ["live", "stale", "dead", "decommissioning", "decommissioned"] {
+            let n = report.datanodes.iter().filter(|d| d.state == s).count();
+            self.datanodes
+                .get_or_create(&KindLabel { kind: s.into() })
+                .set(n as i64);
+        }
+        self.heartbeat_age.clear();
+        for d in &report.datanodes {
+            self.heartbeat_age
+                .get_or_create(&KindLabel {
+                    kind: d.name.clone(),
+                })
+                .set(d.last_heartbeat_ms as f64 / 1000.0);
+        }
+        self.blocks
+            .set(state.blocks.values().filter(|e| e.complete).count() as i64);
+        self.under_replicated.set(report.under_replicated as i64);
+        self.missing.set(report.missing as i64);
+        self.corrupt.set(report.corrupt as i64);
+        self.pending_copies.set(state.copies.len() as i64);
+        self.safemode.set(i64::from(report.safemode));
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[derive(Clone)]
+struct Web {
+    state: Arc<Mutex<State>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Serves `/` (the status page) and `/metrics` until shutdown.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<Mutex<State>>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let app = axum::Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(scrape))
+        .with_state(Web { state, metrics });
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::error!("status page server stopped: {e}");
+    }
+}
+
+/// Binds the HTTP listener (so its address can be reported before serving).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+async fn scrape(AxumState(web): AxumState<Web>) -> impl IntoResponse {
+    let body = match web.state.lock() {
+        Ok(s) => web.metrics.render(&s),
+        Err(_) => String::new(),
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn size(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+async fn page(AxumState(web): AxumState<Web>) -> Html<String> {
+    let Ok(state) = web.state.lock() else {
+        return Html("state unavailable".into());
+    };
+    let now = Instant::now();
+    let r = state.report(now);
+    let (reported, total) = state.reported_blocks(now);
+    let mut h = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Lode namenode</title>\
+         <meta http-equiv=\"refresh\" content=\"5\"><style>\
+         body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}\
+         td,th{border:1px solid #ccc;padding:.3em .7em;text-align:left}th{background:#f3f3f3}\
+         .live{color:#17803d}.stale{color:#b36b00}.dead{color:#b00020}.decommissioning,.decommissioned{color:#555}\
+         .on{color:#b00020;font-weight:bold}</style></head><body><h1>Lode namenode</h1>",
+    );
+    let _ = write!(
+        h,
+        "<h2>Overview</h2><table id=\"overview\"><tr><th>Safe mode</th><td class=\"{}\">{}</td></tr>\
+         <tr><th>Blocks</th><td>{total} ({reported} with a reported replica)</td></tr>\
+         <tr><th>Datanodes</th><td>{}</td></tr><tr><th>Capacity</th><td>{}</td></tr>\
+         <tr><th>Used</th><td>{}</td></tr><tr><th>Remaining</th><td>{}</td></tr></table>",
+        if r.safemode { "on" } else { "off" },
+        if r.safemode { "on" } else { "off" },
+        r.datanodes.len(),
+        size(r.datanodes.iter().map(|d| d.capacity).sum()),
+        size(r.datanodes.iter().map(|d| d.used).sum()),
+        size(r.datanodes.iter().map(|d| d.remaining).sum()),
+    );
+    h.push_str(
+        "<h2>Datanodes</h2><table id=\"datanodes\"><tr><th>Name</th><th>State</th><th>Address</th>\
+         <th>Last heartbeat</th><th>Blocks</th><th>Used</th><th>Remaining</th><th>Plugin sandbox</th></tr>",
+    );
+    for d in &r.datanodes {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{:.1} s ago</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&d.name),
+            esc(&d.state),
+            esc(&d.state),
+            esc(&d.addr),
+            d.last_heartbeat_ms as f64 / 1000.0,
+            d.blocks,
+            size(d.used),
+            size(d.remaining),
+            esc(&d.sandbox.join(", ")),
+        );
+    }
+    let _ = write!(
+        h,
+        "</table><h2>Block health</h2><table id=\"health\"><tr><th>Under-replicated</th><td>{}</td></tr>\
+         <tr><th>Missing</th><td>{}</td></tr><tr><th>Corrupt replicas</th><td>{}</td></tr>\
+         <tr><th>Copies under way</th><td>{}</td></tr></table><h2>Recent events</h2><table id=\"events\">\
+         <tr><th>When</th><th>Event</th></tr>",
+        r.under_replicated,
+        r.missing,
+        r.corrupt,
+        state.copies.len()
+    );
+    for (at, what) in state.events.iter().rev() {
+        let _ = write!(
+            h,
+            "<tr><td>{:.0} s ago</td><td>{}</td></tr>",
+            now.saturating_duration_since(*at).as_secs_f64(),
+            esc(what)
+        );
+    }
+    h.push_str("</table><p><a href=\"/metrics\">Prometheus metrics</a></p></body></html>");
+    Html(h)
+}
