@@ -85,3 +85,86 @@ fn status_page_and_metrics() {
     }
     assert_eq!(written, 2 * 3 * 65536);
 }
+
+/// The status page in a real browser (headless Chromium from Debian's packages; `.ci/run` installs
+/// it). The screenshot is kept at `target/lode-status-page.png`.
+#[test]
+fn status_page_in_headless_chromium() {
+    let browser = ["chromium", "chromium-browser"].iter().find(|b| {
+        std::process::Command::new(b)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let Some(browser) = browser else {
+        if std::env::var_os("LODE_SKIP_BROWSER").is_some() {
+            eprintln!("LODE_SKIP_BROWSER set and no chromium: not testing in a browser");
+            return;
+        }
+        panic!("chromium is not installed (apt-get install chromium), or set LODE_SKIP_BROWSER=1");
+    };
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 3,
+        replication: 2,
+        ..Default::default()
+    });
+    let url = format!(
+        "http://{}/",
+        c.report().unwrap()["namenode"]["http_addr"]
+            .as_str()
+            .unwrap()
+    );
+    let profile = c.dir().join("chromium-profile");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(browser)
+            .args([
+                "--headless",
+                "--disable-gpu",
+                "--no-sandbox",
+                "--no-first-run",
+                "--hide-scrollbars",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap()
+    };
+    let dom = run(&["--dump-dom"]);
+    assert!(
+        dom.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    let dom = String::from_utf8_lossy(&dom.stdout).to_string();
+    let table = dom
+        .split("<table id=\"datanodes\">")
+        .nth(1)
+        .and_then(|t| t.split("</table>").next())
+        .unwrap_or_default();
+    for i in 1..=3 {
+        assert!(
+            table.contains(&format!("<td>dn-{i}</td>")),
+            "the rendered datanodes table lists dn-{i}: {table}"
+        );
+    }
+    assert_eq!(table.matches("class=\"live\"").count(), 3, "{table}");
+    let shot = c.dir().join("status.png");
+    let out = run(&[
+        &format!("--screenshot={}", shot.display()),
+        "--window-size=1280,900",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real screenshot"
+    );
+    let keep =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/lode-status-page.png");
+    std::fs::write(&keep, &png).unwrap();
+}
