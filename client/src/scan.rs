@@ -144,7 +144,9 @@ impl Client {
         };
         let cache = std::env::temp_dir().join(format!("lode-plugin-{}.so", record.hash.to_hex()));
         // The temp dir is shared: trust a cached copy only if it still has the plugin's hash.
-        let cached_ok = tokio::fs::read(&cache).await.is_ok_and(|b| blake3::hash(&b).as_bytes() == &record.hash.0);
+        let cached_ok = tokio::fs::read(&cache)
+            .await
+            .is_ok_and(|b| blake3::hash(&b).as_bytes() == &record.hash.0);
         if !cached_ok {
             let mut bytes = Vec::new();
             self.get(&record.path, &mut bytes, &|_| {}).await?;

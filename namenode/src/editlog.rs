@@ -1,5 +1,5 @@
 //! The append-only edit log: the source of truth for the namespace. Each record is
-//! `[u32 len][u32 crc32(seq ‖ body)][u64 seq][body]`, body = postcard of a [`MetaOp`]. Records are
+//! `[u32 len][u32 crc32(seq ‖ body)][u64 seq][body]`, body = a format byte, then postcard of a [`MetaOp`]. Records are
 //! written as they are made and made durable together by one `fdatasync` (group commit).
 //! On open, a torn or corrupt tail (a crash mid-append: never acknowledged) is cut off.
 
@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::Error;
 use crate::namespace::MetaOp;
+
+/// Version byte in front of every edit's body; decoding older formats is added here when one changes.
+const EDIT_FORMAT: u8 = 1;
 
 /// Largest record body accepted when reading the log.
 const RECORD_BYTES_MAX: u32 = 16 << 20;
@@ -67,11 +70,15 @@ impl EditLog {
                     tracing::warn!(path = %path.display(), offset = good_end, "edit log record fails its crc; cutting tail");
                     break;
                 }
-                let op: MetaOp = match postcard::from_bytes(&body) {
-                    Ok(op) => op,
-                    Err(e) => {
-                        return Err(Error::Corrupt(format!("edit {seq} does not decode: {e}")))
+                let op: MetaOp = match body.split_first() {
+                    Some((&EDIT_FORMAT, rest)) => postcard::from_bytes(rest)
+                        .map_err(|e| Error::Corrupt(format!("edit {seq} does not decode: {e}")))?,
+                    Some((v, _)) => {
+                        return Err(Error::Corrupt(format!(
+                            "edit {seq} has format {v}; this build reads format {EDIT_FORMAT}"
+                        )))
                     }
+                    None => return Err(Error::Corrupt(format!("edit {seq} is empty"))),
                 };
                 if let Some((prev, _)) = records.last() {
                     if seq != prev + 1 {
@@ -115,7 +122,8 @@ impl EditLog {
     /// Appends a record (not yet durable) and returns its sequence number.
     pub fn append(&mut self, op: &MetaOp) -> Result<u64, Error> {
         let seq = self.last_seq + 1;
-        let body = postcard::to_stdvec(op).map_err(|e| Error::Store(e.to_string()))?;
+        let mut body = vec![EDIT_FORMAT];
+        body.extend(postcard::to_stdvec(op).map_err(|e| Error::Store(e.to_string()))?);
         let len = u32::try_from(body.len()).map_err(|_| Error::Store("edit too large".into()))?;
         let mut h = crc32fast::Hasher::new();
         h.update(&seq.to_le_bytes());
