@@ -67,9 +67,7 @@ impl ClientConfig {
         cfg.tls = cfg.tls.relative_to(base);
         cfg.transport.validate().map_err(err)?;
         if let Some(r) = cfg.replication {
-            if !(1..=7).contains(&r) {
-                return Err(err(format!("replication must be 1..=7, got {r}")));
-            }
+            lode_protocol::validate_replication(r).map_err(err)?;
         }
         if let Some(b) = cfg.block_size {
             lode_protocol::checksum::validate_block_size(b).map_err(err)?;

@@ -137,12 +137,8 @@ impl Config {
 
     /// Checks every range.
     pub fn validate(&self) -> Result<(), String> {
-        if !(1..=7).contains(&self.replication_default) {
-            return Err(format!(
-                "replication_default must be 1..=7, got {}",
-                self.replication_default
-            ));
-        }
+        lode_protocol::validate_replication(self.replication_default)
+            .map_err(|e| format!("replication_default: {e}"))?;
         lode_protocol::checksum::validate_block_size(self.block_size_default)
             .map_err(|e| format!("block_size_default: {e}"))?;
         if self.heartbeat_interval_ms == 0 || self.stale_after_ms <= self.heartbeat_interval_ms {

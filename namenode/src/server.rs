@@ -371,12 +371,8 @@ async fn handle_client(
             session,
         } => {
             let replication = replication.unwrap_or(shared.config.replication_default);
-            if !(1..=7).contains(&replication) {
-                return Err(Error::refused(
-                    ErrorCode::InvalidArgument,
-                    format!("replication must be 1..=7, got {replication}"),
-                ));
-            }
+            lode_protocol::validate_replication(replication)
+                .map_err(|m| Error::refused(ErrorCode::InvalidArgument, m))?;
             let block_size = block_size.unwrap_or(shared.config.block_size_default);
             checksum::validate_block_size(block_size)
                 .map_err(|m| Error::refused(ErrorCode::InvalidArgument, m))?;
@@ -526,12 +522,8 @@ async fn handle_client(
             shared.writer.submit(Mutation::AddPlugin(record)).await
         }
         ClientToNamenode::SetReplication { path, replication } => {
-            if !(1..=7).contains(&replication) {
-                return Err(Error::refused(
-                    ErrorCode::InvalidArgument,
-                    format!("replication must be 1..=7, got {replication}"),
-                ));
-            }
+            lode_protocol::validate_replication(replication)
+                .map_err(|m| Error::refused(ErrorCode::InvalidArgument, m))?;
             shared
                 .writer
                 .submit(Mutation::SetReplication {

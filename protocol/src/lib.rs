@@ -18,3 +18,17 @@ pub mod service;
 
 pub use error::{DecodeError, ErrorCode, WireError};
 pub use ids::{Blake3Cv, BlockId, InodeId, SessionId};
+
+/// The largest replica count a file may have.
+pub const REPLICATION_MAX: u8 = 7;
+
+/// Checks a replica count: 1 to [`REPLICATION_MAX`].
+pub fn validate_replication(replication: u8) -> Result<(), String> {
+    if (1..=REPLICATION_MAX).contains(&replication) {
+        Ok(())
+    } else {
+        Err(format!(
+            "replication must be 1..={REPLICATION_MAX}, got {replication}"
+        ))
+    }
+}
