@@ -107,7 +107,7 @@ pub async fn run(
         Duration::from_secs(config.scan_pause_secs),
         shutdown.clone(),
     ));
-    server::serve(endpoint, shared, shutdown).await;
+    lode_protocol::service::serve(endpoint, server::LIMITS, shutdown, shared).await;
     scanner.abort();
     if let Some(w) = web {
         w.abort();

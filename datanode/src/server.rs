@@ -10,16 +10,17 @@ use lode_protocol::messages::{DatanodeReply, DatanodeRequest, ReportedBlock, Tar
 use lode_protocol::net::{self, Pool, RpcError};
 use lode_protocol::service;
 use lode_protocol::{Blake3Cv, BlockId, ErrorCode, WireError};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::error::{to_wire, Error};
 use crate::heartbeat::Reports;
 use crate::store::BlockStore;
 
-/// Requests served at once on one connection.
-const STREAMS_PER_CONNECTION: usize = 256;
-/// Connections served at once.
-const CONNECTIONS_MAX: usize = 4096;
+/// Connections served at once, and requests served at once on one connection.
+pub const LIMITS: service::Limits = service::Limits {
+    connections: 4096,
+    streams_per_connection: 256,
+};
 /// Pieces buffered between the network and the disk thread (2 MiB).
 const PIECES_IN_FLIGHT: usize = 32;
 /// How long to wait for the downstream datanode's acknowledgement after the last piece.
@@ -47,31 +48,22 @@ pub struct Shared {
     pub http_addr: Option<String>,
 }
 
-/// Accepts connections until `shutdown` fires.
-pub async fn serve(
-    endpoint: quinn::Endpoint,
-    shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
-) {
-    let limits = service::Limits {
-        connections: CONNECTIONS_MAX,
-        streams_per_connection: STREAMS_PER_CONNECTION,
-    };
-    service::accept_loop(endpoint, limits, shutdown, move |identity, send, recv| {
-        let shared = shared.clone();
-        async move {
-            if let Err(e) = serve_stream(send, recv, &identity, &shared).await {
-                tracing::debug!(peer = %identity.name, "stream ended: {e}");
-            }
+impl service::Handler for Shared {
+    async fn handle(
+        self: Arc<Self>,
+        identity: net::Identity,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        if let Err(e) = serve_stream(send, recv, &self).await {
+            tracing::debug!(peer = %identity.name, "stream ended: {e}");
         }
-    })
-    .await;
+    }
 }
 
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    _identity: &lode_protocol::net::Identity,
     shared: &Shared,
 ) -> Result<(), RpcError> {
     let req = match net::read_frame::<DatanodeRequest>(&mut recv, kind::DATANODE_REQUEST).await {

@@ -17,7 +17,7 @@ use lode_protocol::messages::{
     ClientToNamenode, LocatedBlock, NamenodeReply, PluginRecord, TaskRequest, TaskResult,
 };
 use lode_protocol::net::{self, RangeRead, NAMENODE_SERVER_NAME};
-use lode_protocol::Blake3Cv;
+use lode_protocol::{Blake3Cv, BlockId};
 use tokio::sync::Semaphore;
 
 use crate::error::Error;
@@ -108,7 +108,7 @@ pub async fn run(shared: &Shared, req: TaskRequest) -> Result<TaskResult, Error>
     let host = tasks.host.clone();
     let lib_path = lib.clone();
     let out = blocking(move || Ok(host.run(&lib_path, &file, spec))).await?;
-    let out = out.map_err(|e| describe(e, &lib, &record))?;
+    let out = out.map_err(|e| describe(e, &lib, &record, Some(id)))?;
     Ok(TaskResult {
         partial: out.partial,
         bytes_read_local: local,
@@ -118,16 +118,24 @@ pub async fn run(shared: &Shared, req: TaskRequest) -> Result<TaskResult, Error>
 }
 
 /// Turns a host error into one naming the plugin by its registered name.
-fn describe(e: lode_plugin_host::Error, lib: &Path, record: &PluginRecord) -> Error {
-    let named = format!("{} ({})", record.name, &record.hash.to_hex()[..12]);
-    let msg = e.to_string().replace(&lib.display().to_string(), &named);
-    match e {
-        lode_plugin_host::Error::Corrupt { .. } => Error::Corrupt {
-            id: lode_protocol::BlockId(0),
+/// A replica failing its checksum while a task reads it is a corrupt replica (the client retries
+/// another one and reports it), not a plugin failure.
+fn describe(
+    e: lode_plugin_host::Error,
+    lib: &Path,
+    record: &PluginRecord,
+    block: Option<BlockId>,
+) -> Error {
+    match (e, block) {
+        (lode_plugin_host::Error::Corrupt { .. }, Some(id)) => Error::Corrupt {
+            id,
             offset: 0,
             stage: "plugin read",
         },
-        _ => Error::Plugin(msg),
+        (e, _) => {
+            let named = format!("{} ({})", record.name, &record.hash.to_hex()[..12]);
+            Error::Plugin(e.to_string().replace(&lib.display().to_string(), &named))
+        }
     }
 }
 
@@ -232,7 +240,7 @@ async fn inspect(tasks: &Tasks, record: &PluginRecord, lib: &Path) -> Result<Plu
     let path = lib.to_path_buf();
     let info = blocking(move || Ok(host.inspect(&path)))
         .await?
-        .map_err(|e| describe(e, lib, record))?;
+        .map_err(|e| describe(e, lib, record, None))?;
     tasks
         .infos
         .lock()

@@ -98,7 +98,7 @@ pub async fn run(
     ));
     let leases = tokio::spawn(expire_leases(state, writer, shutdown.clone()));
     let result = tokio::select! {
-        _ = server::serve(endpoint, shared.clone(), shutdown) => Ok(()),
+        _ = lode_protocol::service::serve(endpoint, server::LIMITS, shutdown, shared.clone()) => Ok(()),
         e = &mut fatal => match e {
             Ok(e) => Err(e),
             Err(_) => Err(Error::WriterGone),

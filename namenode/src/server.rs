@@ -13,7 +13,6 @@ use lode_protocol::messages::{
 use lode_protocol::net::{self, Identity, Role, RpcError};
 use lode_protocol::service;
 use lode_protocol::{checksum, path, ErrorCode, WireError};
-use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::error::{to_wire, Error};
@@ -23,10 +22,11 @@ use crate::state::{SafeMode, State};
 use crate::store::SledStore;
 use crate::writer::{Mutation, WriterHandle};
 
-/// Requests served at once on one connection.
-const STREAMS_PER_CONNECTION: usize = 64;
-/// Connections served at once.
-const CONNECTIONS_MAX: usize = 4096;
+/// Connections served at once, and requests served at once on one connection.
+pub const LIMITS: service::Limits = service::Limits {
+    connections: 4096,
+    streams_per_connection: 64,
+};
 
 /// What every request handler shares.
 pub struct Shared {
@@ -50,25 +50,17 @@ impl Shared {
     }
 }
 
-/// Accepts connections until `shutdown` fires.
-pub async fn serve(
-    endpoint: quinn::Endpoint,
-    shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
-) {
-    let limits = service::Limits {
-        connections: CONNECTIONS_MAX,
-        streams_per_connection: STREAMS_PER_CONNECTION,
-    };
-    service::accept_loop(endpoint, limits, shutdown, move |identity, send, recv| {
-        let shared = shared.clone();
-        async move {
-            if let Err(e) = serve_stream(send, recv, &identity, &shared).await {
-                tracing::debug!(peer = %identity.name, "stream ended: {e}");
-            }
+impl service::Handler for Shared {
+    async fn handle(
+        self: Arc<Self>,
+        identity: Identity,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        if let Err(e) = serve_stream(send, recv, &identity, &self).await {
+            tracing::debug!(peer = %identity.name, "stream ended: {e}");
         }
-    })
-    .await;
+    }
 }
 
 async fn serve_stream(

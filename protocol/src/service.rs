@@ -34,6 +34,30 @@ pub fn bind_server(
     net::endpoint(listen, Some(server), client, transport)
 }
 
+/// A server's request handler: one call per request stream, with the caller's verified identity.
+pub trait Handler: Send + Sync + 'static {
+    /// Serves one request stream.
+    fn handle(
+        self: Arc<Self>,
+        identity: Identity,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Serves `handler` on `endpoint` until `shutdown` fires.
+pub async fn serve<H: Handler>(
+    endpoint: quinn::Endpoint,
+    limits: Limits,
+    shutdown: ShutdownSignal,
+    handler: Arc<H>,
+) {
+    accept_loop(endpoint, limits, shutdown, move |identity, send, recv| {
+        handler.clone().handle(identity, send, recv)
+    })
+    .await
+}
+
 /// Accepts connections until `shutdown` fires, and runs `handle` for every request stream with the
 /// caller's identity. A connection without a Lode role in its certificate is closed.
 pub async fn accept_loop<F, Fut>(

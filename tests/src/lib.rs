@@ -221,6 +221,36 @@ impl Cluster {
         &self.path
     }
 
+    /// The block file of block `id` on datanode `dn` (1-based), in whichever data dir holds it;
+    /// its sidecar is the same path with the extension `meta`.
+    pub fn replica_path(&self, dn: usize, id: u64) -> Option<PathBuf> {
+        ["data1", "data2"]
+            .iter()
+            .map(|d| {
+                self.path
+                    .join(format!("dn-{dn}"))
+                    .join(d)
+                    .join("current")
+                    .join(format!("blk_{id}"))
+            })
+            .find(|p| p.exists())
+    }
+
+    /// Block files (not sidecars) on datanode `dn`'s disks.
+    pub fn replica_count(&self, dn: usize) -> usize {
+        ["data1", "data2"]
+            .iter()
+            .filter_map(|d| {
+                std::fs::read_dir(self.path.join(format!("dn-{dn}")).join(d).join("current")).ok()
+            })
+            .flat_map(|r| r.flatten())
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.starts_with("blk_") && !name.ends_with(".meta")
+            })
+            .count()
+    }
+
     /// The admin client config.
     pub fn client_config(&self) -> PathBuf {
         self.path.join("client.toml")

@@ -299,20 +299,6 @@ fn a_failed_overwrite_keeps_the_old_file() {
     assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
 }
 
-/// The block file and sidecar of block `id` on datanode `dn` (1-based), wherever its data dir is.
-fn replica_files(
-    c: &Cluster,
-    dn: usize,
-    id: u64,
-) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-    ["data1", "data2"].iter().find_map(|d| {
-        let cur = c.dir().join(format!("dn-{dn}")).join(d).join("current");
-        let data = cur.join(format!("blk_{id}"));
-        data.exists()
-            .then(|| (data, cur.join(format!("blk_{id}.meta"))))
-    })
-}
-
 #[test]
 fn corrupt_replicas_are_never_returned() {
     let c = Cluster::start(ClusterSpec {
@@ -340,14 +326,15 @@ fn corrupt_replicas_are_never_returned() {
     let (b1, dn1) = first_try(1);
 
     // Block 0: flip a byte in the data file (the datanode's own check catches it).
-    let (data, _) = replica_files(&c, dn0, b0).expect("replica of block 0");
+    let data = c.replica_path(dn0, b0).expect("replica of block 0");
     let mut d = std::fs::read(&data).unwrap();
     d[1000] ^= 0x40;
     std::fs::write(&data, &d).unwrap();
 
     // Block 1: flip a byte *and* rewrite the sidecar to match, as a lying or buggy datanode
     // would; only the client's end-to-end check against the committed block value catches this.
-    let (data, meta) = replica_files(&c, dn1, b1).expect("replica of block 1");
+    let data = c.replica_path(dn1, b1).expect("replica of block 1");
+    let meta = data.with_extension("meta");
     let mut d = std::fs::read(&data).unwrap();
     d[5] ^= 0x01;
     std::fs::write(&data, &d).unwrap();
@@ -377,8 +364,8 @@ fn corrupt_replicas_are_never_returned() {
                             .trim_start_matches("dn-")
                             .parse()
                             .unwrap();
-                        replica_files(&c, dn, *id)
-                            .is_some_and(|(data, _)| std::fs::read(data).is_ok_and(|d| d == want))
+                        c.replica_path(dn, *id)
+                            .is_some_and(|data| std::fs::read(data).is_ok_and(|d| d == want))
                     })
             })
         },
@@ -414,11 +401,7 @@ fn a_restarted_datanode_rejoins_and_drops_replicas_deleted_while_it_was_down() {
     wait_until(
         "deleted replicas removed from the restarted datanode",
         Duration::from_secs(20),
-        || {
-            gone_ids
-                .iter()
-                .all(|id| replica_files(&c, 1, *id).is_none())
-        },
+        || gone_ids.iter().all(|id| c.replica_path(1, *id).is_none()),
     );
     wait_until("dn-1 serving /keep again", Duration::from_secs(20), || {
         live_locations_ok(&c, "/keep", 2)

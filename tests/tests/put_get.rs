@@ -214,22 +214,7 @@ fn deleting_a_file_frees_its_blocks_on_the_datanodes() {
     });
     let bytes = random_bytes(4 * BLOCK, 3);
     c.put_bytes("/gone", &bytes, &[]);
-    let count_block_files = || {
-        let mut n = 0;
-        for dn in ["dn-1", "dn-2"] {
-            for d in ["data1", "data2"] {
-                let dir = c.dir().join(dn).join(d).join("current");
-                n += std::fs::read_dir(dir)
-                    .map(|r| {
-                        r.flatten()
-                            .filter(|e| !e.file_name().to_string_lossy().ends_with(".meta"))
-                            .count()
-                    })
-                    .unwrap_or(0);
-            }
-        }
-        n
-    };
+    let count_block_files = || c.replica_count(1) + c.replica_count(2);
     lode_tests::wait_until(
         "8 replicas on disk",
         std::time::Duration::from_secs(10),

@@ -34,28 +34,6 @@ fn all_have(c: &Cluster, path: &str, n: usize, without: Option<&str>) -> bool {
     })
 }
 
-/// Block files on the disks of the datanodes other than `skip`.
-fn replica_files(c: &Cluster, datanodes: usize, skip: usize) -> usize {
-    (1..=datanodes)
-        .filter(|i| *i != skip)
-        .flat_map(|i| {
-            ["data1", "data2"].map(|d| c.dir().join(format!("dn-{i}")).join(d).join("current"))
-        })
-        .map(|dir| {
-            std::fs::read_dir(dir)
-                .map(|r| {
-                    r.flatten()
-                        .filter(|e| {
-                            e.file_name().to_string_lossy().starts_with("blk_")
-                                && !e.file_name().to_string_lossy().ends_with(".meta")
-                        })
-                        .count()
-                })
-                .unwrap_or(0)
-        })
-        .sum()
-}
-
 #[test]
 fn a_lost_datanode_is_healed_and_setrep_converges() {
     let mut c = Cluster::start(ClusterSpec {
@@ -90,7 +68,12 @@ fn a_lost_datanode_is_healed_and_setrep_converges() {
     // Fewer replicas: the excess ones are deleted, on disk too (the dead node's disk is left alone).
     c.ok(&["setrep", "1", "/heal"]);
     wait_until("one replica per block", Duration::from_secs(20), || {
-        all_have(&c, "/heal", 1, None) && replica_files(&c, 4, i) == 7
+        all_have(&c, "/heal", 1, None)
+            && (1..=4)
+                .filter(|n| *n != i)
+                .map(|n| c.replica_count(n))
+                .sum::<usize>()
+                == 7
     });
     assert_eq!(c.get_bytes("/heal"), bytes);
     // More again.
@@ -120,17 +103,7 @@ fn the_block_scanner_finds_a_corrupt_replica_and_it_is_healed() {
     let locs = locations(&c, "/scanned");
     let id = c.stat("/scanned")["blocks"][0]["id"].as_u64().unwrap();
     let holder: usize = locs[0][0].trim_start_matches("dn-").parse().unwrap();
-    let file = ["data1", "data2"]
-        .iter()
-        .map(|d| {
-            c.dir()
-                .join(format!("dn-{holder}"))
-                .join(d)
-                .join("current")
-                .join(format!("blk_{id}"))
-        })
-        .find(|p| p.exists())
-        .unwrap();
+    let file = c.replica_path(holder, id).unwrap();
     let mut d = std::fs::read(&file).unwrap();
     d[12_345] ^= 0x20;
     std::fs::write(&file, &d).unwrap();
@@ -145,16 +118,9 @@ fn the_block_scanner_finds_a_corrupt_replica_and_it_is_healed() {
             l[0].len() == 2
                 && l[0].iter().all(|n| {
                     let i: usize = n.trim_start_matches("dn-").parse().unwrap();
-                    ["data1", "data2"].iter().any(|dd| {
-                        std::fs::read(
-                            c.dir()
-                                .join(format!("dn-{i}"))
-                                .join(dd)
-                                .join("current")
-                                .join(format!("blk_{id}")),
-                        )
-                        .is_ok_and(|b| b == want)
-                    })
+                    c.replica_path(i, id)
+                        .and_then(|p| std::fs::read(p).ok())
+                        .is_some_and(|b| b == want)
                 })
         },
     );
