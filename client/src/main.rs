@@ -803,6 +803,7 @@ async fn report(c: Client, json: bool) -> Result<(), Error> {
                 "capacity": d.capacity,
                 "used": d.used,
                 "remaining": d.remaining,
+                "failed_volumes": d.failed_volumes,
                 "sandbox": d.sandbox,
             })).collect::<Vec<_>>(),
         });
@@ -826,19 +827,20 @@ async fn report(c: Client, json: bool) -> Result<(), Error> {
         if r.safemode { "on" } else { "off" }
     );
     println!(
-        "{:<10} {:<6} {:<22} {:>9} {:>8} {:>10} {:>10}",
-        "NAME", "STATE", "ADDRESS", "HEARTBEAT", "BLOCKS", "USED", "REMAINING"
+        "{:<10} {:<15} {:<22} {:>9} {:>8} {:>10} {:>10} {:>11}",
+        "NAME", "STATE", "ADDRESS", "HEARTBEAT", "BLOCKS", "USED", "REMAINING", "FAILED-DIRS"
     );
     for d in &r.datanodes {
         println!(
-            "{:<10} {:<6} {:<22} {:>8.1}s {:>8} {:>10} {:>10}",
+            "{:<10} {:<15} {:<22} {:>8.1}s {:>8} {:>10} {:>10} {:>11}",
             d.name,
             d.state,
             d.addr,
             d.last_heartbeat_ms as f64 / 1000.0,
             d.blocks,
             human::size(d.used),
-            human::size(d.remaining)
+            human::size(d.remaining),
+            d.failed_volumes
         );
     }
     Ok(())

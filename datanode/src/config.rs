@@ -57,6 +57,19 @@ pub struct Config {
     /// TCP address of Prometheus metrics (`/metrics`); none when absent.
     #[serde(default)]
     pub http_listen: Option<SocketAddr>,
+    /// Bytes of each data dir's file system that blocks never use (left for the system and other
+    /// programs). Default 0.
+    #[serde(default)]
+    pub reserved_bytes: u64,
+    /// Every this many seconds each data dir is checked by writing a probe file (a dir is also
+    /// checked after any disk error); a dir that fails is taken out of service and its replicas
+    /// are re-replicated elsewhere. 0 turns the periodic check off. Default 300.
+    #[serde(default = "d_disk_check")]
+    pub disk_check_secs: u64,
+}
+
+fn d_disk_check() -> u64 {
+    300
 }
 
 fn d_scan_rate() -> u64 {

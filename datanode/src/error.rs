@@ -32,6 +32,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// No healthy data dir has room for the block.
+    #[error("out of space: {0}")]
+    NoSpace(String),
     /// The request is malformed.
     #[error("{0}")]
     Invalid(String),
@@ -65,6 +68,7 @@ pub fn to_wire(e: &Error) -> WireError {
         Error::BlockNotFound { .. } => WireError::new(ErrorCode::NotFound, e.to_string()),
         Error::Corrupt { .. } => WireError::new(ErrorCode::Corrupt, e.to_string()),
         Error::Disk { .. } => WireError::new(ErrorCode::Io, "datanode disk error"),
+        Error::NoSpace(_) => WireError::new(ErrorCode::NoSpace, "datanode is out of space"),
         Error::Invalid(m) => WireError::new(ErrorCode::InvalidArgument, m.clone()),
         Error::Rpc(r) => WireError::new(ErrorCode::Unavailable, r.to_string()),
         Error::Net(_) => WireError::new(ErrorCode::Internal, "datanode network setup"),

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lode_protocol::frame::kind;
-use lode_protocol::messages::{DatanodeToNamenode, NamenodeToDatanode, ReportedBlock};
+use lode_protocol::messages::{DatanodeToNamenode, NamenodeToDatanode, ReportedBlock, Space};
 use lode_protocol::net::{self, RpcError, NAMENODE_SERVER_NAME};
 use lode_protocol::BlockId;
 use tokio::sync::{watch, Notify};
@@ -29,6 +29,11 @@ impl Reports {
 
     fn deleted(&self, block: BlockId) {
         self.lock().1.push(block);
+    }
+
+    /// Asks for a heartbeat now (the node ran out of space, say).
+    pub fn wake(&self) {
+        self.notify.notify_one();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<ReportedBlock>, Vec<BlockId>)> {
@@ -95,31 +100,32 @@ pub async fn run(
     }
 }
 
-async fn space(shared: &Shared) -> (u64, u64, u64) {
+/// The disks' figures; replicas lost with a failed data dir since the last call go into the
+/// next report as deleted.
+async fn space(shared: &Shared) -> Space {
     let store = shared.store.clone();
-    tokio::task::spawn_blocking(move || {
-        let (cap, free) = store.space();
-        (cap, store.used(), free)
-    })
-    .await
-    .unwrap_or((0, 0, 0))
+    let (space, lost) = tokio::task::spawn_blocking(move || (store.space(), store.take_lost()))
+        .await
+        .unwrap_or_default();
+    for b in lost {
+        shared.reports.deleted(b);
+    }
+    space
 }
 
 async fn register(shared: &Shared, namenode: &str, advertise: &str) -> Result<(), RpcError> {
-    // Whatever was pending is covered by the full report.
+    let space = space(shared).await;
+    // Whatever was pending (lost replicas too) is covered by the full report.
     let _ = shared.reports.take();
     let store = shared.store.clone();
     let blocks = tokio::task::spawn_blocking(move || store.report())
         .await
         .unwrap_or_default();
-    let (capacity, used, remaining) = space(shared).await;
     let conn = shared.pool.get(namenode, NAMENODE_SERVER_NAME).await?;
     let n = blocks.len();
     let req = DatanodeToNamenode::Register {
         addr: advertise.to_string(),
-        capacity,
-        used,
-        remaining,
+        space,
         blocks,
     };
     let reply: NamenodeToDatanode = net::call(
@@ -153,7 +159,7 @@ async fn register(shared: &Shared, namenode: &str, advertise: &str) -> Result<()
 
 /// Sends one heartbeat; false when the namenode wants a new registration.
 async fn heartbeat(shared: &Arc<Shared>, namenode: &str) -> Result<bool, RpcError> {
-    let (capacity, used, remaining) = space(shared).await;
+    let space = space(shared).await;
     let taken = shared.reports.take();
     let conn = match shared.pool.get(namenode, NAMENODE_SERVER_NAME).await {
         Ok(c) => c,
@@ -163,9 +169,7 @@ async fn heartbeat(shared: &Arc<Shared>, namenode: &str) -> Result<bool, RpcErro
         }
     };
     let req = DatanodeToNamenode::Heartbeat {
-        capacity,
-        used,
-        remaining,
+        space,
         received: taken.0.clone(),
         deleted: taken.1.clone(),
     };

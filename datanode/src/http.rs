@@ -38,8 +38,12 @@ pub struct Metrics {
     pub scanned_bytes: Counter,
     /// Corrupt replicas found by the block scanner.
     pub corrupt_found: Counter,
+    /// Blocks refused (or cut short) because no data dir had room.
+    pub no_space_refusals: Counter,
     blocks: Gauge,
     used_bytes: Gauge,
+    remaining_bytes: Gauge,
+    failed_dirs: Gauge,
 }
 
 impl Default for Metrics {
@@ -52,8 +56,11 @@ impl Default for Metrics {
             task_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             scanned_bytes: Counter::default(),
             corrupt_found: Counter::default(),
+            no_space_refusals: Counter::default(),
             blocks: Gauge::default(),
             used_bytes: Gauge::default(),
+            remaining_bytes: Gauge::default(),
+            failed_dirs: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -88,6 +95,21 @@ impl Default for Metrics {
             "Bytes of replicas stored here",
             m.used_bytes.clone(),
         );
+        registry.register(
+            "no_space_refusals",
+            "Blocks refused or cut short because no data dir had room",
+            m.no_space_refusals.clone(),
+        );
+        registry.register(
+            "remaining_bytes",
+            "Bytes new blocks may still use on healthy data dirs",
+            m.remaining_bytes.clone(),
+        );
+        registry.register(
+            "failed_data_dirs",
+            "Data dirs out of service after disk errors",
+            m.failed_dirs.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -98,6 +120,9 @@ impl Metrics {
         self.blocks.set(report.len() as i64);
         self.used_bytes
             .set(report.iter().map(|r| r.len as i64).sum());
+        let space = store.space();
+        self.remaining_bytes.set(space.remaining as i64);
+        self.failed_dirs.set(i64::from(space.failed_volumes));
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

@@ -24,6 +24,28 @@ pub use error::Error;
 
 pub use lode_protocol::service::ShutdownSignal;
 
+/// Checks every data dir each `every` (never when zero); a failed dir's lost replicas go out with
+/// the next heartbeat.
+async fn check_disks(shared: Arc<server::Shared>, every: Duration) {
+    if every.is_zero() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(every).await;
+        let store = shared.store.clone();
+        let newly_failed = tokio::task::spawn_blocking(move || {
+            let before = store.failed_dirs();
+            store.check_dirs();
+            store.failed_dirs() > before
+        })
+        .await
+        .unwrap_or(false);
+        if newly_failed {
+            shared.reports.wake();
+        }
+    }
+}
+
 /// Opens the block store, registers with the namenode and serves on `endpoint` until `shutdown`.
 pub async fn run(
     config: Config,
@@ -31,7 +53,8 @@ pub async fn run(
     shutdown: ShutdownSignal,
 ) -> Result<(), Error> {
     let dirs = config.data_dirs.clone();
-    let store = tokio::task::spawn_blocking(move || store::BlockStore::open(&dirs))
+    let reserved = config.reserved_bytes;
+    let store = tokio::task::spawn_blocking(move || store::BlockStore::open(&dirs, reserved))
         .await
         .map_err(|e| Error::Invalid(format!("open block store: {e}")))??;
     let store = Arc::new(store);
@@ -107,7 +130,12 @@ pub async fn run(
         Duration::from_secs(config.scan_pause_secs),
         shutdown.clone(),
     ));
+    let checker = tokio::spawn(check_disks(
+        shared.clone(),
+        Duration::from_secs(config.disk_check_secs),
+    ));
     lode_protocol::service::serve(endpoint, server::LIMITS, shutdown, shared).await;
+    checker.abort();
     scanner.abort();
     if let Some(w) = web {
         w.abort();

@@ -214,7 +214,7 @@ async fn write_block(
     let (tx, mut rx) = mpsc::channel::<ToDisk>(PIECES_IN_FLIGHT);
     let store = shared.store.clone();
     let disk = tokio::task::spawn_blocking(move || {
-        let mut w = store.create(block, file_offset)?;
+        let mut w = store.create(block, file_offset, block_size)?;
         while let Some(msg) = rx.blocking_recv() {
             match msg {
                 ToDisk::Piece(cv, data) => {
@@ -269,6 +269,11 @@ async fn write_block(
     let (len, _cv) = match local {
         Ok(v) => v,
         Err(e) => {
+            if matches!(e, Error::NoSpace(_)) {
+                shared.metrics.no_space_refusals.inc();
+                // The namenode should hear at once that this node is full.
+                shared.reports.wake();
+            }
             if let Some(mut d) = downstream {
                 let _ = d.send.reset((ErrorCode::Io as u32).into());
             }

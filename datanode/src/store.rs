@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lode_protocol::checksum::{self, PIECE_BYTES};
-use lode_protocol::messages::ReportedBlock;
+use lode_protocol::messages::{ReportedBlock, Space};
 use lode_protocol::{Blake3Cv, BlockId};
 
 use crate::error::Error;
@@ -75,8 +76,13 @@ impl Sidecar {
 }
 
 struct DataDir {
+    root: PathBuf,
     current: PathBuf,
     tmp: PathBuf,
+    /// Bytes promised to blocks being written here.
+    inflight: AtomicU64,
+    /// Taken out of service: a disk error, confirmed by a failed probe.
+    failed: AtomicBool,
 }
 
 /// Where a finalized block is.
@@ -90,6 +96,26 @@ struct Located {
 pub struct BlockStore {
     dirs: Vec<DataDir>,
     index: Mutex<HashMap<BlockId, Located>>,
+    /// Bytes of each data dir's file system left for other users; blocks never use them.
+    reserved: u64,
+    /// Replicas lost with a failed data dir, not yet reported to the namenode.
+    lost: Mutex<Vec<BlockId>>,
+    /// Where the round-robin choice of a data dir for the next block starts.
+    next_dir: std::sync::atomic::AtomicUsize,
+}
+
+/// Whether an I/O error means the file system is full (or the quota used up).
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::EDQUOT)
+}
+
+/// Writes, fsyncs and removes a small file in `dir`.
+fn probe_write(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".write-probe-{:016x}", rand::random::<u64>()));
+    let result =
+        File::create(&probe).and_then(|mut f| f.write_all(b"probe").and_then(|_| f.sync_all()));
+    let _ = fs::remove_file(&probe);
+    result
 }
 
 /// The file name of a block's data.
@@ -109,8 +135,9 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
 
 impl BlockStore {
     /// Opens every data dir: creates its folders, proves it writable, empties `tmp/`, and indexes
-    /// `current/` (a data file without a valid sidecar is removed).
-    pub fn open(roots: &[PathBuf]) -> Result<BlockStore, Error> {
+    /// `current/` (a data file without a valid sidecar is removed). New blocks leave `reserved`
+    /// bytes free on each data dir's file system.
+    pub fn open(roots: &[PathBuf], reserved: u64) -> Result<BlockStore, Error> {
         let mut dirs = Vec::new();
         let mut index = HashMap::new();
         for (i, root) in roots.iter().enumerate() {
@@ -119,16 +146,12 @@ impl BlockStore {
             for d in [&current, &tmp] {
                 fs::create_dir_all(d).map_err(|e| Error::disk(d, e))?;
             }
-            let probe = tmp.join(".write-probe");
-            File::create(&probe)
-                .and_then(|mut f| f.write_all(b"probe").and_then(|_| f.sync_all()))
-                .and_then(|_| fs::remove_file(&probe))
-                .map_err(|e| {
-                    Error::disk(
-                        root,
-                        std::io::Error::new(e.kind(), format!("data dir is not writable: {e}")),
-                    )
-                })?;
+            probe_write(&tmp).map_err(|e| {
+                Error::disk(
+                    root,
+                    std::io::Error::new(e.kind(), format!("data dir is not writable: {e}")),
+                )
+            })?;
             for entry in fs::read_dir(&tmp).map_err(|e| Error::disk(&tmp, e))? {
                 let entry = entry.map_err(|e| Error::disk(&tmp, e))?;
                 let _ = fs::remove_file(entry.path());
@@ -155,11 +178,20 @@ impl BlockStore {
                     }
                 }
             }
-            dirs.push(DataDir { current, tmp });
+            dirs.push(DataDir {
+                root: root.clone(),
+                current,
+                tmp,
+                inflight: AtomicU64::new(0),
+                failed: AtomicBool::new(false),
+            });
         }
         Ok(BlockStore {
             dirs,
             index: Mutex::new(index),
+            reserved,
+            lost: Mutex::new(vec![]),
+            next_dir: Default::default(),
         })
     }
 
@@ -189,17 +221,91 @@ impl BlockStore {
         self.index().values().map(|l| l.len).sum()
     }
 
-    /// (capacity, remaining) summed over the data dirs' file systems.
-    pub fn space(&self) -> (u64, u64) {
-        let mut cap = 0;
-        let mut free = 0;
-        for d in &self.dirs {
-            if let Some((c, f)) = statvfs(&d.current) {
-                cap += c;
-                free += f;
+    /// (capacity, room) of data dir `i`, where room is what a new block may use: free space less
+    /// the reserve and what blocks being written there were promised. None for a failed dir (a
+    /// dir whose file system cannot be asked is checked, and fails if its probe fails too).
+    fn room(&self, i: usize) -> Option<(u64, u64)> {
+        let d = &self.dirs[i];
+        if d.failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let Some((cap, free)) = statvfs(&d.current) else {
+            self.check_dir(i);
+            return None;
+        };
+        let room = free
+            .saturating_sub(self.reserved)
+            .saturating_sub(d.inflight.load(Ordering::Relaxed));
+        Some((cap, room))
+    }
+
+    /// The disks as reported to the namenode: totals over healthy data dirs.
+    pub fn space(&self) -> Space {
+        let mut space = Space {
+            used: self.used(),
+            ..Space::default()
+        };
+        for i in 0..self.dirs.len() {
+            if let Some((cap, room)) = self.room(i) {
+                space.capacity += cap;
+                space.remaining += room;
+                space.block_room = space.block_room.max(room);
             }
         }
-        (cap, free)
+        space.failed_volumes = self.failed_dirs();
+        space
+    }
+
+    /// Checks data dir `i` after a disk error there by writing a probe file. If the probe fails
+    /// for any reason but a full disk, the dir is taken out of service: its replicas leave the
+    /// index (and are reported lost) and no new block goes there. Returns whether it is healthy.
+    pub fn check_dir(&self, i: usize) -> bool {
+        let d = &self.dirs[i];
+        if d.failed.load(Ordering::Relaxed) {
+            return false;
+        }
+        match probe_write(&d.tmp) {
+            Ok(()) => true,
+            Err(e) if is_no_space(&e) => true,
+            Err(e) => {
+                if d.failed.swap(true, Ordering::Relaxed) {
+                    return false;
+                }
+                let mut lost = vec![];
+                self.index().retain(|id, l| {
+                    if l.dir == i {
+                        lost.push(*id);
+                    }
+                    l.dir != i
+                });
+                tracing::error!(dir = %d.root.display(), replicas = lost.len(), "data dir failed its check and is out of service: {e}");
+                self.lost
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(lost);
+                false
+            }
+        }
+    }
+
+    /// Checks every healthy data dir (see [`BlockStore::check_dir`]).
+    pub fn check_dirs(&self) {
+        for i in 0..self.dirs.len() {
+            self.check_dir(i);
+        }
+    }
+
+    /// Data dirs out of service.
+    pub fn failed_dirs(&self) -> u32 {
+        self.dirs
+            .iter()
+            .filter(|d| d.failed.load(Ordering::Relaxed))
+            .count() as u32
+    }
+
+    /// Replicas lost with failed data dirs since the last call.
+    pub fn take_lost(&self) -> Vec<BlockId> {
+        std::mem::take(&mut *self.lost.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn paths(&self, id: BlockId) -> Result<(PathBuf, PathBuf, u64), Error> {
@@ -234,34 +340,71 @@ impl BlockStore {
         })
     }
 
-    /// Starts writing a block; it becomes visible only when [`BlockWriter::finish`] returns.
-    pub fn create(self: &Arc<Self>, id: BlockId, file_offset: u64) -> Result<BlockWriter, Error> {
-        let dir = self.pick_dir();
-        let tmp = &self.dirs[dir].tmp;
-        let suffix: u64 = rand::random();
-        let data_path = tmp.join(format!("{}.{suffix:016x}", block_file_name(id)));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&data_path)
-            .map_err(|e| Error::disk(&data_path, e))?;
-        Ok(BlockWriter {
-            store: self.clone(),
-            id,
-            dir,
-            file_offset,
-            file,
-            data_path,
-            len: 0,
-            pieces: vec![],
-            short_seen: false,
-        })
+    /// Starts writing a block of at most `max_len` bytes in the next healthy data dir (round robin,
+    /// spreading blocks over the disks) with `max_len` bytes to spare (else [`Error::NoSpace`]); the room stays
+    /// promised to the block until it is finished or dropped. The block becomes visible only when
+    /// [`BlockWriter::finish`] returns.
+    pub fn create(
+        self: &Arc<Self>,
+        id: BlockId,
+        file_offset: u64,
+        max_len: u64,
+    ) -> Result<BlockWriter, Error> {
+        loop {
+            let n = self.dirs.len();
+            let start = self.next_dir.fetch_add(1, Ordering::Relaxed);
+            let dir = (0..n)
+                .map(|k| (start + k) % n)
+                .find(|i| self.room(*i).is_some_and(|(_, room)| room >= max_len))
+                .ok_or_else(|| self.no_space(max_len))?;
+            let suffix: u64 = rand::random();
+            let data_path = self.dirs[dir]
+                .tmp
+                .join(format!("{}.{suffix:016x}", block_file_name(id)));
+            let file = match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&data_path)
+            {
+                Ok(f) => f,
+                Err(e) if is_no_space(&e) => return Err(self.no_space(max_len)),
+                // A dir that fails its check is out of service now: try the next one.
+                Err(_) if !self.check_dir(dir) => continue,
+                Err(e) => return Err(Error::disk(&data_path, e)),
+            };
+            self.dirs[dir]
+                .inflight
+                .fetch_add(max_len, Ordering::Relaxed);
+            return Ok(BlockWriter {
+                store: self.clone(),
+                id,
+                dir,
+                promised: max_len,
+                file_offset,
+                file,
+                data_path,
+                len: 0,
+                pieces: vec![],
+                short_seen: false,
+            });
+        }
     }
 
-    fn pick_dir(&self) -> usize {
-        (0..self.dirs.len())
-            .max_by_key(|i| statvfs(&self.dirs[*i].current).map_or(0, |(_, free)| free))
-            .unwrap_or(0)
+    fn no_space(&self, needed: u64) -> Error {
+        Error::NoSpace(format!(
+            "no data dir has {needed} bytes to spare (reserve {} bytes)",
+            self.reserved
+        ))
+    }
+
+    /// The error for a failed write in data dir `dir`: a full disk is [`Error::NoSpace`]; any other
+    /// error gets the dir checked (and taken out of service if the check fails too).
+    fn write_error(&self, dir: usize, path: &Path, e: std::io::Error) -> Error {
+        if is_no_space(&e) {
+            return Error::NoSpace(format!("{} is full", self.dirs[dir].root.display()));
+        }
+        self.check_dir(dir);
+        Error::disk(path, e)
     }
 
     /// Deletes a replica; false if it was not here.
@@ -331,6 +474,8 @@ pub struct BlockWriter {
     store: Arc<BlockStore>,
     id: BlockId,
     dir: usize,
+    /// Room promised in the dir while this block is written.
+    promised: u64,
     file_offset: u64,
     file: File,
     data_path: PathBuf,
@@ -354,9 +499,9 @@ impl BlockWriter {
                 stage: "write",
             });
         }
-        self.file
-            .write_all(data)
-            .map_err(|e| Error::disk(&self.data_path, e))?;
+        if let Err(e) = self.file.write_all(data) {
+            return Err(self.store.write_error(self.dir, &self.data_path, e));
+        }
         self.short_seen = (data.len() as u64) < PIECE_BYTES;
         self.len += data.len() as u64;
         self.pieces.push(cv);
@@ -378,27 +523,31 @@ impl BlockWriter {
     pub fn finish(mut self) -> Result<(u64, Blake3Cv), Error> {
         let cv = checksum::block_cv(&self.pieces)
             .ok_or_else(|| Error::Invalid(format!("block {} is empty", self.id)))?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::disk(&self.data_path, e))?;
-        let dir = &self.store.dirs[self.dir];
+        let store = self.store.clone();
+        let fail = |path: &Path, e| store.write_error(self.dir, path, e);
+        self.file.sync_all().map_err(|e| fail(&self.data_path, e))?;
+        let dir = &store.dirs[self.dir];
         let meta_tmp = self.data_path.with_extension("meta.tmp");
         let sidecar = Sidecar {
             len: self.len,
             file_offset: self.file_offset,
             pieces: std::mem::take(&mut self.pieces),
         };
-        let mut meta = File::create(&meta_tmp).map_err(|e| Error::disk(&meta_tmp, e))?;
-        meta.write_all(&sidecar.encode())
-            .and_then(|_| meta.sync_all())
-            .map_err(|e| Error::disk(&meta_tmp, e))?;
+        let written = File::create(&meta_tmp).and_then(|mut meta| {
+            meta.write_all(&sidecar.encode())
+                .and_then(|_| meta.sync_all())
+        });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&meta_tmp);
+            return Err(fail(&meta_tmp, e));
+        }
         let name = block_file_name(self.id);
         let meta_final = dir.current.join(format!("{name}.meta"));
         let data_final = dir.current.join(&name);
         // If an older replica of this block sits in another dir, drop it first.
-        let _ = self.store.delete(self.id);
-        fs::rename(&meta_tmp, &meta_final).map_err(|e| Error::disk(&meta_final, e))?;
-        fs::rename(&self.data_path, &data_final).map_err(|e| Error::disk(&data_final, e))?;
+        let _ = store.delete(self.id);
+        fs::rename(&meta_tmp, &meta_final).map_err(|e| fail(&meta_final, e))?;
+        fs::rename(&self.data_path, &data_final).map_err(|e| fail(&data_final, e))?;
         sync_dir(&dir.current)?;
         self.store.index().insert(
             self.id,
@@ -415,6 +564,9 @@ impl Drop for BlockWriter {
     fn drop(&mut self) {
         // Unfinished: remove the temp file (after finish it was renamed and this fails harmlessly).
         let _ = fs::remove_file(&self.data_path);
+        self.store.dirs[self.dir]
+            .inflight
+            .fetch_sub(self.promised, Ordering::Relaxed);
     }
 }
 
@@ -440,7 +592,7 @@ mod tests {
         offset: u64,
         data: &[u8],
     ) -> Result<(u64, Blake3Cv), Error> {
-        let mut w = store.create(BlockId(id), offset)?;
+        let mut w = store.create(BlockId(id), offset, 1 << 20)?;
         for (i, p) in data.chunks(PIECE_BYTES as usize).enumerate() {
             w.write_piece(checksum::piece_cv(offset + i as u64 * PIECE_BYTES, p), p)?;
         }
@@ -454,17 +606,17 @@ mod tests {
         let roots = vec![d1.path().to_path_buf(), d2.path().to_path_buf()];
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
         {
-            let store = Arc::new(BlockStore::open(&roots).unwrap());
+            let store = Arc::new(BlockStore::open(&roots, 0).unwrap());
             let (len, _) = write_block(&store, 5, 1 << 20, &data).unwrap();
             assert_eq!(len, data.len() as u64);
             // a piece with the wrong value is refused and leaves nothing behind
-            let mut w = store.create(BlockId(6), 0).unwrap();
+            let mut w = store.create(BlockId(6), 0, 1 << 20).unwrap();
             assert!(matches!(
                 w.write_piece(Blake3Cv([0; 32]), &data[..10]),
                 Err(Error::Corrupt { .. })
             ));
         }
-        let store = Arc::new(BlockStore::open(&roots).unwrap());
+        let store = Arc::new(BlockStore::open(&roots, 0).unwrap());
         assert_eq!(
             store.report(),
             vec![ReportedBlock {
@@ -495,11 +647,72 @@ mod tests {
     }
 
     #[test]
+    fn a_block_needs_room_beyond_the_reserve_and_blocks_being_written() {
+        let d = tempfile::tempdir().unwrap();
+        let roots = vec![d.path().to_path_buf()];
+        let free = statvfs(d.path()).unwrap().1;
+        // A reserve larger than the free space leaves no room at all.
+        let store = Arc::new(BlockStore::open(&roots, free + (1 << 30)).unwrap());
+        assert!(matches!(
+            store.create(BlockId(1), 0, 1 << 20),
+            Err(Error::NoSpace(_))
+        ));
+        assert_eq!(store.space().remaining, 0);
+        assert_eq!(store.space().block_room, 0);
+        // Room promised to a block being written is not offered twice, and comes back after.
+        let store = Arc::new(BlockStore::open(&roots, 0).unwrap());
+        let room = store.space().block_room;
+        let w = store.create(BlockId(2), 0, room / 4 * 3).unwrap();
+        assert!(store.space().block_room < room / 2);
+        assert!(matches!(
+            store.create(BlockId(3), 0, room / 4 * 3),
+            Err(Error::NoSpace(_))
+        ));
+        drop(w);
+        assert!(store.space().block_room > room / 2);
+        assert!(fs::read_dir(d.path().join("tmp")).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn a_data_dir_that_fails_its_check_leaves_service_with_its_replicas() {
+        let d1 = tempfile::tempdir().unwrap();
+        let d2 = tempfile::tempdir().unwrap();
+        let roots = vec![d1.path().join("v"), d2.path().join("v")];
+        let store = Arc::new(BlockStore::open(&roots, 0).unwrap());
+        // Round robin: consecutive blocks land on both dirs.
+        for id in 1..=4 {
+            write_block(&store, id, 0, &[id as u8; 1000]).unwrap();
+        }
+        let on_first = fs::read_dir(roots[0].join("current")).unwrap().count() / 2;
+        assert_eq!(on_first, 2, "blocks spread over the dirs");
+        assert!(store.check_dir(0) && store.take_lost().is_empty());
+        fs::rename(&roots[0], d1.path().join("pulled")).unwrap();
+        assert!(!store.check_dir(0));
+        assert_eq!(store.failed_dirs(), 1);
+        assert_eq!(store.space().failed_volumes, 1);
+        let mut lost = store.take_lost();
+        lost.sort();
+        assert_eq!(lost.len(), 2);
+        assert!(lost.iter().all(|id| !store.contains(*id)));
+        assert_eq!(store.report().len(), 2);
+        // New blocks go to the healthy dir only.
+        for id in 5..=7 {
+            write_block(&store, id, 0, &[1; 100]).unwrap();
+        }
+        assert_eq!(
+            fs::read_dir(roots[1].join("current")).unwrap().count(),
+            2 * 5
+        );
+    }
+
+    #[test]
     fn unwritable_data_dir_is_a_clear_error() {
         let d = tempfile::tempdir().unwrap();
         let file = d.path().join("not-a-dir");
         fs::write(&file, b"x").unwrap();
-        let err = BlockStore::open(std::slice::from_ref(&file)).err().unwrap();
+        let err = BlockStore::open(std::slice::from_ref(&file), 0)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("not-a-dir"), "{err}");
     }
 }

@@ -277,12 +277,14 @@ async fn page(AxumState(web): AxumState<Web>) -> Html<String> {
     );
     h.push_str(
         "<h2>Datanodes</h2><table id=\"datanodes\"><tr><th>Name</th><th>State</th><th>Address</th>\
-         <th>Last heartbeat</th><th>Blocks</th><th>Used</th><th>Remaining</th><th>Plugin sandbox</th></tr>",
+         <th>Last heartbeat</th><th>Blocks</th><th>Used</th><th>Remaining</th><th>Failed data dirs</th>\
+         <th>Plugin sandbox</th></tr>",
     );
     for d in &r.datanodes {
         let _ = write!(
             h,
-            "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{:.1} s ago</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{:.1} s ago</td><td>{}</td><td>{}</td>\
+             <td{}</td><td{}>{}</td><td>{}</td></tr>",
             esc(&d.name),
             esc(&d.state),
             esc(&d.state),
@@ -290,7 +292,13 @@ async fn page(AxumState(web): AxumState<Web>) -> Html<String> {
             d.last_heartbeat_ms as f64 / 1000.0,
             d.blocks,
             size(d.used),
-            size(d.remaining),
+            if d.remaining < state.full_below {
+                format!(" class=\"on\">{} (full)", size(d.remaining))
+            } else {
+                format!(">{}", size(d.remaining))
+            },
+            if d.failed_volumes > 0 { " class=\"on\"" } else { "" },
+            d.failed_volumes,
             esc(&d.sandbox.join(", ")),
         );
     }

@@ -51,6 +51,7 @@ pub async fn run(
     let decommissioned = ns.decommissioned()?;
     let mut initial = State::new(timing, &inodes, Instant::now());
     initial.safemode_threshold = config.safemode_threshold;
+    initial.full_below = config.block_size_default;
     initial.decommission = decommissioned.into_iter().collect();
     initial.check_safemode(Instant::now());
     let metrics = Arc::new(http::Metrics::default());

@@ -413,6 +413,9 @@ async fn handle_client(
                     rand::random(),
                 )
                 .map_err(|e| Error::refused(ErrorCode::NoDatanodes, e.to_string()))?;
+                for n in &chosen {
+                    state.promise(n, block_size);
+                }
                 chosen.iter().filter_map(|n| state.target(n)).collect()
             };
             shared
@@ -665,13 +668,10 @@ fn handle_datanode(
     match req {
         DatanodeToNamenode::Register {
             addr,
-            capacity,
-            used,
-            remaining,
+            space,
             blocks,
         } => {
-            let delete =
-                state.register(name, addr.clone(), capacity, used, remaining, &blocks, now);
+            let delete = state.register(name, addr.clone(), space, &blocks, now);
             tracing::info!(datanode = name, %addr, replicas = blocks.len(), unknown = delete.len(), "datanode registered");
             Ok(NamenodeToDatanode::Registered { delete })
         }
@@ -693,13 +693,11 @@ fn handle_datanode(
             Ok(NamenodeToDatanode::Ack)
         }
         DatanodeToNamenode::Heartbeat {
-            capacity,
-            used,
-            remaining,
+            space,
             received,
             deleted,
         } => Ok(
-            match state.heartbeat(name, capacity, used, remaining, &received, &deleted, now) {
+            match state.heartbeat(name, space, &received, &deleted, now) {
                 Some((delete, copy)) => NamenodeToDatanode::Commands {
                     reregister: false,
                     delete,

@@ -5,7 +5,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use lode_protocol::messages::{
-    ClusterReport, CopyCommand, DatanodeReport, FsckProblem, FsckReport, ReportedBlock, Target,
+    ClusterReport, CopyCommand, DatanodeReport, FsckProblem, FsckReport, ReportedBlock, Space,
+    Target,
 };
 use lode_protocol::{BlockId, InodeId, SessionId};
 
@@ -49,12 +50,10 @@ impl NodeState {
 pub struct Datanode {
     /// Data address.
     pub addr: String,
-    /// Total bytes of its data file systems.
-    pub capacity: u64,
-    /// Bytes of block data.
-    pub used: u64,
-    /// Bytes free.
-    pub remaining: u64,
+    /// Its disks as last reported.
+    pub space: Space,
+    /// Bytes of blocks placed on it since that report (its next heartbeat counts them itself).
+    pub promised: u64,
     /// Last heartbeat or registration.
     pub last_seen: Instant,
     /// Replicas it reported.
@@ -138,6 +137,8 @@ pub struct State {
     pub events: std::collections::VecDeque<(Instant, String)>,
     /// The namenode's own HTTP address.
     pub http_addr: Option<String>,
+    /// A datanode with less room than this (the default block size) counts as out of space.
+    pub full_below: u64,
 }
 
 /// Events kept for the status page.
@@ -169,6 +170,7 @@ impl State {
             decommission: HashSet::new(),
             events: std::collections::VecDeque::new(),
             http_addr: None,
+            full_below: 64 << 20,
         };
         for inode in inodes {
             if let InodeKind::File {
@@ -211,6 +213,48 @@ impl State {
             self.events.pop_front();
         }
         self.events.push_back((Instant::now(), what));
+    }
+
+    /// Notes `bytes` promised to a new block on `name`, so placement does not hand out more room
+    /// than the node has before its next heartbeat reports the real figure.
+    pub fn promise(&mut self, name: &str, bytes: u64) {
+        if let Some(dn) = self.datanodes.get_mut(name) {
+            dn.promised = dn.promised.saturating_add(bytes);
+        }
+    }
+
+    /// Events for a datanode running out of room (less than `full_below` left), getting room back,
+    /// and losing data dirs.
+    fn space_events(&mut self, name: &str, before: Option<Space>, now: Space) {
+        let full = |s: &Space| s.block_room < self.full_below;
+        match before {
+            Some(b) if full(&b) == full(&now) => {}
+            None if !full(&now) => {}
+            _ if full(&now) => {
+                tracing::warn!(
+                    datanode = name,
+                    remaining = now.remaining,
+                    "datanode is out of space"
+                );
+                self.event(format!(
+                    "{name} is out of space: room for {} bytes, new blocks go elsewhere",
+                    now.block_room
+                ));
+            }
+            _ => self.event(format!("{name} has space again")),
+        }
+        let failed_before = before.map_or(0, |b| b.failed_volumes);
+        if now.failed_volumes > failed_before {
+            tracing::error!(
+                datanode = name,
+                failed_volumes = now.failed_volumes,
+                "datanode lost data dirs"
+            );
+            self.event(format!(
+                "{name} has {} failed data dir(s); their replicas are being re-replicated",
+                now.failed_volumes
+            ));
+        }
     }
 
     /// The liveness of a node at `now`.
@@ -317,12 +361,11 @@ impl State {
         &mut self,
         name: &str,
         addr: String,
-        capacity: u64,
-        used: u64,
-        remaining: u64,
+        space: Space,
         report: &[ReportedBlock],
         now: Instant,
     ) -> Vec<BlockId> {
+        let before = self.datanodes.get(name).map(|dn| dn.space);
         if let Some(old) = self.datanodes.remove(name) {
             for b in old.blocks {
                 if let Some(e) = self.blocks.get_mut(&b) {
@@ -334,9 +377,8 @@ impl State {
             name.to_string(),
             Datanode {
                 addr,
-                capacity,
-                used,
-                remaining,
+                space,
+                promised: 0,
                 last_seen: now,
                 blocks: HashSet::new(),
                 pending_delete: vec![],
@@ -352,6 +394,7 @@ impl State {
             .map(|b| b.id)
             .collect();
         self.event(format!("{name} registered with {} replicas", report.len()));
+        self.space_events(name, before, space);
         self.check_safemode(now);
         delete
     }
@@ -361,9 +404,7 @@ impl State {
     pub fn heartbeat(
         &mut self,
         name: &str,
-        capacity: u64,
-        used: u64,
-        remaining: u64,
+        space: Space,
         received: &[ReportedBlock],
         deleted: &[BlockId],
         now: Instant,
@@ -377,9 +418,8 @@ impl State {
             dn.needs_report = true;
             return None;
         }
-        dn.capacity = capacity;
-        dn.used = used;
-        dn.remaining = remaining;
+        let before = std::mem::replace(&mut dn.space, space);
+        dn.promised = 0;
         dn.last_seen = now;
         for b in deleted {
             dn.blocks.remove(b);
@@ -397,6 +437,7 @@ impl State {
             delete.append(&mut dn.pending_delete);
             copy.append(&mut dn.pending_copy);
         }
+        self.space_events(name, Some(before), space);
         Some((delete, copy))
     }
 
@@ -529,7 +570,7 @@ impl State {
             .filter(|(n, dn)| live.contains(n) && self.node_state(dn, now) == NodeState::Live)
             .map(|(n, dn)| crate::repair::NodeView {
                 name: n.clone(),
-                remaining: dn.remaining,
+                remaining: dn.space.block_room.saturating_sub(dn.promised),
                 copies_out: copies_out.get(n.as_str()).copied().unwrap_or(0),
                 accepts: !self.decommission.contains(n),
             })
@@ -639,7 +680,8 @@ impl State {
             })
             .map(|(name, dn)| Candidate {
                 name: name.clone(),
-                remaining: dn.remaining,
+                // A block must fit in one data dir.
+                remaining: dn.space.block_room.saturating_sub(dn.promised),
             })
             .collect()
     }
@@ -743,9 +785,10 @@ impl State {
                 addr: dn.addr.clone(),
                 last_heartbeat_ms: now.saturating_duration_since(dn.last_seen).as_millis() as u64,
                 blocks: dn.blocks.len() as u64,
-                capacity: dn.capacity,
-                used: dn.used,
-                remaining: dn.remaining,
+                capacity: dn.space.capacity,
+                used: dn.space.used,
+                remaining: dn.space.remaining,
+                failed_volumes: dn.space.failed_volumes,
                 sandbox: dn.sandbox.clone(),
                 http_addr: dn.http_addr.clone(),
             })

@@ -44,6 +44,8 @@ pub enum ErrorCode {
     InvalidPath = 18,
     /// A plugin task failed (crash, limit, error); the message names the plugin and the cause.
     PluginFailed = 19,
+    /// The datanode has no room for the block on any healthy data dir.
+    NoSpace = 20,
 }
 
 /// An error as it crosses the wire: a code and a short message without server internals.

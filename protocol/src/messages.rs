@@ -309,6 +309,8 @@ pub struct DatanodeReport {
     pub used: u64,
     /// Bytes still free on its data dirs.
     pub remaining: u64,
+    /// Data dirs it took out of service after disk errors.
+    pub failed_volumes: u32,
     /// Plugin sandbox protections it reported (`rlimits`, `no_new_privs`, `landlock`, `seccomp`).
     pub sandbox: Vec<String>,
     /// Its metrics address, if it serves HTTP.
@@ -332,22 +334,35 @@ pub struct ClusterReport {
     pub datanodes: Vec<DatanodeReport>,
 }
 
+/// A datanode's disks as it reports them in every registration and heartbeat.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Space {
+    /// Total bytes of its healthy data dirs' file systems.
+    pub capacity: u64,
+    /// Bytes of block data it stores.
+    pub used: u64,
+    /// Bytes a new block may still use: free space on healthy data dirs, less the configured
+    /// reserve and the space promised to blocks being written.
+    pub remaining: u64,
+    /// The largest block it can take now: the room in the data dir with the most (a block never
+    /// spans data dirs).
+    pub block_room: u64,
+    /// Data dirs taken out of service after disk errors.
+    pub failed_volumes: u32,
+}
+
 /// Messages from a datanode to the namenode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DatanodeToNamenode {
     /// Join (or rejoin) with a full block report.
     Register {
         addr: String,
-        capacity: u64,
-        used: u64,
-        remaining: u64,
+        space: Space,
         blocks: Vec<ReportedBlock>,
     },
     /// Periodic liveness, with replicas finalized or deleted since the last one.
     Heartbeat {
-        capacity: u64,
-        used: u64,
-        remaining: u64,
+        space: Space,
         received: Vec<ReportedBlock>,
         deleted: Vec<BlockId>,
     },

@@ -248,6 +248,7 @@ fn every_message_matches_its_golden_bytes() {
             capacity: 1 << 40,
             used: 1 << 20,
             remaining: 1 << 39,
+            failed_volumes: 0,
             sandbox: vec!["rlimits".into(), "seccomp".into()],
             http_addr: None,
         }],
@@ -310,9 +311,13 @@ fn every_message_matches_its_golden_bytes() {
         d,
         DatanodeToNamenode::Register {
             addr: "127.0.0.1:7401".into(),
-            capacity: 10,
-            used: 5,
-            remaining: 5,
+            space: Space {
+                capacity: 10,
+                used: 5,
+                remaining: 5,
+                block_room: 3,
+                failed_volumes: 1,
+            },
             blocks: vec![rb],
         },
     );
@@ -320,9 +325,13 @@ fn every_message_matches_its_golden_bytes() {
         "d2n_heartbeat",
         d,
         DatanodeToNamenode::Heartbeat {
-            capacity: 10,
-            used: 5,
-            remaining: 5,
+            space: Space {
+                capacity: 10,
+                used: 5,
+                remaining: 5,
+                block_room: 3,
+                failed_volumes: 0,
+            },
             received: vec![rb],
             deleted: vec![BlockId(8)],
         },

@@ -23,6 +23,8 @@ pub struct ClusterSpec {
     pub lease_expiry_ms: u64,
     /// Run the datanodes' block scanners fast and often (else at their gentle default).
     pub fast_block_scanner: bool,
+    /// Check the datanodes' data dirs every second (else at the default of 300 s).
+    pub fast_disk_check: bool,
 }
 
 impl Default for ClusterSpec {
@@ -33,6 +35,7 @@ impl Default for ClusterSpec {
             block_size: 64 * 1024,
             lease_expiry_ms: 10_000,
             fast_block_scanner: false,
+            fast_disk_check: false,
         }
     }
 }
@@ -44,6 +47,8 @@ pub struct Cluster {
     bin: PathBuf,
     namenode: Option<Child>,
     datanodes: Vec<Option<Child>>,
+    /// Datanodes running in a mount namespace of their own (their files are seen through /proc).
+    private_mounts: Vec<bool>,
     /// The namenode's UDP port.
     pub namenode_port: u16,
     /// Each datanode's UDP port.
@@ -173,11 +178,14 @@ impl Cluster {
             ),
         )
         .expect("write namenode config");
-        let scanner = if spec.fast_block_scanner {
-            "scan_bytes_per_sec = 1073741824\nscan_pause_secs = 1\n"
+        let mut scanner = if spec.fast_block_scanner {
+            "scan_bytes_per_sec = 1073741824\nscan_pause_secs = 1\n".to_string()
         } else {
-            ""
+            String::new()
         };
+        if spec.fast_disk_check {
+            scanner.push_str("disk_check_secs = 1\n");
+        }
         for (i, port) in datanode_ports.iter().enumerate() {
             let name = format!("dn-{}", i + 1);
             std::fs::write(
@@ -204,6 +212,7 @@ impl Cluster {
             bin: bin_dir(),
             namenode: None,
             datanodes: (0..spec.datanodes).map(|_| None).collect(),
+            private_mounts: vec![false; spec.datanodes],
             namenode_port,
             datanode_ports,
             spec,
@@ -221,14 +230,27 @@ impl Cluster {
         &self.path
     }
 
+    /// Datanode `dn`'s directory (holding `data1` and `data2`) as this process sees the files the
+    /// datanode sees: through `/proc/PID/root` when it runs in a mount namespace of its own.
+    pub fn datanode_dir(&self, dn: usize) -> PathBuf {
+        let dir = self.path.join(format!("dn-{dn}"));
+        match &self.datanodes[dn - 1] {
+            Some(child) if self.private_mounts[dn - 1] => {
+                let mut p = PathBuf::from(format!("/proc/{}/root", child.id()));
+                p.push(dir.strip_prefix("/").unwrap_or(&dir));
+                p
+            }
+            _ => dir,
+        }
+    }
+
     /// The block file of block `id` on datanode `dn` (1-based), in whichever data dir holds it;
     /// its sidecar is the same path with the extension `meta`.
     pub fn replica_path(&self, dn: usize, id: u64) -> Option<PathBuf> {
         ["data1", "data2"]
             .iter()
             .map(|d| {
-                self.path
-                    .join(format!("dn-{dn}"))
+                self.datanode_dir(dn)
                     .join(d)
                     .join("current")
                     .join(format!("blk_{id}"))
@@ -240,9 +262,7 @@ impl Cluster {
     pub fn replica_count(&self, dn: usize) -> usize {
         ["data1", "data2"]
             .iter()
-            .filter_map(|d| {
-                std::fs::read_dir(self.path.join(format!("dn-{dn}")).join(d).join("current")).ok()
-            })
+            .filter_map(|d| std::fs::read_dir(self.datanode_dir(dn).join(d).join("current")).ok())
             .flat_map(|r| r.flatten())
             .filter(|e| {
                 let name = e.file_name().to_string_lossy().to_string();
@@ -294,6 +314,60 @@ impl Cluster {
             &format!("dn-{i}.log"),
         );
         self.datanodes[i - 1] = Some(child);
+        self.private_mounts[i - 1] = false;
+    }
+
+    /// Restarts datanode `i` (1-based) with each of its two data dirs on a tmpfs of `bytes`, in a
+    /// mount namespace of its own (so the mounts vanish with it): a small real disk that fills up.
+    /// Needs root or unprivileged user namespaces (`unshare`); says why when it cannot.
+    pub fn start_datanode_on_small_disks(&mut self, i: usize, bytes: u64) -> Result<(), String> {
+        self.kill_datanode(i);
+        let dir = self.path.join(format!("dn-{i}"));
+        let mut script = String::from("set -e\n");
+        for d in ["data1", "data2"] {
+            let p = dir.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            script.push_str(&format!(
+                "mount -t tmpfs -o size={bytes} lode-test-disk '{}'\n",
+                p.display()
+            ));
+        }
+        // Root needs only a mount namespace; anyone else also needs a user namespace.
+        let flavours: [&[&str]; 2] = [&["--mount"], &["--user", "--map-root-user", "--mount"]];
+        let flavour = flavours
+            .into_iter()
+            .find(|f| {
+                Command::new("unshare")
+                    .args(*f)
+                    .args(["sh", "-c", &script])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+            .ok_or("cannot mount a tmpfs in a private mount namespace (unshare failed as root and with a user namespace)")?;
+        script.push_str(&format!(
+            "exec '{}' --config '{}'\n",
+            self.bin.join("lode-datanode").display(),
+            self.path.join(format!("dn-{i}.toml")).display()
+        ));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path.join(format!("dn-{i}.log")))
+            .map_err(|e| e.to_string())?;
+        let child = Command::new("unshare")
+            .args(flavour)
+            .args(["sh", "-c", &script])
+            .env("LODE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn unshare: {e}"))?;
+        self.datanodes[i - 1] = Some(child);
+        self.private_mounts[i - 1] = true;
+        Ok(())
     }
 
     /// SIGKILLs datanode `i` (1-based).

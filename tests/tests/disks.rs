@@ -1,0 +1,353 @@
+//! Disk faults on a datanode: a disk that fills up, and a data dir that fails.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use lode_protocol::checksum::{self, PIECE_BYTES};
+use lode_protocol::frame::{kind, PieceHeader};
+use lode_protocol::messages::{DatanodeReply, DatanodeRequest, Target};
+use lode_protocol::net::{self, RpcError, TlsFiles, TransportConfig};
+use lode_protocol::{BlockId, ErrorCode};
+use lode_tests::{http_get, random_bytes, wait_until, Cluster, ClusterSpec};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+fn datanode(c: &Cluster, name: &str) -> Option<Value> {
+    c.report()?["datanodes"]
+        .as_array()?
+        .iter()
+        .find(|d| d["name"] == name)
+        .cloned()
+}
+
+/// (offset, len, locations) of every block of a file.
+fn blocks(c: &Cluster, path: &str) -> Vec<(u64, u64, Vec<String>)> {
+    c.stat(path)["blocks"]
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .map(|b| {
+            (
+                b["offset"].as_u64().expect("offset"),
+                b["len"].as_u64().expect("len"),
+                b["locations"]
+                    .as_array()
+                    .expect("locations")
+                    .iter()
+                    .map(|l| l.as_str().expect("name").to_string())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn block_ids(c: &Cluster, path: &str) -> Vec<u64> {
+    c.stat(path)["blocks"]
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .map(|b| b["id"].as_u64().expect("id"))
+        .collect()
+}
+
+/// Writes into `dir` until the file system is full; returns the bytes written.
+fn fill(dir: &Path) -> u64 {
+    let mut f = std::fs::File::create(dir.join("filler")).expect("create filler");
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut written = 0;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => panic!("filling {}: {e}", dir.display()),
+        }
+    }
+    let _ = f.sync_all();
+    written
+}
+
+/// The value of a metric without labels from a server's `/metrics`.
+fn metric(addr: &str, name: &str) -> f64 {
+    let (_, text) = http_get(addr, "/metrics").expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+}
+
+fn fsck_healthy(c: &Cluster) -> bool {
+    let out = c.lode(&["fsck", "--json", "/"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    out.status.success() && v["status"] == "healthy"
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Writes one 1 MiB block straight to datanode `first` with `downstream` after it, as a writer
+/// that does not know they are full would.
+async fn write_block_raw(
+    c: &Cluster,
+    first: usize,
+    downstream: &[usize],
+) -> Result<DatanodeReply, RpcError> {
+    let certs = c.dir().join("certs");
+    let files = TlsFiles {
+        ca: certs.join("ca.pem"),
+        cert: certs.join("user.pem"),
+        key: certs.join("user-key.pem"),
+    };
+    let t = TransportConfig::default();
+    let ep = net::endpoint(
+        "127.0.0.1:0".parse().expect("addr"),
+        None,
+        net::client_config(&files, &t).expect("client tls"),
+        &t,
+    )
+    .expect("endpoint");
+    let target = |i: usize| Target {
+        name: format!("dn-{i}"),
+        addr: format!("127.0.0.1:{}", c.datanode_ports[i - 1]),
+    };
+    let conn = ep
+        .connect(
+            target(first).addr.parse().expect("addr"),
+            &target(first).name,
+        )
+        .expect("connect")
+        .await
+        .expect("connection");
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let req = DatanodeRequest::WriteBlock {
+        block: BlockId(u64::MAX / 2 + rand::random::<u32>() as u64),
+        file_offset: 0,
+        block_size: MIB,
+        downstream: downstream.iter().map(|i| target(*i)).collect(),
+    };
+    net::write_frame(&mut send, kind::DATANODE_REQUEST, &req).await?;
+    let data = random_bytes(MIB as usize, 44);
+    for (i, piece) in data.chunks(PIECE_BYTES as usize).enumerate() {
+        let header = PieceHeader {
+            len: piece.len() as u32,
+            cv: checksum::piece_cv(i as u64 * PIECE_BYTES, piece),
+        };
+        if net::write_piece(&mut send, &header, piece).await.is_err() {
+            break; // the datanode stopped reading; its reply says why
+        }
+    }
+    let _ = net::write_piece(&mut send, &PieceHeader::END, &[]).await;
+    let _ = send.finish();
+    net::read_frame::<DatanodeReply>(&mut recv, kind::DATANODE_REPLY).await
+}
+
+#[test]
+fn a_datanode_whose_disk_fills_up_gets_no_new_blocks_and_nothing_is_corrupted() {
+    let mut c = Cluster::start(ClusterSpec {
+        datanodes: 4,
+        replication: 3,
+        block_size: MIB,
+        ..ClusterSpec::default()
+    });
+    // dn-4's two data dirs are real 6 MiB file systems: room for five 1 MiB blocks each.
+    c.start_datanode_on_small_disks(4, 6 * MIB)
+        .expect("dn-4 on small disks");
+    wait_until(
+        "dn-4 live on its small disks",
+        Duration::from_secs(30),
+        || {
+            datanode(&c, "dn-4").is_some_and(|d| {
+                d["state"] == "live"
+                    && d["capacity"]
+                        .as_u64()
+                        .is_some_and(|cap| cap > 0 && cap <= 12 * MIB)
+            })
+        },
+    );
+
+    // A file twice as large as dn-4's disks: dn-4 takes what fits, the rest goes elsewhere.
+    let a = random_bytes(24 * MIB as usize, 41);
+    c.put_bytes("/a", &a, &[]);
+    assert_eq!(c.get_bytes("/a"), a, "/a reads back");
+
+    // Something else fills dn-4's disks to the last byte.
+    for d in ["data1", "data2"] {
+        fill(&c.datanode_dir(4).join(d));
+    }
+    wait_until(
+        "the namenode hears that dn-4 is full",
+        Duration::from_secs(20),
+        || datanode(&c, "dn-4").is_some_and(|d| d["remaining"].as_u64().is_some_and(|r| r < MIB)),
+    );
+    let dn4 = datanode(&c, "dn-4").expect("dn-4 in the report");
+    assert_eq!(dn4["state"], "live", "a full datanode stays live: {dn4}");
+    let status = c.report().expect("report")["namenode"]["http_addr"]
+        .as_str()
+        .expect("status page address")
+        .to_string();
+    let (code, page) = http_get(&status, "/").expect("status page");
+    assert_eq!(code, 200);
+    assert!(
+        page.contains("dn-4 is out of space") && page.contains("(full)"),
+        "the status page shows dn-4 full: {page}"
+    );
+    let dn4_metrics = dn4["http_addr"].as_str().expect("dn-4 metrics");
+    let remaining = metric(dn4_metrics, "lode_datanode_remaining_bytes");
+    assert!(
+        remaining < MIB as f64,
+        "dn-4 reports {remaining} bytes of room"
+    );
+
+    // A writer whose view is out of date still gets a clean refusal, alone or mid-pipeline.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let direct = rt.block_on(write_block_raw(&c, 4, &[]));
+    assert!(
+        matches!(direct, Err(RpcError::Remote(ref w)) if w.code == ErrorCode::NoSpace),
+        "a full datanode refuses a block: {direct:?}"
+    );
+    let piped = rt.block_on(write_block_raw(&c, 1, &[4]));
+    assert!(
+        matches!(piped, Ok(DatanodeReply::WriteAck { ref stored, ref failed })
+            if stored == &["dn-1"] && failed == &["dn-4"]),
+        "the pipeline names the full node as the failed one: {piped:?}"
+    );
+    let refusals = metric(dn4_metrics, "lode_datanode_no_space_refusals_total");
+    assert!(refusals >= 2.0, "dn-4 counted {refusals} refusals");
+
+    // New writes go to the other nodes, with full replication.
+    let b = random_bytes(8 * MIB as usize, 42);
+    c.put_bytes("/b", &b, &[]);
+    for (offset, _, locations) in blocks(&c, "/b") {
+        assert_eq!(locations.len(), 3, "block at {offset} of /b: {locations:?}");
+        assert!(
+            !locations.contains(&"dn-4".to_string()),
+            "block at {offset} of /b went to the full dn-4"
+        );
+    }
+    assert_eq!(c.get_bytes("/b"), b, "/b reads back");
+
+    // Nothing is corrupted or half-written on the full node, and every block is fully replicated.
+    wait_until("fsck healthy", Duration::from_secs(30), || fsck_healthy(&c));
+    let ids = block_ids(&c, "/a");
+    let mut on_dn4 = 0;
+    for (i, (offset, len, locations)) in blocks(&c, "/a").into_iter().enumerate() {
+        assert_eq!(locations.len(), 3, "block at {offset} of /a: {locations:?}");
+        let replica = c.replica_path(4, ids[i]);
+        assert_eq!(
+            replica.is_some(),
+            locations.contains(&"dn-4".to_string()),
+            "dn-4 holds block {} exactly when the namenode says so",
+            ids[i]
+        );
+        if let Some(p) = replica {
+            let bytes = std::fs::read(&p).expect("read dn-4 replica");
+            assert!(
+                bytes == a[offset as usize..(offset + len) as usize],
+                "dn-4's replica of block {} matches the file",
+                ids[i]
+            );
+            assert!(p.with_extension("meta").exists(), "sidecar of {}", ids[i]);
+            on_dn4 += 1;
+        }
+    }
+    assert!(on_dn4 > 0, "dn-4 took some of /a before it filled up");
+    assert_eq!(c.replica_count(4), on_dn4, "no stray block files on dn-4");
+    for d in ["data1", "data2"] {
+        let tmp = c.datanode_dir(4).join(d).join("tmp");
+        assert!(
+            files_in(&tmp).is_empty(),
+            "half-written blocks left in {}: {:?}",
+            tmp.display(),
+            files_in(&tmp)
+        );
+    }
+
+    // Room again: replicas on a full disk can be deleted, and the namenode notices the room.
+    c.ok(&["rm", "/a"]);
+    for d in ["data1", "data2"] {
+        std::fs::remove_file(c.datanode_dir(4).join(d).join("filler")).expect("remove filler");
+    }
+    wait_until("dn-4 has room again", Duration::from_secs(20), || {
+        c.replica_count(4) == 0
+            && datanode(&c, "dn-4")
+                .is_some_and(|d| d["remaining"].as_u64().is_some_and(|r| r >= 10 * MIB))
+    });
+    let (_, page) = http_get(&status, "/").expect("status page");
+    assert!(page.contains("dn-4 has space again"), "{page}");
+    c.assert_no_unexpected_errors(&[]);
+}
+
+#[test]
+fn a_failed_data_dir_leaves_service_and_its_replicas_are_copied_elsewhere() {
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 4,
+        replication: 3,
+        block_size: 256 * 1024,
+        fast_disk_check: true,
+        ..ClusterSpec::default()
+    });
+    let a = random_bytes(8 * MIB as usize, 43);
+    c.put_bytes("/a", &a, &[]);
+    let ids = block_ids(&c, "/a");
+    let data1 = c.datanode_dir(4).join("data1");
+    let on_data1: Vec<u64> = ids
+        .iter()
+        .copied()
+        .filter(|id| data1.join("current").join(format!("blk_{id}")).exists())
+        .collect();
+    assert!(!on_data1.is_empty(), "dn-4's data1 holds some of /a");
+
+    // The disk under data1 goes away (as when it is pulled and its mount point is gone).
+    std::fs::rename(&data1, c.datanode_dir(4).join("data1-pulled")).expect("pull data1");
+    wait_until(
+        "dn-4 reports a failed data dir",
+        Duration::from_secs(20),
+        || datanode(&c, "dn-4").is_some_and(|d| d["failed_volumes"] == 1),
+    );
+    assert_eq!(c.get_bytes("/a"), a, "/a reads back while it heals");
+    wait_until(
+        "every block of /a back to 3 replicas",
+        Duration::from_secs(60),
+        || {
+            fsck_healthy(&c)
+                && blocks(&c, "/a").iter().all(|(_, _, l)| {
+                    let mut d = l.clone();
+                    d.sort();
+                    d.dedup();
+                    d.len() == 3
+                })
+        },
+    );
+    // dn-4 no longer claims the lost replicas (unless one was copied back to its good dir).
+    for (i, (_, _, locations)) in blocks(&c, "/a").into_iter().enumerate() {
+        if locations.contains(&"dn-4".to_string()) {
+            assert!(
+                c.replica_path(4, ids[i]).is_some(),
+                "dn-4 is listed for block {} but holds no file of it",
+                ids[i]
+            );
+        }
+    }
+    assert_eq!(c.get_bytes("/a"), a, "/a reads back after healing");
+    let (_, page) = http_get(
+        c.report().expect("report")["namenode"]["http_addr"]
+            .as_str()
+            .expect("status page address"),
+        "/",
+    )
+    .expect("status page");
+    assert!(
+        page.contains("dn-4 has 1 failed data dir"),
+        "the status page tells of the failed dir: {page}"
+    );
+    c.assert_no_unexpected_errors(&["data dir failed its check", "datanode lost data dirs"]);
+}
