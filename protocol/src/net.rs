@@ -534,13 +534,15 @@ impl Pool {
         Ok(conn)
     }
 
-    /// Drops a connection that failed, so the next `get` reconnects.
+    /// Drops a connection that failed, so the next `get` reconnects. For an address given by host
+    /// name (which may resolve elsewhere now), every connection to `server_name` goes.
     pub async fn forget(&self, addr: &str, server_name: &str) {
-        if let Ok(sock) = addr.parse::<SocketAddr>() {
-            self.conns
-                .lock()
-                .await
-                .remove(&(sock, server_name.to_string()));
+        let mut conns = self.conns.lock().await;
+        match addr.parse::<SocketAddr>() {
+            Ok(sock) => {
+                conns.remove(&(sock, server_name.to_string()));
+            }
+            Err(_) => conns.retain(|(_, name), _| name != server_name),
         }
     }
 }
