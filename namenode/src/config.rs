@@ -57,6 +57,15 @@ pub struct Config {
     /// TCP address of the status page (`/`) and Prometheus metrics (`/metrics`); none when absent.
     #[serde(default)]
     pub http_listen: Option<SocketAddr>,
+    /// Once the edit log's current segment passes this many bytes, the metadata store is flushed
+    /// and the segment rolled to `edits.log.1` (replacing the one before), so the log stays under
+    /// about twice this. Default 64 MiB; at least 4096.
+    #[serde(default = "d_roll")]
+    pub edit_log_roll_bytes: u64,
+}
+
+fn d_roll() -> u64 {
+    64 << 20
 }
 
 fn d_safemode() -> f64 {
@@ -146,6 +155,12 @@ impl Config {
         }
         if self.dead_after_ms <= self.stale_after_ms {
             return Err("dead_after_ms must exceed stale_after_ms".into());
+        }
+        if self.edit_log_roll_bytes < 4096 {
+            return Err(format!(
+                "edit_log_roll_bytes must be at least 4096, got {}",
+                self.edit_log_roll_bytes
+            ));
         }
         if !(0.0..=1.0).contains(&self.safemode_threshold) {
             return Err(format!(

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub editlog_syncs: Counter,
     /// Edits per group commit.
     pub editlog_group: Histogram,
+    /// Edit-log segments rolled (after the metadata store flushed them).
+    pub editlog_rolls: Counter,
     datanodes: Family<KindLabel, Gauge>,
     heartbeat_age: Family<KindLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     blocks: Gauge,
@@ -58,6 +60,7 @@ impl Default for Metrics {
         });
         let editlog_syncs = Counter::default();
         let editlog_group = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        let editlog_rolls = Counter::default();
         let datanodes = Family::<KindLabel, Gauge>::default();
         let heartbeat_age =
             Family::<KindLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -88,6 +91,11 @@ impl Default for Metrics {
             "editlog_group_edits",
             "Edits made durable per fdatasync",
             editlog_group.clone(),
+        );
+        registry.register(
+            "editlog_rolls",
+            "Edit-log segments rolled once the metadata store held them",
+            editlog_rolls.clone(),
         );
         registry.register("datanodes", "Datanodes by state", datanodes.clone());
         registry.register(
@@ -127,6 +135,7 @@ impl Default for Metrics {
             request_seconds,
             editlog_syncs,
             editlog_group,
+            editlog_rolls,
             datanodes,
             heartbeat_age,
             blocks,

@@ -81,6 +81,7 @@ pub async fn run(
         state: state.clone(),
         lease_ms: config.lease_expiry_ms,
         metrics: metrics.clone(),
+        roll_bytes: config.edit_log_roll_bytes,
     };
     let (writer, mut fatal) = writer.spawn()?;
     tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = inodes.len(), "namenode serving");

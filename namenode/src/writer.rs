@@ -110,6 +110,8 @@ pub struct Writer<S: MetaStore> {
     pub lease_ms: u64,
     /// Group-commit metrics.
     pub metrics: Arc<crate::http::Metrics>,
+    /// Roll the edit log once its current segment is this large.
+    pub roll_bytes: u64,
 }
 
 impl<S: MetaStore> Writer<S> {
@@ -170,6 +172,14 @@ impl<S: MetaStore> Writer<S> {
             }
             for (tx, r) in replies {
                 let _ = tx.send(r);
+            }
+            if self.log.size() >= self.roll_bytes {
+                // Every edit so far is applied; once the store has them on disk, the log before
+                // the current segment is no longer needed for recovery.
+                self.ns.store().flush()?;
+                self.log.roll()?;
+                self.metrics.editlog_rolls.inc();
+                tracing::info!(last_edit = self.log.last_seq(), "edit log rolled");
             }
         }
         Ok(())

@@ -25,6 +25,8 @@ pub struct ClusterSpec {
     pub fast_block_scanner: bool,
     /// Check the datanodes' data dirs every second (else at the default of 300 s).
     pub fast_disk_check: bool,
+    /// The namenode's `edit_log_roll_bytes` (else its default).
+    pub edit_log_roll_bytes: Option<u64>,
 }
 
 impl Default for ClusterSpec {
@@ -36,6 +38,7 @@ impl Default for ClusterSpec {
             lease_expiry_ms: 10_000,
             fast_block_scanner: false,
             fast_disk_check: false,
+            edit_log_roll_bytes: None,
         }
     }
 }
@@ -170,10 +173,13 @@ impl Cluster {
             format!(
                 "listen = \"127.0.0.1:{namenode_port}\"\nmeta_dir = \"meta\"\nheartbeat_interval_ms = 200\n\
                  stale_after_ms = 2000\ndead_after_ms = 5000\nlease_expiry_ms = {}\nreplication_default = {}\n\
-                 block_size_default = {}\nhttp_listen = \"127.0.0.1:{namenode_http}\"\n{}",
+                 block_size_default = {}\nhttp_listen = \"127.0.0.1:{namenode_http}\"\n{}{}",
                 spec.lease_expiry_ms,
                 spec.replication,
                 spec.block_size,
+                spec.edit_log_roll_bytes
+                    .map(|b| format!("edit_log_roll_bytes = {b}\n"))
+                    .unwrap_or_default(),
                 tls("namenode")
             ),
         )

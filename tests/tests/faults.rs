@@ -155,28 +155,65 @@ fn acknowledged_writes_survive_a_namenode_kill() {
 }
 
 #[test]
-fn many_concurrent_mkdirs_survive_a_namenode_kill() {
+fn many_concurrent_changes_survive_a_namenode_kill_across_edit_log_rolls() {
     let mut c = Cluster::start(ClusterSpec {
         datanodes: 1,
         replication: 1,
+        // A tiny segment, so the log rolls several times during the test.
+        edit_log_roll_bytes: Some(4096),
         ..Default::default()
     });
+    let files: Vec<Vec<u8>> = (0..4)
+        .map(|i| random_bytes(40 * BLOCK + i * 77, 90 + i as u64))
+        .collect();
     std::thread::scope(|s| {
-        for t in 0..4 {
+        for (t, file) in files.iter().enumerate() {
             let c = &c;
             s.spawn(move || {
-                for i in 0..10 {
+                for i in 0..15 {
                     c.ok(&["mkdir", "-p", &format!("/m/t{t}/d{i}")]);
                 }
+                c.put_bytes(&format!("/m/f{t}"), file, &[]);
             });
         }
     });
+    // At least two rolls: the first segment is gone, its changes live only in the metadata store.
+    let status = c.report().unwrap()["namenode"]["http_addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, metrics) = lode_tests::http_get(&status, "/metrics").unwrap();
+    let rolls: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lode_namenode_editlog_rolls_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("editlog_rolls metric");
+    assert!(rolls >= 2.0, "the edit log rolled {rolls} times");
+    let meta = c.dir().join("meta");
+    let segment = std::fs::metadata(meta.join("edits.log")).unwrap().len();
+    assert!(
+        meta.join("edits.log.1").exists(),
+        "the edit log rolled at least once"
+    );
+    assert!(
+        segment < 4096 + 4096,
+        "the current segment stays near the roll size, is {segment} bytes"
+    );
     c.kill_namenode();
     c.start_namenode();
     c.wait_live(1);
     let ls: serde_json::Value =
         serde_json::from_slice(&c.ok(&["ls", "-R", "--json", "/m"])).unwrap();
-    assert_eq!(ls.as_array().unwrap().len(), 4 + 40);
+    assert_eq!(ls.as_array().unwrap().len(), 4 + 60 + 4);
+    for (t, file) in files.iter().enumerate() {
+        assert_eq!(&c.get_bytes(&format!("/m/f{t}")), file);
+    }
+    // Numbering goes on after the restart: new changes land and survive another kill.
+    c.ok(&["mkdir", "/m/after"]);
+    c.kill_namenode();
+    c.start_namenode();
+    c.wait_live(1);
+    c.ok(&["stat", "/m/after"]);
 }
 
 #[test]
