@@ -61,7 +61,7 @@ pub async fn run(
     }
 }
 
-fn verify(store: &crate::store::BlockStore, id: BlockId) -> Result<u64, Error> {
+fn verify(store: &std::sync::Arc<crate::store::BlockStore>, id: BlockId) -> Result<u64, Error> {
     let mut r = store.open_block(id)?;
     let mut buf = Vec::new();
     let len = r.sidecar.len;

@@ -308,18 +308,26 @@ impl BlockStore {
         std::mem::take(&mut *self.lost.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn paths(&self, id: BlockId) -> Result<(PathBuf, PathBuf, u64), Error> {
+    /// (data file, sidecar, data dir index) of a finalized block.
+    fn paths(&self, id: BlockId) -> Result<(PathBuf, PathBuf, usize), Error> {
         let loc = *self.index().get(&id).ok_or(Error::BlockNotFound { id })?;
         let dir = &self.dirs[loc.dir].current;
         let data = dir.join(block_file_name(id));
         let meta = dir.join(format!("{}.meta", block_file_name(id)));
-        Ok((data, meta, loc.len))
+        Ok((data, meta, loc.dir))
+    }
+
+    /// The error for a failed read in data dir `dir`, after checking the dir (a disk going bad
+    /// shows first as failed reads).
+    fn read_error(&self, dir: usize, path: &Path, e: std::io::Error) -> Error {
+        self.check_dir(dir);
+        Error::disk(path, e)
     }
 
     /// Reads a block's sidecar.
     pub fn sidecar(&self, id: BlockId) -> Result<Sidecar, Error> {
-        let (_, meta, _) = self.paths(id)?;
-        let bytes = fs::read(&meta).map_err(|e| Error::disk(&meta, e))?;
+        let (_, meta, dir) = self.paths(id)?;
+        let bytes = fs::read(&meta).map_err(|e| self.read_error(dir, &meta, e))?;
         Sidecar::decode(&bytes).map_err(|_| Error::Corrupt {
             id,
             offset: 0,
@@ -328,14 +336,16 @@ impl BlockStore {
     }
 
     /// Opens a block for reading: the file and its sidecar.
-    pub fn open_block(&self, id: BlockId) -> Result<BlockReader, Error> {
+    pub fn open_block(self: &Arc<Self>, id: BlockId) -> Result<BlockReader, Error> {
         let sidecar = self.sidecar(id)?;
-        let (data, _, _) = self.paths(id)?;
-        let file = File::open(&data).map_err(|e| Error::disk(&data, e))?;
+        let (data, _, dir) = self.paths(id)?;
+        let file = File::open(&data).map_err(|e| self.read_error(dir, &data, e))?;
         Ok(BlockReader {
             id,
             file,
             path: data,
+            store: self.clone(),
+            dir,
             sidecar,
         })
     }
@@ -429,6 +439,8 @@ pub struct BlockReader {
     id: BlockId,
     file: File,
     path: PathBuf,
+    store: Arc<BlockStore>,
+    dir: usize,
     /// The sidecar.
     pub sidecar: Sidecar,
 }
@@ -451,12 +463,13 @@ impl BlockReader {
         let len = (self.sidecar.len - offset).min(PIECE_BYTES) as usize;
         buf.clear();
         buf.resize(len, 0);
-        self.file
+        let read = self
+            .file
             .seek(SeekFrom::Start(offset))
-            .map_err(|e| Error::disk(&self.path, e))?;
-        self.file
-            .read_exact(buf)
-            .map_err(|e| Error::disk(&self.path, e))?;
+            .and_then(|_| self.file.read_exact(buf));
+        if let Err(e) = read {
+            return Err(self.store.read_error(self.dir, &self.path, e));
+        }
         let want = self.sidecar.pieces[index as usize];
         if checksum::piece_cv(self.sidecar.file_offset + offset, buf) != want {
             return Err(Error::Corrupt {
@@ -686,9 +699,16 @@ mod tests {
         let on_first = fs::read_dir(roots[0].join("current")).unwrap().count() / 2;
         assert_eq!(on_first, 2, "blocks spread over the dirs");
         assert!(store.check_dir(0) && store.take_lost().is_empty());
+        let on_dir0 = fs::read_dir(roots[0].join("current"))
+            .unwrap()
+            .flatten()
+            .find_map(|e| parse_block_name(&e.file_name().to_string_lossy()))
+            .unwrap();
         fs::rename(&roots[0], d1.path().join("pulled")).unwrap();
-        assert!(!store.check_dir(0));
+        // A read that fails gets the dir checked, and the check fails.
+        assert!(matches!(store.open_block(on_dir0), Err(Error::Disk { .. })));
         assert_eq!(store.failed_dirs(), 1);
+        assert!(!store.check_dir(0));
         assert_eq!(store.space().failed_volumes, 1);
         let mut lost = store.take_lost();
         lost.sort();

@@ -282,7 +282,7 @@ async fn read_remote(
 
 /// Reads a range of a block held here, verifying every piece.
 fn read_local(
-    store: &crate::store::BlockStore,
+    store: &std::sync::Arc<crate::store::BlockStore>,
     b: &LocatedBlock,
     offset: u64,
     len: u64,
