@@ -276,11 +276,38 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::Store(format!("reader task: {e}")))?
 }
 
+/// Ties a client's session to the certificate presenting it: the namenode works with a value
+/// derived from both, so a session id seen or guessed by a holder of another certificate is of no
+/// use to it (its requests miss the lease, as any other client's would).
+fn bind_session(mut req: ClientToNamenode, identity: &Identity) -> ClientToNamenode {
+    use ClientToNamenode::*;
+    let (Create { session, .. }
+    | AddBlock { session, .. }
+    | AbandonBlock { session, .. }
+    | Complete { session, .. }
+    | RenewLease { session }
+    | AbandonFile { session, .. }) = &mut req
+    else {
+        return req;
+    };
+    let mut h = blake3::Hasher::new_derive_key("lode 1 namenode write session");
+    h.update(identity.role.as_str().as_bytes());
+    h.update(&[0]);
+    h.update(identity.name.as_bytes());
+    h.update(&[0]);
+    h.update(&session.0.to_le_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    *session = lode_protocol::SessionId(u64::from_le_bytes(first));
+    req
+}
+
 async fn handle_client(
     req: ClientToNamenode,
     identity: &Identity,
     shared: &Shared,
 ) -> Result<NamenodeReply, Error> {
+    let req = bind_session(req, identity);
     if changes_namespace(&req) {
         let state = shared.state()?;
         if state.safemode != SafeMode::Off {

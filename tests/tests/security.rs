@@ -7,9 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use lode_protocol::frame::{kind, FrameHeader, ENCODING_VERSION, MAX_FRAME_BYTES};
-use lode_protocol::messages::ClientToNamenode;
+use lode_protocol::messages::{ClientToNamenode, NamenodeReply};
 use lode_protocol::net::{self, RpcError, TlsFiles, TransportConfig};
-use lode_protocol::ErrorCode;
+use lode_protocol::{ErrorCode, SessionId};
 use lode_tests::{assert_one_line_error, free_port, random_bytes, Cluster, ClusterSpec};
 
 fn config_with(
@@ -176,33 +176,10 @@ fn garbage_and_oversized_frames_get_an_error_and_servers_keep_running() {
         }
     }
     // A well-formed request that is refused crosses the wire as a code.
-    let certs = c.dir().join("certs");
-    let files = TlsFiles {
-        ca: certs.join("ca.pem"),
-        cert: certs.join("user.pem"),
-        key: certs.join("user-key.pem"),
-    };
     let refused = rt.block_on(async {
-        let t = TransportConfig::default();
-        let ep = net::endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            None,
-            net::client_config(&files, &t).unwrap(),
-            &t,
-        )
-        .unwrap();
-        let conn = ep
-            .connect(
-                format!("127.0.0.1:{}", c.namenode_port).parse().unwrap(),
-                "namenode",
-            )
-            .unwrap()
-            .await
-            .unwrap();
-        net::call::<_, lode_protocol::messages::NamenodeReply>(
+        let conn = connect_as(&c, "user").await;
+        nn_call(
             &conn,
-            kind::CLIENT_TO_NAMENODE,
-            kind::NAMENODE_REPLY,
             &ClientToNamenode::List {
                 path: "/missing".into(),
             },
@@ -270,4 +247,93 @@ fn a_datanode_with_an_unusable_data_dir_exits_with_a_clear_error() {
         last.starts_with("lode-datanode: ") && last.contains("a-file/data"),
         "{stderr}"
     );
+}
+
+async fn connect_as(c: &Cluster, cert: &str) -> quinn::Connection {
+    let certs = c.dir().join("certs");
+    let files = TlsFiles {
+        ca: certs.join("ca.pem"),
+        cert: certs.join(format!("{cert}.pem")),
+        key: certs.join(format!("{cert}-key.pem")),
+    };
+    let t = TransportConfig::default();
+    let ep = net::endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        net::client_config(&files, &t).unwrap(),
+        &t,
+    )
+    .unwrap();
+    ep.connect(
+        format!("127.0.0.1:{}", c.namenode_port).parse().unwrap(),
+        "namenode",
+    )
+    .unwrap()
+    .await
+    .unwrap()
+}
+
+async fn nn_call(
+    conn: &quinn::Connection,
+    req: &ClientToNamenode,
+) -> Result<NamenodeReply, RpcError> {
+    net::call(conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, req).await
+}
+
+#[test]
+fn a_write_session_is_bound_to_the_certificate_that_opened_it() {
+    let c = Cluster::start(ClusterSpec::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let owner = connect_as(&c, "admin").await;
+        let other = connect_as(&c, "user").await;
+        let session = SessionId(rand::random());
+        let created = nn_call(
+            &owner,
+            &ClientToNamenode::Create {
+                path: "/bound".into(),
+                overwrite: false,
+                replication: None,
+                block_size: None,
+                session,
+            },
+        )
+        .await
+        .unwrap();
+        let NamenodeReply::Created { inode, .. } = created else {
+            panic!("create: {created:?}");
+        };
+        // Another certificate presenting the same session id misses the lease.
+        let complete = ClientToNamenode::Complete {
+            inode,
+            session,
+            last: None,
+            size: 0,
+        };
+        for req in [
+            ClientToNamenode::AddBlock {
+                inode,
+                session,
+                previous: None,
+                exclude: vec![],
+            },
+            complete.clone(),
+        ] {
+            let r = nn_call(&other, &req).await;
+            assert!(
+                matches!(r, Err(RpcError::Remote(ref w)) if w.code == ErrorCode::LeaseConflict),
+                "{req:?} from another certificate: {r:?}"
+            );
+        }
+        let _ = nn_call(&other, &ClientToNamenode::AbandonFile { inode, session }).await;
+        // The file is still the owner's to finish.
+        let done = nn_call(&owner, &complete).await;
+        assert!(
+            matches!(done, Ok(NamenodeReply::Ok)),
+            "owner completes: {done:?}"
+        );
+    });
+    let st = c.stat("/bound");
+    assert_eq!(st["size"], 0);
+    assert_eq!(st["complete"], true, "{st}");
 }
