@@ -127,12 +127,6 @@ fn parse_block_name(name: &str) -> Option<BlockId> {
     name.strip_prefix("blk_")?.parse().ok().map(BlockId)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::disk(dir, e))
-}
-
 impl BlockStore {
     /// Opens every data dir: creates its folders, proves it writable, empties `tmp/`, and indexes
     /// `current/` (a data file without a valid sidecar is removed). New blocks leave `reserved`
@@ -401,8 +395,14 @@ impl BlockStore {
     }
 
     fn no_space(&self, needed: u64) -> Error {
+        let failed = self.failed_dirs();
+        let failed = if failed > 0 {
+            format!(", {failed} of {} data dirs failed", self.dirs.len())
+        } else {
+            String::new()
+        };
         Error::NoSpace(format!(
-            "no data dir has {needed} bytes to spare (reserve {} bytes)",
+            "no healthy data dir has {needed} bytes to spare (reserve {} bytes{failed})",
             self.reserved
         ))
     }
@@ -561,7 +561,9 @@ impl BlockWriter {
         let _ = store.delete(self.id);
         fs::rename(&meta_tmp, &meta_final).map_err(|e| fail(&meta_final, e))?;
         fs::rename(&self.data_path, &data_final).map_err(|e| fail(&data_final, e))?;
-        sync_dir(&dir.current)?;
+        File::open(&dir.current)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| fail(&dir.current, e))?;
         self.store.index().insert(
             self.id,
             Located {
