@@ -99,14 +99,21 @@ impl Client {
         Ok(client)
     }
 
-    /// One request to the namenode.
-    pub(crate) async fn nn(&self, req: &ClientToNamenode) -> Result<NamenodeReply, Error> {
-        let ctx = || format!("namenode at {}", self.namenode);
-        let conn = self
-            .pool
+    fn namenode_ctx(&self) -> String {
+        format!("namenode at {}", self.namenode)
+    }
+
+    async fn namenode_conn(&self) -> Result<quinn::Connection, Error> {
+        self.pool
             .get(&self.namenode, NAMENODE_SERVER_NAME)
             .await
-            .map_err(|e| Error::rpc(ctx(), e))?;
+            .map_err(|e| Error::rpc(self.namenode_ctx(), e))
+    }
+
+    /// One request to the namenode.
+    pub(crate) async fn nn(&self, req: &ClientToNamenode) -> Result<NamenodeReply, Error> {
+        let ctx = || self.namenode_ctx();
+        let conn = self.namenode_conn().await?;
         match net::call(&conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, req).await {
             Ok(r) => Ok(r),
             Err(e) => {
@@ -118,15 +125,18 @@ impl Client {
         }
     }
 
+    /// One request to the namenode whose answer is a plain `Ok`.
+    pub(crate) async fn nn_ok(&self, req: &ClientToNamenode) -> Result<(), Error> {
+        expect_ok(self.nn(req).await?)
+    }
+
     /// Creates a directory (and missing parents with `parents`).
     pub async fn mkdir(&self, path: &str, parents: bool) -> Result<(), Error> {
-        expect_ok(
-            self.nn(&ClientToNamenode::Mkdir {
-                path: path.into(),
-                parents,
-            })
-            .await?,
-        )
+        self.nn_ok(&ClientToNamenode::Mkdir {
+            path: path.into(),
+            parents,
+        })
+        .await
     }
 
     /// Lists a directory (a file lists as itself).
@@ -166,36 +176,30 @@ impl Client {
     /// Deletes a file, or a directory (non-empty only with `recursive`). Freed blocks are removed
     /// from the datanodes with their next heartbeats.
     pub async fn delete(&self, path: &str, recursive: bool) -> Result<(), Error> {
-        expect_ok(
-            self.nn(&ClientToNamenode::Delete {
-                path: path.into(),
-                recursive,
-            })
-            .await?,
-        )
+        self.nn_ok(&ClientToNamenode::Delete {
+            path: path.into(),
+            recursive,
+        })
+        .await
     }
 
     /// Renames; into `dst` if it is a directory.
     pub async fn rename(&self, src: &str, dst: &str) -> Result<(), Error> {
-        expect_ok(
-            self.nn(&ClientToNamenode::Rename {
-                src: src.into(),
-                dst: dst.into(),
-            })
-            .await?,
-        )
+        self.nn_ok(&ClientToNamenode::Rename {
+            src: src.into(),
+            dst: dst.into(),
+        })
+        .await
     }
 
     /// Sets the target replica count of a file or of every file under a directory; the namenode
     /// adds or removes replicas in the background.
     pub async fn setrep(&self, path: &str, replication: u8) -> Result<(), Error> {
-        expect_ok(
-            self.nn(&ClientToNamenode::SetReplication {
-                path: path.into(),
-                replication,
-            })
-            .await?,
-        )
+        self.nn_ok(&ClientToNamenode::SetReplication {
+            path: path.into(),
+            replication,
+        })
+        .await
     }
 
     /// Block health of a file or of every file under a directory.
@@ -226,24 +230,18 @@ impl Client {
 
     /// Starts (`on`) or undoes draining a datanode (admin only).
     pub async fn decommission(&self, datanode: &str, on: bool) -> Result<(), Error> {
-        expect_ok(
-            self.nn(&ClientToNamenode::Decommission {
-                datanode: datanode.into(),
-                on,
-            })
-            .await?,
-        )
+        self.nn_ok(&ClientToNamenode::Decommission {
+            datanode: datanode.into(),
+            on,
+        })
+        .await
     }
 
     /// Writes a consistent backup of the namenode's metadata to `file` (admin only); returns the
     /// number of bytes and the last edit it includes.
     pub async fn backup(&self, file: &std::path::Path) -> Result<(u64, u64), Error> {
-        let ctx = || format!("namenode at {}", self.namenode);
-        let conn = self
-            .pool
-            .get(&self.namenode, NAMENODE_SERVER_NAME)
-            .await
-            .map_err(|e| Error::rpc(ctx(), e))?;
+        let ctx = || self.namenode_ctx();
+        let conn = self.namenode_conn().await?;
         let (mut send, mut recv) = conn
             .open_bi()
             .await
@@ -388,7 +386,7 @@ pub(crate) async fn checksum_of(client: &Client, st: &FileStatus) -> Result<Blak
         .ok_or_else(|| Error::Invalid(format!("{}: no blocks", st.path)))
 }
 
-pub(crate) fn expect_ok(r: NamenodeReply) -> Result<(), Error> {
+fn expect_ok(r: NamenodeReply) -> Result<(), Error> {
     match r {
         NamenodeReply::Ok => Ok(()),
         other => Err(unexpected(other)),

@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 
 use crate::error::Error;
-use crate::fs::{expect_ok, unexpected, Client};
+use crate::fs::{unexpected, Client};
 
 /// Attempts per block before the put fails.
 const BLOCK_ATTEMPTS: usize = 4;
@@ -148,7 +148,7 @@ impl Client {
             last: previous,
             size: offset,
         };
-        expect_ok(self.nn(&done).await?)?;
+        self.nn_ok(&done).await?;
         Ok(offset)
     }
 
@@ -198,7 +198,7 @@ impl Client {
                 session: self.session,
                 block: located.id,
             };
-            expect_ok(self.nn(&abandon).await?)?;
+            self.nn_ok(&abandon).await?;
         }
         Err(last_err.unwrap_or_else(|| Error::Invalid("no attempt made".into())))
     }

@@ -116,11 +116,9 @@ impl Default for Metrics {
 
 impl Metrics {
     fn render(&self, store: &BlockStore) -> String {
-        let report = store.report();
-        self.blocks.set(report.len() as i64);
-        self.used_bytes
-            .set(report.iter().map(|r| r.len as i64).sum());
         let space = store.space();
+        self.blocks.set(store.block_count() as i64);
+        self.used_bytes.set(space.used as i64);
         self.remaining_bytes.set(space.remaining as i64);
         self.failed_dirs.set(i64::from(space.failed_volumes));
         let mut out = String::new();

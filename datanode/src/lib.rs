@@ -116,7 +116,7 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
-    tracing::info!(name = %config.name, addr = ?endpoint.local_addr().ok(), replicas = shared.store.report().len(), "datanode serving");
+    tracing::info!(name = %config.name, addr = ?endpoint.local_addr().ok(), replicas = shared.store.block_count(), "datanode serving");
     let hb = tokio::spawn(heartbeat::run(
         shared.clone(),
         config.namenode.clone(),

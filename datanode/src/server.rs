@@ -139,12 +139,13 @@ async fn serve_stream(
     Ok(())
 }
 
-async fn blocking<T: Send + 'static>(
+/// Runs `f` on a blocking thread (disk work, plugin children).
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Error::Invalid(format!("disk task failed: {e}")))?
+        .map_err(|e| Error::Invalid(format!("blocking task failed: {e}")))?
 }
 
 enum ToDisk {
@@ -421,9 +422,7 @@ pub async fn copy_block(
     };
     let store = shared.store.clone();
     let block = cmd.block;
-    let reader = tokio::task::spawn_blocking(move || store.open_block(block))
-        .await
-        .map_err(|e| Error::Invalid(format!("disk task failed: {e}")))??;
+    let reader = blocking(move || store.open_block(block)).await?;
     let (len, file_offset) = (reader.sidecar.len, reader.sidecar.file_offset);
     // Any power of two from the block's length up divides its file offset (the file's block size
     // is such a power of two), so the receiver's checks hold.

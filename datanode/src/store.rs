@@ -210,6 +210,11 @@ impl BlockStore {
         self.index().contains_key(&id)
     }
 
+    /// Finalized replicas here.
+    pub fn block_count(&self) -> usize {
+        self.index().len()
+    }
+
     /// Bytes of block data stored.
     pub fn used(&self) -> u64 {
         self.index().values().map(|l| l.len).sum()
@@ -717,6 +722,12 @@ mod tests {
         assert_eq!(lost.len(), 2);
         assert!(lost.iter().all(|id| !store.contains(*id)));
         assert_eq!(store.report().len(), 2);
+        // A refusal says that dirs have failed.
+        let refused = store.create(BlockId(99), 0, u64::MAX / 2).err().unwrap();
+        assert!(
+            matches!(refused, Error::NoSpace(ref m) if m.contains("1 of 2 data dirs failed")),
+            "{refused}"
+        );
         // New blocks go to the healthy dir only.
         for id in 5..=7 {
             write_block(&store, id, 0, &[1; 100]).unwrap();

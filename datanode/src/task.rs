@@ -21,7 +21,7 @@ use lode_protocol::{Blake3Cv, BlockId};
 use tokio::sync::Semaphore;
 
 use crate::error::Error;
-use crate::server::Shared;
+use crate::server::{blocking, Shared};
 
 /// Bytes read per step while finishing a record in the following blocks (one piece: records are
 /// usually short, so the first step nearly always finds the newline).
@@ -51,14 +51,6 @@ impl Tasks {
             fetching: tokio::sync::Mutex::new(()),
         })
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Invalid(format!("task thread failed: {e}")))?
 }
 
 /// Runs one task.

@@ -336,8 +336,9 @@ async fn handle_client(
             let ns = shared.ns.clone();
             blocking(move || {
                 let node = ns.resolve_existing(&p)?;
-                if ns.status(&p, &node, false).kind == EntryKind::File {
-                    return Ok(NamenodeReply::Listing(vec![ns.status(&p, &node, false)]));
+                let status = ns.status(&p, &node, false);
+                if status.kind == EntryKind::File {
+                    return Ok(NamenodeReply::Listing(vec![status]));
                 }
                 let mut out = vec![];
                 for (name, id) in ns.children(node.id)? {

@@ -277,6 +277,34 @@ impl Cluster {
             .count()
     }
 
+    /// A QUIC connection to a server of this cluster on loopback `port`, as the holder of
+    /// certificate `cert` (`admin`, `user`, `dn-1`, ...), expecting it to be `server_name`.
+    pub async fn connect(
+        &self,
+        cert: &str,
+        port: u16,
+        server_name: &str,
+    ) -> Result<quinn::Connection, String> {
+        use lode_protocol::net::{self, TlsFiles, TransportConfig};
+        let certs = self.path.join("certs");
+        let files = TlsFiles {
+            ca: certs.join("ca.pem"),
+            cert: certs.join(format!("{cert}.pem")),
+            key: certs.join(format!("{cert}-key.pem")),
+        };
+        let t = TransportConfig::default();
+        let tls = net::client_config(&files, &t).map_err(|e| e.to_string())?;
+        let ep = net::endpoint("127.0.0.1:0".parse().expect("addr"), None, tls, &t)
+            .map_err(|e| e.to_string())?;
+        ep.connect(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            server_name,
+        )
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())
+    }
+
     /// The admin client config.
     pub fn client_config(&self) -> PathBuf {
         self.path.join("client.toml")

@@ -7,7 +7,7 @@ use std::time::Duration;
 use lode_protocol::checksum::{self, PIECE_BYTES};
 use lode_protocol::frame::{kind, PieceHeader};
 use lode_protocol::messages::{DatanodeReply, DatanodeRequest, Target};
-use lode_protocol::net::{self, RpcError, TlsFiles, TransportConfig};
+use lode_protocol::net::{self, RpcError};
 use lode_protocol::{BlockId, ErrorCode};
 use lode_tests::{http_get, random_bytes, wait_until, Cluster, ClusterSpec};
 use serde_json::Value;
@@ -22,33 +22,30 @@ fn datanode(c: &Cluster, name: &str) -> Option<Value> {
         .cloned()
 }
 
-/// (offset, len, locations) of every block of a file.
-fn blocks(c: &Cluster, path: &str) -> Vec<(u64, u64, Vec<String>)> {
-    c.stat(path)["blocks"]
-        .as_array()
-        .expect("blocks")
-        .iter()
-        .map(|b| {
-            (
-                b["offset"].as_u64().expect("offset"),
-                b["len"].as_u64().expect("len"),
-                b["locations"]
-                    .as_array()
-                    .expect("locations")
-                    .iter()
-                    .map(|l| l.as_str().expect("name").to_string())
-                    .collect(),
-            )
-        })
-        .collect()
+/// A block of a file as `stat --json --blocks` shows it.
+struct Block {
+    id: u64,
+    offset: u64,
+    len: u64,
+    locations: Vec<String>,
 }
 
-fn block_ids(c: &Cluster, path: &str) -> Vec<u64> {
+fn blocks(c: &Cluster, path: &str) -> Vec<Block> {
     c.stat(path)["blocks"]
         .as_array()
         .expect("blocks")
         .iter()
-        .map(|b| b["id"].as_u64().expect("id"))
+        .map(|b| Block {
+            id: b["id"].as_u64().expect("id"),
+            offset: b["offset"].as_u64().expect("offset"),
+            len: b["len"].as_u64().expect("len"),
+            locations: b["locations"]
+                .as_array()
+                .expect("locations")
+                .iter()
+                .map(|l| l.as_str().expect("name").to_string())
+                .collect(),
+        })
         .collect()
 }
 
@@ -101,30 +98,12 @@ async fn write_block_raw(
     first: usize,
     downstream: &[usize],
 ) -> Result<DatanodeReply, RpcError> {
-    let certs = c.dir().join("certs");
-    let files = TlsFiles {
-        ca: certs.join("ca.pem"),
-        cert: certs.join("user.pem"),
-        key: certs.join("user-key.pem"),
-    };
-    let t = TransportConfig::default();
-    let ep = net::endpoint(
-        "127.0.0.1:0".parse().expect("addr"),
-        None,
-        net::client_config(&files, &t).expect("client tls"),
-        &t,
-    )
-    .expect("endpoint");
     let target = |i: usize| Target {
         name: format!("dn-{i}"),
         addr: format!("127.0.0.1:{}", c.datanode_ports[i - 1]),
     };
-    let conn = ep
-        .connect(
-            target(first).addr.parse().expect("addr"),
-            &target(first).name,
-        )
-        .expect("connect")
+    let conn = c
+        .connect("user", c.datanode_ports[first - 1], &target(first).name)
         .await
         .expect("connection");
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -229,7 +208,10 @@ fn a_datanode_whose_disk_fills_up_gets_no_new_blocks_and_nothing_is_corrupted() 
     // New writes go to the other nodes, with full replication.
     let b = random_bytes(8 * MIB as usize, 42);
     c.put_bytes("/b", &b, &[]);
-    for (offset, _, locations) in blocks(&c, "/b") {
+    for Block {
+        offset, locations, ..
+    } in blocks(&c, "/b")
+    {
         assert_eq!(locations.len(), 3, "block at {offset} of /b: {locations:?}");
         assert!(
             !locations.contains(&"dn-4".to_string()),
@@ -240,25 +222,28 @@ fn a_datanode_whose_disk_fills_up_gets_no_new_blocks_and_nothing_is_corrupted() 
 
     // Nothing is corrupted or half-written on the full node, and every block is fully replicated.
     wait_until("fsck healthy", Duration::from_secs(30), || fsck_healthy(&c));
-    let ids = block_ids(&c, "/a");
     let mut on_dn4 = 0;
-    for (i, (offset, len, locations)) in blocks(&c, "/a").into_iter().enumerate() {
+    for Block {
+        id,
+        offset,
+        len,
+        locations,
+    } in blocks(&c, "/a")
+    {
         assert_eq!(locations.len(), 3, "block at {offset} of /a: {locations:?}");
-        let replica = c.replica_path(4, ids[i]);
+        let replica = c.replica_path(4, id);
         assert_eq!(
             replica.is_some(),
             locations.contains(&"dn-4".to_string()),
-            "dn-4 holds block {} exactly when the namenode says so",
-            ids[i]
+            "dn-4 holds block {id} exactly when the namenode says so"
         );
         if let Some(p) = replica {
             let bytes = std::fs::read(&p).expect("read dn-4 replica");
             assert!(
                 bytes == a[offset as usize..(offset + len) as usize],
-                "dn-4's replica of block {} matches the file",
-                ids[i]
+                "dn-4's replica of block {id} matches the file"
             );
-            assert!(p.with_extension("meta").exists(), "sidecar of {}", ids[i]);
+            assert!(p.with_extension("meta").exists(), "sidecar of {id}");
             on_dn4 += 1;
         }
     }
@@ -300,11 +285,10 @@ fn a_failed_data_dir_leaves_service_and_its_replicas_are_copied_elsewhere() {
     });
     let a = random_bytes(8 * MIB as usize, 43);
     c.put_bytes("/a", &a, &[]);
-    let ids = block_ids(&c, "/a");
     let data1 = c.datanode_dir(4).join("data1");
-    let on_data1: Vec<u64> = ids
+    let on_data1: Vec<u64> = blocks(&c, "/a")
         .iter()
-        .copied()
+        .map(|b| b.id)
         .filter(|id| data1.join("current").join(format!("blk_{id}")).exists())
         .collect();
     assert!(!on_data1.is_empty(), "dn-4's data1 holds some of /a");
@@ -322,8 +306,8 @@ fn a_failed_data_dir_leaves_service_and_its_replicas_are_copied_elsewhere() {
         Duration::from_secs(60),
         || {
             fsck_healthy(&c)
-                && blocks(&c, "/a").iter().all(|(_, _, l)| {
-                    let mut d = l.clone();
+                && blocks(&c, "/a").iter().all(|b| {
+                    let mut d = b.locations.clone();
                     d.sort();
                     d.dedup();
                     d.len() == 3
@@ -331,12 +315,12 @@ fn a_failed_data_dir_leaves_service_and_its_replicas_are_copied_elsewhere() {
         },
     );
     // dn-4 no longer claims the lost replicas (unless one was copied back to its good dir).
-    for (i, (_, _, locations)) in blocks(&c, "/a").into_iter().enumerate() {
-        if locations.contains(&"dn-4".to_string()) {
+    for b in blocks(&c, "/a") {
+        if b.locations.contains(&"dn-4".to_string()) {
             assert!(
-                c.replica_path(4, ids[i]).is_some(),
+                c.replica_path(4, b.id).is_some(),
                 "dn-4 is listed for block {} but holds no file of it",
-                ids[i]
+                b.id
             );
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use lode_protocol::frame::{kind, FrameHeader, ENCODING_VERSION, MAX_FRAME_BYTES};
 use lode_protocol::messages::{ClientToNamenode, NamenodeReply};
-use lode_protocol::net::{self, RpcError, TlsFiles, TransportConfig};
+use lode_protocol::net::{self, RpcError};
 use lode_protocol::{ErrorCode, SessionId};
 use lode_tests::{assert_one_line_error, free_port, random_bytes, Cluster, ClusterSpec};
 
@@ -96,25 +96,7 @@ async fn raw_stream_exchange(
     server_name: &str,
     payload: &[u8],
 ) -> Result<Vec<u8>, String> {
-    let certs = c.dir().join("certs");
-    let files = TlsFiles {
-        ca: certs.join("ca.pem"),
-        cert: certs.join("user.pem"),
-        key: certs.join("user-key.pem"),
-    };
-    let transport = TransportConfig::default();
-    let ep = net::endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        None,
-        net::client_config(&files, &transport).unwrap(),
-        &transport,
-    )
-    .map_err(|e| e.to_string())?;
-    let conn = ep
-        .connect(format!("127.0.0.1:{port}").parse().unwrap(), server_name)
-        .unwrap()
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = c.connect("user", port, server_name).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     send.write_all(payload).await.map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
@@ -250,27 +232,7 @@ fn a_datanode_with_an_unusable_data_dir_exits_with_a_clear_error() {
 }
 
 async fn connect_as(c: &Cluster, cert: &str) -> quinn::Connection {
-    let certs = c.dir().join("certs");
-    let files = TlsFiles {
-        ca: certs.join("ca.pem"),
-        cert: certs.join(format!("{cert}.pem")),
-        key: certs.join(format!("{cert}-key.pem")),
-    };
-    let t = TransportConfig::default();
-    let ep = net::endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        None,
-        net::client_config(&files, &t).unwrap(),
-        &t,
-    )
-    .unwrap();
-    ep.connect(
-        format!("127.0.0.1:{}", c.namenode_port).parse().unwrap(),
-        "namenode",
-    )
-    .unwrap()
-    .await
-    .unwrap()
+    c.connect(cert, c.namenode_port, "namenode").await.unwrap()
 }
 
 async fn nn_call(
