@@ -13,22 +13,40 @@ use tokio::sync::{watch, Notify};
 
 use crate::server::Shared;
 
-/// Replica changes waiting for the next heartbeat.
+/// Replica changes waiting for the next heartbeat: (received, deleted). They are kept as the net
+/// change per block id, because the namenode applies a heartbeat's deletions before its receptions:
+/// a replica received and then deleted before the heartbeat is only deleted, and one deleted and
+/// then received again is only received (with its newest length and value).
 #[derive(Default)]
 pub struct Reports {
     pending: Mutex<(Vec<ReportedBlock>, Vec<BlockId>)>,
     notify: Notify,
 }
 
+type Pending = (Vec<ReportedBlock>, Vec<BlockId>);
+
+fn note_received(p: &mut Pending, block: ReportedBlock) {
+    p.0.retain(|b| b.id != block.id);
+    p.1.retain(|b| *b != block.id);
+    p.0.push(block);
+}
+
+fn note_deleted(p: &mut Pending, block: BlockId) {
+    p.0.retain(|b| b.id != block);
+    if !p.1.contains(&block) {
+        p.1.push(block);
+    }
+}
+
 impl Reports {
     /// A replica was finalized; the namenode hears of it promptly.
     pub fn received(&self, block: ReportedBlock) {
-        self.lock().0.push(block);
+        note_received(&mut self.lock(), block);
         self.notify.notify_one();
     }
 
     fn deleted(&self, block: BlockId) {
-        self.lock().1.push(block);
+        note_deleted(&mut self.lock(), block);
     }
 
     /// Asks for a heartbeat now (the node ran out of space, say).
@@ -36,19 +54,26 @@ impl Reports {
         self.notify.notify_one();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<ReportedBlock>, Vec<BlockId>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take(&self) -> (Vec<ReportedBlock>, Vec<BlockId>) {
+    fn take(&self) -> Pending {
         std::mem::take(&mut *self.lock())
     }
 
-    fn put_back(&self, mut taken: (Vec<ReportedBlock>, Vec<BlockId>)) {
+    /// Puts back what a failed heartbeat carried, under the changes noted since (which are newer).
+    fn put_back(&self, taken: Pending) {
         let mut p = self.lock();
-        taken.0.append(&mut p.0);
-        taken.1.append(&mut p.1);
-        *p = taken;
+        let newer = std::mem::replace(&mut *p, taken);
+        // Deletions and receptions of one id never both survive in `newer`, so their order
+        // between the two lists does not matter.
+        for b in newer.1 {
+            note_deleted(&mut p, b);
+        }
+        for b in newer.0 {
+            note_received(&mut p, b);
+        }
     }
 }
 
@@ -182,7 +207,14 @@ async fn heartbeat(shared: &Arc<Shared>, namenode: &str) -> Result<bool, RpcErro
     .await;
     match reply {
         Ok(NamenodeToDatanode::HeartbeatReply { reregister, delete }) => {
-            delete_replicas(shared, delete).await;
+            // The old reply names replicas by id alone; deleting by id could remove a newer
+            // replica stored under the same id, so those deletes are not carried out.
+            if !delete.is_empty() {
+                tracing::warn!(
+                    replicas = delete.len(),
+                    "ignoring delete commands that do not name a replica's length and value"
+                );
+            }
             Ok(!reregister)
         }
         Ok(NamenodeToDatanode::Commands {
@@ -205,7 +237,8 @@ async fn heartbeat(shared: &Arc<Shared>, namenode: &str) -> Result<bool, RpcErro
     }
 }
 
-async fn delete_replicas(shared: &Shared, blocks: Vec<BlockId>) {
+/// Deletes the replicas the namenode named, each only if its length and value still match.
+async fn delete_replicas(shared: &Shared, blocks: Vec<ReportedBlock>) {
     if blocks.is_empty() {
         return;
     }
@@ -213,9 +246,11 @@ async fn delete_replicas(shared: &Shared, blocks: Vec<BlockId>) {
     let deleted = tokio::task::spawn_blocking(move || {
         let mut done = vec![];
         for b in blocks {
-            match store.delete(b) {
-                Ok(true) => done.push(b),
-                Ok(false) => {}
+            match store.delete_exact(&b) {
+                Ok(true) => done.push(b.id),
+                Ok(false) => {
+                    tracing::debug!(block = %b.id, "no replica with the length and value to delete")
+                }
                 Err(e) => tracing::error!("delete replica: {e}"),
             }
         }
@@ -241,5 +276,41 @@ fn start_copies(shared: &Arc<Shared>, copies: Vec<lode_protocol::messages::CopyC
                 Err(e) => tracing::warn!(%block, to = ?to, "copy failed: {e}"),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lode_protocol::Blake3Cv;
+
+    fn rb(id: u64, v: u8) -> ReportedBlock {
+        ReportedBlock {
+            id: BlockId(id),
+            len: 10,
+            cv: Blake3Cv([v; 32]),
+        }
+    }
+
+    #[test]
+    fn reports_carry_the_net_change_per_replica() {
+        let r = Reports::default();
+        r.received(rb(1, 1));
+        r.deleted(BlockId(1));
+        r.deleted(BlockId(2));
+        r.received(rb(2, 2));
+        r.received(rb(3, 3));
+        r.received(rb(3, 4));
+        let (received, deleted) = r.take();
+        // 1 was received then deleted: only deleted; 2 deleted then received again: only received.
+        assert_eq!(received, vec![rb(2, 2), rb(3, 4)]);
+        assert_eq!(deleted, vec![BlockId(1)]);
+        // A failed heartbeat's changes go back under the newer ones.
+        r.deleted(BlockId(3));
+        r.received(rb(1, 5));
+        r.put_back((received, deleted));
+        let (received, deleted) = r.take();
+        assert_eq!(received, vec![rb(2, 2), rb(1, 5)]);
+        assert_eq!(deleted, vec![BlockId(3)]);
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod error;
+pub mod failpoints;
 pub mod heartbeat;
 pub mod http;
 pub mod scanner;

@@ -20,6 +20,8 @@ struct Args {
 fn main() {
     let args = Args::parse();
     service::init_logging("info");
+    #[cfg(feature = "failpoints")]
+    let _failpoints = lode_datanode::failpoints::setup();
     if let Err(e) = start(args) {
         eprintln!("lode-datanode: {e:#}");
         std::process::exit(1);

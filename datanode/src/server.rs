@@ -267,7 +267,7 @@ async fn write_block(
         .await
         .map_err(|e| Error::Invalid(format!("disk task failed: {e}")))?;
     let local = outcome.and(local);
-    let (len, _cv) = match local {
+    let (len, cv) = match local {
         Ok(v) => v,
         Err(e) => {
             if matches!(e, Error::NoSpace(_)) {
@@ -281,7 +281,9 @@ async fn write_block(
             return Err(e);
         }
     };
-    shared.reports.received(ReportedBlock { id: block, len });
+    shared
+        .reports
+        .received(ReportedBlock { id: block, len, cv });
     shared.metrics.bytes_written.inc_by(len);
 
     let mut stored = vec![shared.name.clone()];

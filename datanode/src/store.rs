@@ -85,11 +85,12 @@ struct DataDir {
     failed: AtomicBool,
 }
 
-/// Where a finalized block is.
+/// Where a finalized block is, with its length and block value (from its sidecar).
 #[derive(Clone, Copy, Debug)]
 struct Located {
     dir: usize,
     len: u64,
+    cv: Blake3Cv,
 }
 
 /// All blocks on this datanode's disks.
@@ -160,10 +161,11 @@ impl BlockStore {
                 let valid = fs::read(&meta_path)
                     .ok()
                     .and_then(|b| Sidecar::decode(&b).ok())
-                    .filter(|s| entry.metadata().map(|m| m.len() == s.len).unwrap_or(false));
+                    .filter(|s| entry.metadata().map(|m| m.len() == s.len).unwrap_or(false))
+                    .and_then(|s| Some((s.len, checksum::block_cv(&s.pieces)?)));
                 match valid {
-                    Some(s) => {
-                        index.insert(id, Located { dir: i, len: s.len });
+                    Some((len, cv)) => {
+                        index.insert(id, Located { dir: i, len, cv });
                     }
                     None => {
                         tracing::warn!(block = %id, "removing block file without a valid sidecar");
@@ -201,8 +203,18 @@ impl BlockStore {
             .map(|(id, l)| ReportedBlock {
                 id: *id,
                 len: l.len,
+                cv: l.cv,
             })
             .collect()
+    }
+
+    /// The replica of `id` as it would be reported, if one is here.
+    pub fn replica(&self, id: BlockId) -> Option<ReportedBlock> {
+        self.index().get(&id).map(|l| ReportedBlock {
+            id,
+            len: l.len,
+            cv: l.cv,
+        })
     }
 
     /// Whether a finalized replica of `id` is here.
@@ -422,7 +434,20 @@ impl BlockStore {
         Error::disk(path, e)
     }
 
-    /// Deletes a replica; false if it was not here.
+    /// Deletes the replica the namenode named, only if the one here still has its length and value
+    /// (a newer replica stored under the same id since is kept); false if no such replica is here.
+    pub fn delete_exact(&self, replica: &ReportedBlock) -> Result<bool, Error> {
+        let matches = self
+            .index()
+            .get(&replica.id)
+            .is_some_and(|l| l.len == replica.len && l.cv == replica.cv);
+        if !matches {
+            return Ok(false);
+        }
+        self.delete(replica.id)
+    }
+
+    /// Deletes a replica whatever it holds; false if it was not here.
     pub fn delete(&self, id: BlockId) -> Result<bool, Error> {
         let Ok((data, meta, _)) = self.paths(id) else {
             return Ok(false);
@@ -574,6 +599,7 @@ impl BlockWriter {
             Located {
                 dir: self.dir,
                 len: self.len,
+                cv,
             },
         );
         Ok((self.len, cv))
@@ -627,8 +653,9 @@ mod tests {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
         {
             let store = Arc::new(BlockStore::open(&roots, 0).unwrap());
-            let (len, _) = write_block(&store, 5, 1 << 20, &data).unwrap();
+            let (len, cv) = write_block(&store, 5, 1 << 20, &data).unwrap();
             assert_eq!(len, data.len() as u64);
+            assert_eq!(store.replica(BlockId(5)).map(|r| r.cv), Some(cv));
             // a piece with the wrong value is refused and leaves nothing behind
             let mut w = store.create(BlockId(6), 0, 1 << 20).unwrap();
             assert!(matches!(
@@ -637,13 +664,29 @@ mod tests {
             ));
         }
         let store = Arc::new(BlockStore::open(&roots, 0).unwrap());
-        assert_eq!(
-            store.report(),
-            vec![ReportedBlock {
-                id: BlockId(5),
-                len: data.len() as u64
-            }]
-        );
+        let pieces: Vec<Blake3Cv> = data
+            .chunks(PIECE_BYTES as usize)
+            .enumerate()
+            .map(|(i, p)| checksum::piece_cv((1 << 20) + i as u64 * PIECE_BYTES, p))
+            .collect();
+        let reported = ReportedBlock {
+            id: BlockId(5),
+            len: data.len() as u64,
+            cv: checksum::block_cv(&pieces).unwrap(),
+        };
+        // The value is merged from the sidecar again after a restart.
+        assert_eq!(store.report(), vec![reported]);
+        // A delete naming another length or value (a stale replica's) leaves this one alone.
+        for other in [
+            ReportedBlock { len: 1, ..reported },
+            ReportedBlock {
+                cv: Blake3Cv([0; 32]),
+                ..reported
+            },
+        ] {
+            assert!(!store.delete_exact(&other).unwrap());
+        }
+        assert!(store.contains(BlockId(5)));
         let mut r = store.open_block(BlockId(5)).unwrap();
         let mut buf = vec![];
         r.read_piece(3, &mut buf).unwrap();
@@ -658,7 +701,7 @@ mod tests {
             r.read_piece(1, &mut buf),
             Err(Error::Corrupt { .. })
         ));
-        assert!(store.delete(BlockId(5)).unwrap());
+        assert!(store.delete_exact(&reported).unwrap());
         assert!(store.report().is_empty());
         assert!(matches!(
             store.open_block(BlockId(5)),

@@ -8,7 +8,7 @@ else
   echo "check: rustfmt not installed; skipping the format check" >&2
 fi
 if cargo clippy --version >/dev/null 2>&1; then
-  cargo clippy --workspace --all-targets -- -D warnings
+  cargo clippy --workspace --all-targets --features lode-namenode/failpoints,lode-datanode/failpoints -- -D warnings
 else
   echo "check: clippy not installed; skipping lints" >&2
 fi

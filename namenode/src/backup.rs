@@ -65,7 +65,15 @@ pub fn restore(backup: &Path, meta_dir: &Path) -> Result<u64, Error> {
         path: path.to_path_buf(),
         source,
     };
-    if meta_dir.join("sled").exists() || meta_dir.join("edits.log").exists() {
+    let holds_metadata = [
+        "sled",
+        "edits.log",
+        "edits.log.1",
+        crate::editlog::CHECKPOINT,
+    ]
+    .iter()
+    .any(|f| meta_dir.join(f).exists());
+    if holds_metadata {
         return Err(Error::refused(
             lode_protocol::ErrorCode::AlreadyExists,
             format!(
@@ -77,13 +85,23 @@ pub fn restore(backup: &Path, meta_dir: &Path) -> Result<u64, Error> {
     let bytes = std::fs::read(backup).map_err(|e| io(backup, e))?;
     let (last_applied, pairs) = parse(&bytes)?;
     std::fs::create_dir_all(meta_dir).map_err(|e| io(meta_dir, e))?;
-    let store = SledStore::open(&meta_dir.join("sled"))?;
-    store.apply_batch(pairs.into_iter().map(|(k, v)| (k, Some(v))).collect())?;
-    store.flush()?;
+    load(&meta_dir.join("sled"), pairs)?;
+    // The backup is also the directory's first checkpoint, so a store that later loses writes
+    // can be rebuilt from it and the edits after it.
+    crate::editlog::write_durably(meta_dir, crate::editlog::CHECKPOINT, &bytes)
+        .map_err(|e| io(&meta_dir.join(crate::editlog::CHECKPOINT), e))?;
     // The next edit continues after the backup's last one (the log starts empty).
     let (mut log, _) = crate::editlog::EditLog::open(meta_dir)?;
     log.skip_to(last_applied);
     Ok(last_applied)
+}
+
+/// Creates a metadata store in `dir` (which must not exist) holding exactly `pairs`.
+pub fn load(dir: &Path, pairs: crate::store::Pairs) -> Result<SledStore, Error> {
+    let store = SledStore::open(dir)?;
+    store.apply_batch(pairs.into_iter().map(|(k, v)| (k, Some(v))).collect())?;
+    store.flush()?;
+    Ok(store)
 }
 
 #[cfg(test)]

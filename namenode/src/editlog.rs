@@ -1,14 +1,24 @@
 //! The append-only edit log: the source of truth for the namespace. Each record is
 //! `[u32 len][u32 crc32(seq ‖ body)][u64 seq][body]`, body = a format byte, then postcard of a [`MetaOp`]. Records are
 //! written as they are made and made durable together by one `fdatasync` (group commit).
-//! On open, a torn or corrupt tail (a crash mid-append: never acknowledged) is cut off.
 //!
-//! The log does not grow without bound: once the current segment passes `edit_log_roll_bytes` and
-//! the metadata store has flushed every edit in it, the writer rolls it to `edits.log.1` (replacing
-//! the segment before) and starts an empty one. The store's `last_applied` says where replay starts.
+//! Recovery refuses to guess. On open, only a torn tail is cut off: a bad record after which no
+//! intact record follows (a crash mid-append: never acknowledged). A bad record with intact records
+//! after it is damage in the middle of acknowledged edits, and opening fails naming its offset.
+//! A record larger than [`RECORD_BYTES_MAX`] is refused when it is written, never only when read.
+//!
+//! The log does not grow without bound: once the current segment passes `edit_log_roll_bytes`, the
+//! writer takes a checkpoint (every key of the metadata store as of the last applied edit, written
+//! to `checkpoint` and fsynced), and only then rolls the segment to `edits.log.1` (replacing the one
+//! before) and starts an empty one. So every edit a roll drops is in a durable checkpoint, and a
+//! metadata store that lost writes (sled's flush is not a power-loss barrier) is rebuilt from the
+//! checkpoint and the segments after it.
+//!
+//! [`Journal`] is what the namespace writer needs of a log, so the same writer runs on this log
+//! and on a replicated one.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::Error;
@@ -17,14 +27,49 @@ use crate::namespace::MetaOp;
 /// Version byte in front of every edit's body; decoding older formats is added here when one changes.
 const EDIT_FORMAT: u8 = 1;
 
-/// Largest record body accepted when reading the log.
-const RECORD_BYTES_MAX: u32 = 16 << 20;
+/// Largest record body, checked when a record is written and when it is read. Operations whose
+/// edit would be larger are split into bounded edits (`SetReplication`) or refused.
+pub const RECORD_BYTES_MAX: u32 = 16 << 20;
 const RECORD_HEADER_BYTES: u64 = 16;
 
 /// The segment being appended to.
 const CURRENT: &str = "edits.log";
 /// The segment before it, kept after a roll.
 const PREVIOUS: &str = "edits.log.1";
+/// The durable checkpoint every roll writes first.
+pub const CHECKPOINT: &str = "checkpoint";
+
+/// What the namespace writer needs of a log of edits.
+pub trait Journal: Send + 'static {
+    /// Appends an edit (not yet durable) and returns its sequence number.
+    fn append(&mut self, op: &MetaOp) -> Result<u64, Error>;
+    /// Makes every appended edit durable.
+    fn sync(&mut self) -> Result<(), Error>;
+    /// Sequence number of the last edit appended.
+    fn last_seq(&self) -> u64;
+    /// Whether the journal wants a checkpoint now (after a group is durable and applied).
+    fn wants_checkpoint(&self) -> bool;
+    /// Stores `snapshot` (a [`crate::backup::dump`] as of [`Journal::last_seq`]) durably, then
+    /// drops the edits it covers.
+    fn checkpoint(&mut self, snapshot: &[u8]) -> Result<(), Error>;
+}
+
+/// The postcard body of an edit, with its format byte; refused if larger than [`RECORD_BYTES_MAX`].
+pub fn encode_edit(op: &MetaOp) -> Result<Vec<u8>, Error> {
+    let mut body = vec![EDIT_FORMAT];
+    body.extend(postcard::to_stdvec(op).map_err(|e| Error::Store(e.to_string()))?);
+    if body.len() > RECORD_BYTES_MAX as usize {
+        return Err(Error::refused(
+            lode_protocol::ErrorCode::InvalidArgument,
+            format!(
+                "the change needs an edit of {} bytes, more than the {} an edit may hold",
+                body.len(),
+                RECORD_BYTES_MAX
+            ),
+        ));
+    }
+    Ok(body)
+}
 
 /// An open edit log positioned at its end.
 pub struct EditLog {
@@ -35,6 +80,8 @@ pub struct EditLog {
     size: u64,
     last_seq: u64,
     unsynced: bool,
+    /// Checkpoint and roll once the current segment is this large.
+    roll_bytes: u64,
 }
 
 impl EditLog {
@@ -49,7 +96,8 @@ impl EditLog {
         };
         let previous = dir.join(PREVIOUS);
         let mut records = match File::open(&previous) {
-            Ok(f) => read_records(f, &previous)?.0,
+            // The previous segment was synced whole before it was rolled: nothing in it is torn.
+            Ok(f) => read_records(f, &previous, false)?.0,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
             Err(source) => {
                 return Err(Error::EditLog {
@@ -65,7 +113,7 @@ impl EditLog {
             .truncate(false)
             .open(&path)
             .map_err(io)?;
-        let (current, good_end) = read_records(&mut file, &path)?;
+        let (current, good_end) = read_records(&mut file, &path, true)?;
         if let (Some((prev, _)), Some((first, _))) = (records.last(), current.first()) {
             if *first != prev + 1 {
                 return Err(Error::Corrupt(format!(
@@ -87,9 +135,15 @@ impl EditLog {
                 size: good_end,
                 last_seq,
                 unsynced: false,
+                roll_bytes: u64::MAX,
             },
             records,
         ))
+    }
+
+    /// Checkpoints and rolls once the current segment reaches `bytes`.
+    pub fn set_roll_bytes(&mut self, bytes: u64) {
+        self.roll_bytes = bytes;
     }
 
     /// Bytes in the current segment.
@@ -134,8 +188,7 @@ impl EditLog {
     /// Appends a record (not yet durable) and returns its sequence number.
     pub fn append(&mut self, op: &MetaOp) -> Result<u64, Error> {
         let seq = self.last_seq + 1;
-        let mut body = vec![EDIT_FORMAT];
-        body.extend(postcard::to_stdvec(op).map_err(|e| Error::Store(e.to_string()))?);
+        let body = encode_edit(op)?;
         let len = u32::try_from(body.len()).map_err(|_| Error::Store("edit too large".into()))?;
         let mut h = crc32fast::Hasher::new();
         h.update(&seq.to_le_bytes());
@@ -168,41 +221,69 @@ impl EditLog {
     }
 }
 
-/// Reads intact records from the start of `file`: (records, end of the last intact one).
-fn read_records(file: impl Read, path: &Path) -> Result<(Vec<(u64, MetaOp)>, u64), Error> {
-    let io = |source| Error::EditLog {
-        path: path.to_path_buf(),
-        source,
-    };
+/// A record that passes its checks at `offset` of `bytes`: (seq, body, end).
+fn intact_record(bytes: &[u8], offset: usize) -> Result<(u64, &[u8], usize), &'static str> {
+    let head = bytes
+        .get(offset..offset + RECORD_HEADER_BYTES as usize)
+        .ok_or("torn record header")?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let mut seq_bytes = [0u8; 8];
+    seq_bytes.copy_from_slice(&head[8..16]);
+    if len > RECORD_BYTES_MAX {
+        return Err("record length too large");
+    }
+    let start = offset + RECORD_HEADER_BYTES as usize;
+    let end = start + len as usize;
+    let body = bytes.get(start..end).ok_or("torn record")?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&seq_bytes);
+    h.update(body);
+    if h.finalize() != crc {
+        return Err("record fails its crc");
+    }
+    Ok((u64::from_le_bytes(seq_bytes), body, end))
+}
+
+/// Reads intact records from the start of `file`: (records, end of the last intact one). A bad
+/// record ends the log only if `torn_tail_allowed` and no intact record follows it anywhere after;
+/// otherwise it is an error naming its offset.
+fn read_records(
+    mut file: impl Read,
+    path: &Path,
+    torn_tail_allowed: bool,
+) -> Result<(Vec<(u64, MetaOp)>, u64), Error> {
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(|source| Error::EditLog {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let mut records: Vec<(u64, MetaOp)> = Vec::new();
-    let mut good_end = 0u64;
-    let mut reader = BufReader::new(file);
-    loop {
-        let mut head = [0u8; RECORD_HEADER_BYTES as usize];
-        if read_full(&mut reader, &mut head).map_err(io)? < head.len() {
-            break;
-        }
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        let mut seq_bytes = [0u8; 8];
-        seq_bytes.copy_from_slice(&head[8..16]);
-        let seq = u64::from_le_bytes(seq_bytes);
-        if len > RECORD_BYTES_MAX {
-            tracing::warn!(path = %path.display(), offset = good_end, "edit log record length {len} too large; cutting tail");
-            break;
-        }
-        let mut body = vec![0u8; len as usize];
-        if read_full(&mut reader, &mut body).map_err(io)? < body.len() {
-            tracing::warn!(path = %path.display(), offset = good_end, "torn edit log record; cutting tail");
-            break;
-        }
-        let mut h = crc32fast::Hasher::new();
-        h.update(&seq_bytes);
-        h.update(&body);
-        if h.finalize() != crc {
-            tracing::warn!(path = %path.display(), offset = good_end, "edit log record fails its crc; cutting tail");
-            break;
-        }
+    let mut offset = 0usize;
+    while offset < bytes.len() {
+        let (seq, body, end) = match intact_record(&bytes, offset) {
+            Ok(r) => r,
+            Err(why) => {
+                let last = records.last().map_or(0, |r| r.0);
+                let later = (offset + 1..bytes.len())
+                    .find(|o| intact_record(&bytes, *o).is_ok_and(|(seq, _, _)| seq > last));
+                if let Some(later) = later {
+                    return Err(Error::Corrupt(format!(
+                        "edit log {}: {why} at offset {offset}, but intact edits follow at offset                          {later}; refusing to drop acknowledged edits (restore from a backup, or                          move the log aside to accept the loss)",
+                        path.display()
+                    )));
+                }
+                if !torn_tail_allowed {
+                    return Err(Error::Corrupt(format!(
+                        "edit log {}: {why} at offset {offset} of a segment that was synced whole",
+                        path.display()
+                    )));
+                }
+                tracing::warn!(path = %path.display(), offset, "edit log ends in a torn record ({why}); cutting it off");
+                break;
+            }
+        };
         let op: MetaOp = match body.split_first() {
             Some((&EDIT_FORMAT, rest)) => postcard::from_bytes(rest)
                 .map_err(|e| Error::Corrupt(format!("edit {seq} does not decode: {e}")))?,
@@ -221,24 +302,69 @@ fn read_records(file: impl Read, path: &Path) -> Result<(Vec<(u64, MetaOp)>, u64
             }
         }
         records.push((seq, op));
-        good_end += RECORD_HEADER_BYTES + u64::from(len);
+        offset = end;
     }
-    Ok((records, good_end))
+    Ok((records, offset.min(bytes.len()) as u64))
+}
+
+/// Writes `bytes` to `dir/name` durably: a temp file, fsync, rename, fsync of the directory.
+pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+/// The checkpoint in `dir`, if there is one: (last edit it holds, its bytes).
+pub fn read_checkpoint(dir: &Path) -> Result<Option<(u64, crate::store::Pairs)>, Error> {
+    let path = dir.join(CHECKPOINT);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let (seq, pairs) = crate::backup::parse(&bytes)
+                .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
+            Ok(Some((seq, pairs)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::EditLog { path, source }),
+    }
+}
+
+impl Journal for EditLog {
+    fn append(&mut self, op: &MetaOp) -> Result<u64, Error> {
+        EditLog::append(self, op)
+    }
+
+    fn sync(&mut self) -> Result<(), Error> {
+        EditLog::sync(self)
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    fn wants_checkpoint(&self) -> bool {
+        self.size >= self.roll_bytes
+    }
+
+    fn checkpoint(&mut self, snapshot: &[u8]) -> Result<(), Error> {
+        self.sync()?;
+        crate::failpoint!("namenode.checkpoint.before_write");
+        write_durably(&self.dir, CHECKPOINT, snapshot).map_err(|source| Error::EditLog {
+            path: self.dir.join(CHECKPOINT),
+            source,
+        })?;
+        crate::failpoint!("namenode.checkpoint.before_roll");
+        self.roll()?;
+        crate::failpoint!("namenode.checkpoint.after_roll");
+        Ok(())
+    }
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod backup;
 pub mod config;
 pub mod editlog;
 pub mod error;
+pub mod failpoints;
 pub mod http;
 pub mod namespace;
 pub mod placement;
@@ -27,7 +28,7 @@ pub use error::Error;
 use crate::editlog::EditLog;
 use crate::namespace::{IdAlloc, Namespace};
 use crate::state::{State, Timing};
-use crate::store::{MetaStore, SledStore};
+use crate::store::{MetaStore, Overlay, SledStore};
 use crate::writer::{Mutation, Writer};
 
 pub use lode_protocol::service::ShutdownSignal;
@@ -40,7 +41,7 @@ pub async fn run(
     shutdown: ShutdownSignal,
 ) -> Result<(), Error> {
     let meta_dir = config.meta_dir.clone();
-    let (ns, log, ids, inodes) = tokio::task::spawn_blocking(move || recover(&meta_dir))
+    let (ns, mut log, ids, inodes) = tokio::task::spawn_blocking(move || recover(&meta_dir))
         .await
         .map_err(|e| Error::Store(format!("recovery task: {e}")))??;
     let timing = Timing {
@@ -74,14 +75,14 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
+    log.set_roll_bytes(config.edit_log_roll_bytes);
     let writer = Writer {
-        ns: ns.clone(),
-        log,
+        ns: Namespace::open(Arc::new(Overlay::new(ns.store_arc())))?,
+        journal: log,
         ids,
         state: state.clone(),
         lease_ms: config.lease_expiry_ms,
         metrics: metrics.clone(),
-        roll_bytes: config.edit_log_roll_bytes,
     };
     let (writer, mut fatal) = writer.spawn()?;
     tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = inodes.len(), "namenode serving");
@@ -122,33 +123,73 @@ type Recovered = (
     Vec<namespace::Inode>,
 );
 
-fn recover(meta_dir: &std::path::Path) -> Result<Recovered, Error> {
+/// Opens the metadata directory: the edit log, the checkpoint and the store, and brings the store
+/// up to the log's last edit. It refuses to guess: a store missing edits that neither the log nor
+/// the checkpoint holds, or a store ahead of a log that has edits, is an error naming both.
+pub fn recover(meta_dir: &std::path::Path) -> Result<Recovered, Error> {
     std::fs::create_dir_all(meta_dir).map_err(|source| Error::EditLog {
         path: meta_dir.to_path_buf(),
         source,
     })?;
-    let store = Arc::new(SledStore::open(&meta_dir.join("sled"))?);
-    let ns = Namespace::open(store)?;
     let (mut log, records) = EditLog::open(meta_dir)?;
-    let applied = ns.last_applied()?;
+    let checkpoint = editlog::read_checkpoint(meta_dir)?;
+    let sled_dir = meta_dir.join("sled");
+    let mut store = Arc::new(SledStore::open(&sled_dir)?);
+    let mut applied = namespace::read_last_applied(&*store)?;
+    // The first edit the log can still give.
+    let log_from = records.first().map_or(log.last_seq() + 1, |r| r.0);
+    let checkpoint_seq = checkpoint.as_ref().map_or(0, |c| c.0);
+    if applied + 1 < log_from && (!records.is_empty() || checkpoint_seq > applied) {
+        match checkpoint {
+            Some((seq, pairs)) if seq + 1 >= log_from && seq > applied => {
+                tracing::warn!(
+                    store_at = applied,
+                    log_from,
+                    checkpoint = seq,
+                    "the metadata store lacks edits the log no longer holds; rebuilding it from the checkpoint"
+                );
+                drop(store);
+                let aside = meta_dir.join(format!("sled.behind-{applied}"));
+                let _ = std::fs::remove_dir_all(&aside);
+                std::fs::rename(&sled_dir, &aside).map_err(|source| Error::EditLog {
+                    path: sled_dir.clone(),
+                    source,
+                })?;
+                store = Arc::new(backup::load(&sled_dir, pairs)?);
+                applied = seq;
+            }
+            _ => {
+                return Err(Error::Corrupt(format!(
+                "the metadata store holds edits up to {applied}, but the edit log starts at edit \
+                     {log_from} and no checkpoint covers the edits between; restore from a backup"
+            )))
+            }
+        }
+    }
+    if applied > log.last_seq() {
+        if !records.is_empty() {
+            return Err(Error::Corrupt(format!(
+                "the metadata store holds edits up to {applied}, beyond the edit log's last edit {}: \
+                 the log lost acknowledged edits",
+                log.last_seq()
+            )));
+        }
+        // A store restored from a backup, with no log yet: number later edits after it.
+        tracing::info!(
+            applied,
+            "metadata store restored from a backup; the edit log starts after it"
+        );
+        log.skip_to(applied);
+    }
+    let ns = Namespace::open(store)?;
     let mut replayed = 0;
     for (seq, op) in records.iter().filter(|(seq, _)| *seq > applied) {
         ns.apply(*seq, op)?;
         replayed += 1;
     }
-    if applied > log.last_seq() {
-        // Only possible if the log lost its tail while sled kept it (power loss): those edits were
-        // never acknowledged. Keep numbering above them so no sequence number is reused.
-        tracing::warn!(
-            applied,
-            logged = log.last_seq(),
-            "metadata store is ahead of the edit log (expected after a restore from backup)"
-        );
-        log.skip_to(applied);
-    }
     ns.store().flush()?;
     let inodes = ns.all_inodes()?;
-    let ids = IdAlloc::from_inodes(&inodes);
+    let ids = IdAlloc::recover(&ns, &inodes)?;
     tracing::info!(edits = records.len(), replayed, "namespace recovered");
     Ok((ns, log, ids, inodes))
 }

@@ -23,6 +23,8 @@ struct Args {
 fn main() {
     let args = Args::parse();
     service::init_logging("info");
+    #[cfg(feature = "failpoints")]
+    let _failpoints = lode_namenode::failpoints::setup();
     if let Err(e) = start(args) {
         eprintln!("lode-namenode: {e:#}");
         std::process::exit(1);

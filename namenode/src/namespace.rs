@@ -2,7 +2,12 @@
 //! them, validation of requests into edits (`prepare_*`), and deterministic application (`apply`).
 //!
 //! Keys: `i` + inode id (8 bytes BE) -> inode record; `d` + parent id + name -> child id;
-//! `m` + name -> metadata (`last_applied`). Every value starts with a format version byte.
+//! `m` + name -> metadata (`last_applied`, `next_ids`). Every value starts with a format version
+//! byte, except the fixed-width counters.
+//!
+//! Ids never repeat: `next_ids` (the next inode and block id) is namespace state, advanced in the
+//! same atomic batch as the edit that consumes an id, and never moved back (deleting a file or
+//! abandoning a block leaves it where it is). A restart, a replay or a restore reads it back.
 
 use std::sync::Arc;
 
@@ -18,6 +23,7 @@ pub const FORMAT_VERSION: u8 = 1;
 /// The root directory's inode.
 pub const ROOT: InodeId = InodeId(1);
 const LAST_APPLIED_KEY: &[u8] = b"mlast_applied";
+const NEXT_IDS_KEY: &[u8] = b"mnext_ids";
 
 /// A block of a file as the namespace records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +149,8 @@ pub struct Applied {
     pub completed: Vec<BlockId>,
     /// Blocks whose target replica count changed.
     pub replication: Vec<(BlockId, u8)>,
+    /// Blocks whose length and value the writer committed.
+    pub committed: Vec<CommittedBlock>,
     /// A datanode's decommissioning changed.
     pub decommission: Option<(String, bool)>,
 }
@@ -242,13 +250,25 @@ impl<S: MetaStore> Namespace<S> {
         &self.store
     }
 
+    /// The store underneath, shared.
+    pub fn store_arc(&self) -> Arc<S> {
+        self.store.clone()
+    }
+
+    /// The durable id counters: (next inode id, next block id); (0, 0) in a store that has none.
+    pub fn next_ids(&self) -> Result<(u64, u64), Error> {
+        let Some(v) = self.store.get(NEXT_IDS_KEY)? else {
+            return Ok((0, 0));
+        };
+        if v.len() != 16 {
+            return Err(Error::Corrupt("bad id counters".into()));
+        }
+        Ok((u64_value(&v[..8])?, u64_value(&v[8..])?))
+    }
+
     /// Sequence number of the last edit applied.
     pub fn last_applied(&self) -> Result<u64, Error> {
-        self.store
-            .get(LAST_APPLIED_KEY)?
-            .map(|v| u64_value(&v))
-            .transpose()
-            .map(|v| v.unwrap_or(0))
+        read_last_applied(&*self.store)
     }
 
     /// One inode.
@@ -786,8 +806,9 @@ impl<S: MetaStore> Namespace<S> {
         })
     }
 
-    /// Validates a replication change of a file or of every file under a directory.
-    pub fn prepare_setrep(&self, p: &str, replication: u8) -> Result<MetaOp, Error> {
+    /// Validates a replication change of a file or of every file under a directory: one edit per
+    /// [`SETREP_FILES_PER_EDIT`] files.
+    pub fn prepare_setrep(&self, p: &str, replication: u8) -> Result<Vec<MetaOp>, Error> {
         let node = self.resolve_existing(p)?;
         let mut files = vec![];
         let mut stack = vec![node];
@@ -801,7 +822,16 @@ impl<S: MetaStore> Namespace<S> {
                 InodeKind::File { .. } => files.push(n.id),
             }
         }
-        Ok(MetaOp::SetReplication { files, replication })
+        if files.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(files
+            .chunks(SETREP_FILES_PER_EDIT)
+            .map(|chunk| MetaOp::SetReplication {
+                files: chunk.to_vec(),
+                replication,
+            })
+            .collect())
     }
 
     /// Validates a delete.
@@ -944,7 +974,9 @@ impl<S: MetaStore> Namespace<S> {
                     ..
                 } = &mut node.kind
                 {
-                    commit_into(blocks, *previous);
+                    if commit_into(blocks, *previous) {
+                        applied.committed.extend(*previous);
+                    }
                     blocks.push(BlockMeta {
                         id: *block,
                         len: 0,
@@ -981,7 +1013,9 @@ impl<S: MetaStore> Namespace<S> {
                     ..
                 } = &mut node.kind
                 {
-                    commit_into(blocks, *last);
+                    if commit_into(blocks, *last) {
+                        applied.committed.extend(*last);
+                    }
                     *writer = None;
                     *s = *size;
                     *target_name = None;
@@ -1059,9 +1093,36 @@ impl<S: MetaStore> Namespace<S> {
                 ));
             }
         }
+        if let Some(ids) = self.advanced_ids(op)? {
+            batch.push((NEXT_IDS_KEY.to_vec(), Some(ids)));
+        }
         batch.push((LAST_APPLIED_KEY.to_vec(), Some(seq.to_be_bytes().to_vec())));
         self.store.apply_batch(batch)?;
         Ok(applied)
+    }
+
+    /// The new value of the id counters if `op` consumes an id at or above them.
+    fn advanced_ids(&self, op: &MetaOp) -> Result<Option<Vec<u8>>, Error> {
+        let (mut inode, mut block) = self.next_ids()?;
+        match op {
+            MetaOp::Mkdir { inode: id, .. } | MetaOp::Create { inode: id, .. } => {
+                if id.0 < inode {
+                    return Ok(None);
+                }
+                inode = id.0 + 1;
+            }
+            MetaOp::AddBlock { block: id, .. } => {
+                if id.0 < block {
+                    return Ok(None);
+                }
+                block = id.0 + 1;
+            }
+            _ => return Ok(None),
+        }
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&inode.to_be_bytes());
+        v.extend_from_slice(&block.to_be_bytes());
+        Ok(Some(v))
     }
 
     fn delete_subtree(
@@ -1094,6 +1155,20 @@ impl<S: MetaStore> Namespace<S> {
     }
 }
 
+/// Sequence number of the last edit applied to `store` (0 for a new one).
+pub fn read_last_applied<S: MetaStore>(store: &S) -> Result<u64, Error> {
+    store
+        .get(LAST_APPLIED_KEY)?
+        .map(|v| u64_value(&v))
+        .transpose()
+        .map(|v| v.unwrap_or(0))
+}
+
+/// Files named by one `SetReplication` edit at most, so every edit stays far below
+/// [`crate::editlog::RECORD_BYTES_MAX`] (an inode id takes at most 10 bytes): a setrep over more
+/// files is logged as several edits, in path order, all in one group before the reply.
+pub const SETREP_FILES_PER_EDIT: usize = 65_536;
+
 /// The hidden name a file is written under while it replaces `name`.
 pub fn replacing_name(name: &str) -> String {
     format!(".{name}.lode-replacing")
@@ -1103,13 +1178,16 @@ fn path_of_parent(p: &str) -> String {
     path::split_parent(p).map_or_else(|| "/".to_string(), |(parent, _)| parent.to_string())
 }
 
-fn commit_into(blocks: &mut [BlockMeta], commit: Option<CommittedBlock>) {
+/// Commits the last block's length and value; true if `commit` named it.
+fn commit_into(blocks: &mut [BlockMeta], commit: Option<CommittedBlock>) -> bool {
     if let (Some(c), Some(last)) = (commit, blocks.last_mut()) {
         if last.id == c.id {
             last.len = c.len;
             last.cv = Some(c.cv);
+            return true;
         }
     }
+    false
 }
 
 /// Allocates inode and block ids; owned by the namespace writer.
@@ -1120,6 +1198,22 @@ pub struct IdAlloc {
 }
 
 impl IdAlloc {
+    /// Starts at the durable counters, and after every id still in use (a store written before
+    /// the counters existed has only the latter).
+    pub fn recover<S: MetaStore>(ns: &Namespace<S>, inodes: &[Inode]) -> Result<IdAlloc, Error> {
+        let mut a = IdAlloc::from_inodes(inodes);
+        let (inode, block) = ns.next_ids()?;
+        a.next_inode = a.next_inode.max(inode);
+        a.next_block = a.next_block.max(block);
+        Ok(a)
+    }
+
+    /// Never issues `block` or anything below it (a datanode reported a replica with that id,
+    /// which a namenode restored from an older backup may not know).
+    pub fn raise_block_floor(&mut self, block: BlockId) {
+        self.see_block(block);
+    }
+
     /// Starts after the largest ids in use.
     pub fn from_inodes(inodes: &[Inode]) -> IdAlloc {
         let mut a = IdAlloc {
@@ -1135,15 +1229,6 @@ impl IdAlloc {
             }
         }
         a
-    }
-
-    /// Makes sure later ids are above `id` (replayed edits carry their ids).
-    pub fn see_op(&mut self, op: &MetaOp) {
-        match op {
-            MetaOp::Mkdir { inode, .. } | MetaOp::Create { inode, .. } => self.see_inode(*inode),
-            MetaOp::AddBlock { block, .. } => self.see_block(*block),
-            _ => {}
-        }
     }
 
     fn see_inode(&mut self, id: InodeId) {

@@ -1,14 +1,14 @@
 //! Soft state, rebuilt after a restart from the namespace and datanode block reports: the datanode
 //! registry, where each block's replicas are, and write leases. Nothing here is persisted.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use lode_protocol::messages::{
-    ClusterReport, CopyCommand, DatanodeReport, FsckProblem, FsckReport, ReportedBlock, Space,
-    Target,
+    ClusterReport, CommittedBlock, CopyCommand, DatanodeReport, FsckProblem, FsckReport,
+    ReportedBlock, Space, Target,
 };
-use lode_protocol::{BlockId, InodeId, SessionId};
+use lode_protocol::{Blake3Cv, BlockId, InodeId, SessionId};
 
 use crate::namespace::{Applied, Inode, InodeKind};
 use crate::placement::Candidate;
@@ -56,10 +56,11 @@ pub struct Datanode {
     pub promised: u64,
     /// Last heartbeat or registration.
     pub last_seen: Instant,
-    /// Replicas it reported.
-    pub blocks: HashSet<BlockId>,
-    /// Replicas it should delete, sent with the next heartbeat reply.
-    pub pending_delete: Vec<BlockId>,
+    /// Replicas it reported that are counted or provisional (stale ones are not here).
+    pub blocks: BTreeSet<BlockId>,
+    /// Replicas it should delete (each named with its length and value), sent with the next
+    /// heartbeat reply.
+    pub pending_delete: Vec<ReportedBlock>,
     /// Whether it must send a full report again (it was dead).
     pub needs_report: bool,
     /// Plugin sandbox protections it reported.
@@ -89,6 +90,13 @@ pub const COPIES_PER_SOURCE: usize = 4;
 pub const COPY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Where a block's replicas are.
+///
+/// The rule for replicas (DESIGN.md, durability rules): a replica counts only when its reported
+/// length and block value equal the committed block's. One that differs is stale (an old replica
+/// under a reused id, or one rewritten behind the namenode's back): it is never listed, never a copy
+/// source, never counted, and it is deleted. While a block is still being written it has no
+/// committed value yet: replicas reported then are held as provisional (never listed or counted)
+/// and judged by the same rule when the writer commits the block.
 #[derive(Debug)]
 pub struct BlockEntry {
     /// Owning file.
@@ -97,10 +105,22 @@ pub struct BlockEntry {
     pub replication: u8,
     /// Whether its file is complete.
     pub complete: bool,
-    /// Datanodes that reported a finalized replica.
+    /// The committed length and value; `None` while the block is being written.
+    pub committed: Option<(u64, Blake3Cv)>,
+    /// Datanodes whose replica matches the committed block: the replicas that count.
     pub locations: BTreeSet<String>,
-    /// Length of the block (from the namespace, or the largest replica reported).
+    /// Replicas reported before the block was committed, with what they hold.
+    pub provisional: BTreeMap<String, ReportedBlock>,
+    /// Length of the block (committed, or the largest provisional replica).
     pub len: u64,
+}
+
+impl BlockEntry {
+    /// The committed replica as a delete command names it.
+    fn committed_replica(&self, id: BlockId) -> Option<ReportedBlock> {
+        self.committed
+            .map(|(len, cv)| ReportedBlock { id, len, cv })
+    }
 }
 
 /// A client session's lease.
@@ -109,7 +129,7 @@ pub struct Lease {
     /// Last renewal.
     pub renewed: Instant,
     /// Files it is writing.
-    pub files: HashSet<InodeId>,
+    pub files: BTreeSet<InodeId>,
 }
 
 /// All soft state, behind one mutex in the server.
@@ -118,13 +138,18 @@ pub struct State {
     /// Timing settings.
     pub timing: Timing,
     /// Datanodes by name.
-    pub datanodes: HashMap<String, Datanode>,
+    pub datanodes: BTreeMap<String, Datanode>,
     /// Blocks by id.
-    pub blocks: HashMap<BlockId, BlockEntry>,
+    pub blocks: BTreeMap<BlockId, BlockEntry>,
     /// Leases by session.
-    pub leases: HashMap<SessionId, Lease>,
+    pub leases: BTreeMap<SessionId, Lease>,
     /// Replicas reported corrupt: (block, datanode).
-    pub corrupt: HashSet<(BlockId, String)>,
+    pub corrupt: BTreeSet<(BlockId, String)>,
+    /// Stale replicas found (reported with another length or value than the committed block's).
+    pub stale_replicas: u64,
+    /// The largest block id any datanode reported: ids at or below it are never issued again,
+    /// even by a namenode restored from a backup older than that block.
+    pub max_reported_block: BlockId,
     /// Re-replication copies under way.
     pub copies: Vec<PendingCopy>,
     /// Whether namespace changes are refused.
@@ -132,7 +157,7 @@ pub struct State {
     /// Fraction of blocks that must have a reported replica before start-up safe mode lifts.
     pub safemode_threshold: f64,
     /// Datanodes being drained (decommissioning, or decommissioned once drained).
-    pub decommission: HashSet<String>,
+    pub decommission: BTreeSet<String>,
     /// Recent events for the status page, oldest first.
     pub events: std::collections::VecDeque<(Instant, String)>,
     /// The namenode's own HTTP address.
@@ -160,14 +185,16 @@ impl State {
     pub fn new(timing: Timing, inodes: &[Inode], now: Instant) -> State {
         let mut s = State {
             timing,
-            datanodes: HashMap::new(),
-            blocks: HashMap::new(),
-            leases: HashMap::new(),
-            corrupt: HashSet::new(),
+            datanodes: BTreeMap::new(),
+            blocks: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            corrupt: BTreeSet::new(),
+            stale_replicas: 0,
+            max_reported_block: BlockId(0),
             copies: vec![],
             safemode: SafeMode::Startup,
             safemode_threshold: 0.999,
-            decommission: HashSet::new(),
+            decommission: BTreeSet::new(),
             events: std::collections::VecDeque::new(),
             http_addr: None,
             full_below: 64 << 20,
@@ -187,7 +214,9 @@ impl State {
                             inode: inode.id,
                             replication: *replication,
                             complete: writer.is_none(),
+                            committed: b.cv.map(|cv| (b.len, cv)),
                             locations: BTreeSet::new(),
+                            provisional: BTreeMap::new(),
                             len: b.len,
                         },
                     );
@@ -197,7 +226,7 @@ impl State {
                         .entry(*w)
                         .or_insert_with(|| Lease {
                             renewed: now,
-                            files: HashSet::new(),
+                            files: BTreeSet::new(),
                         })
                         .files
                         .insert(inode.id);
@@ -274,6 +303,9 @@ impl State {
         for block in &applied.freed {
             self.forget_block(*block);
         }
+        for c in &applied.committed {
+            self.commit_block(c);
+        }
         if let Some((block, inode, replication)) = applied.added {
             self.blocks.insert(
                 block,
@@ -281,7 +313,9 @@ impl State {
                     inode,
                     replication,
                     complete: false,
+                    committed: None,
                     locations: BTreeSet::new(),
+                    provisional: BTreeMap::new(),
                     len: 0,
                 },
             );
@@ -291,7 +325,7 @@ impl State {
                 .entry(session)
                 .or_insert_with(|| Lease {
                     renewed: now,
-                    files: HashSet::new(),
+                    files: BTreeSet::new(),
                 })
                 .files
                 .insert(inode);
@@ -327,31 +361,86 @@ impl State {
         }
     }
 
+    /// Queues the deletion of exactly `replica` on `name`.
+    fn delete_on(&mut self, name: &str, replica: ReportedBlock) {
+        if let Some(dn) = self.datanodes.get_mut(name) {
+            dn.blocks.remove(&replica.id);
+            dn.pending_delete.push(replica);
+        }
+    }
+
     fn forget_block(&mut self, block: BlockId) {
         if let Some(entry) = self.blocks.remove(&block) {
-            for name in entry.locations {
-                if let Some(dn) = self.datanodes.get_mut(&name) {
-                    dn.blocks.remove(&block);
-                    dn.pending_delete.push(block);
+            if let Some(replica) = entry.committed_replica(block) {
+                for name in &entry.locations {
+                    self.delete_on(name, replica);
                 }
+            }
+            for (name, replica) in entry.provisional {
+                self.delete_on(&name, replica);
             }
         }
         self.corrupt.retain(|(b, _)| *b != block);
     }
 
-    fn add_replica(&mut self, name: &str, block: ReportedBlock) -> bool {
-        match self.blocks.get_mut(&block.id) {
-            Some(entry) if !self.corrupt.contains(&(block.id, name.to_string())) => {
-                entry.locations.insert(name.to_string());
-                entry.len = entry.len.max(block.len);
-                if let Some(dn) = self.datanodes.get_mut(name) {
-                    dn.blocks.insert(block.id);
-                }
-                self.copies
-                    .retain(|c| !(c.block == block.id && c.target == name));
-                true
+    /// The writer committed a block's length and value: provisional replicas that hold exactly
+    /// that now count; the others are stale and deleted.
+    fn commit_block(&mut self, c: &CommittedBlock) {
+        let Some(entry) = self.blocks.get_mut(&c.id) else {
+            return;
+        };
+        entry.committed = Some((c.len, c.cv));
+        entry.len = c.len;
+        let provisional = std::mem::take(&mut entry.provisional);
+        for (name, replica) in provisional {
+            self.add_replica(&name, replica);
+        }
+    }
+
+    /// Counts a reported replica if it matches its block; returns it when it must be deleted
+    /// instead (unknown block, stale, or marked corrupt on this node).
+    fn add_replica(&mut self, name: &str, replica: ReportedBlock) -> Option<ReportedBlock> {
+        self.max_reported_block = self.max_reported_block.max(replica.id);
+        let corrupt = self.corrupt.contains(&(replica.id, name.to_string()));
+        let Some(entry) = self.blocks.get_mut(&replica.id) else {
+            return Some(replica);
+        };
+        if corrupt {
+            return Some(replica);
+        }
+        match entry.committed {
+            None => {
+                entry.len = entry.len.max(replica.len);
+                entry.provisional.insert(name.to_string(), replica);
             }
-            _ => false,
+            Some((len, cv)) if replica.len == len && replica.cv == cv => {
+                entry.locations.insert(name.to_string());
+                self.copies
+                    .retain(|c| !(c.block == replica.id && c.target == name));
+            }
+            Some(_) => {
+                entry.locations.remove(name);
+                self.stale_replicas += 1;
+                tracing::warn!(block = %replica.id, datanode = name, len = replica.len,
+                    "stale replica (its length or value differs from the committed block's); deleting it");
+                self.event(format!(
+                    "stale replica of block {} on {name} is deleted",
+                    replica.id
+                ));
+                return Some(replica);
+            }
+        }
+        if let Some(dn) = self.datanodes.get_mut(name) {
+            dn.blocks.insert(replica.id);
+        }
+        None
+    }
+
+    /// Forgets that `name` holds a replica of `block` (it was deleted or lost).
+    fn drop_location(&mut self, name: &str, block: BlockId) {
+        if let Some(e) = self.blocks.get_mut(&block) {
+            e.locations.remove(name);
+            e.provisional.remove(name);
         }
     }
 
@@ -364,13 +453,11 @@ impl State {
         space: Space,
         report: &[ReportedBlock],
         now: Instant,
-    ) -> Vec<BlockId> {
+    ) -> Vec<ReportedBlock> {
         let before = self.datanodes.get(name).map(|dn| dn.space);
         if let Some(old) = self.datanodes.remove(name) {
             for b in old.blocks {
-                if let Some(e) = self.blocks.get_mut(&b) {
-                    e.locations.remove(name);
-                }
+                self.drop_location(name, b);
             }
         }
         self.datanodes.insert(
@@ -380,7 +467,7 @@ impl State {
                 space,
                 promised: 0,
                 last_seen: now,
-                blocks: HashSet::new(),
+                blocks: BTreeSet::new(),
                 pending_delete: vec![],
                 needs_report: false,
                 sandbox: vec![],
@@ -388,10 +475,9 @@ impl State {
                 http_addr: None,
             },
         );
-        let delete: Vec<BlockId> = report
+        let delete: Vec<ReportedBlock> = report
             .iter()
-            .filter(|b| !self.add_replica(name, **b))
-            .map(|b| b.id)
+            .filter_map(|b| self.add_replica(name, *b))
             .collect();
         self.event(format!("{name} registered with {} replicas", report.len()));
         self.space_events(name, before, space);
@@ -408,7 +494,7 @@ impl State {
         received: &[ReportedBlock],
         deleted: &[BlockId],
         now: Instant,
-    ) -> Option<(Vec<BlockId>, Vec<CopyCommand>)> {
+    ) -> Option<(Vec<ReportedBlock>, Vec<CopyCommand>)> {
         let state = self
             .datanodes
             .get(name)
@@ -423,14 +509,13 @@ impl State {
         dn.last_seen = now;
         for b in deleted {
             dn.blocks.remove(b);
-            if let Some(e) = self.blocks.get_mut(b) {
-                e.locations.remove(name);
-            }
         }
-        let mut delete: Vec<BlockId> = received
+        for b in deleted {
+            self.drop_location(name, *b);
+        }
+        let mut delete: Vec<ReportedBlock> = received
             .iter()
-            .filter(|b| !self.add_replica(name, **b))
-            .map(|b| b.id)
+            .filter_map(|b| self.add_replica(name, *b))
             .collect();
         let mut copy = vec![];
         if let Some(dn) = self.datanodes.get_mut(name) {
@@ -529,14 +614,14 @@ impl State {
             return;
         }
         self.copies.retain(|c| c.deadline > now);
-        let live: HashSet<&String> = self
+        let live: BTreeSet<&String> = self
             .datanodes
             .iter()
             .filter(|(_, dn)| self.node_state(dn, now) != NodeState::Dead && !dn.needs_report)
             .map(|(n, _)| n)
             .collect();
-        let mut pending: HashMap<BlockId, usize> = HashMap::new();
-        let mut copies_out: HashMap<&str, usize> = HashMap::new();
+        let mut pending: BTreeMap<BlockId, usize> = BTreeMap::new();
+        let mut copies_out: BTreeMap<&str, usize> = BTreeMap::new();
         for c in &self.copies {
             *pending.entry(c.block).or_default() += 1;
             *copies_out.entry(c.source.as_str()).or_default() += 1;
@@ -603,12 +688,12 @@ impl State {
             self.event(format!(
                 "removing an excess replica of block {block} from {holder}"
             ));
-            if let Some(e) = self.blocks.get_mut(&block) {
-                e.locations.remove(&holder);
-            }
-            if let Some(dn) = self.datanodes.get_mut(&holder) {
-                dn.blocks.remove(&block);
-                dn.pending_delete.push(block);
+            let Some(e) = self.blocks.get_mut(&block) else {
+                continue;
+            };
+            e.locations.remove(&holder);
+            if let Some(replica) = e.committed_replica(block) {
+                self.delete_on(&holder, replica);
             }
         }
     }
@@ -741,9 +826,8 @@ impl State {
         }
         self.corrupt.insert((block, name.to_string()));
         if !entry.locations.is_empty() {
-            if let Some(dn) = self.datanodes.get_mut(name) {
-                dn.blocks.remove(&block);
-                dn.pending_delete.push(block);
+            if let Some(replica) = entry.committed_replica(block) {
+                self.delete_on(name, replica);
             }
             self.corrupt.remove(&(block, name.to_string()));
         }

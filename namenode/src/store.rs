@@ -118,3 +118,128 @@ impl MetaStore for MemStore {
         Ok(())
     }
 }
+
+/// The namespace writer's view of a store: the durable store underneath plus the edits of the
+/// group being made durable. Later requests in a group are validated against it (they see the
+/// group's earlier edits), while readers that use the store underneath see an edit only once it is
+/// durable in the log and [`Overlay::commit`] has moved the group into the store.
+pub struct Overlay<S: MetaStore> {
+    base: std::sync::Arc<S>,
+    pending: Mutex<PendingEdits>,
+}
+
+/// Keys written (`Some`) or deleted (`None`) by edits not yet durable.
+type PendingEdits = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+impl<S: MetaStore> Overlay<S> {
+    /// An overlay with nothing pending over `base`.
+    pub fn new(base: std::sync::Arc<S>) -> Overlay<S> {
+        Overlay {
+            base,
+            pending: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The durable store underneath.
+    pub fn base(&self) -> &S {
+        &self.base
+    }
+
+    fn pending(&self) -> Result<std::sync::MutexGuard<'_, PendingEdits>, Error> {
+        self.pending
+            .lock()
+            .map_err(|_| Error::Store("overlay poisoned".into()))
+    }
+
+    /// Whether edits are waiting for [`Overlay::commit`].
+    pub fn has_pending(&self) -> Result<bool, Error> {
+        Ok(!self.pending()?.is_empty())
+    }
+
+    /// Applies everything pending to the store underneath as one atomic batch (call once the
+    /// edits that made it are durable).
+    pub fn commit(&self) -> Result<(), Error> {
+        let batch: Batch = std::mem::take(&mut *self.pending()?).into_iter().collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.base.apply_batch(batch)
+    }
+}
+
+impl<S: MetaStore> MetaStore for Overlay<S> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        if let Some(v) = self.pending()?.get(key) {
+            return Ok(v.clone());
+        }
+        self.base.get(key)
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Pairs, Error> {
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            self.base.scan_prefix(prefix)?.into_iter().collect();
+        for (k, v) in self
+            .pending()?
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+        {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().collect())
+    }
+
+    fn apply_batch(&self, batch: Batch) -> Result<(), Error> {
+        let mut pending = self.pending()?;
+        for (k, v) in batch {
+            pending.insert(k, v);
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        self.base.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn overlay_shows_pending_edits_to_the_writer_only_until_commit() {
+        let base = Arc::new(MemStore::default());
+        base.apply_batch(vec![
+            (b"a1".to_vec(), Some(b"x".to_vec())),
+            (b"a2".to_vec(), Some(b"y".to_vec())),
+        ])
+        .unwrap();
+        let o = Overlay::new(base.clone());
+        o.apply_batch(vec![
+            (b"a1".to_vec(), None),
+            (b"a3".to_vec(), Some(b"z".to_vec())),
+            (b"b1".to_vec(), Some(b"w".to_vec())),
+        ])
+        .unwrap();
+        assert_eq!(o.get(b"a1").unwrap(), None);
+        assert_eq!(o.get(b"a2").unwrap(), Some(b"y".to_vec()));
+        assert_eq!(
+            o.scan_prefix(b"a").unwrap(),
+            vec![
+                (b"a2".to_vec(), b"y".to_vec()),
+                (b"a3".to_vec(), b"z".to_vec())
+            ]
+        );
+        // The store underneath has none of it yet.
+        assert_eq!(base.get(b"a1").unwrap(), Some(b"x".to_vec()));
+        assert_eq!(base.get(b"a3").unwrap(), None);
+        assert!(o.has_pending().unwrap());
+        o.commit().unwrap();
+        assert!(!o.has_pending().unwrap());
+        assert_eq!(base.scan_prefix(b"").unwrap(), o.scan_prefix(b"").unwrap());
+        assert_eq!(base.get(b"a1").unwrap(), None);
+    }
+}

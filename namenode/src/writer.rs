@@ -9,11 +9,11 @@ use lode_protocol::messages::{CommittedBlock, LocatedBlock, NamenodeReply, Plugi
 use lode_protocol::{Blake3Cv, BlockId, ErrorCode, InodeId, SessionId};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::editlog::EditLog;
+use crate::editlog::Journal;
 use crate::error::Error;
-use crate::namespace::{IdAlloc, InodeKind, MetaOp, Namespace};
+use crate::namespace::{Applied, IdAlloc, InodeKind, MetaOp, Namespace};
 use crate::state::State;
-use crate::store::MetaStore;
+use crate::store::{MetaStore, Overlay};
 
 /// Most mutations taken into one group commit.
 const GROUP_MAX: usize = 512;
@@ -97,11 +97,18 @@ impl WriterHandle {
 }
 
 /// Everything the writer owns.
-pub struct Writer<S: MetaStore> {
-    /// The namespace.
-    pub ns: Namespace<S>,
-    /// The edit log.
-    pub log: EditLog,
+///
+/// The rule it keeps (DESIGN.md, durability rules): nothing leaves the namenode because of an edit
+/// before the edit is durable. A group's mutations are validated against the writer's [`Overlay`]
+/// (the durable store plus the group's earlier edits) and appended to the journal; after one sync
+/// makes the group durable, the overlay moves into the store in one atomic batch, the soft state
+/// follows the edits (queued replica deletions, leases, new blocks), and only then do the replies
+/// go out. Readers use the store underneath, so they never see an edit that is not yet durable.
+pub struct Writer<S: MetaStore, J: Journal> {
+    /// The namespace as the writer sees it (durable state plus the group in progress).
+    pub ns: Namespace<Overlay<S>>,
+    /// Where edits are made durable.
+    pub journal: J,
     /// Id allocation.
     pub ids: IdAlloc,
     /// Soft state to keep in step.
@@ -110,11 +117,9 @@ pub struct Writer<S: MetaStore> {
     pub lease_ms: u64,
     /// Group-commit metrics.
     pub metrics: Arc<crate::http::Metrics>,
-    /// Roll the edit log once its current segment is this large.
-    pub roll_bytes: u64,
 }
 
-impl<S: MetaStore> Writer<S> {
+impl<S: MetaStore, J: Journal> Writer<S, J> {
     /// Starts the writer thread. The returned receiver yields the error that stopped it, if any.
     pub fn spawn(self) -> Result<(WriterHandle, oneshot::Receiver<Error>), Error> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -141,13 +146,14 @@ impl<S: MetaStore> Writer<S> {
                 }
             }
             let mut replies = Vec::with_capacity(jobs.len());
+            let mut effects = Vec::new();
             let mut fatal = None;
             for job in jobs {
                 if fatal.is_some() {
                     replies.push((job.reply, Err(Error::WriterGone)));
                     continue;
                 }
-                match self.execute(job.mutation) {
+                match self.execute(job.mutation, &mut effects) {
                     Err(e) if e.is_fatal() || matches!(e, Error::Store(_)) => {
                         fatal = Some(e);
                         replies.push((job.reply, Err(Error::WriterGone)));
@@ -156,12 +162,8 @@ impl<S: MetaStore> Writer<S> {
                 }
             }
             if fatal.is_none() {
-                match self.log.sync() {
-                    Ok(()) => {
-                        self.metrics.editlog_syncs.inc();
-                        self.metrics.editlog_group.observe(replies.len() as f64);
-                    }
-                    Err(e) => fatal = Some(e),
+                if let Err(e) = self.make_durable(effects, replies.len()) {
+                    fatal = Some(e);
                 }
             }
             if let Some(e) = fatal {
@@ -173,19 +175,50 @@ impl<S: MetaStore> Writer<S> {
             for (tx, r) in replies {
                 let _ = tx.send(r);
             }
-            if self.log.size() >= self.roll_bytes {
-                // Every edit so far is applied; once the store has them on disk, the log before
-                // the current segment is no longer needed for recovery.
-                self.ns.store().flush()?;
-                self.log.roll()?;
-                self.metrics.editlog_rolls.inc();
-                tracing::info!(last_edit = self.log.last_seq(), "edit log rolled");
+            if self.journal.wants_checkpoint() {
+                self.checkpoint()?;
             }
         }
         Ok(())
     }
 
-    fn execute(&mut self, m: Mutation) -> Result<NamenodeReply, Error> {
+    /// Syncs the group's edits, moves them into the store, and lets the soft state follow them.
+    fn make_durable(&mut self, effects: Vec<Applied>, group: usize) -> Result<(), Error> {
+        crate::failpoint!("namenode.group.before_sync");
+        self.journal.sync()?;
+        crate::failpoint!("namenode.group.after_sync");
+        self.metrics.editlog_syncs.inc();
+        self.metrics.editlog_group.observe(group as f64);
+        self.ns.store().commit()?;
+        crate::failpoint!("namenode.group.after_apply");
+        let now = Instant::now();
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| Error::Store("state lock poisoned".into()))?;
+        for applied in &effects {
+            state.on_applied(applied, now);
+        }
+        Ok(())
+    }
+
+    /// A durable checkpoint of the store, after which the journal drops the edits it covers.
+    fn checkpoint(&mut self) -> Result<(), Error> {
+        let base = self.ns.store().base();
+        base.flush()?;
+        let applied = self.journal.last_seq();
+        let snapshot = crate::backup::dump(base, applied)?;
+        self.journal.checkpoint(&snapshot)?;
+        self.metrics.editlog_rolls.inc();
+        tracing::info!(
+            last_edit = applied,
+            bytes = snapshot.len(),
+            "checkpoint written; edit log rolled"
+        );
+        Ok(())
+    }
+
+    fn execute(&mut self, m: Mutation, effects: &mut Vec<Applied>) -> Result<NamenodeReply, Error> {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -227,6 +260,12 @@ impl<S: MetaStore> Writer<S> {
                 previous,
                 targets,
             } => {
+                let floor = self
+                    .state
+                    .lock()
+                    .map_err(|_| Error::Store("state lock poisoned".into()))?
+                    .max_reported_block;
+                self.ids.raise_block_floor(floor);
                 let op = ns.prepare_add_block(inode, session, previous, &mut self.ids)?;
                 if let MetaOp::AddBlock { block, .. } = &op {
                     let offset = match ns.get(inode)?.map(|i| i.kind) {
@@ -261,14 +300,18 @@ impl<S: MetaStore> Writer<S> {
             Mutation::Delete { path, recursive } => vec![ns.prepare_delete(&path, recursive)?],
             Mutation::Rename { src, dst } => vec![ns.prepare_rename(&src, &dst, now_ms)?],
             Mutation::SetReplication { path, replication } => {
-                vec![ns.prepare_setrep(&path, replication)?]
+                ns.prepare_setrep(&path, replication)?
             }
             Mutation::Decommission { datanode, on } => {
                 vec![MetaOp::SetDecommission { datanode, on }]
             }
             Mutation::Backup { out } => {
-                let applied = ns.last_applied()?;
-                let bytes = crate::backup::dump(ns.store(), applied)?;
+                // Only what is durable: the store underneath, as of the last group.
+                let base = ns.store().base();
+                let applied = crate::namespace::read_last_applied(base)?;
+                crate::failpoint!("namenode.backup.before_dump");
+                let bytes = crate::backup::dump(base, applied)?;
+                crate::failpoint!("namenode.backup.after_dump");
                 let _ = out.send((applied, bytes));
                 vec![]
             }
@@ -301,14 +344,14 @@ impl<S: MetaStore> Writer<S> {
                 _ => return Err(Error::refused(ErrorCode::NotFound, "nothing to expire")),
             },
         };
-        let now = Instant::now();
+        // Every edit of the mutation is checked against the bound before any is appended, so a
+        // mutation is logged whole or refused whole.
+        for op in &ops {
+            crate::editlog::encode_edit(op)?;
+        }
         for op in ops {
-            let seq = self.log.append(&op)?;
-            let applied = self.ns.apply(seq, &op)?;
-            self.state
-                .lock()
-                .map_err(|_| Error::Store("state lock poisoned".into()))?
-                .on_applied(&applied, now);
+            let seq = self.journal.append(&op)?;
+            effects.push(self.ns.apply(seq, &op)?);
         }
         Ok(reply)
     }

@@ -55,7 +55,7 @@ impl fmt::Debug for Blake3Cv {
 }
 
 /// A client's session: one per running client process, used to hold write leases.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SessionId(pub u64);
 

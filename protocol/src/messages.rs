@@ -70,13 +70,18 @@ pub struct CommittedBlock {
     pub cv: Blake3Cv,
 }
 
-/// A replica as a datanode reports it.
+/// A replica as a datanode reports it, and as the namenode names one to delete: its id, its length
+/// and its block value (merged from the piece values in its sidecar). The namenode counts a replica
+/// only when length and value equal the committed block's; a delete command removes a replica only
+/// when both still match, so it can never hit a newer replica stored under the same id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportedBlock {
     /// Block id.
     pub id: BlockId,
     /// Length on disk.
     pub len: u64,
+    /// The block's BLAKE3 chaining value, merged from its sidecar's piece values.
+    pub cv: Blake3Cv,
 }
 
 /// Requests from clients (users and admins) to the namenode.
@@ -379,8 +384,8 @@ pub enum DatanodeToNamenode {
 /// Replies from the namenode to a datanode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NamenodeToDatanode {
-    /// Registration accepted; replicas of blocks nobody needs are to be deleted.
-    Registered { delete: Vec<BlockId> },
+    /// Registration accepted; replicas nobody needs (unknown or stale) are to be deleted.
+    Registered { delete: Vec<ReportedBlock> },
     /// Heartbeat accepted; `reregister` asks for a full block report.
     HeartbeatReply {
         reregister: bool,
@@ -389,10 +394,11 @@ pub enum NamenodeToDatanode {
     /// Noted.
     Ack,
     /// Heartbeat accepted, with work: `reregister` asks for a full block report, `delete` lists
-    /// replicas to remove, `copy` lists replicas to send to other datanodes (re-replication).
+    /// replicas to remove (each only if its length and value still match), `copy` lists replicas to
+    /// send to other datanodes (re-replication).
     Commands {
         reregister: bool,
-        delete: Vec<BlockId>,
+        delete: Vec<ReportedBlock>,
         copy: Vec<CopyCommand>,
     },
 }

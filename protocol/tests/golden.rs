@@ -305,6 +305,7 @@ fn every_message_matches_its_golden_bytes() {
     let rb = ReportedBlock {
         id: BlockId(7),
         len: 65536,
+        cv: Blake3Cv([6; 32]),
     };
     check(
         "d2n_register",
@@ -358,7 +359,7 @@ fn every_message_matches_its_golden_bytes() {
         n,
         NamenodeToDatanode::Commands {
             reregister: false,
-            delete: vec![BlockId(3)],
+            delete: vec![rb],
             copy: vec![CopyCommand {
                 block: BlockId(7),
                 targets: vec![target(4)],
@@ -368,9 +369,7 @@ fn every_message_matches_its_golden_bytes() {
     check(
         "n2d_registered",
         n,
-        NamenodeToDatanode::Registered {
-            delete: vec![BlockId(9)],
-        },
+        NamenodeToDatanode::Registered { delete: vec![rb] },
     );
     check(
         "n2d_heartbeat_reply",
