@@ -154,6 +154,14 @@ impl BlockStore {
             for entry in fs::read_dir(&current).map_err(|e| Error::disk(&current, e))? {
                 let entry = entry.map_err(|e| Error::disk(&current, e))?;
                 let name = entry.file_name().to_string_lossy().to_string();
+                if let Some(data) = name.strip_suffix(".meta") {
+                    // A sidecar whose data file never arrived (a crash between the renames).
+                    if parse_block_name(data).is_some() && !current.join(data).exists() {
+                        tracing::warn!(file = %name, "removing a sidecar without its block file");
+                        let _ = fs::remove_file(entry.path());
+                    }
+                    continue;
+                }
                 let Some(id) = parse_block_name(&name) else {
                     continue;
                 };
@@ -589,11 +597,17 @@ impl BlockWriter {
         let data_final = dir.current.join(&name);
         // If an older replica of this block sits in another dir, drop it first.
         let _ = store.delete(self.id);
+        crate::failpoint!("datanode.block.before_rename");
+        // The sidecar goes first: a crash before the data's rename leaves a sidecar alone, which
+        // the next start removes; a data file is never visible without its sidecar.
         fs::rename(&meta_tmp, &meta_final).map_err(|e| fail(&meta_final, e))?;
+        crate::failpoint!("datanode.block.between_renames");
         fs::rename(&self.data_path, &data_final).map_err(|e| fail(&data_final, e))?;
+        crate::failpoint!("datanode.block.before_dir_sync");
         File::open(&dir.current)
             .and_then(|d| d.sync_all())
             .map_err(|e| fail(&dir.current, e))?;
+        crate::failpoint!("datanode.block.after_dir_sync");
         self.store.index().insert(
             self.id,
             Located {
@@ -643,6 +657,24 @@ mod tests {
             w.write_piece(checksum::piece_cv(offset + i as u64 * PIECE_BYTES, p), p)?;
         }
         w.finish()
+    }
+
+    #[test]
+    fn a_sidecar_left_without_its_block_file_is_collected_at_start() {
+        let d = tempfile::tempdir().unwrap();
+        let roots = vec![d.path().to_path_buf()];
+        let data = vec![7u8; 1000];
+        {
+            let store = Arc::new(BlockStore::open(&roots, 0).unwrap());
+            write_block(&store, 3, 0, &data).unwrap();
+        }
+        let current = d.path().join("current");
+        // A crash between the sidecar's rename and the data's leaves the sidecar alone.
+        fs::copy(current.join("blk_3.meta"), current.join("blk_4.meta")).unwrap();
+        let store = Arc::new(BlockStore::open(&roots, 0).unwrap());
+        assert!(!current.join("blk_4.meta").exists());
+        assert!(current.join("blk_3.meta").exists());
+        assert_eq!(store.report().len(), 1);
     }
 
     #[test]

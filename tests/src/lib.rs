@@ -311,6 +311,10 @@ impl Cluster {
     }
 
     fn spawn(&self, binary: &str, config: &str, log: &str) -> Child {
+        self.spawn_with(binary, config, log, &[])
+    }
+
+    fn spawn_with(&self, binary: &str, config: &str, log: &str, env: &[(&str, &str)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -320,6 +324,7 @@ impl Cluster {
             .arg("--config")
             .arg(self.path.join(config))
             .env("LODE_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -330,6 +335,43 @@ impl Cluster {
     /// Starts (or restarts) the namenode.
     pub fn start_namenode(&mut self) {
         self.namenode = Some(self.spawn("lode-namenode", "namenode.toml", "namenode.log"));
+    }
+
+    /// Starts (or restarts) the namenode with failpoints armed (`FAILPOINTS` syntax; test builds
+    /// have the `failpoints` feature).
+    pub fn start_namenode_with_failpoints(&mut self, spec: &str) {
+        self.namenode = Some(self.spawn_with(
+            "lode-namenode",
+            "namenode.toml",
+            "namenode.log",
+            &[("FAILPOINTS", spec)],
+        ));
+    }
+
+    /// Starts (or restarts) datanode `i` (1-based) with failpoints armed.
+    pub fn start_datanode_with_failpoints(&mut self, i: usize, spec: &str) {
+        let child = self.spawn_with(
+            "lode-datanode",
+            &format!("dn-{i}.toml"),
+            &format!("dn-{i}.log"),
+            &[("FAILPOINTS", spec)],
+        );
+        self.datanodes[i - 1] = Some(child);
+        self.private_mounts[i - 1] = false;
+    }
+
+    /// Whether the namenode process has exited by itself (a failpoint ended it).
+    pub fn namenode_exited(&mut self) -> bool {
+        self.namenode
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    /// Whether datanode `i` (1-based) has exited by itself.
+    pub fn datanode_exited(&mut self, i: usize) -> bool {
+        self.datanodes[i - 1]
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
     }
 
     /// SIGKILLs the namenode.
