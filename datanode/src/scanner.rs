@@ -37,13 +37,15 @@ pub async fn run(
                     scanned += len;
                     shared.metrics.scanned_bytes.inc_by(len);
                 }
-                Ok(Err(Error::Corrupt { .. })) => {
-                    tracing::error!(block = %id, "block scanner: replica failed its checksum;
-                    shared.metrics.corrupt_found.inc(); reporting it");
+                Ok(Err(e)) if unreadable(&e) => {
+                    tracing::error!(block = %id, "block scanner: replica cannot be trusted ({e}); reporting it");
+                    shared.metrics.corrupt_found.inc();
                     report(&shared, id).await;
                 }
-                // Deleted meanwhile, or a disk error reported elsewhere.
-                Ok(Err(_)) | Err(_) => {}
+                // Deleted meanwhile, or a transient error (out of descriptors, say): the next
+                // pass reads it again.
+                Ok(Err(e)) => tracing::debug!(block = %id, "block scanner skipped a replica: {e}"),
+                Err(_) => {}
             }
             // Keep to the read budget: the pass so far may not have taken less than scanned / rate.
             let due = Duration::from_secs_f64(scanned as f64 / bytes_per_sec as f64);
@@ -58,6 +60,17 @@ pub async fn run(
             _ = tokio::time::sleep(pause) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// Whether an error reading a replica means the replica is bad: a checksum mismatch, a truncated
+/// or missing file, a missing or damaged sidecar, an I/O error. A replica deleted meanwhile, or an
+/// error that says nothing about the disk (out of descriptors or memory, a timeout), is not.
+fn unreadable(e: &Error) -> bool {
+    match e {
+        Error::Corrupt { .. } => true,
+        Error::Disk { source, .. } => !crate::store::is_transient(source),
+        _ => false,
     }
 }
 

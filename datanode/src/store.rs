@@ -110,6 +110,26 @@ pub fn is_no_space(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::EDQUOT)
 }
 
+/// Whether an I/O error says nothing about the disk: the process is out of descriptors or memory,
+/// the call was interrupted or timed out. Such errors never take a data dir out of service and never
+/// condemn a replica; the operation is tried again later.
+pub fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{Interrupted, OutOfMemory, TimedOut, WouldBlock};
+    matches!(e.kind(), Interrupted | OutOfMemory | TimedOut | WouldBlock)
+        || matches!(
+            e.raw_os_error(),
+            Some(
+                libc::EMFILE
+                    | libc::ENFILE
+                    | libc::ENOMEM
+                    | libc::ENOBUFS
+                    | libc::EAGAIN
+                    | libc::EINTR
+                    | libc::ETIMEDOUT
+            )
+        )
+}
+
 /// Writes, fsyncs and removes a small file in `dir`.
 fn probe_write(dir: &Path) -> std::io::Result<()> {
     let probe = dir.join(format!(".write-probe-{:016x}", rand::random::<u64>()));
@@ -286,6 +306,10 @@ impl BlockStore {
         match probe_write(&d.tmp) {
             Ok(()) => true,
             Err(e) if is_no_space(&e) => true,
+            Err(e) if is_transient(&e) => {
+                tracing::warn!(dir = %d.root.display(), "data dir check inconclusive (transient error, dir stays in service): {e}");
+                true
+            }
             Err(e) => {
                 if d.failed.swap(true, Ordering::Relaxed) {
                     return false;
@@ -339,7 +363,9 @@ impl BlockStore {
     /// The error for a failed read in data dir `dir`, after checking the dir (a disk going bad
     /// shows first as failed reads).
     fn read_error(&self, dir: usize, path: &Path, e: std::io::Error) -> Error {
-        self.check_dir(dir);
+        if !is_transient(&e) {
+            self.check_dir(dir);
+        }
         Error::disk(path, e)
     }
 
@@ -438,7 +464,9 @@ impl BlockStore {
         if is_no_space(&e) {
             return Error::NoSpace(format!("{} is full", self.dirs[dir].root.display()));
         }
-        self.check_dir(dir);
+        if !is_transient(&e) {
+            self.check_dir(dir);
+        }
         Error::disk(path, e)
     }
 
@@ -657,6 +685,50 @@ mod tests {
             w.write_piece(checksum::piece_cv(offset + i as u64 * PIECE_BYTES, p), p)?;
         }
         w.finish()
+    }
+
+    #[test]
+    fn running_out_of_descriptors_never_fails_a_data_dir() {
+        // Lowering the descriptor limit affects the whole process: only where each test has a
+        // process of its own (cargo nextest, which the test scripts use).
+        if std::env::var_os("NEXTEST").is_none() {
+            eprintln!("skipped: needs a process of its own (run under cargo nextest)");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlockStore::open(&[d.path().to_path_buf()], 0).unwrap());
+        write_block(&store, 1, 0, &[5u8; 1000]).unwrap();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a valid out-parameter.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        let lowest_free = {
+            use std::os::fd::AsRawFd;
+            File::open("/dev/null").unwrap().as_raw_fd()
+        };
+        let tight = libc::rlimit {
+            rlim_cur: lowest_free as libc::rlim_t,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: valid rlimit values (soft below hard).
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) }, 0);
+        let read = store.open_block(BlockId(1));
+        let write = store.create(BlockId(2), 0, 1 << 20).map(|_| ());
+        let checked = store.check_dir(0);
+        // SAFETY: restores the limits read above.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+        let emfile = |r: Result<(), Error>| matches!(r, Err(Error::Disk { source, .. }) if source.raw_os_error() == Some(libc::EMFILE));
+        assert!(
+            emfile(read.map(|_| ())),
+            "the read hit the descriptor limit"
+        );
+        assert!(emfile(write), "the write hit the descriptor limit");
+        assert!(checked, "a transient error keeps the dir in service");
+        assert_eq!(store.failed_dirs(), 0);
+        assert!(store.take_lost().is_empty());
+        assert!(store.open_block(BlockId(1)).is_ok());
     }
 
     #[test]

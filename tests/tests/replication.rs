@@ -95,37 +95,52 @@ fn the_block_scanner_finds_a_corrupt_replica_and_it_is_healed() {
         fast_block_scanner: true,
         ..Default::default()
     });
-    let bytes = random_bytes(2 * BLOCK, 44);
+    let bytes = random_bytes(3 * BLOCK, 44);
     c.put_bytes("/scanned", &bytes, &[]);
     wait_until("2 replicas reported", Duration::from_secs(10), || {
         all_have(&c, "/scanned", 2, None)
     });
     let locs = locations(&c, "/scanned");
-    let id = c.stat("/scanned")["blocks"][0]["id"].as_u64().unwrap();
-    let holder: usize = locs[0][0].trim_start_matches("dn-").parse().unwrap();
-    let file = c.replica_path(holder, id).unwrap();
+    let ids: Vec<u64> = (0..3)
+        .map(|i| c.stat("/scanned")["blocks"][i]["id"].as_u64().unwrap())
+        .collect();
+    let holder = |i: usize| -> usize { locs[i][0].trim_start_matches("dn-").parse().unwrap() };
+    // Three kinds of damage, one per block: a flipped byte, a truncated file, a lost sidecar.
+    let file = c.replica_path(holder(0), ids[0]).unwrap();
     let mut d = std::fs::read(&file).unwrap();
     d[12_345] ^= 0x20;
     std::fs::write(&file, &d).unwrap();
-    // No read touches the block: the scanner finds it, the namenode has it deleted and copies a good
-    // replica, so in the end every offered replica holds the right bytes again.
-    let want = &bytes[..BLOCK];
-    wait_until(
-        "the corrupt replica to be replaced",
-        Duration::from_secs(30),
-        || {
-            let l = locations(&c, "/scanned");
-            l[0].len() == 2
-                && l[0].iter().all(|n| {
-                    let i: usize = n.trim_start_matches("dn-").parse().unwrap();
-                    c.replica_path(i, id)
-                        .and_then(|p| std::fs::read(p).ok())
-                        .is_some_and(|b| b == want)
-                })
-        },
-    );
+    let file = c.replica_path(holder(1), ids[1]).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    let file = c.replica_path(holder(2), ids[2]).unwrap();
+    std::fs::remove_file(file.with_extension("meta")).unwrap();
+    // No read touches the blocks: the scanner finds them, the namenode has them deleted and
+    // copies good replicas, so in the end every offered replica holds the right bytes again.
+    for (i, id) in ids.iter().enumerate() {
+        let want = &bytes[i * BLOCK..(i + 1) * BLOCK];
+        wait_until(
+            &format!("the damaged replica of block {i} to be replaced"),
+            Duration::from_secs(30),
+            || {
+                let l = locations(&c, "/scanned");
+                l[i].len() == 2
+                    && l[i].iter().all(|n| {
+                        let dn: usize = n.trim_start_matches("dn-").parse().unwrap();
+                        c.replica_path(dn, *id)
+                            .filter(|p| p.with_extension("meta").exists())
+                            .and_then(|p| std::fs::read(p).ok())
+                            .is_some_and(|b| b == want)
+                    })
+            },
+        );
+    }
     assert_eq!(c.get_bytes("/scanned"), bytes);
-    c.assert_no_unexpected_errors(&["block scanner: replica failed its checksum"]);
+    c.assert_no_unexpected_errors(&["block scanner: replica cannot be trusted"]);
 }
 
 #[test]
