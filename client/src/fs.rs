@@ -114,7 +114,7 @@ impl Client {
     pub(crate) async fn nn(&self, req: &ClientToNamenode) -> Result<NamenodeReply, Error> {
         let ctx = || self.namenode_ctx();
         let conn = self.namenode_conn().await?;
-        match net::call(&conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, req).await {
+        match net::call_namenode(&conn, req).await {
             Ok(r) => Ok(r),
             Err(e) => {
                 if !matches!(e, net::RpcError::Remote(_)) {

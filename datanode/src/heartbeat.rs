@@ -8,6 +8,7 @@ use std::time::Duration;
 use lode_protocol::frame::kind;
 use lode_protocol::messages::{DatanodeToNamenode, NamenodeToDatanode, ReportedBlock, Space};
 use lode_protocol::net::{self, RpcError, NAMENODE_SERVER_NAME};
+use lode_protocol::paging;
 use lode_protocol::BlockId;
 use tokio::sync::{watch, Notify};
 
@@ -60,6 +61,17 @@ impl Reports {
 
     fn take(&self) -> Pending {
         std::mem::take(&mut *self.lock())
+    }
+
+    /// At most a page of each list for one heartbeat; what is left wakes the next one at once.
+    fn take_page(&self) -> Pending {
+        let mut p = self.lock();
+        let received = paging::take_page(&mut p.0, paging::PAGE_BYTES);
+        let deleted = paging::take_page(&mut p.1, paging::PAGE_BYTES);
+        if !p.0.is_empty() || !p.1.is_empty() {
+            self.notify.notify_one();
+        }
+        (received, deleted)
     }
 
     /// Puts back what a failed heartbeat carried, under the changes noted since (which are newer).
@@ -143,31 +155,38 @@ async fn register(shared: &Shared, namenode: &str, advertise: &str) -> Result<()
     // Whatever was pending (lost replicas too) is covered by the full report.
     let _ = shared.reports.take();
     let store = shared.store.clone();
-    let blocks = tokio::task::spawn_blocking(move || store.report())
+    let mut blocks = tokio::task::spawn_blocking(move || store.report())
         .await
         .unwrap_or_default();
     let conn = shared.pool.get(namenode, NAMENODE_SERVER_NAME).await?;
     let n = blocks.len();
-    let req = DatanodeToNamenode::Register {
+    // The full report goes in pages: the registration holds the first, `ReportMore` the rest.
+    let mut req = DatanodeToNamenode::Register {
         addr: advertise.to_string(),
         space,
-        blocks,
+        blocks: paging::take_page(&mut blocks, paging::PAGE_BYTES),
     };
-    let reply: NamenodeToDatanode = net::call(
-        &conn,
-        kind::DATANODE_TO_NAMENODE,
-        kind::NAMENODE_TO_DATANODE,
-        &req,
-    )
-    .await?;
-    if let NamenodeToDatanode::Registered { delete } = reply {
-        tracing::info!(
-            replicas = n,
-            to_delete = delete.len(),
-            "registered with the namenode"
-        );
-        delete_replicas(shared, delete).await;
+    let mut to_delete = 0;
+    loop {
+        let reply: NamenodeToDatanode = net::call(
+            &conn,
+            kind::DATANODE_TO_NAMENODE,
+            kind::NAMENODE_TO_DATANODE,
+            &req,
+        )
+        .await?;
+        if let NamenodeToDatanode::Registered { delete } = reply {
+            to_delete += delete.len();
+            delete_replicas(shared, delete).await;
+        }
+        if blocks.is_empty() {
+            break;
+        }
+        req = DatanodeToNamenode::ReportMore {
+            blocks: paging::take_page(&mut blocks, paging::PAGE_BYTES),
+        };
     }
+    tracing::info!(replicas = n, to_delete, "registered with the namenode");
     let sandbox = DatanodeToNamenode::Info {
         protections: shared.sandbox.clone(),
         http_addr: shared.http_addr.clone(),
@@ -185,7 +204,7 @@ async fn register(shared: &Shared, namenode: &str, advertise: &str) -> Result<()
 /// Sends one heartbeat; false when the namenode wants a new registration.
 async fn heartbeat(shared: &Arc<Shared>, namenode: &str) -> Result<bool, RpcError> {
     let space = space(shared).await;
-    let taken = shared.reports.take();
+    let taken = shared.reports.take_page();
     let conn = match shared.pool.get(namenode, NAMENODE_SERVER_NAME).await {
         Ok(c) => c,
         Err(e) => {
@@ -222,6 +241,10 @@ async fn heartbeat(shared: &Arc<Shared>, namenode: &str) -> Result<bool, RpcErro
             delete,
             copy,
         }) => {
+            // A full page of deletions means the namenode has more: ask again at once.
+            if paging::is_full_page(&delete) {
+                shared.reports.wake();
+            }
             delete_replicas(shared, delete).await;
             start_copies(shared, copy);
             Ok(!reregister)

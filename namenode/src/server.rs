@@ -121,7 +121,7 @@ async fn serve_stream(
                 }
                 Err(e) => Err(e),
             };
-            finish(&mut send, kind::NAMENODE_REPLY, reply).await
+            finish_paged(&mut send, reply).await
         }
         (kind::CLIENT_TO_NAMENODE, _) => {
             finish::<()>(&mut send, 0, Err(denied("namenodes do not call namenodes"))).await
@@ -204,6 +204,7 @@ impl RequestKind for DatanodeToNamenode {
             DatanodeToNamenode::Heartbeat { .. } => "Heartbeat",
             DatanodeToNamenode::Info { .. } => "Info",
             DatanodeToNamenode::CorruptReplicas { .. } => "CorruptReplicas",
+            DatanodeToNamenode::ReportMore { .. } => "ReportMore",
         }
     }
 }
@@ -260,6 +261,20 @@ async fn finish<T: serde::Serialize>(
     }
     send.finish()?;
     // Wait until the peer has the reply (or is gone) before dropping the stream.
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+/// Writes a client's reply as its frames (long listings, block lists and fsck reports are paged).
+async fn finish_paged(
+    send: &mut quinn::SendStream,
+    reply: Result<NamenodeReply, WireError>,
+) -> Result<(), RpcError> {
+    match reply {
+        Ok(r) => net::write_paged_reply(send, r).await?,
+        Err(e) => net::write_error(send, &e).await?,
+    }
+    send.finish()?;
     let _ = send.stopped().await;
     Ok(())
 }
@@ -701,6 +716,10 @@ fn handle_datanode(
         } => {
             let delete = state.register(name, addr.clone(), space, &blocks, now);
             tracing::info!(datanode = name, %addr, replicas = blocks.len(), unknown = delete.len(), "datanode registered");
+            Ok(NamenodeToDatanode::Registered { delete })
+        }
+        DatanodeToNamenode::ReportMore { blocks } => {
+            let delete = state.report_more(name, &blocks, now);
             Ok(NamenodeToDatanode::Registered { delete })
         }
         DatanodeToNamenode::CorruptReplicas { blocks } => {

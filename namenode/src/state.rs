@@ -485,6 +485,26 @@ impl State {
         delete
     }
 
+    /// A further page of the full block report a `register` opened; returns replicas to delete.
+    /// A node that is not registered (the namenode restarted between pages) is ignored: its next
+    /// heartbeat makes it register again.
+    pub fn report_more(
+        &mut self,
+        name: &str,
+        report: &[ReportedBlock],
+        now: Instant,
+    ) -> Vec<ReportedBlock> {
+        if !self.datanodes.contains_key(name) {
+            return vec![];
+        }
+        let delete = report
+            .iter()
+            .filter_map(|b| self.add_replica(name, *b))
+            .collect();
+        self.check_safemode(now);
+        delete
+    }
+
     /// A heartbeat; `None` means the node is unknown (or was dead) and must register again.
     #[allow(clippy::too_many_arguments)]
     pub fn heartbeat(
@@ -519,7 +539,12 @@ impl State {
             .collect();
         let mut copy = vec![];
         if let Some(dn) = self.datanodes.get_mut(name) {
-            delete.append(&mut dn.pending_delete);
+            // At most a page of deletions per reply; a full page tells the datanode to come back
+            // at once for more.
+            delete.append(&mut lode_protocol::paging::take_page(
+                &mut dn.pending_delete,
+                lode_protocol::paging::PAGE_BYTES,
+            ));
             copy.append(&mut dn.pending_copy);
         }
         self.space_events(name, Some(before), space);

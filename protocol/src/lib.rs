@@ -13,6 +13,7 @@ pub mod frame;
 pub mod ids;
 pub mod messages;
 pub mod net;
+pub mod paging;
 pub mod path;
 pub mod service;
 

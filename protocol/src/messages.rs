@@ -242,6 +242,12 @@ pub enum NamenodeReply {
         hash: Blake3Cv,
         last_applied: u64,
     },
+    /// More entries of the `Listing` that opened this reply (see [`crate::paging`]).
+    ListingMore(Vec<FileStatus>),
+    /// More blocks of the `Status` that opened this reply.
+    BlocksMore(Vec<LocatedBlock>),
+    /// More problems of the `Fsck` report that opened this reply.
+    FsckMore(Vec<FsckProblem>),
 }
 
 /// A registered plugin.
@@ -379,6 +385,9 @@ pub enum DatanodeToNamenode {
     },
     /// Local replicas that failed their checksums (found by the block scanner).
     CorruptReplicas { blocks: Vec<BlockId> },
+    /// More of the full block report that the last `Register` opened (a report is sent in pages
+    /// of at most [`crate::paging::PAGE_BYTES`]); answered with `Registered`.
+    ReportMore { blocks: Vec<ReportedBlock> },
 }
 
 /// Replies from the namenode to a datanode.

@@ -429,6 +429,72 @@ pub async fn read_raw_frame(
     Ok((header, body))
 }
 
+/// Reads the next frame, or `None` where the peer ended the stream cleanly between two frames.
+pub async fn read_raw_frame_or_end(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<(FrameHeader, Vec<u8>)>, RpcError> {
+    let mut head = [0u8; HEADER_BYTES];
+    let mut got = 0;
+    while got < HEADER_BYTES {
+        match recv
+            .read(&mut head[got..])
+            .await
+            .map_err(|e| RpcError::Stream(e.to_string()))?
+        {
+            Some(n) => got += n,
+            None if got == 0 => return Ok(None),
+            None => {
+                return Err(RpcError::Stream(
+                    "stream ended inside a frame header".into(),
+                ))
+            }
+        }
+    }
+    let header = FrameHeader::decode(&head)?;
+    // The length was checked against MAX_FRAME_BYTES by decode, so this allocation is bounded.
+    let mut body = vec![0u8; header.len as usize];
+    recv.read_exact(&mut body).await?;
+    Ok(Some((header, body)))
+}
+
+/// Writes a namenode reply as its frames (see [`crate::paging`]): the reply with its first page,
+/// then continuation frames.
+pub async fn write_paged_reply(
+    send: &mut quinn::SendStream,
+    reply: crate::messages::NamenodeReply,
+) -> Result<(), RpcError> {
+    for f in crate::paging::split_reply(reply) {
+        write_frame(send, frame::kind::NAMENODE_REPLY, &f).await?;
+    }
+    Ok(())
+}
+
+/// A request to the namenode whose reply may run over several frames: reads the first, then
+/// continuation frames (at most [`crate::paging::PAGES_MAX`]) until the namenode ends the stream.
+pub async fn call_namenode(
+    conn: &quinn::Connection,
+    req: &crate::messages::ClientToNamenode,
+) -> Result<crate::messages::NamenodeReply, RpcError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, frame::kind::CLIENT_TO_NAMENODE, req).await?;
+    send.finish()?;
+    let mut reply = read_frame(&mut recv, frame::kind::NAMENODE_REPLY).await?;
+    for _ in 0..crate::paging::PAGES_MAX {
+        let Some((header, body)) = read_raw_frame_or_end(&mut recv).await? else {
+            return Ok(reply);
+        };
+        let more = match frame::decode_body(header, frame::kind::NAMENODE_REPLY, &body)? {
+            Decoded::Message(m) => m,
+            Decoded::Error(e) => return Err(RpcError::Remote(e)),
+        };
+        crate::paging::join_reply(&mut reply, more).map_err(RpcError::Stream)?;
+    }
+    Err(RpcError::Stream(format!(
+        "reply runs over more than {} frames",
+        crate::paging::PAGES_MAX
+    )))
+}
+
 /// Reads a piece header and its data into `buf` (cleared first). `None` at the end marker.
 pub async fn read_piece(
     recv: &mut quinn::RecvStream,

@@ -211,7 +211,21 @@ fn every_message_matches_its_golden_bytes() {
     };
     check("n2c_ok", r, NamenodeReply::Ok);
     check("n2c_status", r, NamenodeReply::Status(status.clone()));
-    check("n2c_listing", r, NamenodeReply::Listing(vec![status]));
+    check(
+        "n2c_listing",
+        r,
+        NamenodeReply::Listing(vec![status.clone()]),
+    );
+    check(
+        "n2c_listing_more",
+        r,
+        NamenodeReply::ListingMore(vec![status]),
+    );
+    check(
+        "n2c_blocks_more",
+        r,
+        NamenodeReply::BlocksMore(vec![located()]),
+    );
     check(
         "n2c_created",
         r,
@@ -281,6 +295,11 @@ fn every_message_matches_its_golden_bytes() {
             locations: vec!["dn-1".into()],
         }],
     };
+    check(
+        "n2c_fsck_more",
+        r,
+        NamenodeReply::FsckMore(fsck.problems.clone()),
+    );
     check("n2c_fsck", r, NamenodeReply::Fsck(fsck));
     check(
         "n2c_safemode",
@@ -351,6 +370,11 @@ fn every_message_matches_its_golden_bytes() {
         DatanodeToNamenode::CorruptReplicas {
             blocks: vec![BlockId(7)],
         },
+    );
+    check(
+        "d2n_report_more",
+        d,
+        DatanodeToNamenode::ReportMore { blocks: vec![rb] },
     );
     let n = kind::NAMENODE_TO_DATANODE;
     check("n2d_ack", n, NamenodeToDatanode::Ack);
