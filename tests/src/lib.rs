@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod nemesis;
+
 /// What cluster to start.
 #[derive(Clone, Debug)]
 pub struct ClusterSpec {
@@ -358,6 +360,11 @@ impl Cluster {
         );
         self.datanodes[i - 1] = Some(child);
         self.private_mounts[i - 1] = false;
+    }
+
+    /// The process id of datanode `i` (1-based), while it runs.
+    pub fn datanode_pid(&self, i: usize) -> Option<u32> {
+        self.datanodes[i - 1].as_ref().map(|c| c.id())
     }
 
     /// Whether the namenode process has exited by itself (a failpoint ended it).
