@@ -287,15 +287,42 @@ async fn delete_replicas(shared: &Shared, blocks: Vec<ReportedBlock>) {
     }
 }
 
-/// Starts re-replication copies in the background; the receivers report the new replicas.
+/// Starts re-replication copies in the background; the receivers report the new replicas. A
+/// copy with no targets is a verification: the replica is read and checked, and reported again
+/// (as received) when it is good. A replica that fails its checks while being read is reported
+/// corrupt, as the block scanner would.
 fn start_copies(shared: &Arc<Shared>, copies: Vec<lode_protocol::messages::CopyCommand>) {
     for cmd in copies {
         let shared = shared.clone();
         tokio::spawn(async move {
             let block = cmd.block;
+            if cmd.targets.is_empty() {
+                let store = shared.store.clone();
+                let checked =
+                    tokio::task::spawn_blocking(move || crate::scanner::verify(&store, block))
+                        .await;
+                match checked {
+                    Ok(Ok(_)) => {
+                        if let Some(r) = shared.store.replica(block) {
+                            shared.reports.received(r);
+                        }
+                    }
+                    Ok(Err(e)) if crate::scanner::unreadable(&e) => {
+                        tracing::error!(%block, "replica failed verification ({e}); reporting it");
+                        crate::scanner::report(&shared, block).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!(%block, "verification not done: {e}"),
+                    Err(_) => {}
+                }
+                return;
+            }
             let to: Vec<String> = cmd.targets.iter().map(|t| t.name.clone()).collect();
             match crate::server::copy_block(&shared, cmd).await {
                 Ok(stored) => tracing::info!(%block, to = ?stored, "replica copied"),
+                Err(e) if crate::scanner::unreadable(&e) => {
+                    tracing::error!(%block, "copy source failed its checks ({e}); reporting it");
+                    crate::scanner::report(&shared, block).await;
+                }
                 Err(e) => tracing::warn!(%block, to = ?to, "copy failed: {e}"),
             }
         });

@@ -66,7 +66,7 @@ pub async fn run(
 /// Whether an error reading a replica means the replica is bad: a checksum mismatch, a truncated
 /// or missing file, a missing or damaged sidecar, an I/O error. A replica deleted meanwhile, or an
 /// error that says nothing about the disk (out of descriptors or memory, a timeout), is not.
-fn unreadable(e: &Error) -> bool {
+pub(crate) fn unreadable(e: &Error) -> bool {
     match e {
         Error::Corrupt { .. } => true,
         Error::Disk { source, .. } => !crate::store::is_transient(source),
@@ -74,7 +74,11 @@ fn unreadable(e: &Error) -> bool {
     }
 }
 
-fn verify(store: &std::sync::Arc<crate::store::BlockStore>, id: BlockId) -> Result<u64, Error> {
+/// Reads every piece of a replica, checking each against its sidecar value; its length.
+pub(crate) fn verify(
+    store: &std::sync::Arc<crate::store::BlockStore>,
+    id: BlockId,
+) -> Result<u64, Error> {
     let mut r = store.open_block(id)?;
     let mut buf = Vec::new();
     let len = r.sidecar.len;
@@ -84,7 +88,8 @@ fn verify(store: &std::sync::Arc<crate::store::BlockStore>, id: BlockId) -> Resu
     Ok(len)
 }
 
-async fn report(shared: &Shared, block: BlockId) {
+/// Tells the namenode that a local replica is corrupt.
+pub(crate) async fn report(shared: &Shared, block: BlockId) {
     let msg = DatanodeToNamenode::CorruptReplicas {
         blocks: vec![block],
     };

@@ -111,6 +111,10 @@ pub struct BlockEntry {
     pub locations: BTreeSet<String>,
     /// Replicas reported before the block was committed, with what they hold.
     pub provisional: BTreeMap<String, ReportedBlock>,
+    /// When each counted replica last proved its bytes by a verified read: written or copied
+    /// (every piece is checked on the way in) or verified on request. A registration's report
+    /// only claims a replica; it proves nothing.
+    pub verified: BTreeMap<String, Instant>,
     /// Length of the block (committed, or the largest provisional replica).
     pub len: u64,
 }
@@ -152,6 +156,11 @@ pub struct State {
     pub max_reported_block: BlockId,
     /// Re-replication copies under way.
     pub copies: Vec<PendingCopy>,
+    /// Verifications asked of replica holders before an excess delete: (block, node) -> when
+    /// asked. An excess replica is deleted only once every replica that stays has proved its bytes
+    /// by a verified read after it was asked: a replica gone bad unnoticed must never be the one
+    /// kept while good ones are deleted.
+    pub verifying: BTreeMap<(BlockId, String), Instant>,
     /// Whether namespace changes are refused.
     pub safemode: SafeMode,
     /// Fraction of blocks that must have a reported replica before start-up safe mode lifts.
@@ -192,6 +201,7 @@ impl State {
             stale_replicas: 0,
             max_reported_block: BlockId(0),
             copies: vec![],
+            verifying: BTreeMap::new(),
             safemode: SafeMode::Startup,
             safemode_threshold: 0.999,
             decommission: BTreeSet::new(),
@@ -217,6 +227,7 @@ impl State {
                             committed: b.cv.map(|cv| (b.len, cv)),
                             locations: BTreeSet::new(),
                             provisional: BTreeMap::new(),
+                            verified: BTreeMap::new(),
                             len: b.len,
                         },
                     );
@@ -304,7 +315,7 @@ impl State {
             self.forget_block(*block);
         }
         for c in &applied.committed {
-            self.commit_block(c);
+            self.commit_block(c, now);
         }
         if let Some((block, inode, replication)) = applied.added {
             self.blocks.insert(
@@ -316,6 +327,7 @@ impl State {
                     committed: None,
                     locations: BTreeSet::new(),
                     provisional: BTreeMap::new(),
+                    verified: BTreeMap::new(),
                     len: 0,
                 },
             );
@@ -381,11 +393,17 @@ impl State {
             }
         }
         self.corrupt.retain(|(b, _)| *b != block);
+        // Copies and verifications of it still queued or under way are moot.
+        self.copies.retain(|c| c.block != block);
+        self.verifying.retain(|(b, _), _| *b != block);
+        for dn in self.datanodes.values_mut() {
+            dn.pending_copy.retain(|c| c.block != block);
+        }
     }
 
     /// The writer committed a block's length and value: provisional replicas that hold exactly
     /// that now count; the others are stale and deleted.
-    fn commit_block(&mut self, c: &CommittedBlock) {
+    fn commit_block(&mut self, c: &CommittedBlock, now: Instant) {
         let Some(entry) = self.blocks.get_mut(&c.id) else {
             return;
         };
@@ -393,13 +411,20 @@ impl State {
         entry.len = c.len;
         let provisional = std::mem::take(&mut entry.provisional);
         for (name, replica) in provisional {
-            self.add_replica(&name, replica);
+            // Reported while the block was written: the write checked every piece.
+            self.add_replica(&name, replica, Some(now));
         }
     }
 
     /// Counts a reported replica if it matches its block; returns it when it must be deleted
-    /// instead (unknown block, stale, or marked corrupt on this node).
-    fn add_replica(&mut self, name: &str, replica: ReportedBlock) -> Option<ReportedBlock> {
+    /// instead (unknown block, stale, or marked corrupt on this node). `proved` is when the
+    /// replica's bytes were last read and verified, for replicas just written, copied or verified.
+    fn add_replica(
+        &mut self,
+        name: &str,
+        replica: ReportedBlock,
+        proved: Option<Instant>,
+    ) -> Option<ReportedBlock> {
         self.max_reported_block = self.max_reported_block.max(replica.id);
         let corrupt = self.corrupt.contains(&(replica.id, name.to_string()));
         let Some(entry) = self.blocks.get_mut(&replica.id) else {
@@ -415,12 +440,17 @@ impl State {
             }
             Some((len, cv)) if replica.len == len && replica.cv == cv => {
                 entry.locations.insert(name.to_string());
+                if let Some(t) = proved {
+                    entry.verified.insert(name.to_string(), t);
+                }
                 self.copies
                     .retain(|c| !(c.block == replica.id && c.target == name));
             }
             Some(_) => {
                 entry.locations.remove(name);
+                entry.verified.remove(name);
                 self.stale_replicas += 1;
+                self.cancel_copies_from(name, replica.id);
                 tracing::warn!(block = %replica.id, datanode = name, len = replica.len,
                     "stale replica (its length or value differs from the committed block's); deleting it");
                 self.event(format!(
@@ -436,12 +466,23 @@ impl State {
         None
     }
 
+    /// Drops copies of `block` from `name` still queued or under way (its replica is no source).
+    fn cancel_copies_from(&mut self, name: &str, block: BlockId) {
+        self.copies
+            .retain(|c| !(c.block == block && c.source == name));
+        if let Some(dn) = self.datanodes.get_mut(name) {
+            dn.pending_copy.retain(|c| c.block != block);
+        }
+    }
+
     /// Forgets that `name` holds a replica of `block` (it was deleted or lost).
     fn drop_location(&mut self, name: &str, block: BlockId) {
         if let Some(e) = self.blocks.get_mut(&block) {
             e.locations.remove(name);
             e.provisional.remove(name);
+            e.verified.remove(name);
         }
+        self.cancel_copies_from(name, block);
     }
 
     /// A datanode joins with a full block report; returns replicas it should delete.
@@ -477,7 +518,7 @@ impl State {
         );
         let delete: Vec<ReportedBlock> = report
             .iter()
-            .filter_map(|b| self.add_replica(name, *b))
+            .filter_map(|b| self.add_replica(name, *b, None))
             .collect();
         self.event(format!("{name} registered with {} replicas", report.len()));
         self.space_events(name, before, space);
@@ -499,7 +540,7 @@ impl State {
         }
         let delete = report
             .iter()
-            .filter_map(|b| self.add_replica(name, *b))
+            .filter_map(|b| self.add_replica(name, *b, None))
             .collect();
         self.check_safemode(now);
         delete
@@ -533,9 +574,11 @@ impl State {
         for b in deleted {
             self.drop_location(name, *b);
         }
+        // A replica in a heartbeat was just written, copied or verified: its bytes were read and
+        // checked.
         let mut delete: Vec<ReportedBlock> = received
             .iter()
-            .filter_map(|b| self.add_replica(name, *b))
+            .filter_map(|b| self.add_replica(name, *b, Some(now)))
             .collect();
         let mut copy = vec![];
         if let Some(dn) = self.datanodes.get_mut(name) {
@@ -708,17 +751,71 @@ impl State {
                 });
             }
         }
-        for (holder, block) in plan.deletes {
-            tracing::info!(%block, datanode = %holder, "removing an excess replica");
-            self.event(format!(
-                "removing an excess replica of block {block} from {holder}"
-            ));
-            let Some(e) = self.blocks.get_mut(&block) else {
+        // A verification that never came back is asked again.
+        self.verifying
+            .retain(|_, asked| now.saturating_duration_since(*asked) < COPY_TIMEOUT);
+        let mut deleting: BTreeMap<BlockId, Vec<String>> = BTreeMap::new();
+        for (holder, block) in &plan.deletes {
+            deleting.entry(*block).or_default().push(holder.clone());
+        }
+        let proved = |s: &State, block: BlockId, n: &str| {
+            let asked = s.verifying.get(&(block, n.to_string()));
+            let proved = s.blocks.get(&block).and_then(|e| e.verified.get(n));
+            matches!((asked, proved), (Some(a), Some(p)) if p > a)
+        };
+        for (block, planned) in deleting {
+            let Some(e) = self.blocks.get(&block) else {
                 continue;
             };
-            e.locations.remove(&holder);
-            if let Some(replica) = e.committed_replica(block) {
-                self.delete_on(&holder, replica);
+            // As many as the planner chose go, unproved replicas first (so the choice holds still
+            // while the replicas that stay prove themselves), then the planner's order.
+            let mut order: Vec<String> = e.locations.iter().cloned().collect();
+            order.sort_by_key(|n| (proved(self, block, n), !planned.contains(n)));
+            let holders: Vec<String> = order.iter().take(planned.len()).cloned().collect();
+            let unproved: Vec<String> = order
+                .iter()
+                .skip(planned.len())
+                .filter(|n| !proved(self, block, n))
+                .cloned()
+                .collect();
+            if !unproved.is_empty() {
+                // The replicas that stay must prove their bytes before others go.
+                for n in unproved {
+                    let key = (block, n.clone());
+                    let outstanding = self
+                        .verifying
+                        .keys()
+                        .filter(|(b, v)| *v == n && !proved(self, *b, v))
+                        .count();
+                    if self.verifying.contains_key(&key) || outstanding >= COPIES_PER_SOURCE {
+                        continue;
+                    }
+                    tracing::info!(%block, datanode = %n, "verifying a replica before removing an excess one");
+                    let Some(dn) = self.datanodes.get_mut(&n) else {
+                        continue;
+                    };
+                    dn.pending_copy.push(CopyCommand {
+                        block,
+                        targets: vec![],
+                    });
+                    self.verifying.insert(key, now);
+                }
+                continue;
+            }
+            self.verifying.retain(|(b, _), _| *b != block);
+            for holder in holders {
+                tracing::info!(%block, datanode = %holder, "removing an excess replica");
+                self.event(format!(
+                    "removing an excess replica of block {block} from {holder}"
+                ));
+                let Some(e) = self.blocks.get_mut(&block) else {
+                    continue;
+                };
+                e.locations.remove(&holder);
+                e.verified.remove(&holder);
+                if let Some(replica) = e.committed_replica(block) {
+                    self.delete_on(&holder, replica);
+                }
             }
         }
     }
@@ -849,9 +946,13 @@ impl State {
         if !entry.locations.remove(name) {
             return;
         }
+        entry.verified.remove(name);
+        let others = !entry.locations.is_empty();
+        let replica = entry.committed_replica(block);
+        self.cancel_copies_from(name, block);
         self.corrupt.insert((block, name.to_string()));
-        if !entry.locations.is_empty() {
-            if let Some(replica) = entry.committed_replica(block) {
+        if others {
+            if let Some(replica) = replica {
                 self.delete_on(name, replica);
             }
             self.corrupt.remove(&(block, name.to_string()));

@@ -145,45 +145,67 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
                     Err(_) => break,
                 }
             }
-            let mut replies = Vec::with_capacity(jobs.len());
-            let mut effects = Vec::new();
-            let mut fatal = None;
-            for job in jobs {
-                if fatal.is_some() {
-                    replies.push((job.reply, Err(Error::WriterGone)));
-                    continue;
-                }
-                match self.execute(job.mutation, &mut effects) {
-                    Err(e) if e.is_fatal() || matches!(e, Error::Store(_)) => {
-                        fatal = Some(e);
-                        replies.push((job.reply, Err(Error::WriterGone)));
+            let (mutations, replies): (Vec<Mutation>, Vec<_>) =
+                jobs.into_iter().map(|j| (j.mutation, j.reply)).unzip();
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            match self.run_group(mutations, Instant::now(), now_ms) {
+                Ok(results) => {
+                    for (tx, r) in replies.into_iter().zip(results) {
+                        let _ = tx.send(r);
                     }
-                    r => replies.push((job.reply, r)),
+                }
+                Err(e) => {
+                    for tx in replies {
+                        let _ = tx.send(Err(Error::WriterGone));
+                    }
+                    return Err(e);
                 }
             }
-            if fatal.is_none() {
-                if let Err(e) = self.make_durable(effects, replies.len()) {
-                    fatal = Some(e);
-                }
+            self.checkpoint_if_due()?;
+        }
+        Ok(())
+    }
+
+    /// Runs one group: validates and logs each mutation in order (later ones see the earlier ones'
+    /// edits), makes the group durable, applies it to the store and the soft state, and returns the
+    /// replies, which the caller may send only now. `Err` is fatal: the writer cannot go on.
+    /// Time comes in (`now` for soft state, `now_ms` for mtimes), so a given input gives a given
+    /// result (the simulation relies on it).
+    pub fn run_group(
+        &mut self,
+        mutations: Vec<Mutation>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Result<Vec<Result<NamenodeReply, Error>>, Error> {
+        let mut results = Vec::with_capacity(mutations.len());
+        let mut effects = Vec::new();
+        for m in mutations {
+            match self.execute(m, now_ms, &mut effects) {
+                Err(e) if e.is_fatal() || matches!(e, Error::Store(_)) => return Err(e),
+                r => results.push(r),
             }
-            if let Some(e) = fatal {
-                for (tx, _) in replies {
-                    let _ = tx.send(Err(Error::WriterGone));
-                }
-                return Err(e);
-            }
-            for (tx, r) in replies {
-                let _ = tx.send(r);
-            }
-            if self.journal.wants_checkpoint() {
-                self.checkpoint()?;
-            }
+        }
+        self.make_durable(effects, results.len(), now)?;
+        Ok(results)
+    }
+
+    /// Takes a checkpoint when the journal asks for one.
+    pub fn checkpoint_if_due(&mut self) -> Result<(), Error> {
+        if self.journal.wants_checkpoint() {
+            self.checkpoint()?;
         }
         Ok(())
     }
 
     /// Syncs the group's edits, moves them into the store, and lets the soft state follow them.
-    fn make_durable(&mut self, effects: Vec<Applied>, group: usize) -> Result<(), Error> {
+    fn make_durable(
+        &mut self,
+        effects: Vec<Applied>,
+        group: usize,
+        now: Instant,
+    ) -> Result<(), Error> {
         crate::failpoint!("namenode.group.before_sync");
         self.journal.sync()?;
         crate::failpoint!("namenode.group.after_sync");
@@ -191,7 +213,6 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
         self.metrics.editlog_group.observe(group as f64);
         self.ns.store().commit()?;
         crate::failpoint!("namenode.group.after_apply");
-        let now = Instant::now();
         let mut state = self
             .state
             .lock()
@@ -218,10 +239,12 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
         Ok(())
     }
 
-    fn execute(&mut self, m: Mutation, effects: &mut Vec<Applied>) -> Result<NamenodeReply, Error> {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+    fn execute(
+        &mut self,
+        m: Mutation,
+        now_ms: u64,
+        effects: &mut Vec<Applied>,
+    ) -> Result<NamenodeReply, Error> {
         let ns = &self.ns;
         let mut reply = NamenodeReply::Ok;
         let ops = match m {

@@ -189,7 +189,10 @@ impl Campaign {
     }
 
     fn put_local(&mut self, data: &[u8]) -> PathBuf {
-        let p = self.c.dir().join(format!("nemesis-upload-{}", self.next_name));
+        let p = self
+            .c
+            .dir()
+            .join(format!("nemesis-upload-{}", self.next_name));
         std::fs::write(&p, data).unwrap_or_else(|e| self.fail(&format!("write local: {e}")));
         p
     }
@@ -250,7 +253,11 @@ impl Campaign {
         let l = local.to_string_lossy().to_string();
         args.push(&l);
         args.push(&target);
-        self.note(format!("put{} {target} ({} bytes, r{replication})", if overwrite { " -f" } else { "" }, data.len()));
+        self.note(format!(
+            "put{} {target} ({} bytes, r{replication})",
+            if overwrite { " -f" } else { "" },
+            data.len()
+        ));
         let ok = self.change(&args);
         let _ = std::fs::remove_file(&local);
         let new = Node::File { data, replication };
@@ -413,17 +420,35 @@ impl Campaign {
             let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
             let bytes = v["stats"]["input_bytes"].as_u64();
             if bytes != Some(data.len() as u64) {
-                self.fail(&format!("scan of {p} read {bytes:?} bytes, want {}", data.len()));
+                self.fail(&format!(
+                    "scan of {p} read {bytes:?} bytes, want {}",
+                    data.len()
+                ));
             }
             let lines = data.iter().filter(|b| **b == b'\n').count();
             let result = v["result"].as_str().unwrap_or("");
             if result.split_whitespace().next() != Some(&lines.to_string()) {
-                self.fail(&format!("scan of {p}: wc says {result:?}, want {lines} lines"));
+                self.fail(&format!(
+                    "scan of {p}: wc says {result:?}, want {lines} lines"
+                ));
             }
         }
     }
 
     // ----- resolving unknown outcomes -----
+
+    /// Waits until the namenode leaves start-up safe mode: every block keeps a reported replica
+    /// under the campaign's faults, so it must.
+    fn wait_safemode_off(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.c.report().is_some_and(|r| r["safemode"] == false) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.fail("the namenode stays in safe mode although every block has a live replica");
+    }
 
     fn wait_namenode(&self) {
         wait_until("the namenode answers", Duration::from_secs(60), || {
@@ -475,12 +500,13 @@ impl Campaign {
                         // A replica may be on a node that is down; the namespace state is what
                         // matters here: match by size and replication, verify at the end.
                         let size = s["size"].as_u64().unwrap_or(u64::MAX);
-                        let found = allowed.iter().flatten().find(|n| {
-                            matches!(n, Node::File { data, .. } if data.len() as u64 == size)
-                        });
+                        let found = allowed.iter().flatten().find(
+                            |n| matches!(n, Node::File { data, .. } if data.len() as u64 == size),
+                        );
                         match found {
                             Some(n) => Some(n.clone()),
-                            None => self.fail(&format!("{p}: size {size} matches no acknowledged version")),
+                            None => self
+                                .fail(&format!("{p}: size {size} matches no acknowledged version")),
                         }
                     } else {
                         let r = s["replication"].as_u64().unwrap_or(0) as u8;
@@ -498,12 +524,25 @@ impl Campaign {
             };
             match allowed.iter().find(|a| matches(a)) {
                 Some(a) => {
-                    let what = if a.is_some() { "a version written" } else { "absent" };
+                    let what = if a.is_some() {
+                        "a version written"
+                    } else {
+                        "absent"
+                    };
                     self.note(format!("  -> resolved: {p} is {what}"));
                     let adopted = match (a, seen) {
-                        (Some(Node::File { data, replication }), Some(Node::File { replication: seen_r, .. })) => {
+                        (
+                            Some(Node::File { data, replication }),
+                            Some(Node::File {
+                                replication: seen_r,
+                                ..
+                            }),
+                        ) => {
                             // The replication is the version's; a failed setrep could also have changed it.
-                            Some(Node::File { data: data.clone(), replication: if seen_r > 0 { seen_r } else { *replication } })
+                            Some(Node::File {
+                                data: data.clone(),
+                                replication: if seen_r > 0 { seen_r } else { *replication },
+                            })
                         }
                         (a, _) => a.clone(),
                     };
@@ -513,7 +552,9 @@ impl Campaign {
                     };
                     return;
                 }
-                None => self.fail(&format!("{p}: the cluster holds a version that was never written")),
+                None => self.fail(&format!(
+                    "{p}: the cluster holds a version that was never written"
+                )),
             }
         }
     }
@@ -526,8 +567,9 @@ impl Campaign {
             .collect()
     }
 
-    /// (block id, the block's bytes) of every block of every file in the model.
-    fn all_blocks(&self) -> Vec<(u64, Vec<u8>)> {
+    /// (block id, the block's bytes, the datanodes the namenode lists for it) of every block of
+    /// every file in the model.
+    fn all_blocks(&self) -> Vec<(u64, Vec<u8>, Vec<usize>)> {
         let mut out = vec![];
         for p in self.files() {
             let Some(Node::File { data, .. }) = self.model.get(&p) else {
@@ -541,8 +583,15 @@ impl Campaign {
                 let id = b["id"].as_u64().unwrap_or(0);
                 let off = b["offset"].as_u64().unwrap_or(0) as usize;
                 let len = b["len"].as_u64().unwrap_or(0) as usize;
+                let listed = b["locations"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|l| l.as_str()?.trim_start_matches("dn-").parse().ok())
+                    .collect();
                 if off + len <= data.len() {
-                    out.push((id, data[off..off + len].to_vec()));
+                    out.push((id, data[off..off + len].to_vec(), listed));
                 }
             }
         }
@@ -562,13 +611,17 @@ impl Campaign {
     }
 
     /// Whether taking `nodes` away (killing, freezing or damaging) leaves every block a good
-    /// replica on a running node outside them.
+    /// replica on a running node outside them that the namenode lists (a replica file the
+    /// namenode already chose to delete as excess does not count).
     fn may_lose(&self, nodes: &[usize]) -> bool {
         let running = self.running();
-        self.all_blocks().iter().all(|(id, bytes)| {
-            self.good_holders(*id, bytes)
-                .iter()
-                .any(|h| running.contains(h) && !nodes.contains(h) && !self.pulled.contains(h))
+        self.all_blocks().iter().all(|(id, bytes, listed)| {
+            self.good_holders(*id, bytes).iter().any(|h| {
+                running.contains(h)
+                    && listed.contains(h)
+                    && !nodes.contains(h)
+                    && !self.pulled.contains(h)
+            })
         })
     }
 
@@ -578,10 +631,17 @@ impl Campaign {
 
     fn fault_kill_datanodes(&mut self) {
         let running = self.running();
-        let n = self.rng.random_range(1..=2usize).min(running.len().saturating_sub(2));
+        let n = self
+            .rng
+            .random_range(1..=2usize)
+            .min(running.len().saturating_sub(2));
         let mut victims = vec![];
         for _ in 0..n {
-            let rest: Vec<usize> = running.iter().filter(|d| !victims.contains(*d)).copied().collect();
+            let rest: Vec<usize> = running
+                .iter()
+                .filter(|d| !victims.contains(*d))
+                .copied()
+                .collect();
             if let Some(v) = self.pick(&rest) {
                 victims.push(v);
             }
@@ -652,15 +712,23 @@ impl Campaign {
             self.c.kill_namenode();
             self.c.start_namenode();
             self.count("kill namenode");
+            if self.rng.random_bool(0.5) {
+                self.wait_safemode_off();
+            }
             return;
         }
         // A put of several blocks in flight while the namenode dies.
         let dir = self.pick(&self.dirs()).unwrap_or_else(|| "/".into());
         let target = self.new_path(&dir);
-        let data = random_bytes(self.rng.random_range(4 * BLOCK..12 * BLOCK), self.rng.random());
+        let data = random_bytes(
+            self.rng.random_range(4 * BLOCK..12 * BLOCK),
+            self.rng.random(),
+        );
         let local = self.put_local(&data);
         let delay = Duration::from_millis(self.rng.random_range(0..150));
-        self.note(format!("FAULT kill -9 namenode {delay:?} into a put of {target}"));
+        self.note(format!(
+            "FAULT kill -9 namenode {delay:?} into a put of {target}"
+        ));
         let mut child: Child = Command::new(bin_dir().join("lode"))
             .arg("--config")
             .arg(self.c.client_config())
@@ -691,7 +759,7 @@ impl Campaign {
 
     fn fault_damage_replica(&mut self) {
         let blocks = self.all_blocks();
-        let Some((id, bytes)) = self.pick(&blocks) else {
+        let Some((id, bytes, _)) = self.pick(&blocks) else {
             return;
         };
         let running = self.running();
@@ -789,7 +857,10 @@ impl Campaign {
                 None => return,
                 Some(p) => {
                     if p != last_problem {
-                        eprintln!("nemesis[{}]: waiting for the cluster to heal: {p}", self.seed);
+                        eprintln!(
+                            "nemesis[{}]: waiting for the cluster to heal: {p}",
+                            self.seed
+                        );
                         last_problem = p;
                     }
                 }
@@ -801,6 +872,9 @@ impl Campaign {
 
     /// The first rule the cluster breaks now, if any.
     fn final_problem(&self) -> Option<String> {
+        if self.c.report().is_none_or(|r| r["safemode"] != false) {
+            return Some("the namenode is in safe mode".into());
+        }
         let out = self.lode(&["ls", "-R", "--json", "/"]);
         if !out.status.success() {
             return Some("ls -R failed".into());
@@ -820,7 +894,9 @@ impl Campaign {
             let lost: Vec<_> = want.difference(&got).collect();
             let extra: Vec<_> = got.difference(&want).collect();
             // A file that comes back after it was removed is as bad as one lost.
-            return Some(format!("namespace differs: lost {lost:?}, resurrected or unknown {extra:?}"));
+            return Some(format!(
+                "namespace differs: lost {lost:?}, resurrected or unknown {extra:?}"
+            ));
         }
         let mut listed_replicas: BTreeSet<(usize, u64)> = BTreeSet::new();
         for (p, n) in &self.model {
@@ -830,7 +906,10 @@ impl Campaign {
             let s = self.lode(&["stat", "--json", "--blocks", p]);
             let v: Value = serde_json::from_slice(&s.stdout).ok()?;
             if v["replication"].as_u64() != Some(u64::from(*replication)) {
-                return Some(format!("{p}: replication {} not {replication}", v["replication"]));
+                return Some(format!(
+                    "{p}: replication {} not {replication}",
+                    v["replication"]
+                ));
             }
             for b in v["blocks"].as_array()? {
                 let id = b["id"].as_u64()?;
@@ -842,13 +921,18 @@ impl Campaign {
                     .filter_map(|l| l.as_str()?.trim_start_matches("dn-").parse().ok())
                     .collect();
                 if locs.len() != usize::from(*replication) {
-                    return Some(format!("{p}: block {id} has {} replicas, target {replication}", locs.len()));
+                    return Some(format!(
+                        "{p}: block {id} has {} replicas, target {replication}",
+                        locs.len()
+                    ));
                 }
                 let bytes = data.get(off..off + len)?;
                 for dn in &locs {
                     listed_replicas.insert((*dn, id));
                     if !self.good_holders(id, bytes).contains(dn) {
-                        return Some(format!("{p}: block {id} is listed on dn-{dn}, which lacks its bytes"));
+                        return Some(format!(
+                            "{p}: block {id} is listed on dn-{dn}, which lacks its bytes"
+                        ));
                     }
                 }
             }
@@ -857,7 +941,9 @@ impl Campaign {
                 return Some(format!("{p}: does not read back byte-exact"));
             }
             let sum = self.lode(&["checksum", p]);
-            if !String::from_utf8_lossy(&sum.stdout).starts_with(blake3::hash(data).to_hex().as_str()) {
+            if !String::from_utf8_lossy(&sum.stdout)
+                .starts_with(blake3::hash(data).to_hex().as_str())
+            {
                 return Some(format!("{p}: checksum differs"));
             }
         }
