@@ -266,24 +266,28 @@ async fn delete_replicas(shared: &Shared, blocks: Vec<ReportedBlock>) {
         return;
     }
     let store = shared.store.clone();
-    let deleted = tokio::task::spawn_blocking(move || {
-        let mut done = vec![];
+    // Every delete is answered: deleted (or not here at all), or the replica held instead.
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut answers = vec![];
         for b in blocks {
             match store.delete_exact(&b) {
-                Ok(true) => done.push(b.id),
+                Ok(true) => answers.push((b.id, None)),
                 Ok(false) => {
-                    tracing::debug!(block = %b.id, "no replica with the length and value to delete")
+                    tracing::debug!(block = %b.id, "no replica with the length and value to delete");
+                    answers.push((b.id, store.replica(b.id)));
                 }
                 Err(e) => tracing::error!("delete replica: {e}"),
             }
         }
-        done
+        answers
     })
     .await
     .unwrap_or_default();
-    for b in deleted {
-        tracing::debug!(block = %b, "replica deleted");
-        shared.reports.deleted(b);
+    for (b, held) in answers {
+        match held {
+            None => shared.reports.deleted(b),
+            Some(r) => shared.reports.received(r),
+        }
     }
 }
 

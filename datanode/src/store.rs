@@ -45,7 +45,8 @@ impl Sidecar {
         out
     }
 
-    fn decode(bytes: &[u8]) -> Result<Sidecar, String> {
+    /// Decodes a sidecar file's bytes (untrusted: they come from a disk).
+    pub fn decode(bytes: &[u8]) -> Result<Sidecar, String> {
         if bytes.len() < SIDECAR_HEADER_BYTES || bytes[0] != SIDECAR_VERSION {
             return Err("bad sidecar header".into());
         }

@@ -259,15 +259,24 @@ fn read_records(
             path: path.to_path_buf(),
             source,
         })?;
+    decode_segment(&bytes, path, torn_tail_allowed)
+}
+
+/// Decodes a segment's bytes (see [`read_records`]); `path` only names it in errors.
+pub fn decode_segment(
+    bytes: &[u8],
+    path: &Path,
+    torn_tail_allowed: bool,
+) -> Result<(Vec<(u64, MetaOp)>, u64), Error> {
     let mut records: Vec<(u64, MetaOp)> = Vec::new();
     let mut offset = 0usize;
     while offset < bytes.len() {
-        let (seq, body, end) = match intact_record(&bytes, offset) {
+        let (seq, body, end) = match intact_record(bytes, offset) {
             Ok(r) => r,
             Err(why) => {
                 let last = records.last().map_or(0, |r| r.0);
                 let later = (offset + 1..bytes.len())
-                    .find(|o| intact_record(&bytes, *o).is_ok_and(|(seq, _, _)| seq > last));
+                    .find(|o| intact_record(bytes, *o).is_ok_and(|(seq, _, _)| seq > last));
                 if let Some(later) = later {
                     return Err(Error::Corrupt(format!(
                         "edit log {}: {why} at offset {offset}, but intact edits follow at offset                          {later}; refusing to drop acknowledged edits (restore from a backup, or                          move the log aside to accept the loss)",

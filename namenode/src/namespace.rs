@@ -216,6 +216,11 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
     }
 }
 
+/// Decodes a stored inode record (untrusted: it comes from the metadata store's disk).
+pub fn decode_inode(bytes: &[u8]) -> Result<Inode, Error> {
+    decode(bytes)
+}
+
 fn u64_value(bytes: &[u8]) -> Result<u64, Error> {
     let arr: [u8; 8] = bytes
         .try_into()

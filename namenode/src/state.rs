@@ -61,6 +61,10 @@ pub struct Datanode {
     /// Replicas it should delete (each named with its length and value), sent with the next
     /// heartbeat reply.
     pub pending_delete: Vec<ReportedBlock>,
+    /// Deletes sent and not yet answered (the node reports the replica deleted, or reports what it
+    /// holds instead), with when they were sent: a reply can be lost, so unanswered ones are sent
+    /// again after [`DELETE_RESEND`].
+    pub sent_deletes: BTreeMap<BlockId, (ReportedBlock, Instant)>,
     /// Whether it must send a full report again (it was dead).
     pub needs_report: bool,
     /// Plugin sandbox protections it reported.
@@ -86,6 +90,8 @@ pub struct PendingCopy {
 
 /// Copies one datanode sends at once.
 pub const COPIES_PER_SOURCE: usize = 4;
+/// A delete command not answered this long is sent again (its heartbeat reply may have been lost).
+pub const DELETE_RESEND: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a copy may take before it is planned again.
 pub const COPY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -510,6 +516,7 @@ impl State {
                 last_seen: now,
                 blocks: BTreeSet::new(),
                 pending_delete: vec![],
+                sent_deletes: BTreeMap::new(),
                 needs_report: false,
                 sandbox: vec![],
                 pending_copy: vec![],
@@ -570,6 +577,25 @@ impl State {
         dn.last_seen = now;
         for b in deleted {
             dn.blocks.remove(b);
+            dn.sent_deletes.remove(b);
+        }
+        for b in received {
+            // The node answers a delete it could not carry out with what it holds instead.
+            dn.sent_deletes.remove(&b.id);
+        }
+        // Deletes never answered go out again.
+        let resend: Vec<BlockId> = dn
+            .sent_deletes
+            .iter()
+            .filter(|(_, (_, sent))| now.saturating_duration_since(*sent) >= DELETE_RESEND)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in resend {
+            if let Some((replica, _)) = dn.sent_deletes.remove(&id) {
+                if !dn.pending_delete.iter().any(|r| r.id == id) {
+                    dn.pending_delete.push(replica);
+                }
+            }
         }
         for b in deleted {
             self.drop_location(name, *b);
@@ -588,6 +614,9 @@ impl State {
                 &mut dn.pending_delete,
                 lode_protocol::paging::PAGE_BYTES,
             ));
+            for r in &delete {
+                dn.sent_deletes.insert(r.id, (*r, now));
+            }
             copy.append(&mut dn.pending_copy);
         }
         self.space_events(name, Some(before), space);

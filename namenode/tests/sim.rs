@@ -531,6 +531,11 @@ impl Sim {
                     dn.reported.insert(b.id, (b.len, b.cv));
                 }
             }
+            // Now and then the reply is lost on the way (the namenode acted on the request).
+            if self.rng.random_bool(0.05) {
+                self.trace(format!("{name}: heartbeat reply lost"));
+                continue;
+            }
             match reply {
                 None => self.dns.get_mut(&name).unwrap().registered = false,
                 Some((delete, copy)) => {
@@ -550,8 +555,22 @@ impl Sim {
         for d in delete {
             self.trace(format!("{name} told to delete {} ", d.id));
             let dn = self.dns.get_mut(name).unwrap();
-            if dn.replicas.get(&d.id) == Some(&(d.len, d.cv)) {
-                dn.remove(d.id);
+            match dn.replicas.get(&d.id).copied() {
+                Some(r) if r == (d.len, d.cv) => dn.remove(d.id),
+                // Answered with what it holds instead, or as deleted when it holds nothing.
+                Some(r) => {
+                    dn.received.retain(|b| b.id != d.id);
+                    dn.received.push(ReportedBlock {
+                        id: d.id,
+                        len: r.0,
+                        cv: r.1,
+                    });
+                }
+                None => {
+                    if !dn.deleted.contains(&d.id) {
+                        dn.deleted.push(d.id);
+                    }
+                }
             }
         }
     }
@@ -812,14 +831,33 @@ impl Sim {
         for (n, b) in bad {
             self.state.lock().unwrap().bad_replica(b, &n);
         }
-        for _ in 0..400 {
+        // Long enough for a lost copy command to time out and be planned again.
+        let ticks =
+            (lode_namenode::state::COPY_TIMEOUT.as_millis() * 3 / TICK.as_millis()) as usize;
+        for i in 0..ticks {
             self.tick();
             self.check();
-            if self.converged().is_none() {
+            if i % 8 == 0 && self.converged().is_none() {
                 return;
             }
         }
         let why = self.converged().unwrap_or_default();
+        if std::env::var_os("SIM_TRACE").is_some() {
+            let st = self.state.lock().unwrap();
+            eprintln!(
+                "copies: {:?}\nverifying: {:?}\ncorrupt: {:?}",
+                st.copies, st.verifying, st.corrupt
+            );
+            for (n, d) in &st.datanodes {
+                eprintln!(
+                    "{n}: state {:?} pending_copy {:?} pending_delete {} sent {:?}",
+                    st.node_state(d, self.now()),
+                    d.pending_copy,
+                    d.pending_delete.len(),
+                    d.sent_deletes.keys().collect::<Vec<_>>()
+                );
+            }
+        }
         self.fail(format!("did not heal: {why}"));
     }
 
