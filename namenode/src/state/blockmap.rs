@@ -1,0 +1,491 @@
+//! The block map: where each block's replicas are and the rule for which count (length and value
+//! equal the committed block's; provisional while a block is written; stale otherwise), exact
+//! deletes, corrupt replicas, re-replication and excess removal (the replicas that stay verify
+//! first), and read locations.
+
+use super::*;
+
+/// A re-replication copy under way.
+#[derive(Clone, Debug)]
+pub struct PendingCopy {
+    /// The block.
+    pub block: BlockId,
+    /// Sending datanode.
+    pub source: String,
+    /// Receiving datanode.
+    pub target: String,
+    /// When to give up waiting for the target's report and plan again.
+    pub deadline: Instant,
+}
+
+/// Copies one datanode sends at once.
+pub const COPIES_PER_SOURCE: usize = 4;
+
+/// A delete command not answered this long is sent again (its heartbeat reply may have been lost).
+pub const DELETE_RESEND: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a copy may take before it is planned again.
+pub const COPY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Where a block's replicas are.
+///
+/// The rule for replicas (DESIGN.md, durability rules): a replica counts only when its reported
+/// length and block value equal the committed block's. One that differs is stale (an old replica
+/// under a reused id, or one rewritten behind the namenode's back): it is never listed, never a copy
+/// source, never counted, and it is deleted. While a block is still being written it has no
+/// committed value yet: replicas reported then are held as provisional (never listed or counted)
+/// and judged by the same rule when the writer commits the block.
+#[derive(Debug)]
+pub struct BlockEntry {
+    /// Owning file.
+    pub inode: InodeId,
+    /// Target replica count.
+    pub replication: u8,
+    /// Whether its file is complete.
+    pub complete: bool,
+    /// The committed length and value; `None` while the block is being written.
+    pub committed: Option<(u64, Blake3Cv)>,
+    /// Datanodes whose replica matches the committed block: the replicas that count.
+    pub locations: BTreeSet<String>,
+    /// Replicas reported before the block was committed, with what they hold.
+    pub provisional: BTreeMap<String, ReportedBlock>,
+    /// When each counted replica last proved its bytes by a verified read: written or copied
+    /// (every piece is checked on the way in) or verified on request. A registration's report
+    /// only claims a replica; it proves nothing.
+    pub verified: BTreeMap<String, Instant>,
+    /// Length of the block (committed, or the largest provisional replica).
+    pub len: u64,
+}
+
+impl BlockEntry {
+    /// The committed replica as a delete command names it.
+    pub(super) fn committed_replica(&self, id: BlockId) -> Option<ReportedBlock> {
+        self.committed
+            .map(|(len, cv)| ReportedBlock { id, len, cv })
+    }
+}
+
+impl State {
+    /// Queues the deletion of exactly `replica` on `name`.
+    pub(super) fn delete_on(&mut self, name: &str, replica: ReportedBlock) {
+        if let Some(dn) = self.datanodes.get_mut(name) {
+            dn.blocks.remove(&replica.id);
+            dn.pending_delete.push(replica);
+        }
+    }
+
+    pub(super) fn forget_block(&mut self, block: BlockId) {
+        if let Some(entry) = self.blocks.remove(&block) {
+            if let Some(replica) = entry.committed_replica(block) {
+                for name in &entry.locations {
+                    self.delete_on(name, replica);
+                }
+            }
+            for (name, replica) in entry.provisional {
+                self.delete_on(&name, replica);
+            }
+        }
+        self.corrupt.retain(|(b, _)| *b != block);
+        // Copies and verifications of it still queued or under way are moot.
+        self.copies.retain(|c| c.block != block);
+        self.verifying.retain(|(b, _), _| *b != block);
+        for dn in self.datanodes.values_mut() {
+            dn.pending_copy.retain(|c| c.block != block);
+        }
+    }
+
+    /// The writer committed a block's length and value: provisional replicas that hold exactly
+    /// that now count; the others are stale and deleted.
+    pub(super) fn commit_block(&mut self, c: &CommittedBlock, now: Instant) {
+        let Some(entry) = self.blocks.get_mut(&c.id) else {
+            return;
+        };
+        entry.committed = Some((c.len, c.cv));
+        entry.len = c.len;
+        let provisional = std::mem::take(&mut entry.provisional);
+        for (name, replica) in provisional {
+            // Reported while the block was written: the write checked every piece. One that does
+            // not hold what the writer committed is stale.
+            if let Some(stale) = self.add_replica(&name, replica, Some(now)) {
+                self.delete_on(&name, stale);
+            }
+        }
+    }
+
+    /// Counts a reported replica if it matches its block; returns it when it must be deleted
+    /// instead (unknown block, stale, or marked corrupt on this node). `proved` is when the
+    /// replica's bytes were last read and verified, for replicas just written, copied or verified.
+    pub(super) fn add_replica(
+        &mut self,
+        name: &str,
+        replica: ReportedBlock,
+        proved: Option<Instant>,
+    ) -> Option<ReportedBlock> {
+        self.max_reported_block = self.max_reported_block.max(replica.id);
+        let corrupt = self.corrupt.contains(&(replica.id, name.to_string()));
+        let Some(entry) = self.blocks.get_mut(&replica.id) else {
+            return Some(replica);
+        };
+        if corrupt {
+            return Some(replica);
+        }
+        match entry.committed {
+            None => {
+                entry.len = entry.len.max(replica.len);
+                entry.provisional.insert(name.to_string(), replica);
+            }
+            Some((len, cv)) if replica.len == len && replica.cv == cv => {
+                entry.locations.insert(name.to_string());
+                if let Some(t) = proved {
+                    entry.verified.insert(name.to_string(), t);
+                }
+                self.copies
+                    .retain(|c| !(c.block == replica.id && c.target == name));
+            }
+            Some(_) => {
+                entry.locations.remove(name);
+                entry.verified.remove(name);
+                self.stale_replicas += 1;
+                self.cancel_copies_from(name, replica.id);
+                tracing::warn!(block = %replica.id, datanode = name, len = replica.len,
+                    "stale replica (its length or value differs from the committed block's); deleting it");
+                self.event(format!(
+                    "stale replica of block {} on {name} is deleted",
+                    replica.id
+                ));
+                return Some(replica);
+            }
+        }
+        if let Some(dn) = self.datanodes.get_mut(name) {
+            dn.blocks.insert(replica.id);
+        }
+        None
+    }
+
+    /// Drops copies of `block` from `name` still queued or under way (its replica is no source).
+    pub(super) fn cancel_copies_from(&mut self, name: &str, block: BlockId) {
+        self.copies
+            .retain(|c| !(c.block == block && c.source == name));
+        if let Some(dn) = self.datanodes.get_mut(name) {
+            dn.pending_copy.retain(|c| c.block != block);
+        }
+    }
+
+    /// Forgets that `name` holds a replica of `block` (it was deleted or lost).
+    pub(super) fn drop_location(&mut self, name: &str, block: BlockId) {
+        if let Some(e) = self.blocks.get_mut(&block) {
+            e.locations.remove(name);
+            e.provisional.remove(name);
+            e.verified.remove(name);
+        }
+        self.cancel_copies_from(name, block);
+    }
+
+    /// Plans re-replication and excess-replica removal for complete files (see `repair.rs`) and
+    /// queues the commands for the datanodes' next heartbeats.
+    pub fn plan_repairs(&mut self, now: Instant) {
+        self.check_safemode(now);
+        if self.safemode != SafeMode::Off {
+            return;
+        }
+        self.copies.retain(|c| c.deadline > now);
+        let live: BTreeSet<&String> = self
+            .datanodes
+            .iter()
+            .filter(|(_, dn)| self.node_state(dn, now) != NodeState::Dead && !dn.needs_report)
+            .map(|(n, _)| n)
+            .collect();
+        let mut pending: BTreeMap<BlockId, usize> = BTreeMap::new();
+        let mut copies_out: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in &self.copies {
+            *pending.entry(c.block).or_default() += 1;
+            *copies_out.entry(c.source.as_str()).or_default() += 1;
+        }
+        let blocks: Vec<crate::repair::BlockView> = self
+            .blocks
+            .iter()
+            .filter(|(_, e)| e.complete)
+            .map(|(id, e)| crate::repair::BlockView {
+                id: *id,
+                target: usize::from(e.replication),
+                holders: e
+                    .locations
+                    .iter()
+                    .filter(|n| live.contains(n) && !self.decommission.contains(*n))
+                    .cloned()
+                    .collect(),
+                extra_sources: e
+                    .locations
+                    .iter()
+                    .filter(|n| live.contains(n) && self.decommission.contains(*n))
+                    .cloned()
+                    .collect(),
+                pending: pending.get(id).copied().unwrap_or(0),
+                len: e.len,
+            })
+            .collect();
+        let nodes: Vec<crate::repair::NodeView> = self
+            .datanodes
+            .iter()
+            .filter(|(n, dn)| live.contains(n) && self.node_state(dn, now) == NodeState::Live)
+            .map(|(n, dn)| crate::repair::NodeView {
+                name: n.clone(),
+                remaining: dn.space.block_room.saturating_sub(dn.promised),
+                copies_out: copies_out.get(n.as_str()).copied().unwrap_or(0),
+                accepts: !self.decommission.contains(n),
+            })
+            .collect();
+        let plan = crate::repair::plan(&blocks, &nodes, COPIES_PER_SOURCE);
+        for (source, block, target) in plan.copies {
+            let Some(t) = self.target(&target) else {
+                continue;
+            };
+            if let Some(dn) = self.datanodes.get_mut(&source) {
+                tracing::info!(%block, %source, %target, "re-replicating");
+                self.events.push_back((
+                    now,
+                    format!("re-replicating block {block} from {source} to {target}"),
+                ));
+                dn.pending_copy.push(CopyCommand {
+                    block,
+                    targets: vec![t],
+                });
+                self.copies.push(PendingCopy {
+                    block,
+                    source,
+                    target,
+                    deadline: now + COPY_TIMEOUT,
+                });
+            }
+        }
+        // A verification that never came back is asked again.
+        self.verifying
+            .retain(|_, asked| now.saturating_duration_since(*asked) < COPY_TIMEOUT);
+        let mut deleting: BTreeMap<BlockId, Vec<String>> = BTreeMap::new();
+        for (holder, block) in &plan.deletes {
+            deleting.entry(*block).or_default().push(holder.clone());
+        }
+        let proved = |s: &State, block: BlockId, n: &str| {
+            let asked = s.verifying.get(&(block, n.to_string()));
+            let proved = s.blocks.get(&block).and_then(|e| e.verified.get(n));
+            matches!((asked, proved), (Some(a), Some(p)) if p > a)
+        };
+        for (block, planned) in deleting {
+            let Some(e) = self.blocks.get(&block) else {
+                continue;
+            };
+            // As many as the planner chose go, unproved replicas first (so the choice holds still
+            // while the replicas that stay prove themselves), then the planner's order.
+            let mut order: Vec<String> = e.locations.iter().cloned().collect();
+            order.sort_by_key(|n| (proved(self, block, n), !planned.contains(n)));
+            let holders: Vec<String> = order.iter().take(planned.len()).cloned().collect();
+            let unproved: Vec<String> = order
+                .iter()
+                .skip(planned.len())
+                .filter(|n| !proved(self, block, n))
+                .cloned()
+                .collect();
+            if !unproved.is_empty() {
+                // The replicas that stay must prove their bytes before others go.
+                for n in unproved {
+                    let key = (block, n.clone());
+                    let outstanding = self
+                        .verifying
+                        .keys()
+                        .filter(|(b, v)| *v == n && !proved(self, *b, v))
+                        .count();
+                    if self.verifying.contains_key(&key) || outstanding >= COPIES_PER_SOURCE {
+                        continue;
+                    }
+                    tracing::info!(%block, datanode = %n, "verifying a replica before removing an excess one");
+                    let Some(dn) = self.datanodes.get_mut(&n) else {
+                        continue;
+                    };
+                    dn.pending_copy.push(CopyCommand {
+                        block,
+                        targets: vec![],
+                    });
+                    self.verifying.insert(key, now);
+                }
+                continue;
+            }
+            self.verifying.retain(|(b, _), _| *b != block);
+            for holder in holders {
+                tracing::info!(%block, datanode = %holder, "removing an excess replica");
+                self.event(format!(
+                    "removing an excess replica of block {block} from {holder}"
+                ));
+                let Some(e) = self.blocks.get_mut(&block) else {
+                    continue;
+                };
+                e.locations.remove(&holder);
+                e.verified.remove(&holder);
+                if let Some(replica) = e.committed_replica(block) {
+                    self.delete_on(&holder, replica);
+                }
+            }
+        }
+    }
+
+    /// Live replica holders of a block, live before stale, dead and corrupt ones left out. The order
+    /// rotates with the block id so reads of consecutive blocks spread over the holders.
+    pub fn locations(&self, block: BlockId, now: Instant) -> Vec<Target> {
+        let Some(entry) = self.blocks.get(&block) else {
+            return vec![];
+        };
+        let mut live = vec![];
+        let mut stale = vec![];
+        let mut draining = vec![];
+        for name in &entry.locations {
+            let Some(dn) = self.datanodes.get(name) else {
+                continue;
+            };
+            let t = Target {
+                name: name.clone(),
+                addr: dn.addr.clone(),
+            };
+            match self.node_state(dn, now) {
+                NodeState::Dead => {}
+                _ if self.decommission.contains(name) => draining.push(t),
+                NodeState::Live => live.push(t),
+                NodeState::Stale => stale.push(t),
+            }
+        }
+        if !live.is_empty() {
+            let k = (block.0 as usize) % live.len();
+            live.rotate_left(k);
+        }
+        live.extend(stale);
+        live.extend(draining);
+        live
+    }
+
+    /// A client found a replica failing its checksum: stop serving it, and delete it if another
+    /// replica remains.
+    pub fn bad_replica(&mut self, block: BlockId, name: &str) {
+        if self
+            .blocks
+            .get(&block)
+            .is_some_and(|e| e.locations.contains(name))
+        {
+            self.event(format!("corrupt replica of block {block} on {name}"));
+        }
+        let Some(entry) = self.blocks.get_mut(&block) else {
+            return;
+        };
+        if !entry.locations.remove(name) {
+            return;
+        }
+        entry.verified.remove(name);
+        let others = !entry.locations.is_empty();
+        let replica = entry.committed_replica(block);
+        self.cancel_copies_from(name, block);
+        self.corrupt.insert((block, name.to_string()));
+        if others {
+            if let Some(replica) = replica {
+                self.delete_on(name, replica);
+            }
+            self.corrupt.remove(&(block, name.to_string()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+
+    #[test]
+    fn only_replicas_matching_the_committed_block_count() {
+        let t0 = Instant::now();
+        let mut s = state(1, 2, true, t0);
+        let stale = ReportedBlock {
+            len: 100,
+            ..replica(1)
+        };
+        assert!(s
+            .register("dn-1", "a:1".into(), space(), &[replica(1)], t0)
+            .is_empty());
+        assert_eq!(
+            s.register("dn-2", "a:2".into(), space(), &[stale], t0),
+            vec![stale]
+        );
+        assert_eq!(s.blocks[&BlockId(1)].locations.len(), 1);
+        assert_eq!(s.stale_replicas, 1);
+        let listed: Vec<String> = s
+            .locations(BlockId(1), t0)
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(listed, ["dn-1"]);
+    }
+
+    #[test]
+    fn replicas_of_a_block_being_written_count_once_committed_if_they_match() {
+        let t0 = Instant::now();
+        let mut s = state(0, 2, false, t0);
+        s.blocks.insert(
+            BlockId(5),
+            BlockEntry {
+                inode: lode_protocol::InodeId(2),
+                replication: 2,
+                complete: false,
+                committed: None,
+                locations: BTreeSet::new(),
+                provisional: BTreeMap::new(),
+                verified: BTreeMap::new(),
+                len: 0,
+            },
+        );
+        let good = replica(5);
+        let other = ReportedBlock {
+            cv: lode_protocol::Blake3Cv([1; 32]),
+            ..good
+        };
+        s.register("dn-1", "a:1".into(), space(), &[good], t0);
+        s.register("dn-2", "a:2".into(), space(), &[other], t0);
+        assert!(
+            s.blocks[&BlockId(5)].locations.is_empty(),
+            "provisional only"
+        );
+        s.commit_block(
+            &CommittedBlock {
+                id: good.id,
+                len: good.len,
+                cv: good.cv,
+            },
+            t0,
+        );
+        let e = &s.blocks[&BlockId(5)];
+        assert_eq!(e.locations.iter().collect::<Vec<_>>(), ["dn-1"]);
+        assert_eq!(s.datanodes["dn-2"].pending_delete, vec![other]);
+    }
+
+    #[test]
+    fn an_excess_replica_goes_only_after_the_ones_that_stay_verify() {
+        let t0 = Instant::now();
+        let mut s = state(1, 1, true, t0);
+        s.safemode = SafeMode::Off;
+        s.register("dn-1", "a:1".into(), space(), &[replica(1)], t0);
+        s.register("dn-2", "a:2".into(), space(), &[replica(1)], t0);
+        s.plan_repairs(t0);
+        // Nothing deleted yet: the replica that stays is asked to prove its bytes.
+        assert_eq!(s.blocks[&BlockId(1)].locations.len(), 2);
+        let asked: Vec<&String> = s.verifying.keys().map(|(_, n)| n).collect();
+        assert_eq!(asked.len(), 1);
+        let keeper = asked[0].clone();
+        let verify = &s.datanodes[&keeper].pending_copy;
+        assert!(verify
+            .iter()
+            .any(|c| c.block == BlockId(1) && c.targets.is_empty()));
+        // It verifies (reports the replica again); now the other one goes.
+        let t1 = t0 + Duration::from_millis(10);
+        s.heartbeat(&keeper, space(), &[replica(1)], &[], t1)
+            .unwrap();
+        s.plan_repairs(t1);
+        let e = &s.blocks[&BlockId(1)];
+        assert_eq!(e.locations.iter().collect::<Vec<_>>(), [&keeper]);
+        let gone = if keeper == "dn-1" { "dn-2" } else { "dn-1" };
+        assert_eq!(s.datanodes[gone].pending_delete, vec![replica(1)]);
+    }
+}

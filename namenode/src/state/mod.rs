@@ -1,0 +1,368 @@
+//! Soft state, rebuilt after a restart from the namespace and datanode block reports: the datanode
+//! registry, where each block's replicas are, and write leases. Nothing here is persisted.
+
+mod blockmap;
+mod leases;
+mod registry;
+mod safemode;
+
+pub use blockmap::{BlockEntry, PendingCopy, COPIES_PER_SOURCE, COPY_TIMEOUT, DELETE_RESEND};
+pub use leases::Lease;
+pub use registry::{Datanode, NodeState};
+pub use safemode::SafeMode;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use lode_protocol::messages::{
+    ClusterReport, CommittedBlock, CopyCommand, DatanodeReport, FsckProblem, FsckReport,
+    ReportedBlock, Space, Target,
+};
+use lode_protocol::{Blake3Cv, BlockId, InodeId, SessionId};
+
+use crate::namespace::{Applied, Inode, InodeKind};
+use crate::placement::Candidate;
+
+/// How long silences and leases last.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Silence before a datanode is stale.
+    pub stale_after: Duration,
+    /// Silence before a datanode is dead.
+    pub dead_after: Duration,
+    /// Lease lifetime without renewal.
+    pub lease_expiry: Duration,
+}
+
+/// All soft state, behind one mutex in the server.
+#[derive(Debug)]
+pub struct State {
+    /// Timing settings.
+    pub timing: Timing,
+    /// Datanodes by name.
+    pub datanodes: BTreeMap<String, Datanode>,
+    /// Blocks by id.
+    pub blocks: BTreeMap<BlockId, BlockEntry>,
+    /// Leases by session.
+    pub leases: BTreeMap<SessionId, Lease>,
+    /// Replicas reported corrupt: (block, datanode).
+    pub corrupt: BTreeSet<(BlockId, String)>,
+    /// Stale replicas found (reported with another length or value than the committed block's).
+    pub stale_replicas: u64,
+    /// The largest block id any datanode reported: ids at or below it are never issued again,
+    /// even by a namenode restored from a backup older than that block.
+    pub max_reported_block: BlockId,
+    /// Re-replication copies under way.
+    pub copies: Vec<PendingCopy>,
+    /// Verifications asked of replica holders before an excess delete: (block, node) -> when
+    /// asked. An excess replica is deleted only once every replica that stays has proved its bytes
+    /// by a verified read after it was asked: a replica gone bad unnoticed must never be the one
+    /// kept while good ones are deleted.
+    pub verifying: BTreeMap<(BlockId, String), Instant>,
+    /// Whether namespace changes are refused.
+    pub safemode: SafeMode,
+    /// Fraction of blocks that must have a reported replica before start-up safe mode lifts.
+    pub safemode_threshold: f64,
+    /// Datanodes being drained (decommissioning, or decommissioned once drained).
+    pub decommission: BTreeSet<String>,
+    /// Recent events for the status page, oldest first.
+    pub events: std::collections::VecDeque<(Instant, String)>,
+    /// The namenode's own HTTP address.
+    pub http_addr: Option<String>,
+    /// A datanode with less room than this (the default block size) counts as out of space.
+    pub full_below: u64,
+}
+
+/// Events kept for the status page.
+const EVENTS_MAX: usize = 100;
+
+impl State {
+    /// Builds the block map and leases from the namespace.
+    pub fn new(timing: Timing, inodes: &[Inode], now: Instant) -> State {
+        let mut s = State {
+            timing,
+            datanodes: BTreeMap::new(),
+            blocks: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            corrupt: BTreeSet::new(),
+            stale_replicas: 0,
+            max_reported_block: BlockId(0),
+            copies: vec![],
+            verifying: BTreeMap::new(),
+            safemode: SafeMode::Startup,
+            safemode_threshold: 0.999,
+            decommission: BTreeSet::new(),
+            events: std::collections::VecDeque::new(),
+            http_addr: None,
+            full_below: 64 << 20,
+        };
+        for inode in inodes {
+            if let InodeKind::File {
+                replication,
+                blocks,
+                writer,
+                ..
+            } = &inode.kind
+            {
+                for b in blocks {
+                    s.blocks.insert(
+                        b.id,
+                        BlockEntry {
+                            inode: inode.id,
+                            replication: *replication,
+                            complete: writer.is_none(),
+                            committed: b.cv.map(|cv| (b.len, cv)),
+                            locations: BTreeSet::new(),
+                            provisional: BTreeMap::new(),
+                            verified: BTreeMap::new(),
+                            len: b.len,
+                        },
+                    );
+                }
+                if let Some(w) = writer {
+                    s.leases
+                        .entry(*w)
+                        .or_insert_with(|| Lease {
+                            renewed: now,
+                            files: BTreeSet::new(),
+                        })
+                        .files
+                        .insert(inode.id);
+                }
+            }
+        }
+        s
+    }
+
+    /// Records an event for the status page.
+    pub fn event(&mut self, what: String) {
+        if self.events.len() >= EVENTS_MAX {
+            self.events.pop_front();
+        }
+        self.events.push_back((Instant::now(), what));
+    }
+
+    /// Follows a namespace edit.
+    pub fn on_applied(&mut self, applied: &Applied, now: Instant) {
+        for block in &applied.freed {
+            self.forget_block(*block);
+        }
+        for c in &applied.committed {
+            self.commit_block(c, now);
+        }
+        if let Some((block, inode, replication)) = applied.added {
+            self.blocks.insert(
+                block,
+                BlockEntry {
+                    inode,
+                    replication,
+                    complete: false,
+                    committed: None,
+                    locations: BTreeSet::new(),
+                    provisional: BTreeMap::new(),
+                    verified: BTreeMap::new(),
+                    len: 0,
+                },
+            );
+        }
+        if let Some((session, inode)) = applied.leased {
+            self.leases
+                .entry(session)
+                .or_insert_with(|| Lease {
+                    renewed: now,
+                    files: BTreeSet::new(),
+                })
+                .files
+                .insert(inode);
+        }
+        for inode in &applied.released {
+            self.leases.retain(|_, lease| {
+                lease.files.remove(inode);
+                !lease.files.is_empty()
+            });
+        }
+        if let Some((name, on)) = &applied.decommission {
+            let what = if *on {
+                "decommissioning"
+            } else {
+                "recommissioned"
+            };
+            self.event(format!("{name} {what}"));
+            if *on {
+                self.decommission.insert(name.clone());
+            } else {
+                self.decommission.remove(name);
+            }
+        }
+        for (block, replication) in &applied.replication {
+            if let Some(e) = self.blocks.get_mut(block) {
+                e.replication = *replication;
+            }
+        }
+        for block in &applied.completed {
+            if let Some(e) = self.blocks.get_mut(block) {
+                e.complete = true;
+            }
+        }
+    }
+
+    /// Block health of the given files: (path, replication, complete, block ids).
+    pub fn fsck(&self, files: &[(String, u8, bool, Vec<BlockId>)], now: Instant) -> FsckReport {
+        let mut r = FsckReport {
+            files: files.len() as u64,
+            blocks: 0,
+            under_replicated: 0,
+            missing: 0,
+            corrupt: 0,
+            problems: vec![],
+        };
+        for (path, replication, complete, blocks) in files {
+            for id in blocks {
+                r.blocks += 1;
+                if !complete {
+                    continue;
+                }
+                let live: Vec<String> = self
+                    .locations(*id, now)
+                    .into_iter()
+                    .map(|t| t.name)
+                    .collect();
+                let corrupt = self.corrupt.iter().any(|(b, _)| b == id);
+                let state = if live.is_empty() && corrupt {
+                    r.corrupt += 1;
+                    "corrupt"
+                } else if live.is_empty() {
+                    r.missing += 1;
+                    "missing"
+                } else if live.len() < usize::from(*replication) {
+                    r.under_replicated += 1;
+                    "under_replicated"
+                } else {
+                    continue;
+                };
+                r.problems.push(FsckProblem {
+                    path: path.clone(),
+                    block: *id,
+                    state: state.into(),
+                    locations: live,
+                });
+            }
+        }
+        r
+    }
+
+    /// The cluster overview.
+    pub fn report(&self, now: Instant) -> ClusterReport {
+        let mut under = 0;
+        let mut missing = 0;
+        for entry in self.blocks.values().filter(|e| e.complete) {
+            let live = entry
+                .locations
+                .iter()
+                .filter(|n| {
+                    self.datanodes
+                        .get(*n)
+                        .is_some_and(|dn| self.node_state(dn, now) != NodeState::Dead)
+                })
+                .count();
+            if live == 0 {
+                missing += 1;
+            } else if live < usize::from(entry.replication) {
+                under += 1;
+            }
+        }
+        let mut datanodes: Vec<DatanodeReport> = self
+            .datanodes
+            .iter()
+            .map(|(name, dn)| DatanodeReport {
+                name: name.clone(),
+                state: match self.node_state(dn, now) {
+                    NodeState::Dead => "dead".to_string(),
+                    _ if self.decommission.contains(name) && self.drained(name, now) => {
+                        "decommissioned".to_string()
+                    }
+                    _ if self.decommission.contains(name) => "decommissioning".to_string(),
+                    s => s.as_str().to_string(),
+                },
+                addr: dn.addr.clone(),
+                last_heartbeat_ms: now.saturating_duration_since(dn.last_seen).as_millis() as u64,
+                blocks: dn.blocks.len() as u64,
+                capacity: dn.space.capacity,
+                used: dn.space.used,
+                remaining: dn.space.remaining,
+                failed_volumes: dn.space.failed_volumes,
+                sandbox: dn.sandbox.clone(),
+                http_addr: dn.http_addr.clone(),
+            })
+            .collect();
+        datanodes.sort_by(|a, b| a.name.cmp(&b.name));
+        ClusterReport {
+            http_addr: self.http_addr.clone(),
+            safemode: self.safemode != SafeMode::Off,
+            under_replicated: under,
+            missing,
+            corrupt: self.corrupt.len() as u64,
+            datanodes,
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A small state to test each concern on: one file of `blocks` committed blocks.
+    use super::*;
+    use lode_protocol::InodeId;
+
+    pub fn timing() -> Timing {
+        Timing {
+            stale_after: Duration::from_secs(3),
+            dead_after: Duration::from_secs(10),
+            lease_expiry: Duration::from_secs(10),
+        }
+    }
+
+    pub fn space() -> Space {
+        Space {
+            capacity: 1 << 40,
+            used: 0,
+            remaining: 1 << 40,
+            block_room: 1 << 40,
+            failed_volumes: 0,
+        }
+    }
+
+    /// The committed replica of block `i` (1-based) of the test file.
+    pub fn replica(i: u64) -> ReportedBlock {
+        ReportedBlock {
+            id: BlockId(i),
+            len: 65536,
+            cv: lode_protocol::Blake3Cv([i as u8; 32]),
+        }
+    }
+
+    pub fn state(blocks: u64, replication: u8, complete: bool, now: Instant) -> State {
+        let inode = Inode {
+            id: InodeId(2),
+            parent: crate::namespace::ROOT,
+            name: "f".into(),
+            mtime_ms: 0,
+            kind: InodeKind::File {
+                replication,
+                block_size: 65536,
+                size: blocks * 65536,
+                blocks: (1..=blocks)
+                    .map(|i| crate::namespace::BlockMeta {
+                        id: BlockId(i),
+                        len: 65536,
+                        cv: Some(replica(i).cv),
+                    })
+                    .collect(),
+                writer: if complete { None } else { Some(SessionId(7)) },
+                target_name: None,
+            },
+        };
+        let mut s = State::new(timing(), &[inode], now);
+        s.safemode_threshold = 0.0;
+        s
+    }
+}
