@@ -2,96 +2,20 @@
 //! finalized or deleted since the last one). The namenode's replies carry replicas to delete, or
 //! ask for a new registration (it restarted, or counted this node dead).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lode_protocol::frame::kind;
 use lode_protocol::messages::{DatanodeToNamenode, NamenodeToDatanode, ReportedBlock, Space};
 use lode_protocol::net::{self, RpcError, NAMENODE_SERVER_NAME};
 use lode_protocol::paging;
-use lode_protocol::BlockId;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
-use crate::server::Shared;
-
-/// Replica changes waiting for the next heartbeat: (received, deleted). They are kept as the net
-/// change per block id, because the namenode applies a heartbeat's deletions before its receptions:
-/// a replica received and then deleted before the heartbeat is only deleted, and one deleted and
-/// then received again is only received (with its newest length and value).
-#[derive(Default)]
-pub struct Reports {
-    pending: Mutex<(Vec<ReportedBlock>, Vec<BlockId>)>,
-    notify: Notify,
-}
-
-type Pending = (Vec<ReportedBlock>, Vec<BlockId>);
-
-fn note_received(p: &mut Pending, block: ReportedBlock) {
-    p.0.retain(|b| b.id != block.id);
-    p.1.retain(|b| *b != block.id);
-    p.0.push(block);
-}
-
-fn note_deleted(p: &mut Pending, block: BlockId) {
-    p.0.retain(|b| b.id != block);
-    if !p.1.contains(&block) {
-        p.1.push(block);
-    }
-}
-
-impl Reports {
-    /// A replica was finalized; the namenode hears of it promptly.
-    pub fn received(&self, block: ReportedBlock) {
-        note_received(&mut self.lock(), block);
-        self.notify.notify_one();
-    }
-
-    fn deleted(&self, block: BlockId) {
-        note_deleted(&mut self.lock(), block);
-    }
-
-    /// Asks for a heartbeat now (the node ran out of space, say).
-    pub fn wake(&self) {
-        self.notify.notify_one();
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn take(&self) -> Pending {
-        std::mem::take(&mut *self.lock())
-    }
-
-    /// At most a page of each list for one heartbeat; what is left wakes the next one at once.
-    fn take_page(&self) -> Pending {
-        let mut p = self.lock();
-        let received = paging::take_page(&mut p.0, paging::PAGE_BYTES);
-        let deleted = paging::take_page(&mut p.1, paging::PAGE_BYTES);
-        if !p.0.is_empty() || !p.1.is_empty() {
-            self.notify.notify_one();
-        }
-        (received, deleted)
-    }
-
-    /// Puts back what a failed heartbeat carried, under the changes noted since (which are newer).
-    fn put_back(&self, taken: Pending) {
-        let mut p = self.lock();
-        let newer = std::mem::replace(&mut *p, taken);
-        // Deletions and receptions of one id never both survive in `newer`, so their order
-        // between the two lists does not matter.
-        for b in newer.1 {
-            note_deleted(&mut p, b);
-        }
-        for b in newer.0 {
-            note_received(&mut p, b);
-        }
-    }
-}
+use crate::node::Node;
 
 /// Runs until shutdown: register, then heartbeat every `interval` (or sooner when a replica is new).
 pub async fn run(
-    shared: Arc<Shared>,
+    shared: Arc<Node>,
     namenode: String,
     advertise: String,
     interval: Duration,
@@ -139,7 +63,7 @@ pub async fn run(
 
 /// The disks' figures; replicas lost with a failed data dir since the last call go into the
 /// next report as deleted.
-async fn space(shared: &Shared) -> Space {
+async fn space(shared: &Node) -> Space {
     let store = shared.store.clone();
     let (space, lost) = tokio::task::spawn_blocking(move || (store.space(), store.take_lost()))
         .await
@@ -150,7 +74,7 @@ async fn space(shared: &Shared) -> Space {
     space
 }
 
-async fn register(shared: &Shared, namenode: &str, advertise: &str) -> Result<(), RpcError> {
+async fn register(shared: &Node, namenode: &str, advertise: &str) -> Result<(), RpcError> {
     let space = space(shared).await;
     // Whatever was pending (lost replicas too) is covered by the full report.
     let _ = shared.reports.take();
@@ -202,7 +126,7 @@ async fn register(shared: &Shared, namenode: &str, advertise: &str) -> Result<()
 }
 
 /// Sends one heartbeat; false when the namenode wants a new registration.
-async fn heartbeat(shared: &Arc<Shared>, namenode: &str) -> Result<bool, RpcError> {
+async fn heartbeat(shared: &Arc<Node>, namenode: &str) -> Result<bool, RpcError> {
     let space = space(shared).await;
     let taken = shared.reports.take_page();
     let conn = match shared.pool.get(namenode, NAMENODE_SERVER_NAME).await {
@@ -261,7 +185,7 @@ async fn heartbeat(shared: &Arc<Shared>, namenode: &str) -> Result<bool, RpcErro
 }
 
 /// Deletes the replicas the namenode named, each only if its length and value still match.
-async fn delete_replicas(shared: &Shared, blocks: Vec<ReportedBlock>) {
+async fn delete_replicas(shared: &Node, blocks: Vec<ReportedBlock>) {
     if blocks.is_empty() {
         return;
     }
@@ -295,7 +219,7 @@ async fn delete_replicas(shared: &Shared, blocks: Vec<ReportedBlock>) {
 /// copy with no targets is a verification: the replica is read and checked, and reported again
 /// (as received) when it is good. A replica that fails its checks while being read is reported
 /// corrupt, as the block scanner would.
-fn start_copies(shared: &Arc<Shared>, copies: Vec<lode_protocol::messages::CopyCommand>) {
+fn start_copies(shared: &Arc<Node>, copies: Vec<lode_protocol::messages::CopyCommand>) {
     for cmd in copies {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -321,7 +245,7 @@ fn start_copies(shared: &Arc<Shared>, copies: Vec<lode_protocol::messages::CopyC
                 return;
             }
             let to: Vec<String> = cmd.targets.iter().map(|t| t.name.clone()).collect();
-            match crate::server::copy_block(&shared, cmd).await {
+            match crate::pipeline::copy_block(&shared, cmd).await {
                 Ok(stored) => tracing::info!(%block, to = ?stored, "replica copied"),
                 Err(e) if crate::scanner::unreadable(&e) => {
                     tracing::error!(%block, "copy source failed its checks ({e}); reporting it");
@@ -330,41 +254,5 @@ fn start_copies(shared: &Arc<Shared>, copies: Vec<lode_protocol::messages::CopyC
                 Err(e) => tracing::warn!(%block, to = ?to, "copy failed: {e}"),
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use lode_protocol::Blake3Cv;
-
-    fn rb(id: u64, v: u8) -> ReportedBlock {
-        ReportedBlock {
-            id: BlockId(id),
-            len: 10,
-            cv: Blake3Cv([v; 32]),
-        }
-    }
-
-    #[test]
-    fn reports_carry_the_net_change_per_replica() {
-        let r = Reports::default();
-        r.received(rb(1, 1));
-        r.deleted(BlockId(1));
-        r.deleted(BlockId(2));
-        r.received(rb(2, 2));
-        r.received(rb(3, 3));
-        r.received(rb(3, 4));
-        let (received, deleted) = r.take();
-        // 1 was received then deleted: only deleted; 2 deleted then received again: only received.
-        assert_eq!(received, vec![rb(2, 2), rb(3, 4)]);
-        assert_eq!(deleted, vec![BlockId(1)]);
-        // A failed heartbeat's changes go back under the newer ones.
-        r.deleted(BlockId(3));
-        r.received(rb(1, 5));
-        r.put_back((received, deleted));
-        let (received, deleted) = r.take();
-        assert_eq!(received, vec![rb(2, 2), rb(1, 5)]);
-        assert_eq!(deleted, vec![BlockId(3)]);
     }
 }

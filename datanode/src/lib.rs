@@ -2,14 +2,19 @@
 //! write pipelines (verify, write, fsync, forward, acknowledge), serves verified reads of any byte
 //! range, and reports its replicas to the namenode.
 //!
-//! Read [`store`] first (the on-disk layout and its crash rules), then [`server`] (reads and the
-//! pipeline) and [`heartbeat`] (registration and reports).
+//! Read [`store`] first (the on-disk layout and its crash rules), then [`node`] (the context every
+//! part shares), [`pipeline`] (writes and replica copies), [`server`] (requests: reads and pipeline
+//! writes) and [`heartbeat`] (registration, reports, commands). The modules form layers: `node`
+//! depends on none of the others; `pipeline`, `scanner` and `task` on `node`; `server` and
+//! `heartbeat` on those; only `lib.rs` puts them together.
 
 pub mod config;
 pub mod error;
 pub mod failpoints;
 pub mod heartbeat;
 pub mod http;
+pub mod node;
+pub mod pipeline;
 pub mod scanner;
 pub mod server;
 pub mod store;
@@ -27,7 +32,7 @@ pub use lode_protocol::service::ShutdownSignal;
 
 /// Checks every data dir each `every` (never when zero); a failed dir's lost replicas go out with
 /// the next heartbeat.
-async fn check_disks(shared: Arc<server::Shared>, every: Duration) {
+async fn check_disks(shared: Arc<node::Node>, every: Duration) {
     if every.is_zero() {
         return;
     }
@@ -76,7 +81,7 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| config.data_dirs[0].join("plugin-cache"));
     let probe = host.clone();
-    let tasks = task::Tasks::new(host, slots, cache)?;
+    let tasks = node::Tasks::new(host, slots, cache)?;
     let sandbox = tokio::task::spawn_blocking(move || {
         probe
             .probe()
@@ -98,11 +103,11 @@ pub async fn run(
         .as_ref()
         .and_then(|l| l.local_addr().ok())
         .map(|a| a.to_string());
-    let shared = Arc::new(server::Shared {
+    let shared = Arc::new(node::Node {
         name: config.name.clone(),
         store,
         pool: Pool::new(endpoint.clone(), Duration::from_secs(5)),
-        reports: Arc::new(heartbeat::Reports::default()),
+        reports: Arc::new(node::Reports::default()),
         namenode: config.namenode.clone(),
         tasks,
         sandbox,

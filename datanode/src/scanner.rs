@@ -12,11 +12,11 @@ use lode_protocol::BlockId;
 use tokio::sync::watch;
 
 use crate::error::Error;
-use crate::server::Shared;
+use crate::node::Node;
 
 /// Runs until shutdown: a full pass over all replicas, then a pause, and again.
 pub async fn run(
-    shared: Arc<Shared>,
+    shared: Arc<Node>,
     bytes_per_sec: u64,
     pause: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -89,7 +89,7 @@ pub(crate) fn verify(
 }
 
 /// Tells the namenode that a local replica is corrupt.
-pub(crate) async fn report(shared: &Shared, block: BlockId) {
+pub(crate) async fn report(shared: &Node, block: BlockId) {
     let msg = DatanodeToNamenode::CorruptReplicas {
         blocks: vec![block],
     };

@@ -5,12 +5,10 @@
 //! no download. In line mode, a split that ends at its block's end reads on into the following
 //! blocks, locally or from another datanode, up to the end of its last record.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lode_plugin_host::{Host, PluginInfo, RunSpec};
+use lode_plugin_host::{PluginInfo, RunSpec};
 use lode_protocol::checksum::PIECE_BYTES;
 use lode_protocol::frame::kind;
 use lode_protocol::messages::{
@@ -18,10 +16,9 @@ use lode_protocol::messages::{
 };
 use lode_protocol::net::{self, RangeRead, NAMENODE_SERVER_NAME};
 use lode_protocol::{Blake3Cv, BlockId};
-use tokio::sync::Semaphore;
 
 use crate::error::Error;
-use crate::server::{blocking, Shared};
+use crate::node::{blocking, Node, Tasks};
 
 /// Bytes read per step while finishing a record in the following blocks (one piece: records are
 /// usually short, so the first step nearly always finds the newline).
@@ -29,32 +26,8 @@ const CONTINUATION_STEP_BYTES: u64 = PIECE_BYTES;
 /// A remote read that makes no progress for this long fails over.
 const STALL: Duration = Duration::from_secs(10);
 
-/// Task slots, the plugin host and the plugin cache.
-pub struct Tasks {
-    host: Host,
-    slots: Semaphore,
-    cache_dir: PathBuf,
-    infos: Mutex<HashMap<Blake3Cv, PluginInfo>>,
-    /// Held while a library is fetched, so concurrent tasks wait for one download.
-    fetching: tokio::sync::Mutex<()>,
-}
-
-impl Tasks {
-    /// Sets up the runner: `slots` tasks at once, libraries cached in `cache_dir`.
-    pub fn new(host: Host, slots: usize, cache_dir: PathBuf) -> Result<Tasks, Error> {
-        std::fs::create_dir_all(&cache_dir).map_err(|e| Error::disk(&cache_dir, e))?;
-        Ok(Tasks {
-            host,
-            slots: Semaphore::new(slots),
-            cache_dir,
-            infos: Mutex::new(HashMap::new()),
-            fetching: tokio::sync::Mutex::new(()),
-        })
-    }
-}
-
 /// Runs one task.
-pub async fn run(shared: &Shared, req: TaskRequest) -> Result<TaskResult, Error> {
+pub async fn run(shared: &Node, req: TaskRequest) -> Result<TaskResult, Error> {
     let started = Instant::now();
     let tasks = &shared.tasks;
     let _slot = tasks
@@ -146,7 +119,7 @@ fn with_path(args: &str, path: &str) -> Vec<u8> {
     format!("{body}{sep}\"_path\":\"{escaped}\"}}").into_bytes()
 }
 
-async fn namenode_call(shared: &Shared, req: &ClientToNamenode) -> Result<NamenodeReply, Error> {
+async fn namenode_call(shared: &Node, req: &ClientToNamenode) -> Result<NamenodeReply, Error> {
     let conn = shared
         .pool
         .get(&shared.namenode, NAMENODE_SERVER_NAME)
@@ -154,7 +127,7 @@ async fn namenode_call(shared: &Shared, req: &ClientToNamenode) -> Result<Nameno
     Ok(net::call(&conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, req).await?)
 }
 
-async fn find_plugin(shared: &Shared, hash: &Blake3Cv) -> Result<PluginRecord, Error> {
+async fn find_plugin(shared: &Node, hash: &Blake3Cv) -> Result<PluginRecord, Error> {
     match namenode_call(shared, &ClientToNamenode::FindPlugin { key: hash.to_hex() }).await {
         Ok(NamenodeReply::Plugin(p)) if p.hash == *hash => Ok(p),
         Ok(_) => Err(Error::NotApproved(format!(
@@ -169,7 +142,7 @@ async fn find_plugin(shared: &Shared, hash: &Blake3Cv) -> Result<PluginRecord, E
 
 /// The plugin library in the local cache, fetched from Lode and hash-checked on a miss.
 async fn cached_library(
-    shared: &Shared,
+    shared: &Node,
     record: &PluginRecord,
     remote: &mut u64,
 ) -> Result<PathBuf, Error> {
@@ -243,7 +216,7 @@ async fn inspect(tasks: &Tasks, record: &PluginRecord, lib: &Path) -> Result<Plu
 
 /// Reads `[offset, offset + len)` of a block from one of its replicas (verified end to end).
 async fn read_remote(
-    shared: &Shared,
+    shared: &Node,
     b: &LocatedBlock,
     offset: u64,
     len: u64,
@@ -297,7 +270,7 @@ fn read_local(
 
 /// The bytes after a split up to and including the first `\n` (or to the end of the file).
 async fn continuation(
-    shared: &Shared,
+    shared: &Node,
     following: &[LocatedBlock],
     local: &mut u64,
     remote: &mut u64,

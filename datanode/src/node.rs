@@ -1,0 +1,187 @@
+//! The node context that every part of the datanode shares: its store, connections, the reports
+//! waiting for the next heartbeat, task slots and metrics. It depends on nothing else in the
+//! crate's request paths, so `server`, `pipeline`, `heartbeat`, `task` and `scanner` all build on it
+//! without depending on one another in a circle.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use lode_plugin_host::{Host, PluginInfo};
+use lode_protocol::messages::ReportedBlock;
+use lode_protocol::net::Pool;
+use lode_protocol::{paging, Blake3Cv, BlockId};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::error::Error;
+use crate::store::BlockStore;
+
+/// What every part of the datanode shares.
+pub struct Node {
+    /// This datanode's name.
+    pub name: String,
+    /// Blocks on disk.
+    pub store: Arc<BlockStore>,
+    /// Connections to other datanodes and the namenode.
+    pub pool: Pool,
+    /// Replicas finalized or deleted, for the next heartbeat.
+    pub reports: Arc<Reports>,
+    /// The namenode's address.
+    pub namenode: String,
+    /// Scan task runner.
+    pub tasks: Tasks,
+    /// The plugin sandbox protections tasks get here (probed once at start).
+    pub sandbox: Vec<String>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<crate::http::Metrics>,
+    /// The metrics address, reported to the namenode.
+    pub http_addr: Option<String>,
+}
+
+/// Runs `f` on a blocking thread (disk work, plugin children).
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Invalid(format!("blocking task failed: {e}")))?
+}
+
+/// Replica changes waiting for the next heartbeat: (received, deleted). They are kept as the net
+/// change per block id, because the namenode applies a heartbeat's deletions before its receptions:
+/// a replica received and then deleted before the heartbeat is only deleted, and one deleted and
+/// then received again is only received (with its newest length and value).
+#[derive(Default)]
+pub struct Reports {
+    pending: Mutex<(Vec<ReportedBlock>, Vec<BlockId>)>,
+    /// Wakes the heartbeat loop.
+    pub notify: Notify,
+}
+
+/// (received, deleted) waiting for the next heartbeat.
+pub type Pending = (Vec<ReportedBlock>, Vec<BlockId>);
+
+fn note_received(p: &mut Pending, block: ReportedBlock) {
+    p.0.retain(|b| b.id != block.id);
+    p.1.retain(|b| *b != block.id);
+    p.0.push(block);
+}
+
+fn note_deleted(p: &mut Pending, block: BlockId) {
+    p.0.retain(|b| b.id != block);
+    if !p.1.contains(&block) {
+        p.1.push(block);
+    }
+}
+
+impl Reports {
+    /// A replica was finalized; the namenode hears of it promptly.
+    pub fn received(&self, block: ReportedBlock) {
+        note_received(&mut self.lock(), block);
+        self.notify.notify_one();
+    }
+
+    /// A replica was deleted (or is not here, answering a delete).
+    pub fn deleted(&self, block: BlockId) {
+        note_deleted(&mut self.lock(), block);
+    }
+
+    /// Asks for a heartbeat now (the node ran out of space, say).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Everything pending (a full report covers it).
+    pub fn take(&self) -> Pending {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// At most a page of each list for one heartbeat; what is left wakes the next one at once.
+    pub fn take_page(&self) -> Pending {
+        let mut p = self.lock();
+        let received = paging::take_page(&mut p.0, paging::PAGE_BYTES);
+        let deleted = paging::take_page(&mut p.1, paging::PAGE_BYTES);
+        if !p.0.is_empty() || !p.1.is_empty() {
+            self.notify.notify_one();
+        }
+        (received, deleted)
+    }
+
+    /// Puts back what a failed heartbeat carried, under the changes noted since (which are newer).
+    pub fn put_back(&self, taken: Pending) {
+        let mut p = self.lock();
+        let newer = std::mem::replace(&mut *p, taken);
+        // Deletions and receptions of one id never both survive in `newer`, so their order
+        // between the two lists does not matter.
+        for b in newer.1 {
+            note_deleted(&mut p, b);
+        }
+        for b in newer.0 {
+            note_received(&mut p, b);
+        }
+    }
+}
+
+/// Task slots, the plugin host and the plugin cache.
+pub struct Tasks {
+    pub(crate) host: Host,
+    pub(crate) slots: Semaphore,
+    pub(crate) cache_dir: PathBuf,
+    pub(crate) infos: Mutex<HashMap<Blake3Cv, PluginInfo>>,
+    /// Held while a library is fetched, so concurrent tasks wait for one download.
+    pub(crate) fetching: tokio::sync::Mutex<()>,
+}
+
+impl Tasks {
+    /// Sets up the runner: `slots` tasks at once, libraries cached in `cache_dir`.
+    pub fn new(host: Host, slots: usize, cache_dir: PathBuf) -> Result<Tasks, Error> {
+        std::fs::create_dir_all(&cache_dir).map_err(|e| Error::disk(&cache_dir, e))?;
+        Ok(Tasks {
+            host,
+            slots: Semaphore::new(slots),
+            cache_dir,
+            infos: Mutex::new(HashMap::new()),
+            fetching: tokio::sync::Mutex::new(()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lode_protocol::Blake3Cv;
+
+    fn rb(id: u64, v: u8) -> ReportedBlock {
+        ReportedBlock {
+            id: BlockId(id),
+            len: 10,
+            cv: Blake3Cv([v; 32]),
+        }
+    }
+
+    #[test]
+    fn reports_carry_the_net_change_per_replica() {
+        let r = Reports::default();
+        r.received(rb(1, 1));
+        r.deleted(BlockId(1));
+        r.deleted(BlockId(2));
+        r.received(rb(2, 2));
+        r.received(rb(3, 3));
+        r.received(rb(3, 4));
+        let (received, deleted) = r.take();
+        // 1 was received then deleted: only deleted; 2 deleted then received again: only received.
+        assert_eq!(received, vec![rb(2, 2), rb(3, 4)]);
+        assert_eq!(deleted, vec![BlockId(1)]);
+        // A failed heartbeat's changes go back under the newer ones.
+        r.deleted(BlockId(3));
+        r.received(rb(1, 5));
+        r.put_back((received, deleted));
+        let (received, deleted) = r.take();
+        assert_eq!(received, vec![rb(2, 2), rb(1, 5)]);
+        assert_eq!(deleted, vec![BlockId(3)]);
+    }
+}
