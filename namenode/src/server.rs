@@ -63,6 +63,15 @@ impl service::Handler for Shared {
     }
 }
 
+/// A decoded request.
+enum Request {
+    Client(ClientToNamenode),
+    Datanode(DatanodeToNamenode),
+}
+
+/// Every request takes one path: decode, then authorise (by the role in the verified certificate),
+/// then validate (normalise paths, check arguments, bind the write session to the certificate),
+/// then route to the writer, the soft state or a namespace read.
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -70,70 +79,170 @@ async fn serve_stream(
     shared: &Shared,
 ) -> Result<(), RpcError> {
     let started = std::time::Instant::now();
-    let (header, body) = match net::read_raw_frame(&mut recv).await {
-        Ok(f) => f,
-        Err(e) => {
-            let err = WireError::new(ErrorCode::Protocol, format!("bad request: {e}"));
-            return finish::<()>(&mut send, 0, Err(err)).await;
-        }
+    let request = match net::read_raw_frame(&mut recv).await {
+        Ok((header, body)) => decode_request(header, &body),
+        Err(e) => Err(WireError::new(
+            ErrorCode::Protocol,
+            format!("bad request: {e}"),
+        )),
     };
-    let denied = |m: &str| WireError::new(ErrorCode::PermissionDenied, m);
-    match (header.kind, identity.role) {
-        (kind::DATANODE_TO_NAMENODE, Role::Datanode) => {
-            let reply = match decode::<DatanodeToNamenode>(header, &body) {
-                Ok(req) => {
-                    let kind = request_kind(&req);
-                    let r = handle_datanode(req, &identity.name, shared).map_err(|e| to_wire(&e));
-                    shared.metrics.observe(kind, started);
-                    r
-                }
-                Err(e) => Err(e),
-            };
+    let request = match request.and_then(|r| authorise(&r, identity).map(|()| r)) {
+        Ok(r) => r,
+        Err(e) => return finish::<()>(&mut send, 0, Err(e)).await,
+    };
+    match request {
+        Request::Datanode(req) => {
+            let kind = request_kind(&req);
+            let reply = handle_datanode(req, &identity.name, shared).map_err(|e| to_wire(&e));
+            shared.metrics.observe(kind, started);
             finish(&mut send, kind::NAMENODE_TO_DATANODE, reply).await
         }
-        (kind::DATANODE_TO_NAMENODE, _) => {
-            finish::<()>(
-                &mut send,
-                0,
-                Err(denied("only a datanode certificate can act as a datanode")),
-            )
-            .await
-        }
-        (kind::CLIENT_TO_NAMENODE, Role::Admin | Role::User | Role::Datanode) => {
-            let reply = match decode::<ClientToNamenode>(header, &body) {
-                // Datanodes may look things up (to fetch plugins and finish records), never change them.
-                Ok(ClientToNamenode::Backup) if identity.role == Role::Admin => {
-                    return serve_backup(send, shared).await;
-                }
-                Ok(req) if identity.role == Role::Datanode && !is_lookup(&req) => {
-                    Err(denied("a datanode certificate cannot make client requests"))
-                }
-                Ok(req) => {
-                    let kind = request_kind(&req);
-                    let r = handle_client(req, identity, shared).await.map_err(|e| {
-                        if e.is_fatal() || !matches!(e, Error::Refused { .. }) {
-                            tracing::error!("request failed: {e}");
-                        }
-                        to_wire(&e)
-                    });
-                    shared.metrics.observe(kind, started);
-                    r
-                }
+        Request::Client(ClientToNamenode::Backup) => serve_backup(send, shared).await,
+        Request::Client(req) => {
+            let kind = request_kind(&req);
+            let reply = match validate(req, identity, &shared.config) {
+                Ok(req) => route(req, identity, shared).await,
                 Err(e) => Err(e),
-            };
+            }
+            .map_err(|e| {
+                if e.is_fatal() || !matches!(e, Error::Refused { .. }) {
+                    tracing::error!("request failed: {e}");
+                }
+                to_wire(&e)
+            });
+            shared.metrics.observe(kind, started);
             finish_paged(&mut send, reply).await
         }
-        (kind::CLIENT_TO_NAMENODE, _) => {
-            finish::<()>(&mut send, 0, Err(denied("namenodes do not call namenodes"))).await
-        }
-        (k, _) => {
-            let err = WireError::new(
-                ErrorCode::Protocol,
-                format!("bad request: unexpected frame kind {k}"),
-            );
-            finish::<()>(&mut send, 0, Err(err)).await
-        }
     }
+}
+
+fn decode_request(
+    header: lode_protocol::frame::FrameHeader,
+    body: &[u8],
+) -> Result<Request, WireError> {
+    match header.kind {
+        kind::CLIENT_TO_NAMENODE => decode(header, body).map(Request::Client),
+        kind::DATANODE_TO_NAMENODE => decode(header, body).map(Request::Datanode),
+        k => Err(WireError::new(
+            ErrorCode::Protocol,
+            format!("bad request: unexpected frame kind {k}"),
+        )),
+    }
+}
+
+/// Who may send what: datanode messages only from datanode certificates; client requests from
+/// users and admins (datanodes may only look things up, to fetch plugins and finish records);
+/// changes to the cluster itself only from admins.
+fn authorise(request: &Request, identity: &Identity) -> Result<(), WireError> {
+    let denied = |m: &str| Err(WireError::new(ErrorCode::PermissionDenied, m));
+    match (request, identity.role) {
+        (Request::Datanode(_), Role::Datanode) => Ok(()),
+        (Request::Datanode(_), _) => denied("only a datanode certificate can act as a datanode"),
+        (Request::Client(_), Role::Namenode) => denied("namenodes do not call namenodes"),
+        (Request::Client(r), Role::Datanode) if !is_lookup(r) => {
+            denied("a datanode certificate cannot make client requests")
+        }
+        (Request::Client(r), role) if role != Role::Admin => match admin_only(r) {
+            Some(m) => denied(m),
+            None => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// Requests only an admin may make, with the refusal everyone else gets.
+fn admin_only(req: &ClientToNamenode) -> Option<&'static str> {
+    match req {
+        ClientToNamenode::Backup => Some("only an admin can back up metadata"),
+        ClientToNamenode::SafeMode { action } if *action != SafeModeAction::Get => {
+            Some("only an admin can change safe mode")
+        }
+        ClientToNamenode::Decommission { .. } => Some("only an admin can decommission datanodes"),
+        ClientToNamenode::ApprovePlugin { .. } => Some("only an admin can approve plugins"),
+        _ => None,
+    }
+}
+
+/// Checks a client request's arguments and puts it in the form routing expects: paths
+/// normalised, defaults filled in, the write session bound to the certificate.
+fn validate(
+    req: ClientToNamenode,
+    identity: &Identity,
+    config: &Config,
+) -> Result<ClientToNamenode, Error> {
+    use ClientToNamenode::*;
+    let invalid = |m: String| Error::refused(ErrorCode::InvalidArgument, m);
+    Ok(match bind_session(req, identity) {
+        Mkdir { path, parents } => Mkdir {
+            path: normalize(&path)?,
+            parents,
+        },
+        List { path } => List {
+            path: normalize(&path)?,
+        },
+        Stat { path, blocks } => Stat {
+            path: normalize(&path)?,
+            blocks,
+        },
+        Delete { path, recursive } => Delete {
+            path: normalize(&path)?,
+            recursive,
+        },
+        Rename { src, dst } => Rename {
+            src: normalize(&src)?,
+            dst: normalize(&dst)?,
+        },
+        Du { path } => Du {
+            path: normalize(&path)?,
+        },
+        Fsck { path } => Fsck {
+            path: normalize(&path)?,
+        },
+        Create {
+            path,
+            overwrite,
+            replication,
+            block_size,
+            session,
+        } => {
+            let replication = replication.unwrap_or(config.replication_default);
+            lode_protocol::validate_replication(replication).map_err(invalid)?;
+            let block_size = block_size.unwrap_or(config.block_size_default);
+            checksum::validate_block_size(block_size).map_err(invalid)?;
+            Create {
+                path: normalize(&path)?,
+                overwrite,
+                replication: Some(replication),
+                block_size: Some(block_size),
+                session,
+            }
+        }
+        SetReplication { path, replication } => {
+            lode_protocol::validate_replication(replication).map_err(invalid)?;
+            SetReplication {
+                path: normalize(&path)?,
+                replication,
+            }
+        }
+        AddPlugin { hash, name, path } => {
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            if !valid {
+                return Err(invalid(format!(
+                    "plugin name {name:?} must be 1..=64 of [A-Za-z0-9_.-]"
+                )));
+            }
+            AddPlugin {
+                hash,
+                name,
+                path: normalize(&path)?,
+            }
+        }
+        other => other,
+    })
 }
 
 /// Streams a consistent metadata backup: a `BackupStart` frame, then the bytes.
@@ -317,12 +426,12 @@ fn bind_session(mut req: ClientToNamenode, identity: &Identity) -> ClientToNamen
     req
 }
 
-async fn handle_client(
+/// Carries out a validated client request.
+async fn route(
     req: ClientToNamenode,
     identity: &Identity,
     shared: &Shared,
 ) -> Result<NamenodeReply, Error> {
-    let req = bind_session(req, identity);
     if changes_namespace(&req) {
         let state = shared.state()?;
         if state.safemode != SafeMode::Off {
@@ -340,14 +449,10 @@ async fn handle_client(
         ClientToNamenode::Mkdir { path, parents } => {
             shared
                 .writer
-                .submit(Mutation::Mkdir {
-                    path: normalize(&path)?,
-                    parents,
-                })
+                .submit(Mutation::Mkdir { path, parents })
                 .await
         }
-        ClientToNamenode::List { path } => {
-            let p = normalize(&path)?;
+        ClientToNamenode::List { path: p } => {
             let ns = shared.ns.clone();
             blocking(move || {
                 let node = ns.resolve_existing(&p)?;
@@ -365,8 +470,7 @@ async fn handle_client(
             })
             .await
         }
-        ClientToNamenode::Stat { path, blocks } => {
-            let p = normalize(&path)?;
+        ClientToNamenode::Stat { path: p, blocks } => {
             let ns = shared.ns.clone();
             let mut status = blocking(move || {
                 let node = ns.resolve_existing(&p)?;
@@ -383,20 +487,11 @@ async fn handle_client(
         ClientToNamenode::Delete { path, recursive } => {
             shared
                 .writer
-                .submit(Mutation::Delete {
-                    path: normalize(&path)?,
-                    recursive,
-                })
+                .submit(Mutation::Delete { path, recursive })
                 .await
         }
         ClientToNamenode::Rename { src, dst } => {
-            shared
-                .writer
-                .submit(Mutation::Rename {
-                    src: normalize(&src)?,
-                    dst: normalize(&dst)?,
-                })
-                .await
+            shared.writer.submit(Mutation::Rename { src, dst }).await
         }
         ClientToNamenode::Create {
             path,
@@ -405,13 +500,9 @@ async fn handle_client(
             block_size,
             session,
         } => {
+            // Filled in by `validate`.
             let replication = replication.unwrap_or(shared.config.replication_default);
-            lode_protocol::validate_replication(replication)
-                .map_err(|m| Error::refused(ErrorCode::InvalidArgument, m))?;
             let block_size = block_size.unwrap_or(shared.config.block_size_default);
-            checksum::validate_block_size(block_size)
-                .map_err(|m| Error::refused(ErrorCode::InvalidArgument, m))?;
-            let path = normalize(&path)?;
             shared
                 .writer
                 .submit(Mutation::Create {
@@ -505,8 +596,7 @@ async fn handle_client(
             shared.state()?.renew(session, Instant::now());
             Ok(NamenodeReply::Ok)
         }
-        ClientToNamenode::Du { path } => {
-            let p = normalize(&path)?;
+        ClientToNamenode::Du { path: p } => {
             let ns = shared.ns.clone();
             blocking(move || {
                 let node = ns.resolve_existing(&p)?;
@@ -524,18 +614,6 @@ async fn handle_client(
             shared.state()?.report(Instant::now()),
         )),
         ClientToNamenode::AddPlugin { hash, name, path } => {
-            let path = normalize(&path)?;
-            let valid = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-            if !valid {
-                return Err(Error::refused(
-                    ErrorCode::InvalidArgument,
-                    format!("plugin name {name:?} must be 1..=64 of [A-Za-z0-9_.-]"),
-                ));
-            }
             let ns = shared.ns.clone();
             let p = path.clone();
             let complete =
@@ -560,18 +638,12 @@ async fn handle_client(
             shared.writer.submit(Mutation::AddPlugin(record)).await
         }
         ClientToNamenode::SetReplication { path, replication } => {
-            lode_protocol::validate_replication(replication)
-                .map_err(|m| Error::refused(ErrorCode::InvalidArgument, m))?;
             shared
                 .writer
-                .submit(Mutation::SetReplication {
-                    path: normalize(&path)?,
-                    replication,
-                })
+                .submit(Mutation::SetReplication { path, replication })
                 .await
         }
-        ClientToNamenode::Fsck { path } => {
-            let p = normalize(&path)?;
+        ClientToNamenode::Fsck { path: p } => {
             let ns = shared.ns.clone();
             let files = blocking(move || {
                 let top = ns.resolve_existing(&p)?;
@@ -600,12 +672,6 @@ async fn handle_client(
             ))
         }
         ClientToNamenode::SafeMode { action } => {
-            if action != SafeModeAction::Get && identity.role != Role::Admin {
-                return Err(Error::refused(
-                    ErrorCode::PermissionDenied,
-                    "only an admin can change safe mode",
-                ));
-            }
             let mut state = shared.state()?;
             match action {
                 SafeModeAction::Get => {}
@@ -623,12 +689,6 @@ async fn handle_client(
             })
         }
         ClientToNamenode::Decommission { datanode, on } => {
-            if identity.role != Role::Admin {
-                return Err(Error::refused(
-                    ErrorCode::PermissionDenied,
-                    "only an admin can decommission datanodes",
-                ));
-            }
             if !shared.state()?.datanodes.contains_key(&datanode) {
                 return Err(Error::refused(
                     ErrorCode::NotFound,
@@ -641,9 +701,10 @@ async fn handle_client(
                 .submit(Mutation::Decommission { datanode, on })
                 .await
         }
+        // Streamed by `serve_backup` before routing.
         ClientToNamenode::Backup => Err(Error::refused(
-            ErrorCode::PermissionDenied,
-            "only an admin can back up metadata",
+            ErrorCode::Protocol,
+            "a backup is not a routed request",
         )),
         ClientToNamenode::ListPlugins => {
             let ns = shared.ns.clone();
@@ -652,12 +713,6 @@ async fn handle_client(
             ))
         }
         ClientToNamenode::ApprovePlugin { hash } => {
-            if identity.role != Role::Admin {
-                return Err(Error::refused(
-                    ErrorCode::PermissionDenied,
-                    "only an admin can approve plugins",
-                ));
-            }
             shared.writer.submit(Mutation::ApprovePlugin { hash }).await
         }
         ClientToNamenode::FindPlugin { key } => {
@@ -757,5 +812,143 @@ fn handle_datanode(
                 },
             },
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lode_protocol::{InodeId, SessionId};
+
+    fn id(role: Role, name: &str) -> Identity {
+        Identity {
+            role,
+            name: name.into(),
+        }
+    }
+
+    fn config() -> Config {
+        toml::from_str(
+            "listen = \"127.0.0.1:1\"\nmeta_dir = \"m\"\n[tls]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn authorisation_follows_the_certificate_role() {
+        let admin = id(Role::Admin, "admin");
+        let user = id(Role::User, "alice");
+        let dn = id(Role::Datanode, "dn-1");
+        let nn = id(Role::Namenode, "namenode");
+        let hb = Request::Datanode(DatanodeToNamenode::CorruptReplicas { blocks: vec![] });
+        assert!(authorise(&hb, &dn).is_ok());
+        for who in [&admin, &user, &nn] {
+            assert!(authorise(&hb, who).is_err(), "{who:?} acting as a datanode");
+        }
+        let stat = Request::Client(ClientToNamenode::Stat {
+            path: "/".into(),
+            blocks: false,
+        });
+        let mkdir = Request::Client(ClientToNamenode::Mkdir {
+            path: "/x".into(),
+            parents: false,
+        });
+        assert!(
+            authorise(&stat, &dn).is_ok(),
+            "datanodes may look things up"
+        );
+        assert!(authorise(&mkdir, &dn).is_err());
+        assert!(authorise(&mkdir, &nn).is_err());
+        assert!(authorise(&mkdir, &user).is_ok());
+        for admin_only in [
+            ClientToNamenode::Backup,
+            ClientToNamenode::SafeMode {
+                action: SafeModeAction::Leave,
+            },
+            ClientToNamenode::Decommission {
+                datanode: "dn-1".into(),
+                on: true,
+            },
+            ClientToNamenode::ApprovePlugin {
+                hash: lode_protocol::Blake3Cv([0; 32]),
+            },
+        ] {
+            let r = Request::Client(admin_only);
+            assert!(authorise(&r, &admin).is_ok());
+            let e = authorise(&r, &user).unwrap_err();
+            assert_eq!(e.code, ErrorCode::PermissionDenied);
+        }
+        let get = Request::Client(ClientToNamenode::SafeMode {
+            action: SafeModeAction::Get,
+        });
+        assert!(authorise(&get, &user).is_ok());
+    }
+
+    #[test]
+    fn validation_normalises_fills_defaults_and_binds_sessions() {
+        let cfg = config();
+        let user = id(Role::User, "alice");
+        let other = id(Role::User, "bob");
+        let create = |session| ClientToNamenode::Create {
+            path: "//a/./b/".into(),
+            overwrite: false,
+            replication: None,
+            block_size: None,
+            session,
+        };
+        let v = validate(create(SessionId(5)), &user, &cfg).unwrap();
+        let ClientToNamenode::Create {
+            path,
+            replication,
+            block_size,
+            session,
+            ..
+        } = v
+        else {
+            panic!("{v:?}")
+        };
+        assert_eq!(path, "/a/b");
+        assert_eq!(replication, Some(cfg.replication_default));
+        assert_eq!(block_size, Some(cfg.block_size_default));
+        let ClientToNamenode::Create {
+            session: theirs, ..
+        } = validate(create(SessionId(5)), &other, &cfg).unwrap()
+        else {
+            panic!()
+        };
+        assert_ne!(
+            session, theirs,
+            "the same session id is another session for another certificate"
+        );
+        assert_ne!(session, SessionId(5));
+        for bad in [
+            ClientToNamenode::Mkdir {
+                path: "/a/../b".into(),
+                parents: false,
+            },
+            ClientToNamenode::SetReplication {
+                path: "/a".into(),
+                replication: 0,
+            },
+            ClientToNamenode::Create {
+                path: "/a".into(),
+                overwrite: false,
+                replication: Some(3),
+                block_size: Some(1000),
+                session: SessionId(1),
+            },
+            ClientToNamenode::AddPlugin {
+                hash: lode_protocol::Blake3Cv([0; 32]),
+                name: "no spaces".into(),
+                path: "/p".into(),
+            },
+        ] {
+            assert!(validate(bad.clone(), &user, &cfg).is_err(), "{bad:?}");
+        }
+        let abandon = ClientToNamenode::AbandonFile {
+            inode: InodeId(3),
+            session: SessionId(9),
+        };
+        assert_ne!(validate(abandon.clone(), &user, &cfg).unwrap(), abandon);
     }
 }
