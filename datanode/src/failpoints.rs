@@ -24,11 +24,16 @@ pub fn crash(name: &str) -> ! {
     std::process::abort()
 }
 
-/// A named failpoint (see the module documentation).
+/// A named failpoint (see the module documentation). With a second argument, `return` makes the
+/// enclosing function return that value instead of aborting (to lose a message, say).
 #[macro_export]
 macro_rules! failpoint {
     ($name:literal) => {
         #[cfg(feature = "failpoints")]
         fail::fail_point!($name, |_| { $crate::failpoints::crash($name) });
+    };
+    ($name:literal, $value:expr) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name, |_| { $value });
     };
 }

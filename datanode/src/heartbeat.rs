@@ -141,6 +141,10 @@ async fn heartbeat(shared: &Arc<Node>, namenode: &str) -> Result<bool, RpcError>
         received: taken.0.clone(),
         deleted: taken.1.clone(),
     };
+    crate::failpoint!("datanode.heartbeat.lose_request", {
+        shared.reports.put_back(taken.clone());
+        Err(RpcError::Stream("heartbeat lost (failpoint)".into()))
+    });
     let reply = net::call::<_, NamenodeToDatanode>(
         &conn,
         kind::DATANODE_TO_NAMENODE,
@@ -148,6 +152,8 @@ async fn heartbeat(shared: &Arc<Node>, namenode: &str) -> Result<bool, RpcError>
         &req,
     )
     .await;
+    // The namenode acted on the request, but its reply never arrives.
+    crate::failpoint!("datanode.heartbeat.lose_reply", Ok(true));
     match reply {
         Ok(NamenodeToDatanode::HeartbeatReply { reregister, delete }) => {
             // The old reply names replicas by id alone; deleting by id could remove a newer

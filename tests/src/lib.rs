@@ -29,6 +29,8 @@ pub struct ClusterSpec {
     pub fast_disk_check: bool,
     /// The namenode's `edit_log_roll_bytes` (else its default).
     pub edit_log_roll_bytes: Option<u64>,
+    /// Failpoints every datanode start arms (`FAILPOINTS` syntax), such as lost heartbeats.
+    pub datanode_failpoints: Option<String>,
 }
 
 impl Default for ClusterSpec {
@@ -41,6 +43,7 @@ impl Default for ClusterSpec {
             fast_block_scanner: false,
             fast_disk_check: false,
             edit_log_roll_bytes: None,
+            datanode_failpoints: None,
         }
     }
 }
@@ -391,10 +394,13 @@ impl Cluster {
 
     /// Starts (or restarts) datanode `i` (1-based).
     pub fn start_datanode(&mut self, i: usize) {
-        let child = self.spawn(
+        let fp = self.spec.datanode_failpoints.clone();
+        let env: Vec<(&str, &str)> = fp.iter().map(|f| ("FAILPOINTS", f.as_str())).collect();
+        let child = self.spawn_with(
             "lode-datanode",
             &format!("dn-{i}.toml"),
             &format!("dn-{i}.log"),
+            &env,
         );
         self.datanodes[i - 1] = Some(child);
         self.private_mounts[i - 1] = false;

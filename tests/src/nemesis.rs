@@ -3,9 +3,9 @@
 //! the cluster through the `lode` CLI (put, put -f, rm, rm -r, mv, mkdir, setrep, verified reads,
 //! checksums, scans) and injects faults in random order and combination: SIGKILL and restart of
 //! datanodes (several at once), SIGKILL of the namenode (also in the middle of a put), frozen
-//! datanodes (SIGSTOP: lost heartbeats and a node partitioned from everyone, then SIGCONT), flipped
-//! bytes, truncated block files and deleted sidecars, and a data dir pulled from a running
-//! datanode.
+//! datanodes (SIGSTOP: lost heartbeats and a node partitioned from everyone, then SIGCONT), lost
+//! heartbeat requests and replies (3% each, datanode failpoints), flipped bytes, truncated block
+//! files and deleted sidecars, and a data dir pulled from a running datanode.
 //!
 //! The rules it checks:
 //! - throughout, a read returns exactly the bytes of an acknowledged version of the file, or fails;
@@ -90,6 +90,11 @@ pub fn run(plan: &Plan) -> Outcome {
         fast_block_scanner: true,
         fast_disk_check: true,
         edit_log_roll_bytes: Some(64 * 1024),
+        // Message loss: some heartbeats never arrive, and some replies are lost after the
+        // namenode acted on them.
+        datanode_failpoints: Some(
+            "datanode.heartbeat.lose_request=3%return;datanode.heartbeat.lose_reply=3%return".into(),
+        ),
         ..Default::default()
     });
     let mut k = Campaign {
