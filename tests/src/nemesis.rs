@@ -5,7 +5,8 @@
 //! datanodes (several at once), SIGKILL of the namenode (also in the middle of a put), frozen
 //! datanodes (SIGSTOP: lost heartbeats and a node partitioned from everyone, then SIGCONT), lost
 //! heartbeat requests and replies (3% each, datanode failpoints), flipped bytes, truncated block
-//! files and deleted sidecars, and a data dir pulled from a running datanode.
+//! files and deleted sidecars, a data dir pulled from a running datanode, and a datanode whose
+//! disks (small real tmpfs file systems) fill up.
 //!
 //! The rules it checks:
 //! - throughout, a read returns exactly the bytes of an acknowledged version of the file, or fails;
@@ -32,6 +33,18 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use crate::{bin_dir, plugin_lib, random_bytes, wait_until, Cluster, ClusterSpec};
+
+/// Waits up to `limit` for `cond`; whether it held.
+fn wait_until_quiet(mut cond: impl FnMut() -> bool, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
 
 const BLOCK: usize = 64 * 1024;
 const DATANODES: usize = 5;
@@ -71,6 +84,8 @@ struct Campaign {
     down: BTreeSet<usize>,
     frozen: BTreeMap<usize, usize>,
     pulled: BTreeSet<usize>,
+    /// Datanodes running on small full disks.
+    full: BTreeSet<usize>,
     next_name: usize,
     out: Outcome,
     seed: u64,
@@ -104,6 +119,7 @@ pub fn run(plan: &Plan) -> Outcome {
         down: BTreeSet::new(),
         frozen: BTreeMap::new(),
         pulled: BTreeSet::new(),
+        full: BTreeSet::new(),
         next_name: 0,
         out: Outcome::default(),
         seed: plan.seed,
@@ -230,7 +246,8 @@ impl Campaign {
             86..=87 => self.fault_freeze(step),
             88..=90 => self.fault_kill_namenode(false),
             91..=92 => self.fault_kill_namenode(true),
-            93..=97 => self.fault_damage_replica(),
+            93..=96 => self.fault_damage_replica(),
+            97 => self.fault_full_disk(),
             _ => self.fault_pull_data_dir(),
         }
     }
@@ -669,6 +686,7 @@ impl Campaign {
         };
         self.note(format!("FAULT restart dn-{d}"));
         self.restore_pulled(d);
+        self.full.remove(&d);
         self.c.start_datanode(d);
         self.down.remove(&d);
         self.count("restart datanode");
@@ -823,6 +841,37 @@ impl Campaign {
         }
     }
 
+    /// A datanode restarts on two small disks (real tmpfs file systems, in a mount namespace of its
+    /// own; its replicas are out of reach, as after a disk swap) that other programs then fill to
+    /// the last byte. Healing restarts it on its own disks.
+    fn fault_full_disk(&mut self) {
+        let running = self.running();
+        let Some(d) = self.pick(&running) else {
+            return;
+        };
+        if self.full.contains(&d) || self.pulled.contains(&d) || running.len() <= 3 || !self.may_lose(&[d]) {
+            return;
+        }
+        if let Err(why) = self.c.start_datanode_on_small_disks(d, 4 << 20) {
+            self.note(format!("(no full-disk fault here: {why})"));
+            return;
+        }
+        self.note(format!("FAULT dn-{d} restarted on 4 MiB disks, which then fill up"));
+        self.full.insert(d);
+        self.count("full disk");
+        for dir in ["data1", "data2"] {
+            let p = self.c.datanode_dir(d).join(dir);
+            // The datanode creates its folders first; then the filler takes every byte left.
+            let _ = wait_until_quiet(|| p.join("current").exists(), Duration::from_secs(10));
+            if let Ok(mut f) = std::fs::File::create(p.join("filler")) {
+                use std::io::Write;
+                let chunk = vec![0u8; 64 << 10];
+                while f.write_all(&chunk).is_ok() {}
+                let _ = f.sync_all();
+            }
+        }
+    }
+
     /// Puts a pulled data dir back (with the datanode stopped).
     fn restore_pulled(&mut self, d: usize) {
         if self.pulled.remove(&d) {
@@ -842,7 +891,7 @@ impl Campaign {
         }
         self.frozen.clear();
         for d in 1..=DATANODES {
-            if self.pulled.contains(&d) || self.down.contains(&d) {
+            if self.pulled.contains(&d) || self.down.contains(&d) || self.full.remove(&d) {
                 self.c.kill_datanode(d);
                 self.restore_pulled(d);
                 self.c.start_datanode(d);
