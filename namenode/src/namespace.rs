@@ -541,7 +541,7 @@ impl<S: MetaStore> Namespace<S> {
             return Ok(vec![MetaOp::Mkdir {
                 parent: dir.id,
                 name,
-                inode: ids.inode(),
+                inode: ids.inode()?,
                 mtime_ms: now_ms,
             }]);
         }
@@ -566,7 +566,7 @@ impl<S: MetaStore> Namespace<S> {
                 }
                 creating = true;
             }
-            let id = ids.inode();
+            let id = ids.inode()?;
             ops.push(MetaOp::Mkdir {
                 parent: cur,
                 name: name.to_string(),
@@ -649,7 +649,7 @@ impl<S: MetaStore> Namespace<S> {
         Ok(MetaOp::Create {
             parent: dir.id,
             name: create_as,
-            inode: ids.inode(),
+            inode: ids.inode()?,
             replication,
             block_size,
             session,
@@ -735,7 +735,7 @@ impl<S: MetaStore> Namespace<S> {
         Self::check_commit(blocks.last(), previous, Some(block_size))?;
         Ok(MetaOp::AddBlock {
             inode,
-            block: ids.block(),
+            block: ids.block()?,
             previous,
         })
     }
@@ -1114,13 +1114,13 @@ impl<S: MetaStore> Namespace<S> {
                 if id.0 < inode {
                     return Ok(None);
                 }
-                inode = id.0 + 1;
+                inode = id.0.saturating_add(1);
             }
             MetaOp::AddBlock { block: id, .. } => {
                 if id.0 < block {
                     return Ok(None);
                 }
-                block = id.0 + 1;
+                block = id.0.saturating_add(1);
             }
             _ => return Ok(None),
         }
@@ -1195,6 +1195,10 @@ fn commit_into(blocks: &mut [BlockMeta], commit: Option<CommittedBlock>) -> bool
     false
 }
 
+fn exhausted() -> Error {
+    refused(ErrorCode::InvalidArgument, "the namespace has issued every id")
+}
+
 /// Allocates inode and block ids; owned by the namespace writer.
 #[derive(Debug)]
 pub struct IdAlloc {
@@ -1237,23 +1241,23 @@ impl IdAlloc {
     }
 
     fn see_inode(&mut self, id: InodeId) {
-        self.next_inode = self.next_inode.max(id.0 + 1);
+        self.next_inode = self.next_inode.max(id.0.saturating_add(1));
     }
 
     fn see_block(&mut self, id: BlockId) {
-        self.next_block = self.next_block.max(id.0 + 1);
+        self.next_block = self.next_block.max(id.0.saturating_add(1));
     }
 
-    fn inode(&mut self) -> InodeId {
+    fn inode(&mut self) -> Result<InodeId, Error> {
         let id = InodeId(self.next_inode);
-        self.next_inode += 1;
-        id
+        self.next_inode = self.next_inode.checked_add(1).ok_or_else(exhausted)?;
+        Ok(id)
     }
 
-    fn block(&mut self) -> BlockId {
+    fn block(&mut self) -> Result<BlockId, Error> {
         let id = BlockId(self.next_block);
-        self.next_block += 1;
-        id
+        self.next_block = self.next_block.checked_add(1).ok_or_else(exhausted)?;
+        Ok(id)
     }
 }
 
@@ -1342,6 +1346,25 @@ mod tests {
         assert!(ns.children(ROOT).unwrap().is_empty());
         assert_eq!(ns.last_applied().unwrap(), seq);
         assert_eq!(ns.all_inodes().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_reported_id_at_the_top_exhausts_ids_without_a_panic() {
+        let (ns, mut ids, mut seq) = setup();
+        let s = SessionId(1);
+        let create = ns
+            .prepare_create("/f", false, 1, 65536, s, &mut ids, 1)
+            .unwrap();
+        let MetaOp::Create { inode, .. } = create else {
+            unreachable!()
+        };
+        run(&ns, &mut seq, vec![create]);
+        // A datanode claims a replica with the largest id there is.
+        ids.raise_block_floor(BlockId(u64::MAX));
+        let e = ns.prepare_add_block(inode, s, None, &mut ids).unwrap_err();
+        assert!(matches!(e, Error::Refused { .. }), "{e}");
+        ids.raise_block_floor(BlockId(u64::MAX - 5));
+        assert!(ns.prepare_add_block(inode, s, None, &mut ids).is_err());
     }
 
     #[test]
