@@ -190,21 +190,38 @@ async fn heartbeat(shared: &Arc<Node>, namenode: &str) -> Result<bool, RpcError>
     }
 }
 
+/// How a datanode answers a delete command.
+enum Answer {
+    Deleted,
+    Holds(ReportedBlock),
+    Corrupt,
+}
+
 /// Deletes the replicas the namenode named, each only if its length and value still match.
 async fn delete_replicas(shared: &Node, blocks: Vec<ReportedBlock>) {
     if blocks.is_empty() {
         return;
     }
     let store = shared.store.clone();
-    // Every delete is answered: deleted (or not here at all), or the replica held instead.
+    // Every delete is answered: deleted (or not here at all), or the replica held instead once
+    // it is read and verified (a replica in a report's received list has always proved its
+    // bytes), or a corrupt report when it fails.
     let answers = tokio::task::spawn_blocking(move || {
         let mut answers = vec![];
         for b in blocks {
             match store.delete_exact(&b) {
-                Ok(true) => answers.push((b.id, None)),
+                Ok(true) => answers.push((b.id, Answer::Deleted)),
                 Ok(false) => {
                     tracing::debug!(block = %b.id, "no replica with the length and value to delete");
-                    answers.push((b.id, store.replica(b.id)));
+                    let answer = match store.replica(b.id) {
+                        None => Answer::Deleted,
+                        Some(r) => match crate::scanner::verify(&store, b.id) {
+                            Ok(_) => Answer::Holds(r),
+                            Err(e) if crate::scanner::unreadable(&e) => Answer::Corrupt,
+                            Err(_) => continue,
+                        },
+                    };
+                    answers.push((b.id, answer));
                 }
                 Err(e) => tracing::error!("delete replica: {e}"),
             }
@@ -213,10 +230,11 @@ async fn delete_replicas(shared: &Node, blocks: Vec<ReportedBlock>) {
     })
     .await
     .unwrap_or_default();
-    for (b, held) in answers {
-        match held {
-            None => shared.reports.deleted(b),
-            Some(r) => shared.reports.received(r),
+    for (b, answer) in answers {
+        match answer {
+            Answer::Deleted => shared.reports.deleted(b),
+            Answer::Holds(r) => shared.reports.received(r),
+            Answer::Corrupt => crate::scanner::report(shared, b).await,
         }
     }
 }

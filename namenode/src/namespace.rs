@@ -1196,7 +1196,10 @@ fn commit_into(blocks: &mut [BlockMeta], commit: Option<CommittedBlock>) -> bool
 }
 
 fn exhausted() -> Error {
-    refused(ErrorCode::InvalidArgument, "the namespace has issued every id")
+    refused(
+        ErrorCode::InvalidArgument,
+        "the namespace has issued every id",
+    )
 }
 
 /// Allocates inode and block ids; owned by the namespace writer.

@@ -557,7 +557,11 @@ impl Sim {
             let dn = self.dns.get_mut(name).unwrap();
             match dn.replicas.get(&d.id).copied() {
                 Some(r) if r == (d.len, d.cv) => dn.remove(d.id),
-                // Answered with what it holds instead, or as deleted when it holds nothing.
+                // Answered with what it holds instead once verified (or a corrupt report), or as
+                // deleted when it holds nothing.
+                Some(_) if dn.bad.contains(&d.id) => {
+                    self.state.lock().unwrap().bad_replica(d.id, name);
+                }
                 Some(r) => {
                     dn.received.retain(|b| b.id != d.id);
                     dn.received.push(ReportedBlock {
@@ -829,11 +833,22 @@ impl Sim {
             self.tick();
         }
         for (n, b) in bad {
+            let before = self
+                .state
+                .lock()
+                .unwrap()
+                .blocks
+                .get(&b)
+                .map(|e| e.locations.clone());
             self.state.lock().unwrap().bad_replica(b, &n);
+            self.trace(format!(
+                "heal: {n} reports {b} corrupt (counted on {before:?})"
+            ));
         }
-        // Long enough for a lost copy command to time out and be planned again.
+        // Long enough for lost copy commands (5% of replies are lost) to time out and be planned
+        // again, a few times over.
         let ticks =
-            (lode_namenode::state::COPY_TIMEOUT.as_millis() * 3 / TICK.as_millis()) as usize;
+            (lode_namenode::state::COPY_TIMEOUT.as_millis() * 6 / TICK.as_millis()) as usize;
         for i in 0..ticks {
             self.tick();
             self.check();

@@ -108,7 +108,8 @@ pub fn run(plan: &Plan) -> Outcome {
         // Message loss: some heartbeats never arrive, and some replies are lost after the
         // namenode acted on them.
         datanode_failpoints: Some(
-            "datanode.heartbeat.lose_request=3%return;datanode.heartbeat.lose_reply=3%return".into(),
+            "datanode.heartbeat.lose_request=3%return;datanode.heartbeat.lose_reply=3%return"
+                .into(),
         ),
         ..Default::default()
     });
@@ -849,14 +850,20 @@ impl Campaign {
         let Some(d) = self.pick(&running) else {
             return;
         };
-        if self.full.contains(&d) || self.pulled.contains(&d) || running.len() <= 3 || !self.may_lose(&[d]) {
+        if self.full.contains(&d)
+            || self.pulled.contains(&d)
+            || running.len() <= 3
+            || !self.may_lose(&[d])
+        {
             return;
         }
         if let Err(why) = self.c.start_datanode_on_small_disks(d, 4 << 20) {
             self.note(format!("(no full-disk fault here: {why})"));
             return;
         }
-        self.note(format!("FAULT dn-{d} restarted on 4 MiB disks, which then fill up"));
+        self.note(format!(
+            "FAULT dn-{d} restarted on 4 MiB disks, which then fill up"
+        ));
         self.full.insert(d);
         self.count("full disk");
         for dir in ["data1", "data2"] {

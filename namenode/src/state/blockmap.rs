@@ -122,13 +122,18 @@ impl State {
         proved: Option<Instant>,
     ) -> Option<ReportedBlock> {
         self.max_reported_block = self.max_reported_block.max(replica.id);
-        let corrupt = self.corrupt.contains(&(replica.id, name.to_string()));
+        let key = (replica.id, name.to_string());
+        if self.corrupt.contains(&key) {
+            if proved.is_none() {
+                // The bad replica reported again (a registration): it still does not count.
+                return Some(replica);
+            }
+            // A replica written, copied or verified since: its bytes were checked on the way in.
+            self.corrupt.remove(&key);
+        }
         let Some(entry) = self.blocks.get_mut(&replica.id) else {
             return Some(replica);
         };
-        if corrupt {
-            return Some(replica);
-        }
         match entry.committed {
             None => {
                 entry.len = entry.len.max(replica.len);
@@ -138,6 +143,17 @@ impl State {
                 entry.locations.insert(name.to_string());
                 if let Some(t) = proved {
                     entry.verified.insert(name.to_string(), t);
+                }
+                // Corrupt replicas kept only because nothing better existed can go now.
+                let kept: Vec<String> = self
+                    .corrupt
+                    .iter()
+                    .filter(|(b, n)| *b == replica.id && n != name)
+                    .map(|(_, n)| n.clone())
+                    .collect();
+                for n in kept {
+                    self.corrupt.remove(&(replica.id, n.clone()));
+                    self.delete_on(&n, replica);
                 }
                 self.copies
                     .retain(|c| !(c.block == replica.id && c.target == name));
@@ -373,9 +389,9 @@ impl State {
         let Some(entry) = self.blocks.get_mut(&block) else {
             return;
         };
-        if !entry.locations.remove(name) {
-            return;
-        }
+        // Counted or not (a replica asked to verify before its delete was resent is not), a bad
+        // replica goes once a good one is counted elsewhere; until then it stays, marked corrupt.
+        entry.locations.remove(name);
         entry.verified.remove(name);
         let others = !entry.locations.is_empty();
         let replica = entry.committed_replica(block);

@@ -202,18 +202,32 @@ impl State {
             // The node answers a delete it could not carry out with what it holds instead.
             dn.sent_deletes.remove(&b.id);
         }
-        // Deletes never answered go out again.
-        let resend: Vec<BlockId> = dn
+        let unanswered: Vec<ReportedBlock> = dn
             .sent_deletes
-            .iter()
-            .filter(|(_, (_, sent))| now.saturating_duration_since(*sent) >= DELETE_RESEND)
-            .map(|(id, _)| *id)
+            .values()
+            .filter(|(_, sent)| now.saturating_duration_since(*sent) >= DELETE_RESEND)
+            .map(|(r, _)| *r)
             .collect();
-        for id in resend {
-            if let Some((replica, _)) = dn.sent_deletes.remove(&id) {
-                if !dn.pending_delete.iter().any(|r| r.id == id) {
-                    dn.pending_delete.push(replica);
-                }
+        // Deletes never answered go out again, unless the block has since fallen short of its
+        // target: then the replica may be what it needs, and the node is asked to report it
+        // again (a verification) instead.
+        for r in unanswered {
+            let wanted = self.blocks.get(&r.id).is_some_and(|e| {
+                e.committed == Some((r.len, r.cv)) && e.locations.len() < usize::from(e.replication)
+            });
+            let Some(dn) = self.datanodes.get_mut(name) else {
+                break;
+            };
+            dn.sent_deletes.remove(&r.id);
+            if wanted {
+                dn.pending_copy.push(CopyCommand {
+                    block: r.id,
+                    targets: vec![],
+                });
+                // Still unanswered until the node reports the replica (or it is found bad).
+                dn.sent_deletes.insert(r.id, (r, now));
+            } else if !dn.pending_delete.iter().any(|p| p.id == r.id) {
+                dn.pending_delete.push(r);
             }
         }
         for b in deleted {
@@ -362,5 +376,33 @@ mod tests {
             after.extend(s.heartbeat("dn-1", space(), &[], &deleted, t).unwrap().0);
         }
         assert!(after.is_empty());
+    }
+
+    #[test]
+    fn an_unanswered_delete_of_a_replica_now_needed_becomes_a_verification() {
+        let t0 = Instant::now();
+        let mut s = state(1, 1, true, t0);
+        s.register("dn-1", "a:1".into(), space(), &[replica(1)], t0);
+        // The namenode decided dn-1's replica goes (say as excess) and stopped counting it; the
+        // command is never answered, and meanwhile the block has no counted replica left.
+        s.blocks.get_mut(&BlockId(1)).unwrap().locations.clear();
+        s.delete_on("dn-1", replica(1));
+        let (sent, _) = s.heartbeat("dn-1", space(), &[], &[], t0).unwrap();
+        assert_eq!(sent, vec![replica(1)]);
+        let mut t = t0;
+        let mut verifies = 0;
+        while t < t0 + DELETE_RESEND + Duration::from_secs(10) {
+            t += Duration::from_secs(5);
+            let (delete, copy) = s.heartbeat("dn-1", space(), &[], &[], t).unwrap();
+            assert!(
+                delete.is_empty(),
+                "the replica the block needs is not deleted again"
+            );
+            verifies += copy.iter().filter(|c| c.targets.is_empty()).count();
+        }
+        assert_eq!(verifies, 1);
+        // The node reports it again: it counts.
+        s.heartbeat("dn-1", space(), &[replica(1)], &[], t).unwrap();
+        assert!(s.blocks[&BlockId(1)].locations.contains("dn-1"));
     }
 }
