@@ -12,8 +12,11 @@ use lode_protocol::messages::{
 };
 use serde::{de::DeserializeOwned, Serialize};
 
+/// A fuzz target: arbitrary bytes in, a panic when a rule breaks.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, for the corpus replay.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("frame_header", frame_header),
     ("message", message),
     ("frame_stream", frame_stream),
