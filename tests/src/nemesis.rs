@@ -48,6 +48,8 @@ fn wait_until_quiet(mut cond: impl FnMut() -> bool, limit: Duration) -> bool {
 
 const BLOCK: usize = 64 * 1024;
 const DATANODES: usize = 5;
+/// The most the full-disk fault writes into one data dir (its disks are 4 MiB).
+const FILLER_BYTES_MAX: usize = 8 << 20;
 
 /// What one campaign does.
 #[derive(Clone, Debug)]
@@ -866,14 +868,29 @@ impl Campaign {
         ));
         self.full.insert(d);
         self.count("full disk");
+        // Only once the datanode runs (after its private mounts are made) do its data dirs, seen
+        // through its /proc root, lie on the small disks.
+        let name = format!("dn-{d}");
+        if !wait_until_quiet(
+            || self.c.datanodes_in_state("live").contains(&name),
+            Duration::from_secs(30),
+        ) {
+            self.note(format!(
+                "(dn-{d} did not come back on small disks; no filler)"
+            ));
+            return;
+        }
         for dir in ["data1", "data2"] {
             let p = self.c.datanode_dir(d).join(dir);
-            // The datanode creates its folders first; then the filler takes every byte left.
-            let _ = wait_until_quiet(|| p.join("current").exists(), Duration::from_secs(10));
+            // Never more than the small disk could hold: if the path were on a real disk after
+            // all, this wastes 8 MiB, not the machine's disk.
             if let Ok(mut f) = std::fs::File::create(p.join("filler")) {
                 use std::io::Write;
                 let chunk = vec![0u8; 64 << 10];
-                while f.write_all(&chunk).is_ok() {}
+                let mut written = 0usize;
+                while written < FILLER_BYTES_MAX && f.write_all(&chunk).is_ok() {
+                    written += chunk.len();
+                }
                 let _ = f.sync_all();
             }
         }

@@ -55,6 +55,12 @@ fn fill(dir: &Path) -> u64 {
     let chunk = vec![0x5au8; 64 * 1024];
     let mut written = 0;
     loop {
+        // The small disks hold a few MiB: far more means this is not one of them.
+        assert!(
+            written < 64 << 20,
+            "{} is not on a small disk; refusing to fill it",
+            dir.display()
+        );
         match f.write(&chunk) {
             Ok(0) => break,
             Ok(n) => written += n as u64,
