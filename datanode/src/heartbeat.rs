@@ -11,6 +11,7 @@ use lode_protocol::net::{self, RpcError, NAMENODE_SERVER_NAME};
 use lode_protocol::paging;
 use tokio::sync::watch;
 
+use crate::error::Error;
 use crate::node::Node;
 
 /// Runs until shutdown: register, then heartbeat every `interval` (or sooner when a replica is new).
@@ -269,7 +270,17 @@ fn start_copies(shared: &Arc<Node>, copies: Vec<lode_protocol::messages::CopyCom
                 return;
             }
             let to: Vec<String> = cmd.targets.iter().map(|t| t.name.clone()).collect();
-            match crate::pipeline::copy_block(&shared, cmd).await {
+            let mut result = crate::pipeline::copy_block(&shared, cmd.clone()).await;
+            if matches!(result, Err(Error::Rpc(_))) {
+                // A pooled connection to a target that restarted is dead: forget it and try once
+                // more on a fresh one, rather than leave the block short until the namenode plans
+                // the copy again.
+                if let Some(first) = cmd.targets.first() {
+                    shared.pool.forget(&first.addr, &first.name).await;
+                }
+                result = crate::pipeline::copy_block(&shared, cmd).await;
+            }
+            match result {
                 Ok(stored) => tracing::info!(%block, to = ?stored, "replica copied"),
                 Err(e) if crate::scanner::unreadable(&e) => {
                     tracing::error!(%block, "copy source failed its checks ({e}); reporting it");
