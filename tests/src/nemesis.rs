@@ -928,7 +928,8 @@ impl Campaign {
 
     fn check_final(&mut self) {
         // Unfinished writes end with their leases; then the namespace must equal the model.
-        let deadline = Instant::now() + Duration::from_secs(180);
+        // Lost commands cost their timeouts (copies 120 s, deletes and verifications 30 s).
+        let deadline = Instant::now() + Duration::from_secs(300);
         let mut last_problem = String::new();
         while Instant::now() < deadline {
             match self.final_problem() {

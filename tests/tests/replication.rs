@@ -67,7 +67,8 @@ fn a_lost_datanode_is_healed_and_setrep_converges() {
 
     // Fewer replicas: the excess ones are deleted, on disk too (the dead node's disk is left alone).
     c.ok(&["setrep", "1", "/heal"]);
-    wait_until("one replica per block", Duration::from_secs(20), || {
+    // Excess replicas go only after the replica that stays has verified its bytes: a round more.
+    wait_until("one replica per block", Duration::from_secs(60), || {
         all_have(&c, "/heal", 1, None)
             && (1..=4)
                 .filter(|n| *n != i)

@@ -21,6 +21,10 @@ pub struct PendingCopy {
 /// Copies one datanode sends at once.
 pub const COPIES_PER_SOURCE: usize = 4;
 
+/// Verifications one datanode runs at once before excess deletes (reads only, so more than copies).
+pub const VERIFIES_PER_NODE: usize = 16;
+/// A verification not reported back this long is asked again (one block read: seconds).
+pub const VERIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// A delete command not answered this long is sent again (its heartbeat reply may have been lost).
 pub const DELETE_RESEND: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -274,9 +278,9 @@ impl State {
                 });
             }
         }
-        // A verification that never came back is asked again.
+        // A verification that never came back (its command or report lost) is asked again.
         self.verifying
-            .retain(|_, asked| now.saturating_duration_since(*asked) < COPY_TIMEOUT);
+            .retain(|_, asked| now.saturating_duration_since(*asked) < VERIFY_TIMEOUT);
         let mut deleting: BTreeMap<BlockId, Vec<String>> = BTreeMap::new();
         for (holder, block) in &plan.deletes {
             deleting.entry(*block).or_default().push(holder.clone());
@@ -310,7 +314,7 @@ impl State {
                         .keys()
                         .filter(|(b, v)| *v == n && !proved(self, *b, v))
                         .count();
-                    if self.verifying.contains_key(&key) || outstanding >= COPIES_PER_SOURCE {
+                    if self.verifying.contains_key(&key) || outstanding >= VERIFIES_PER_NODE {
                         continue;
                     }
                     tracing::info!(%block, datanode = %n, "verifying a replica before removing an excess one");
