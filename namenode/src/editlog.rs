@@ -54,20 +54,27 @@ pub trait Journal: Send + 'static {
     fn checkpoint(&mut self, snapshot: &[u8]) -> Result<(), Error>;
 }
 
-/// The postcard body of an edit, with its format byte; refused if larger than [`RECORD_BYTES_MAX`].
-pub fn encode_edit(op: &MetaOp) -> Result<Vec<u8>, Error> {
-    let mut body = vec![EDIT_FORMAT];
-    body.extend(postcard::to_stdvec(op).map_err(|e| Error::Store(e.to_string()))?);
-    if body.len() > RECORD_BYTES_MAX as usize {
+/// Refuses an edit larger than [`RECORD_BYTES_MAX`] without encoding it (the writer checks every
+/// edit of a mutation before appending any).
+pub fn check_edit_size(op: &MetaOp) -> Result<(), Error> {
+    let bytes =
+        1 + postcard::experimental::serialized_size(op).map_err(|e| Error::Store(e.to_string()))?;
+    if bytes > RECORD_BYTES_MAX as usize {
         return Err(Error::refused(
             lode_protocol::ErrorCode::InvalidArgument,
             format!(
-                "the change needs an edit of {} bytes, more than the {} an edit may hold",
-                body.len(),
-                RECORD_BYTES_MAX
+                "the change needs an edit of {bytes} bytes, more than the {RECORD_BYTES_MAX} an edit may hold"
             ),
         ));
     }
+    Ok(())
+}
+
+/// The postcard body of an edit, with its format byte; refused if larger than [`RECORD_BYTES_MAX`].
+pub fn encode_edit(op: &MetaOp) -> Result<Vec<u8>, Error> {
+    check_edit_size(op)?;
+    let mut body = vec![EDIT_FORMAT];
+    body.extend(postcard::to_stdvec(op).map_err(|e| Error::Store(e.to_string()))?);
     Ok(body)
 }
 

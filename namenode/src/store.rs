@@ -176,13 +176,17 @@ impl<S: MetaStore> MetaStore for Overlay<S> {
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Pairs, Error> {
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
-            self.base.scan_prefix(prefix)?.into_iter().collect();
-        for (k, v) in self
-            .pending()?
+        let pending = self.pending()?;
+        let mut touched = pending
             .range(prefix.to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-        {
+            .peekable();
+        if touched.peek().is_none() {
+            return self.base.scan_prefix(prefix);
+        }
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            self.base.scan_prefix(prefix)?.into_iter().collect();
+        for (k, v) in touched {
             match v {
                 Some(v) => merged.insert(k.clone(), v.clone()),
                 None => merged.remove(k),

@@ -370,7 +370,7 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
         // Every edit of the mutation is checked against the bound before any is appended, so a
         // mutation is logged whole or refused whole.
         for op in &ops {
-            crate::editlog::encode_edit(op)?;
+            crate::editlog::check_edit_size(op)?;
         }
         for op in ops {
             let seq = self.journal.append(&op)?;

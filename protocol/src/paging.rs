@@ -22,21 +22,10 @@ pub const PAGES_MAX: usize = 1 << 20;
 
 /// Cuts `items` into pages of at most `budget` encoded bytes (at least one item per page); an
 /// empty list is one empty page.
-pub fn pages<T: Serialize>(items: Vec<T>, budget: usize) -> Vec<Vec<T>> {
-    let mut out = vec![];
-    let mut page = vec![];
-    let mut bytes = 0usize;
-    for item in items {
-        let n = postcard::experimental::serialized_size(&item).unwrap_or(budget);
-        if !page.is_empty() && bytes + n > budget {
-            out.push(std::mem::take(&mut page));
-            bytes = 0;
-        }
-        bytes += n;
-        page.push(item);
-    }
-    if !page.is_empty() || out.is_empty() {
-        out.push(page);
+pub fn pages<T: Serialize>(mut items: Vec<T>, budget: usize) -> Vec<Vec<T>> {
+    let mut out = vec![take_page(&mut items, budget)];
+    while !items.is_empty() {
+        out.push(take_page(&mut items, budget));
     }
     out
 }

@@ -62,6 +62,25 @@ pub struct BlockEntry {
 }
 
 impl BlockEntry {
+    /// A block of `inode` with no replica known yet; `committed` is `None` while it is written.
+    pub fn new(
+        inode: InodeId,
+        replication: u8,
+        complete: bool,
+        committed: Option<(u64, Blake3Cv)>,
+    ) -> BlockEntry {
+        BlockEntry {
+            inode,
+            replication,
+            complete,
+            committed,
+            locations: BTreeSet::new(),
+            provisional: BTreeMap::new(),
+            verified: BTreeMap::new(),
+            len: committed.map_or(0, |c| c.0),
+        }
+    }
+
     /// The committed replica as a delete command names it.
     pub(super) fn committed_replica(&self, id: BlockId) -> Option<ReportedBlock> {
         self.committed
@@ -446,16 +465,7 @@ mod tests {
         let mut s = state(0, 2, false, t0);
         s.blocks.insert(
             BlockId(5),
-            BlockEntry {
-                inode: lode_protocol::InodeId(2),
-                replication: 2,
-                complete: false,
-                committed: None,
-                locations: BTreeSet::new(),
-                provisional: BTreeMap::new(),
-                verified: BTreeMap::new(),
-                len: 0,
-            },
+            BlockEntry::new(lode_protocol::InodeId(2), 2, false, None),
         );
         let good = replica(5);
         let other = ReportedBlock {

@@ -107,16 +107,12 @@ impl State {
                 for b in blocks {
                     s.blocks.insert(
                         b.id,
-                        BlockEntry {
-                            inode: inode.id,
-                            replication: *replication,
-                            complete: writer.is_none(),
-                            committed: b.cv.map(|cv| (b.len, cv)),
-                            locations: BTreeSet::new(),
-                            provisional: BTreeMap::new(),
-                            verified: BTreeMap::new(),
-                            len: b.len,
-                        },
+                        BlockEntry::new(
+                            inode.id,
+                            *replication,
+                            writer.is_none(),
+                            b.cv.map(|cv| (b.len, cv)),
+                        ),
                     );
                 }
                 if let Some(w) = writer {
@@ -151,19 +147,8 @@ impl State {
             self.commit_block(c, now);
         }
         if let Some((block, inode, replication)) = applied.added {
-            self.blocks.insert(
-                block,
-                BlockEntry {
-                    inode,
-                    replication,
-                    complete: false,
-                    committed: None,
-                    locations: BTreeSet::new(),
-                    provisional: BTreeMap::new(),
-                    verified: BTreeMap::new(),
-                    len: 0,
-                },
-            );
+            self.blocks
+                .insert(block, BlockEntry::new(inode, replication, false, None));
         }
         if let Some((session, inode)) = applied.leased {
             self.leases
