@@ -14,7 +14,9 @@
 //!
 //! At the end of each run every datanode returns and the cluster is left to heal: then every block
 //! of every complete file must be counted on exactly its target of nodes that hold its bytes, and no
-//! datanode may keep a replica nobody counts (an orphan).
+//! datanode may keep a replica nobody counts (an orphan). Then one datanode is lost for good and
+//! every file gets a new target below the nodes left: the same must hold on the live ones, with the
+//! dead node still listed as a holder.
 //!
 //! `SIM_SEED=<n> cargo test -p lode-namenode --test sim` replays one run; `SIM_RUNS=<n>` sets the
 //! count (default 1000).
@@ -815,7 +817,9 @@ impl Sim {
     }
 
     /// Every datanode back, time for the repairs; then exactly the target on good nodes and no
-    /// orphans.
+    /// orphans. Then one machine is lost for good and every file gets a new target below the
+    /// machines left (excess replicas go while a dead holder is still listed), and the same must
+    /// hold on the live ones.
     fn heal_and_check(&mut self) {
         for dn in self.dns.values_mut() {
             if !dn.alive {
@@ -845,8 +849,30 @@ impl Sim {
                 "heal: {n} reports {b} corrupt (counted on {before:?})"
             ));
         }
-        // Long enough for lost copy commands (5% of replies are lost) to time out and be planned
-        // again, a few times over.
+        self.wait_converged("heal");
+        let Some(lost) = self.pick_dn(true) else {
+            return;
+        };
+        if !self.may_lose(&lost) {
+            return;
+        }
+        self.trace(format!("heal: {lost} is lost for good"));
+        self.dns.get_mut(&lost).unwrap().alive = false;
+        let paths: Vec<String> = self.files.keys().cloned().collect();
+        for path in paths {
+            let r = self.rng.random_range(1..=DATANODES as u8 - 1);
+            self.trace(format!("heal: setrep {r} {path}"));
+            let _ = self.submit(Mutation::SetReplication {
+                path,
+                replication: r,
+            });
+        }
+        self.wait_converged("heal without a lost machine");
+    }
+
+    /// Ticks until `converged`, long enough for lost copy commands (5% of replies are lost) to time
+    /// out and be planned again, a few times over; fails the run if it never does.
+    fn wait_converged(&mut self, phase: &str) {
         let ticks =
             (lode_namenode::state::COPY_TIMEOUT.as_millis() * 6 / TICK.as_millis()) as usize;
         for i in 0..ticks {
@@ -873,9 +899,12 @@ impl Sim {
                 );
             }
         }
-        self.fail(format!("did not heal: {why}"));
+        self.fail(format!("{phase}: did not converge: {why}"));
     }
 
+    /// Why the cluster has not converged: every block of every complete file counted on exactly
+    /// its target of live nodes that hold its bytes, and no live node keeping a replica nobody
+    /// counts. A dead node's replicas stay listed (it may come back) and are left out.
     fn converged(&self) -> Option<String> {
         let st = self.state.lock().unwrap();
         if st.safemode != lode_namenode::state::SafeMode::Off {
@@ -887,15 +916,17 @@ impl Sim {
                 let Some(e) = st.blocks.get(&b.id) else {
                     return Some(format!("{path}: block {} unknown", b.id));
                 };
-                if e.locations.len() != usize::from(e.replication) {
+                let live: Vec<&String> =
+                    e.locations.iter().filter(|l| self.dns[*l].alive).collect();
+                if live.len() != usize::from(e.replication) {
                     return Some(format!(
-                        "{path}: block {} on {} nodes, target {}",
+                        "{path}: block {} on {} live nodes, target {}",
                         b.id,
-                        e.locations.len(),
+                        live.len(),
                         e.replication
                     ));
                 }
-                for l in &e.locations {
+                for l in live {
                     let d = &self.dns[l];
                     if d.replicas.get(&b.id) != Some(&(b.len, b.cv)) || d.bad.contains(&b.id) {
                         return Some(format!(
@@ -907,7 +938,7 @@ impl Sim {
                 }
             }
         }
-        for (n, d) in &self.dns {
+        for (n, d) in self.dns.iter().filter(|(_, d)| d.alive) {
             for id in d.replicas.keys() {
                 let in_flight = st.blocks.get(id).is_some_and(|e| !e.complete);
                 if !counted.contains(&(n.clone(), *id)) && !in_flight {

@@ -309,13 +309,16 @@ impl State {
             let proved = s.blocks.get(&block).and_then(|e| e.verified.get(n));
             matches!((asked, proved), (Some(a), Some(p)) if p > a)
         };
+        let counted: BTreeMap<BlockId, &Vec<String>> =
+            blocks.iter().map(|b| (b.id, &b.holders)).collect();
         for (block, planned) in deleting {
-            let Some(e) = self.blocks.get(&block) else {
+            let Some(counted) = counted.get(&block) else {
                 continue;
             };
-            // As many as the planner chose go, unproved replicas first (so the choice holds still
-            // while the replicas that stay prove themselves), then the planner's order.
-            let mut order: Vec<String> = e.locations.iter().cloned().collect();
+            // As many as the planner chose go, from the replicas it counted (dead and draining
+            // holders take no part), unproved ones first (so the choice holds still while the
+            // replicas that stay prove themselves), then the planner's order.
+            let mut order: Vec<String> = counted.to_vec();
             order.sort_by_key(|n| (proved(self, block, n), !planned.contains(n)));
             let holders: Vec<String> = order.iter().take(planned.len()).cloned().collect();
             let unproved: Vec<String> = order
@@ -517,5 +520,47 @@ mod tests {
         assert_eq!(e.locations.iter().collect::<Vec<_>>(), [&keeper]);
         let gone = if keeper == "dn-1" { "dn-2" } else { "dn-1" };
         assert_eq!(s.datanodes[gone].pending_delete, vec![replica(1)]);
+    }
+
+    #[test]
+    fn a_dead_holder_neither_blocks_nor_takes_part_in_excess_removal() {
+        let t0 = Instant::now();
+        let mut s = state(1, 1, true, t0);
+        s.safemode = SafeMode::Off;
+        for n in 1..=4 {
+            s.register(
+                &format!("dn-{n}"),
+                format!("a:{n}"),
+                space(),
+                &[replica(1)],
+                t0,
+            );
+        }
+        // dn-4 falls silent and is dead; its replica stays listed in the block's locations.
+        let t1 = t0 + Duration::from_secs(11);
+        for t in [t0 + Duration::from_secs(6), t1] {
+            for n in 1..=3 {
+                s.heartbeat(&format!("dn-{n}"), space(), &[], &[], t)
+                    .unwrap();
+            }
+        }
+        s.plan_repairs(t1);
+        assert!(
+            s.datanodes["dn-4"].pending_copy.is_empty(),
+            "a dead node is never asked to verify"
+        );
+        let asked: Vec<String> = s.verifying.keys().map(|(_, n)| n.clone()).collect();
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        let keeper = asked[0].clone();
+        let t2 = t1 + Duration::from_millis(10);
+        s.heartbeat(&keeper, space(), &[replica(1)], &[], t2)
+            .unwrap();
+        s.plan_repairs(t2);
+        let live: Vec<&String> = s.blocks[&BlockId(1)]
+            .locations
+            .iter()
+            .filter(|n| *n != "dn-4")
+            .collect();
+        assert_eq!(live, [&keeper], "the two excess live replicas go");
     }
 }
