@@ -128,6 +128,12 @@ pub fn edit_log(data: &[u8]) {
 /// Values of the metadata store and metadata backups (a checkpoint is one).
 pub fn metadata(data: &[u8]) {
     let _ = lode_namenode::namespace::decode_inode(data);
+    let _ = lode_namenode::namespace::decode_block(data);
+    if let Ok(Some((node, blocks))) = lode_namenode::namespace::upgrade_v1(data) {
+        if let lode_namenode::namespace::InodeKind::File { block_count, .. } = node.kind {
+            assert_eq!(block_count, blocks.len() as u64);
+        }
+    }
     if let Ok((_, pairs)) = lode_namenode::backup::parse(data) {
         let total: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
         assert!(total <= data.len());

@@ -41,7 +41,7 @@ pub async fn run(
     shutdown: ShutdownSignal,
 ) -> Result<(), Error> {
     let meta_dir = config.meta_dir.clone();
-    let (ns, mut log, ids, inodes) = tokio::task::spawn_blocking(move || recover(&meta_dir))
+    let (ns, mut log, ids, stored) = tokio::task::spawn_blocking(move || recover(&meta_dir))
         .await
         .map_err(|e| Error::Store(format!("recovery task: {e}")))??;
     let timing = Timing {
@@ -50,7 +50,7 @@ pub async fn run(
         lease_expiry: Duration::from_millis(config.lease_expiry_ms),
     };
     let decommissioned = ns.decommissioned()?;
-    let mut initial = State::new(timing, &inodes, Instant::now());
+    let mut initial = State::new(timing, &stored, Instant::now());
     initial.safemode_threshold = config.safemode_threshold;
     initial.full_below = config.block_size_default;
     initial.decommission = decommissioned.into_iter().collect();
@@ -85,7 +85,7 @@ pub async fn run(
         metrics: metrics.clone(),
     };
     let (writer, mut fatal) = writer.spawn()?;
-    tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = inodes.len(), "namenode serving");
+    tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = stored.inodes.len(), "namenode serving");
     let shared = Arc::new(server::Shared {
         ns,
         state: state.clone(),
@@ -116,12 +116,7 @@ pub async fn run(
     result
 }
 
-type Recovered = (
-    Namespace<SledStore>,
-    EditLog,
-    IdAlloc,
-    Vec<namespace::Inode>,
-);
+type Recovered = (Namespace<SledStore>, EditLog, IdAlloc, namespace::Stored);
 
 /// Opens the metadata directory: the edit log, the checkpoint and the store, and brings the store
 /// up to the log's last edit. It refuses to guess: a store missing edits that neither the log nor
@@ -188,10 +183,10 @@ pub fn recover(meta_dir: &std::path::Path) -> Result<Recovered, Error> {
         replayed += 1;
     }
     ns.store().flush()?;
-    let inodes = ns.all_inodes()?;
-    let ids = IdAlloc::recover(&ns, &inodes)?;
+    let stored = ns.load_all()?;
+    let ids = IdAlloc::recover(&ns, &stored)?;
     tracing::info!(edits = records.len(), replayed, "namespace recovered");
-    Ok((ns, log, ids, inodes))
+    Ok((ns, log, ids, stored))
 }
 
 /// Plans re-replication every heartbeat interval, after a grace period at start-up so datanodes

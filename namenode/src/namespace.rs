@@ -9,6 +9,7 @@
 //! same atomic batch as the edit that consumes an id, and never moved back (deleting a file or
 //! abandoning a block leaves it where it is). A restart, a replay or a restore reads it back.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use lode_protocol::messages::{CommittedBlock, EntryKind, FileStatus, LocatedBlock, PluginRecord};
@@ -18,8 +19,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::store::MetaStore;
 
-/// Version byte in front of every stored value.
-pub const FORMAT_VERSION: u8 = 1;
+/// Version byte in front of every stored value. Version 1 kept a file's block list inside its
+/// inode record (rewritten whole by every `AddBlock`); version 2 keeps each block under its own
+/// key. Other records are the same in both; a version-1 store is migrated when it is opened.
+pub const FORMAT_VERSION: u8 = 2;
+const FORMAT_V1: u8 = 1;
 /// The root directory's inode.
 pub const ROOT: InodeId = InodeId(1);
 const LAST_APPLIED_KEY: &[u8] = b"mlast_applied";
@@ -49,11 +53,43 @@ pub enum InodeKind {
         block_size: u64,
         /// Size once complete.
         size: u64,
-        /// Blocks in order.
-        blocks: Vec<BlockMeta>,
+        /// How many blocks it has; block `i` is stored under `block_key(id, i)`.
+        block_count: u64,
         /// The session writing it, while under construction.
         writer: Option<SessionId>,
         /// While it is written to replace an existing file: the name it takes on completion.
+        target_name: Option<String>,
+    },
+}
+
+/// The whole namespace as stored, read once at start-up.
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// Every inode.
+    pub inodes: Vec<Inode>,
+    /// Each file's blocks in order, by inode.
+    pub blocks: BTreeMap<InodeId, Vec<BlockMeta>>,
+}
+
+/// A version-1 inode record: the block list inside (read only to migrate a store).
+#[derive(Serialize, Deserialize)]
+struct InodeV1 {
+    id: InodeId,
+    parent: InodeId,
+    name: String,
+    mtime_ms: u64,
+    kind: InodeKindV1,
+}
+
+#[derive(Serialize, Deserialize)]
+enum InodeKindV1 {
+    Directory,
+    File {
+        replication: u8,
+        block_size: u64,
+        size: u64,
+        blocks: Vec<BlockMeta>,
+        writer: Option<SessionId>,
         target_name: Option<String>,
     },
 }
@@ -175,6 +211,20 @@ fn inode_key(id: InodeId) -> Vec<u8> {
     k
 }
 
+fn blocks_prefix(inode: InodeId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(b'b');
+    k.extend_from_slice(&inode.0.to_be_bytes());
+    k
+}
+
+/// Where block `index` of file `inode` is stored: its blocks sort in file order.
+fn block_key(inode: InodeId, index: u64) -> Vec<u8> {
+    let mut k = blocks_prefix(inode);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
 fn dirent_prefix(parent: InodeId) -> Vec<u8> {
     let mut k = Vec::with_capacity(9);
     k.push(b'd');
@@ -207,18 +257,77 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
+fn postcard_value<T: for<'de> Deserialize<'de>>(rest: &[u8]) -> Result<T, Error> {
+    postcard::from_bytes(rest).map_err(|e| Error::Corrupt(format!("undecodable record: {e}")))
+}
+
+/// Decodes a stored record other than an inode (those are the same in versions 1 and 2).
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
     match bytes.split_first() {
-        Some((&FORMAT_VERSION, rest)) => postcard::from_bytes(rest)
-            .map_err(|e| Error::Corrupt(format!("undecodable record: {e}"))),
+        Some((&(FORMAT_VERSION | FORMAT_V1), rest)) => postcard_value(rest),
         Some((v, _)) => Err(Error::Corrupt(format!("unknown record format {v}"))),
         None => Err(Error::Corrupt("empty record".into())),
     }
 }
 
-/// Decodes a stored inode record (untrusted: it comes from the metadata store's disk).
+/// Decodes a stored inode record (untrusted: it comes from the metadata store's disk). A
+/// version-1 record is an error here: `Namespace::open` migrates them all first.
 pub fn decode_inode(bytes: &[u8]) -> Result<Inode, Error> {
-    decode(bytes)
+    match bytes.split_first() {
+        Some((&FORMAT_VERSION, rest)) => postcard_value(rest),
+        Some((&FORMAT_V1, _)) => Err(Error::Corrupt(
+            "inode record of format 1 in a store of format 2".into(),
+        )),
+        Some((v, _)) => Err(Error::Corrupt(format!("unknown record format {v}"))),
+        None => Err(Error::Corrupt("empty record".into())),
+    }
+}
+
+/// A version-1 inode record as version 2: the inode and, for a file, its blocks. `None` for a
+/// record of another version.
+pub fn upgrade_v1(bytes: &[u8]) -> Result<Option<(Inode, Vec<BlockMeta>)>, Error> {
+    let Some((&FORMAT_V1, rest)) = bytes.split_first() else {
+        return Ok(None);
+    };
+    let old: InodeV1 = postcard_value(rest)?;
+    let (kind, blocks) = match old.kind {
+        InodeKindV1::Directory => (InodeKind::Directory, vec![]),
+        InodeKindV1::File {
+            replication,
+            block_size,
+            size,
+            blocks,
+            writer,
+            target_name,
+        } => (
+            InodeKind::File {
+                replication,
+                block_size,
+                size,
+                block_count: blocks.len() as u64,
+                writer,
+                target_name,
+            },
+            blocks,
+        ),
+    };
+    let node = Inode {
+        id: old.id,
+        parent: old.parent,
+        name: old.name,
+        mtime_ms: old.mtime_ms,
+        kind,
+    };
+    Ok(Some((node, blocks)))
+}
+
+/// Decodes a stored block record (untrusted, like an inode record).
+pub fn decode_block(bytes: &[u8]) -> Result<BlockMeta, Error> {
+    match bytes.split_first() {
+        Some((&FORMAT_VERSION, rest)) => postcard_value(rest),
+        Some((v, _)) => Err(Error::Corrupt(format!("unknown block record format {v}"))),
+        None => Err(Error::Corrupt("empty record".into())),
+    }
 }
 
 fn u64_value(bytes: &[u8]) -> Result<u64, Error> {
@@ -236,6 +345,7 @@ impl<S: MetaStore> Namespace<S> {
     /// Wraps a store, creating the root directory if the store is new.
     pub fn open(store: Arc<S>) -> Result<Namespace<S>, Error> {
         let ns = Namespace { store };
+        ns.migrate_v1()?;
         if ns.get(ROOT)?.is_none() {
             let root = Inode {
                 id: ROOT,
@@ -248,6 +358,76 @@ impl<S: MetaStore> Namespace<S> {
                 .apply_batch(vec![(inode_key(ROOT), Some(encode(&root)?))])?;
         }
         Ok(ns)
+    }
+
+    /// Rewrites version-1 inode records (block list inside) as version 2 (each block under its
+    /// own key), in one atomic batch that changes nothing else: the edits logged after it are
+    /// the same in both versions, so replay and the checkpoint are unaffected.
+    fn migrate_v1(&self) -> Result<(), Error> {
+        let mut batch = vec![];
+        for (key, value) in self.store.scan_prefix(b"i")? {
+            let Some((node, blocks)) = upgrade_v1(&value)? else {
+                continue;
+            };
+            for (i, b) in (0u64..).zip(&blocks) {
+                batch.push((block_key(node.id, i), Some(encode(b)?)));
+            }
+            batch.push((key, Some(encode(&node)?)));
+        }
+        if !batch.is_empty() {
+            tracing::info!(
+                records = batch.len(),
+                "migrating the metadata store to format 2"
+            );
+            self.store.apply_batch(batch)?;
+            self.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The blocks of file `inode`, in order.
+    pub fn blocks(&self, inode: InodeId) -> Result<Vec<BlockMeta>, Error> {
+        self.store
+            .scan_prefix(&blocks_prefix(inode))?
+            .into_iter()
+            .map(|(_, v)| decode_block(&v))
+            .collect()
+    }
+
+    /// Every inode, and every block of every file in file order (used at start-up to rebuild
+    /// block and lease state and the id floor).
+    pub fn load_all(&self) -> Result<Stored, Error> {
+        Ok(Stored {
+            inodes: self.all_inodes()?,
+            blocks: self.all_blocks()?,
+        })
+    }
+
+    fn all_blocks(&self) -> Result<BTreeMap<InodeId, Vec<BlockMeta>>, Error> {
+        let mut out: BTreeMap<InodeId, Vec<BlockMeta>> = BTreeMap::new();
+        for (k, v) in self.store.scan_prefix(b"b")? {
+            let id: [u8; 8] = k
+                .get(1..9)
+                .and_then(|s| s.try_into().ok())
+                .ok_or_else(|| Error::Corrupt("bad block key".into()))?;
+            out.entry(InodeId(u64::from_be_bytes(id)))
+                .or_default()
+                .push(decode_block(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// The last block of a file with `count` blocks.
+    fn last_block(&self, inode: InodeId, count: u64) -> Result<Option<BlockMeta>, Error> {
+        let Some(i) = count.checked_sub(1) else {
+            return Ok(None);
+        };
+        match self.store.get(&block_key(inode, i))? {
+            Some(v) => decode_block(&v).map(Some),
+            None => Err(Error::Corrupt(format!(
+                "block {i} of file {inode} referenced but missing"
+            ))),
+        }
     }
 
     /// The store underneath.
@@ -280,7 +460,7 @@ impl<S: MetaStore> Namespace<S> {
     pub fn get(&self, id: InodeId) -> Result<Option<Inode>, Error> {
         self.store
             .get(&inode_key(id))?
-            .map(|v| decode(&v))
+            .map(|v| decode_inode(&v))
             .transpose()
     }
 
@@ -316,7 +496,7 @@ impl<S: MetaStore> Namespace<S> {
         self.store
             .scan_prefix(b"i")?
             .into_iter()
-            .map(|(_, v)| decode(&v))
+            .map(|(_, v)| decode_inode(&v))
             .collect()
     }
 
@@ -405,8 +585,8 @@ impl<S: MetaStore> Namespace<S> {
     }
 
     /// The status of an entry (without block locations; the server adds those).
-    pub fn status(&self, p: &str, inode: &Inode, with_blocks: bool) -> FileStatus {
-        match &inode.kind {
+    pub fn status(&self, p: &str, inode: &Inode, with_blocks: bool) -> Result<FileStatus, Error> {
+        Ok(match &inode.kind {
             InodeKind::Directory => FileStatus {
                 path: p.to_string(),
                 kind: EntryKind::Directory,
@@ -421,13 +601,12 @@ impl<S: MetaStore> Namespace<S> {
                 replication,
                 block_size,
                 size,
-                blocks,
                 writer,
                 ..
             } => {
                 let mut offset = 0;
                 let located = if with_blocks {
-                    blocks
+                    self.blocks(inode.id)?
                         .iter()
                         .map(|b| {
                             let lb = LocatedBlock {
@@ -455,7 +634,7 @@ impl<S: MetaStore> Namespace<S> {
                     blocks: located,
                 }
             }
-        }
+        })
     }
 
     /// Every file at or under a path: (path, inode).
@@ -659,21 +838,14 @@ impl<S: MetaStore> Namespace<S> {
         })
     }
 
-    fn writing_file(
-        &self,
-        inode: InodeId,
-        session: SessionId,
-    ) -> Result<(u64, Vec<BlockMeta>), Error> {
-        let (block_size, blocks, _, _) = self.writing_inode(inode, session)?;
-        Ok((block_size, blocks))
-    }
-
+    /// A file this session writes: (block size, its last block, the name it takes on completion,
+    /// its parent).
     #[allow(clippy::type_complexity)]
     fn writing_inode(
         &self,
         inode: InodeId,
         session: SessionId,
-    ) -> Result<(u64, Vec<BlockMeta>, Option<String>, InodeId), Error> {
+    ) -> Result<(u64, Option<BlockMeta>, Option<String>, InodeId), Error> {
         let node = self.get(inode)?.ok_or_else(|| {
             refused(
                 ErrorCode::NotFound,
@@ -684,10 +856,15 @@ impl<S: MetaStore> Namespace<S> {
             InodeKind::File {
                 writer: Some(w),
                 block_size,
-                blocks,
+                block_count,
                 target_name,
                 ..
-            } if w == session => Ok((block_size, blocks, target_name, node.parent)),
+            } if w == session => Ok((
+                block_size,
+                self.last_block(inode, block_count)?,
+                target_name,
+                node.parent,
+            )),
             _ => Err(refused(
                 ErrorCode::LeaseConflict,
                 format!("file {inode}: this client does not hold its lease"),
@@ -731,8 +908,8 @@ impl<S: MetaStore> Namespace<S> {
         previous: Option<CommittedBlock>,
         ids: &mut IdAlloc,
     ) -> Result<MetaOp, Error> {
-        let (block_size, blocks) = self.writing_file(inode, session)?;
-        Self::check_commit(blocks.last(), previous, Some(block_size))?;
+        let (block_size, last, _, _) = self.writing_inode(inode, session)?;
+        Self::check_commit(last.as_ref(), previous, Some(block_size))?;
         Ok(MetaOp::AddBlock {
             inode,
             block: ids.block()?,
@@ -747,8 +924,8 @@ impl<S: MetaStore> Namespace<S> {
         session: SessionId,
         block: BlockId,
     ) -> Result<MetaOp, Error> {
-        let (_, blocks) = self.writing_file(inode, session)?;
-        match blocks.last() {
+        let (_, last, _, _) = self.writing_inode(inode, session)?;
+        match last {
             Some(b) if b.id == block => Ok(MetaOp::AbandonBlock { inode, block }),
             _ => Err(refused(
                 ErrorCode::InvalidArgument,
@@ -766,8 +943,9 @@ impl<S: MetaStore> Namespace<S> {
         size: u64,
         now_ms: u64,
     ) -> Result<MetaOp, Error> {
-        let (block_size, blocks, target_name, parent) = self.writing_inode(inode, session)?;
-        Self::check_commit(blocks.last(), last, None)?;
+        let (block_size, last_block, target_name, parent) = self.writing_inode(inode, session)?;
+        Self::check_commit(last_block.as_ref(), last, None)?;
+        let blocks = self.blocks(inode)?;
         let committed: u64 =
             blocks.iter().rev().skip(1).map(|b| b.len).sum::<u64>() + last.map_or(0, |c| c.len);
         if committed != size || last.is_some_and(|c| c.len > block_size || c.len == 0) {
@@ -955,7 +1133,7 @@ impl<S: MetaStore> Namespace<S> {
                         replication: *replication,
                         block_size: *block_size,
                         size: 0,
-                        blocks: vec![],
+                        block_count: 0,
                         writer: Some(*session),
                         target_name: target_name.clone(),
                     },
@@ -974,28 +1152,32 @@ impl<S: MetaStore> Namespace<S> {
             } => {
                 let mut node = self.must_get(*inode)?;
                 if let InodeKind::File {
-                    blocks,
+                    block_count,
                     replication,
                     ..
                 } = &mut node.kind
                 {
-                    if commit_into(blocks, *previous) {
+                    if self.commit_last(*inode, *block_count, *previous, &mut batch)? {
                         applied.committed.extend(*previous);
                     }
-                    blocks.push(BlockMeta {
+                    let new = BlockMeta {
                         id: *block,
                         len: 0,
                         cv: None,
-                    });
+                    };
+                    batch.push((block_key(*inode, *block_count), Some(encode(&new)?)));
+                    *block_count += 1;
                     applied.added = Some((*block, *inode, *replication));
                 }
                 batch.push((inode_key(*inode), Some(encode(&node)?)));
             }
             MetaOp::AbandonBlock { inode, block } => {
                 let mut node = self.must_get(*inode)?;
-                if let InodeKind::File { blocks, .. } = &mut node.kind {
-                    if blocks.last().is_some_and(|b| b.id == *block) {
-                        blocks.pop();
+                if let InodeKind::File { block_count, .. } = &mut node.kind {
+                    let last = self.last_block(*inode, *block_count)?;
+                    if last.is_some_and(|b| b.id == *block) {
+                        *block_count -= 1;
+                        batch.push((block_key(*inode, *block_count), None));
                         applied.freed.push(*block);
                     }
                 }
@@ -1011,20 +1193,20 @@ impl<S: MetaStore> Namespace<S> {
                 let mut node = self.must_get(*inode)?;
                 node.mtime_ms = *mtime_ms;
                 if let InodeKind::File {
-                    blocks,
+                    block_count,
                     writer,
                     size: s,
                     target_name,
                     ..
                 } = &mut node.kind
                 {
-                    if commit_into(blocks, *last) {
+                    if self.commit_last(*inode, *block_count, *last, &mut batch)? {
                         applied.committed.extend(*last);
                     }
                     *writer = None;
                     *s = *size;
                     *target_name = None;
-                    applied.completed = blocks.iter().map(|b| b.id).collect();
+                    applied.completed = self.blocks(*inode)?.iter().map(|b| b.id).collect();
                 }
                 applied.released.push(*inode);
                 if let Some((target, replaces)) = rename {
@@ -1048,16 +1230,11 @@ impl<S: MetaStore> Namespace<S> {
                     let Some(mut node) = self.get(*id)? else {
                         continue;
                     };
-                    if let InodeKind::File {
-                        replication: r,
-                        blocks,
-                        ..
-                    } = &mut node.kind
-                    {
+                    if let InodeKind::File { replication: r, .. } = &mut node.kind {
                         *r = *replication;
                         applied
                             .replication
-                            .extend(blocks.iter().map(|b| (b.id, *replication)));
+                            .extend(self.blocks(*id)?.iter().map(|b| (b.id, *replication)));
                     }
                     batch.push((inode_key(*id), Some(encode(&node)?)));
                 }
@@ -1130,6 +1307,27 @@ impl<S: MetaStore> Namespace<S> {
         Ok(Some(v))
     }
 
+    /// Commits the length and value of the last of `count` blocks of `inode` into `batch`; true
+    /// if `commit` named it.
+    fn commit_last(
+        &self,
+        inode: InodeId,
+        count: u64,
+        commit: Option<CommittedBlock>,
+        batch: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<bool, Error> {
+        let (Some(c), Some(mut last)) = (commit, self.last_block(inode, count)?) else {
+            return Ok(false);
+        };
+        if last.id != c.id {
+            return Ok(false);
+        }
+        last.len = c.len;
+        last.cv = Some(c.cv);
+        batch.push((block_key(inode, count - 1), Some(encode(&last)?)));
+        Ok(true)
+    }
+
     fn delete_subtree(
         &self,
         root: InodeId,
@@ -1148,8 +1346,11 @@ impl<S: MetaStore> Namespace<S> {
                         stack.push(self.must_get(child)?);
                     }
                 }
-                InodeKind::File { blocks, writer, .. } => {
-                    applied.freed.extend(blocks.iter().map(|b| b.id));
+                InodeKind::File { writer, .. } => {
+                    for (k, v) in self.store.scan_prefix(&blocks_prefix(node.id))? {
+                        applied.freed.push(decode_block(&v)?.id);
+                        batch.push((k, None));
+                    }
                     if writer.is_some() {
                         applied.released.push(node.id);
                     }
@@ -1183,18 +1384,6 @@ fn path_of_parent(p: &str) -> String {
     path::split_parent(p).map_or_else(|| "/".to_string(), |(parent, _)| parent.to_string())
 }
 
-/// Commits the last block's length and value; true if `commit` named it.
-fn commit_into(blocks: &mut [BlockMeta], commit: Option<CommittedBlock>) -> bool {
-    if let (Some(c), Some(last)) = (commit, blocks.last_mut()) {
-        if last.id == c.id {
-            last.len = c.len;
-            last.cv = Some(c.cv);
-            return true;
-        }
-    }
-    false
-}
-
 fn exhausted() -> Error {
     refused(
         ErrorCode::InvalidArgument,
@@ -1212,8 +1401,8 @@ pub struct IdAlloc {
 impl IdAlloc {
     /// Starts at the durable counters, and after every id still in use (a store written before
     /// the counters existed has only the latter).
-    pub fn recover<S: MetaStore>(ns: &Namespace<S>, inodes: &[Inode]) -> Result<IdAlloc, Error> {
-        let mut a = IdAlloc::from_inodes(inodes);
+    pub fn recover<S: MetaStore>(ns: &Namespace<S>, stored: &Stored) -> Result<IdAlloc, Error> {
+        let mut a = IdAlloc::in_use(stored);
         let (inode, block) = ns.next_ids()?;
         a.next_inode = a.next_inode.max(inode);
         a.next_block = a.next_block.max(block);
@@ -1227,18 +1416,16 @@ impl IdAlloc {
     }
 
     /// Starts after the largest ids in use.
-    pub fn from_inodes(inodes: &[Inode]) -> IdAlloc {
+    pub fn in_use(stored: &Stored) -> IdAlloc {
         let mut a = IdAlloc {
             next_inode: ROOT.0 + 1,
             next_block: 1,
         };
-        for i in inodes {
+        for i in &stored.inodes {
             a.see_inode(i.id);
-            if let InodeKind::File { blocks, .. } = &i.kind {
-                for b in blocks {
-                    a.see_block(b.id);
-                }
-            }
+        }
+        for b in stored.blocks.values().flatten() {
+            a.see_block(b.id);
         }
         a
     }
@@ -1271,7 +1458,7 @@ mod tests {
 
     fn setup() -> (Namespace<MemStore>, IdAlloc, u64) {
         let ns = Namespace::open(Arc::new(MemStore::default())).unwrap();
-        let ids = IdAlloc::from_inodes(&ns.all_inodes().unwrap());
+        let ids = IdAlloc::in_use(&ns.load_all().unwrap());
         (ns, ids, 0)
     }
 
@@ -1282,6 +1469,68 @@ mod tests {
             last = ns.apply(*seq, &op).unwrap();
         }
         last
+    }
+
+    #[test]
+    fn a_store_of_format_1_is_migrated_when_opened() {
+        let v1 = |node: &InodeV1| {
+            let mut v = vec![FORMAT_V1];
+            v.extend(postcard::to_stdvec(node).unwrap());
+            v
+        };
+        let blocks: Vec<BlockMeta> = (1..=3)
+            .map(|i| BlockMeta {
+                id: BlockId(i),
+                len: 10 * i,
+                cv: Some(Blake3Cv([i as u8; 32])),
+            })
+            .collect();
+        let root = InodeV1 {
+            id: ROOT,
+            parent: ROOT,
+            name: String::new(),
+            mtime_ms: 0,
+            kind: InodeKindV1::Directory,
+        };
+        let file = InodeV1 {
+            id: InodeId(5),
+            parent: ROOT,
+            name: "f".into(),
+            mtime_ms: 7,
+            kind: InodeKindV1::File {
+                replication: 2,
+                block_size: 30,
+                size: 60,
+                blocks: blocks.clone(),
+                writer: None,
+                target_name: None,
+            },
+        };
+        let store = Arc::new(MemStore::default());
+        store
+            .apply_batch(vec![
+                (inode_key(ROOT), Some(v1(&root))),
+                (inode_key(InodeId(5)), Some(v1(&file))),
+                (dirent_key(ROOT, "f"), Some(5u64.to_be_bytes().to_vec())),
+                (LAST_APPLIED_KEY.to_vec(), Some(9u64.to_be_bytes().to_vec())),
+            ])
+            .unwrap();
+        let ns = Namespace::open(store).unwrap();
+        let f = ns.resolve_existing("/f").unwrap();
+        assert!(matches!(
+            f.kind,
+            InodeKind::File {
+                block_count: 3,
+                size: 60,
+                replication: 2,
+                ..
+            }
+        ));
+        assert_eq!(ns.blocks(f.id).unwrap(), blocks);
+        assert_eq!(ns.last_applied().unwrap(), 9, "the migration is no edit");
+        let stored = ns.load_all().unwrap();
+        assert_eq!(stored.blocks[&InodeId(5)], blocks);
+        assert!(IdAlloc::in_use(&stored).next_block > 3);
     }
 
     #[test]
@@ -1332,7 +1581,7 @@ mod tests {
         let applied = run(&ns, &mut seq, vec![done]);
         assert_eq!(applied.completed, vec![b1]);
         let f = ns.resolve_existing("/a/b/f").unwrap();
-        assert_eq!(ns.status("/a/b/f", &f, true).blocks[0].len, 10);
+        assert_eq!(ns.status("/a/b/f", &f, true).unwrap().blocks[0].len, 10);
         assert!(ns.prepare_mkdir("/a/b/f/g", true, &mut ids, 8).is_err());
         assert!(ns.prepare_delete("/a", false).is_err());
         assert!(ns.prepare_rename("/a", "/a/b/c", 9).is_err());
@@ -1436,7 +1685,7 @@ mod tests {
         assert_eq!(applied.freed, vec![b1.id]);
         let f = ns.resolve_existing("/f").unwrap();
         assert_eq!(f.id, i2);
-        assert_eq!(ns.status("/f", &f, false).size, 20);
+        assert_eq!(ns.status("/f", &f, false).unwrap().size, 20);
         assert_eq!(
             ns.children(ROOT).unwrap().len(),
             1,

@@ -456,14 +456,14 @@ async fn route(
             let ns = shared.ns.clone();
             blocking(move || {
                 let node = ns.resolve_existing(&p)?;
-                let status = ns.status(&p, &node, false);
+                let status = ns.status(&p, &node, false)?;
                 if status.kind == EntryKind::File {
                     return Ok(NamenodeReply::Listing(vec![status]));
                 }
                 let mut out = vec![];
                 for (name, id) in ns.children(node.id)? {
                     if let Some(child) = ns.get(id)? {
-                        out.push(ns.status(&path::join(&p, &name), &child, false));
+                        out.push(ns.status(&path::join(&p, &name), &child, false)?);
                     }
                 }
                 Ok(NamenodeReply::Listing(out))
@@ -474,7 +474,7 @@ async fn route(
             let ns = shared.ns.clone();
             let mut status = blocking(move || {
                 let node = ns.resolve_existing(&p)?;
-                Ok(ns.status(&p, &node, blocks))
+                ns.status(&p, &node, blocks)
             })
             .await?;
             let now = Instant::now();
@@ -616,9 +616,12 @@ async fn route(
         ClientToNamenode::AddPlugin { hash, name, path } => {
             let ns = shared.ns.clone();
             let p = path.clone();
-            let complete =
-                blocking(move || Ok(ns.resolve(&p)?.map(|i| ns.status(&p, &i, false).complete)))
-                    .await?;
+            let complete = blocking(move || {
+                ns.resolve(&p)?
+                    .map(|i| ns.status(&p, &i, false).map(|s| s.complete))
+                    .transpose()
+            })
+            .await?;
             if complete != Some(true) {
                 return Err(Error::refused(
                     ErrorCode::NotFound,
@@ -647,24 +650,24 @@ async fn route(
             let ns = shared.ns.clone();
             let files = blocking(move || {
                 let top = ns.resolve_existing(&p)?;
-                Ok(ns
-                    .files_under(&p, top)?
+                ns.files_under(&p, top)?
                     .into_iter()
                     .filter_map(|(path, inode)| match inode.kind {
                         crate::namespace::InodeKind::File {
                             replication,
-                            blocks,
                             writer,
                             ..
-                        } => Some((
-                            path,
-                            replication,
-                            writer.is_none(),
-                            blocks.iter().map(|b| b.id).collect(),
-                        )),
+                        } => Some(ns.blocks(inode.id).map(|blocks| {
+                            (
+                                path,
+                                replication,
+                                writer.is_none(),
+                                blocks.iter().map(|b| b.id).collect(),
+                            )
+                        })),
                         crate::namespace::InodeKind::Directory => None,
                     })
-                    .collect::<Vec<_>>())
+                    .collect::<Result<Vec<_>, Error>>()
             })
             .await?;
             Ok(NamenodeReply::Fsck(

@@ -293,8 +293,10 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
                 if let MetaOp::AddBlock { block, .. } = &op {
                     let offset = match ns.get(inode)?.map(|i| i.kind) {
                         Some(InodeKind::File {
-                            blocks, block_size, ..
-                        }) => blocks.len() as u64 * block_size,
+                            block_count,
+                            block_size,
+                            ..
+                        }) => block_count.saturating_mul(block_size),
                         _ => 0,
                     };
                     reply = NamenodeReply::Block(LocatedBlock {

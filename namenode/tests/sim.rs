@@ -190,9 +190,9 @@ impl Sim {
         for (seq, op) in &records {
             ns.apply(*seq, op).unwrap();
         }
-        let inodes = ns.all_inodes().unwrap();
-        let ids = IdAlloc::recover(&ns, &inodes).unwrap();
-        let mut st = State::new(timing(), &inodes, now);
+        let stored = ns.load_all().unwrap();
+        let ids = IdAlloc::recover(&ns, &stored).unwrap();
+        let mut st = State::new(timing(), &stored, now);
         st.safemode_threshold = 0.999;
         st.check_safemode(now);
         let state = Arc::new(Mutex::new(st));

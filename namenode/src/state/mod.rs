@@ -20,7 +20,7 @@ use lode_protocol::messages::{
 };
 use lode_protocol::{Blake3Cv, BlockId, InodeId, SessionId};
 
-use crate::namespace::{Applied, Inode, InodeKind};
+use crate::namespace::{Applied, InodeKind, Stored};
 use crate::placement::Candidate;
 
 /// How long silences and leases last.
@@ -78,7 +78,7 @@ const EVENTS_MAX: usize = 100;
 
 impl State {
     /// Builds the block map and leases from the namespace.
-    pub fn new(timing: Timing, inodes: &[Inode], now: Instant) -> State {
+    pub fn new(timing: Timing, stored: &Stored, now: Instant) -> State {
         let mut s = State {
             timing,
             datanodes: BTreeMap::new(),
@@ -96,15 +96,14 @@ impl State {
             http_addr: None,
             full_below: 64 << 20,
         };
-        for inode in inodes {
+        for inode in &stored.inodes {
             if let InodeKind::File {
                 replication,
-                blocks,
                 writer,
                 ..
             } = &inode.kind
             {
-                for b in blocks {
+                for b in stored.blocks.get(&inode.id).into_iter().flatten() {
                     s.blocks.insert(
                         b.id,
                         BlockEntry::new(
@@ -326,7 +325,7 @@ pub(crate) mod testing {
     }
 
     pub fn state(blocks: u64, replication: u8, complete: bool, now: Instant) -> State {
-        let inode = Inode {
+        let inode = crate::namespace::Inode {
             id: InodeId(2),
             parent: crate::namespace::ROOT,
             name: "f".into(),
@@ -335,18 +334,26 @@ pub(crate) mod testing {
                 replication,
                 block_size: 65536,
                 size: blocks * 65536,
-                blocks: (1..=blocks)
+                block_count: blocks,
+                writer: if complete { None } else { Some(SessionId(7)) },
+                target_name: None,
+            },
+        };
+        let stored = Stored {
+            inodes: vec![inode],
+            blocks: [(
+                InodeId(2),
+                (1..=blocks)
                     .map(|i| crate::namespace::BlockMeta {
                         id: BlockId(i),
                         len: 65536,
                         cv: Some(replica(i).cv),
                     })
                     .collect(),
-                writer: if complete { None } else { Some(SessionId(7)) },
-                target_name: None,
-            },
+            )]
+            .into(),
         };
-        let mut s = State::new(timing(), &[inode], now);
+        let mut s = State::new(timing(), &stored, now);
         s.safemode_threshold = 0.0;
         s
     }
