@@ -194,7 +194,29 @@ impl BlockStore {
                     .and_then(|s| Some((s.len, checksum::block_cv(&s.pieces)?)));
                 match valid {
                     Some((len, cv)) => {
-                        index.insert(id, Located { dir: i, len, cv });
+                        let here = Located { dir: i, len, cv };
+                        match index.get(&id).copied() {
+                            None => {
+                                index.insert(id, here);
+                            }
+                            Some(earlier) => {
+                                // The same block in two data dirs (a pulled disk put back after
+                                // its blocks were stored again elsewhere): one copy is kept and
+                                // the other removed, or the other would never be reported, nor
+                                // deleted when the kept one is. HDFS resolves duplicate replicas
+                                // the same way at start.
+                                let keep = newer(roots, earlier, here, &name);
+                                let drop = if keep.dir == here.dir { earlier } else { here };
+                                tracing::warn!(block = %id,
+                                    kept = %roots[keep.dir].display(),
+                                    removed = %roots[drop.dir].display(),
+                                    "the same block in two data dirs; keeping the newer copy");
+                                let dir = roots[drop.dir].join("current");
+                                let _ = fs::remove_file(dir.join(&name));
+                                let _ = fs::remove_file(dir.join(format!("{name}.meta")));
+                                index.insert(id, keep);
+                            }
+                        }
                     }
                     None => {
                         tracing::warn!(block = %id, "removing block file without a valid sidecar");
@@ -659,6 +681,20 @@ impl Drop for BlockWriter {
     }
 }
 
+/// Of two copies of block file `name`, the one written last (the other if its time is unknown).
+fn newer(roots: &[PathBuf], a: Located, b: Located, name: &str) -> Located {
+    let written = |l: Located| {
+        fs::metadata(roots[l.dir].join("current").join(name))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    match (written(a), written(b)) {
+        (Some(ta), Some(tb)) if ta > tb => a,
+        (Some(_), None) => a,
+        _ => b,
+    }
+}
+
 fn statvfs(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
@@ -686,6 +722,50 @@ mod tests {
             w.write_piece(checksum::piece_cv(offset + i as u64 * PIECE_BYTES, p), p)?;
         }
         w.finish()
+    }
+
+    #[test]
+    fn a_block_found_in_two_data_dirs_is_kept_once_and_deleted_whole() {
+        // A disk pulled while its blocks were stored again on the other, then put back.
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let roots = [a.path().to_path_buf(), b.path().to_path_buf()];
+        let old = vec![1u8; 1000];
+        let new = vec![2u8; 1000];
+        {
+            let only_b = Arc::new(BlockStore::open(&roots[1..], 0).unwrap());
+            write_block(&only_b, 7, 0, &old).unwrap();
+        }
+        let (len, cv) = {
+            let only_a = Arc::new(BlockStore::open(&roots[..1], 0).unwrap());
+            write_block(&only_a, 7, 0, &new).unwrap()
+        };
+        // The copy in `a` was written last; make that unmistakable to the file system's clock.
+        let data_b = b.path().join("current").join(block_file_name(BlockId(7)));
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        File::options()
+            .write(true)
+            .open(&data_b)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+        let store = Arc::new(BlockStore::open(&roots, 0).unwrap());
+        assert_eq!(
+            store.report(),
+            vec![ReportedBlock {
+                id: BlockId(7),
+                len,
+                cv
+            }]
+        );
+        assert!(!data_b.exists(), "the older copy is removed");
+        assert!(store
+            .delete_exact(&store.replica(BlockId(7)).unwrap())
+            .unwrap());
+        for root in &roots {
+            let left: Vec<_> = fs::read_dir(root.join("current")).unwrap().collect();
+            assert!(left.is_empty(), "{left:?} left in {}", root.display());
+        }
     }
 
     #[test]
