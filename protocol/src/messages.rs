@@ -322,7 +322,8 @@ pub struct DatanodeReport {
     pub remaining: u64,
     /// Data dirs it took out of service after disk errors.
     pub failed_volumes: u32,
-    /// Plugin sandbox protections it reported (`rlimits`, `no_new_privs`, `landlock`, `seccomp`).
+    /// Plugin sandbox protections it reported (`rlimits`, `no_capabilities`, `no_new_privs`,
+    /// `landlock`, `seccomp`).
     pub sandbox: Vec<String>,
     /// Its metrics address, if it serves HTTP.
     pub http_addr: Option<String>,

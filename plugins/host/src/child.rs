@@ -1,6 +1,7 @@
-//! The child side: read the request from fd 3, apply the sandbox, load the plugin (its initializers
-//! run inside the sandbox), forbid opening files, do the work, print the result on stdout. Every
-//! failure is one line on stderr and an exit code from [`crate::wire::exit`].
+//! The child side: read the request from fd 3, map the block from fd 0 and close every descriptor
+//! but stdout and stderr, apply the sandbox, load the plugin (its initializers run inside the
+//! sandbox), seal the sandbox, do the work, print the result on stdout. Every failure is one line
+//! on stderr and an exit code from [`crate::wire::exit`].
 
 use std::ffi::{c_char, c_void, CStr};
 use std::io::{Read, Write};
@@ -63,14 +64,25 @@ pub fn main() -> ! {
     }
     drop(control);
     let (req, limits) = wire::decode(&raw).unwrap_or_else(|e| fail(exit::BAD_REQUEST, e));
+    // The block is mapped read-only and its descriptor closed before any plugin code runs: the
+    // plugin gets bytes, never a file it could truncate, chmod, reopen or resolve to a path.
+    let block = match &req {
+        Request::Run(spec) => {
+            // SAFETY: fd 0 is the block file the parent opened for us; we take it once.
+            let file = unsafe { std::fs::File::from_raw_fd(0) };
+            Some(Mapping::new(&file, spec.block_len).unwrap_or_else(|e| fail(exit::CORRUPT, e)))
+        }
+        _ => None,
+    };
+    close_inherited();
     let protections =
         crate::sandbox::enter(plugin, limits).unwrap_or_else(|e| fail(exit::SANDBOX, e));
     if req == Request::Probe {
         print_out(protections.join(",").as_bytes());
     }
     let loaded = load(plugin);
-    // Loaded: nothing more to open, ever.
-    crate::sandbox::forbid_opening_files().unwrap_or_else(|e| fail(exit::SANDBOX, e));
+    // Loaded: nothing more to open or make executable, ever.
+    crate::sandbox::seal().unwrap_or_else(|e| fail(exit::SANDBOX, e));
     match req {
         Request::Inspect => {
             let text = format!(
@@ -99,13 +111,31 @@ pub fn main() -> ! {
             print_out(&out)
         }
         Request::Run(spec) => {
-            let (fed, partial) = run(&loaded, spec);
+            let Some(map) = &block else {
+                fail(exit::BAD_REQUEST, "no block mapped");
+            };
+            let (fed, partial) = run(&loaded, spec, map);
             let mut out = fed.to_le_bytes().to_vec();
             out.extend(partial);
             print_out(&out)
         }
         Request::Probe => unreachable!("answered before loading"),
     }
+}
+
+/// Closes stdin (the block, already mapped, or /dev/null) and every descriptor above stderr that
+/// the parent may have leaked.
+fn close_inherited() {
+    // SAFETY: closing descriptors this process owns; nothing refers to them any more.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if rc != 0 {
+        for fd in 3..1024 {
+            // SAFETY: as above, one at a time where close_range is missing.
+            unsafe { libc::close(fd) };
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::close(0) };
 }
 
 fn print_out(bytes: &[u8]) -> ! {
@@ -235,17 +265,14 @@ fn combine(l: &Loaded, parts: &[Vec<u8>]) -> Vec<u8> {
     take(l, out)
 }
 
-/// Runs one task over the block on fd 0; returns the bytes fed and the partial result. The block is
-/// mapped, each piece is checked against its value before any of it is fed, and whole-record windows
-/// are fed straight from the mapping (only the last record, finished by the continuation, is copied).
-fn run(l: &Loaded, spec: RunSpec) -> (u64, Vec<u8>) {
-    // SAFETY: fd 0 is the block file the parent opened for us.
-    let block = unsafe { std::fs::File::from_raw_fd(0) };
+/// Runs one task over the mapped block; returns the bytes fed and the partial result. Each piece is
+/// checked against its value before any of it is fed, and whole-record windows are fed straight
+/// from the mapping (only the last record, finished by the continuation, is copied).
+fn run(l: &Loaded, spec: RunSpec, map: &Mapping) -> (u64, Vec<u8>) {
     let end = spec.end.min(spec.block_len);
     if spec.start > end {
         fail(exit::BAD_REQUEST, "split starts after it ends");
     }
-    let map = Mapping::new(&block, spec.block_len).unwrap_or_else(|e| fail(exit::CORRUPT, e));
     let mut checked = Checked {
         data: map.bytes(),
         spec: &spec,

@@ -249,9 +249,16 @@ impl Host {
             None => cmd.stdin(Stdio::null()),
         };
         let fd = control_read.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+        // SAFETY: only async-signal-safe calls (setsid, prctl, dup2, fcntl) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                // Its own session and process group, so everything it could start is killed with
+                // it; and it dies with the process that started it.
+                if libc::setsid() < 0
+                    || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if fd == 3 {
                     let flags = libc::fcntl(3, libc::F_GETFD);
                     if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
@@ -267,6 +274,7 @@ impl Host {
             .spawn()
             .map_err(|e| Error::Host(format!("start {}: {e}", self.exe.display())))?;
         drop(control_read);
+        let proc = ChildProc::new(&child);
         let writer = std::thread::spawn(move || {
             let _ = control_write.write_all(&control);
         });
@@ -280,32 +288,40 @@ impl Host {
             .ok_or_else(|| Error::Host("no stderr".into()))?;
         let cap = self.limits.output_bytes;
         let (out_tx, out_rx) = mpsc::channel();
+        let killer = proc.clone();
         std::thread::spawn(move || {
             let mut buf = Vec::new();
             let r = (&mut stdout).take(cap as u64 + 9).read_to_end(&mut buf);
+            if buf.len() > cap + 8 {
+                // Too much: stop it now rather than at the wall clock.
+                killer.kill();
+            }
             let _ = out_tx.send(r.map(|_| buf));
         });
         let err_reader = std::thread::spawn(move || {
             let mut buf = Vec::new();
-            let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut buf);
+            let _ = (&mut stderr).take(STDERR_BYTES).read_to_end(&mut buf);
+            // Past the bound, the rest is drained and dropped: a child never blocks on it.
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
             buf
         });
-        // Wait for the output (the child closes stdout when it exits) within the wall-clock limit.
+        // The wall clock bounds the child's life, not its output: a child that closes its pipes
+        // and sleeps is killed on time.
         let deadline = Instant::now() + self.limits.wall;
-        let output = out_rx.recv_timeout(self.limits.wall);
-        let timed_out = output.is_err();
-        let too_large = matches!(&output, Ok(Ok(b)) if b.len() > cap + 8);
-        if timed_out || too_large {
-            let _ = child.kill();
-        }
+        let timed_out = !proc.wait_exit(deadline);
+        // Whatever happened, everything in its process group goes (the leader, not yet reaped,
+        // keeps the group's id from being reused meanwhile).
+        proc.kill_group();
         let status = child
             .wait()
             .map_err(|e| Error::Host(format!("wait: {e}")))?;
         let _ = writer.join();
+        let output = out_rx.recv_timeout(PIPE_GRACE);
+        let too_large = matches!(&output, Ok(Ok(b)) if b.len() > cap + 8);
         let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default())
             .trim()
             .to_string();
-        if timed_out || Instant::now() > deadline && !status.success() {
+        if timed_out {
             return Err(Error::WallClock {
                 plugin: name,
                 secs: self.limits.wall.as_secs(),
@@ -366,6 +382,110 @@ impl Host {
             Some(code) => Err(Error::Host(format!("child exited with {code}: {stderr}"))),
             None => Err(Error::Host("child ended without a status".into())),
         }
+    }
+}
+
+/// Error output kept from a child (the rest is drained and dropped).
+const STDERR_BYTES: u64 = 64 * 1024;
+/// How long the output pipes may stay open after the child and its group are gone.
+const PIPE_GRACE: Duration = Duration::from_secs(2);
+
+/// A started child, watched through a pidfd where the kernel has them (signals and waits then
+/// cannot reach a reused pid).
+#[derive(Clone)]
+struct ChildProc {
+    pid: i32,
+    pidfd: Option<std::sync::Arc<OwnedFd>>,
+}
+
+impl ChildProc {
+    fn new(child: &std::process::Child) -> ChildProc {
+        let pid = child.id() as i32;
+        // SAFETY: pidfd_open on our own unreaped child; the descriptor is owned below.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let pidfd = (fd >= 0).then(|| {
+            use std::os::fd::FromRawFd;
+            // SAFETY: a new descriptor nobody else owns.
+            std::sync::Arc::new(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        });
+        ChildProc { pid, pidfd }
+    }
+
+    /// Waits until the child has exited (without reaping it) or `deadline`; true if it exited.
+    fn wait_exit(&self, deadline: Instant) -> bool {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(fd) = &self.pidfd {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                let ms = left.as_millis().min(i32::MAX as u128) as i32;
+                // SAFETY: poll on one valid descriptor.
+                let rc = unsafe { libc::poll(&mut p, 1, ms) };
+                if rc > 0 {
+                    return true;
+                }
+                if rc == 0 {
+                    return false;
+                }
+                if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                    return self.exited_now();
+                }
+            } else {
+                if self.exited_now() {
+                    return true;
+                }
+                if left.is_zero() {
+                    return false;
+                }
+                std::thread::park_timeout(left.min(Duration::from_millis(5)));
+            }
+        }
+    }
+
+    /// Whether the child has exited, leaving it unreaped.
+    fn exited_now(&self) -> bool {
+        // SAFETY: waitid with WNOWAIT only inspects our child; the struct is ours.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid is set by waitid when a child changed state.
+        rc == 0 && unsafe { info.si_pid() } != 0
+    }
+
+    /// Kills the child.
+    fn kill(&self) {
+        match &self.pidfd {
+            // SAFETY: pidfd_send_signal on our descriptor.
+            Some(fd) => unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            },
+            // SAFETY: kill of our own child, not yet reaped (the caller reaps it later).
+            None => unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+            },
+        }
+    }
+
+    /// Kills every process in the child's process group (it leads one: `setsid` at start).
+    fn kill_group(&self) {
+        self.kill();
+        // SAFETY: the group's leader is our unreaped child, so its id names only its group.
+        unsafe { libc::kill(-self.pid, libc::SIGKILL) };
     }
 }
 

@@ -1,13 +1,31 @@
-//! The child's sandbox, applied before the plugin is loaded so its initializers run inside it:
-//! resource limits (address space, CPU time, no file writes, no core dumps), no new privileges,
-//! landlock (read-only access to the plugin and the system libraries, nothing else) where the kernel
-//! has it, and a seccomp filter refusing sockets, exec, fork and tracing. After loading, a second
-//! seccomp filter refuses opening any file at all.
+//! The child's sandbox, in force before the plugin is loaded so that its initializers run inside it.
+//!
+//! Deny by default: the seccomp policy lists the system calls a plugin needs to compute on the
+//! buffers it is handed (memory, threads of its own, futexes, clocks, writing its result and
+//! errors, exit) and every other call fails with `EPERM`, numbers nobody thought of and other ABIs'
+//! numberings included. Calls needed for one use only have their arguments checked: writes go to
+//! stdout and stderr only, signals only to the child itself, `clone` makes threads only, limits
+//! can be read but not set, and files open read-only.
+//!
+//! Two stages, stacked (a later seccomp filter can only narrow an earlier one):
+//! - [`enter`], before loading: resource limits, no capabilities, no new privileges, landlock
+//!   (read-only access to the plugin and the system libraries) where the kernel has it, and the
+//!   loading policy: the computing calls, plus what the dynamic linker needs (read-only opens,
+//!   stat, executable mappings) and installing the second stage.
+//! - [`seal`], once the plugin is loaded: the computing policy alone. Nothing can be opened, no
+//!   memory can become executable, no filter can be added.
+//!
+//! The block itself never reaches the plugin as a descriptor: the child maps it and closes the
+//! descriptor before entering the sandbox, so there is nothing to truncate, chmod, reopen or
+//! resolve to a path.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use seccompiler::{SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch,
+};
 
 use crate::wire::ChildLimits;
 
@@ -21,14 +39,81 @@ const LIBRARY_DIRS: &[&str] = &[
     "/etc/ld.so.cache",
 ];
 
-/// Applies the sandbox; returns the protections that are active.
+/// Descriptors a plugin child may hold while loading: the plugin and its libraries, briefly.
+const OPEN_FILES_MAX: u64 = 32;
+
+/// Calls a plugin may make with any arguments, in both stages.
+const COMPUTE: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_read,
+    libc::SYS_close,
+    libc::SYS_futex,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_set_tid_address,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_getres,
+    libc::SYS_gettimeofday,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_getrandom,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Calls only the dynamic linker needs, while loading (with any arguments).
+const LOADING: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+];
+
+/// Every system call number either stage can let through (some only with the arguments checked).
+pub fn allowed_syscalls() -> Vec<i64> {
+    let mut all: Vec<i64> = COMPUTE.iter().chain(LOADING).copied().collect();
+    all.extend([
+        libc::SYS_mmap,
+        libc::SYS_mprotect,
+        libc::SYS_write,
+        libc::SYS_writev,
+        libc::SYS_kill,
+        libc::SYS_tgkill,
+        libc::SYS_clone,
+        libc::SYS_prlimit64,
+        libc::SYS_openat,
+        libc::SYS_prctl,
+        libc::SYS_seccomp,
+    ]);
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+/// Applies the first stage; returns the protections that are active.
 pub fn enter(plugin: &Path, limits: ChildLimits) -> Result<Vec<String>, String> {
     let mut active = vec![];
     set_limit(libc::RLIMIT_AS, limits.memory_bytes)?;
     set_limit(libc::RLIMIT_CPU, limits.cpu_secs)?;
     set_limit(libc::RLIMIT_FSIZE, 0)?;
     set_limit(libc::RLIMIT_CORE, 0)?;
+    set_limit(libc::RLIMIT_NOFILE, OPEN_FILES_MAX)?;
+    set_limit(libc::RLIMIT_MEMLOCK, 0)?;
     active.push("rlimits".to_string());
+    drop_capabilities()?;
+    active.push("no_capabilities".to_string());
     // SAFETY: prctl with constant arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
@@ -37,63 +122,137 @@ pub fn enter(plugin: &Path, limits: ChildLimits) -> Result<Vec<String>, String> 
     if landlock(plugin)? {
         active.push("landlock".to_string());
     }
-    let mut denied = vec![
-        libc::SYS_socket,
-        libc::SYS_socketpair,
-        libc::SYS_connect,
-        libc::SYS_bind,
-        libc::SYS_listen,
-        libc::SYS_accept,
-        libc::SYS_accept4,
-        libc::SYS_execve,
-        libc::SYS_execveat,
-        libc::SYS_ptrace,
-        libc::SYS_process_vm_readv,
-        libc::SYS_process_vm_writev,
-        libc::SYS_mount,
-        libc::SYS_umount2,
-        libc::SYS_chroot,
-        libc::SYS_pivot_root,
-        libc::SYS_setns,
-        libc::SYS_unshare,
-        libc::SYS_kill,
-        libc::SYS_tkill,
-    ];
-    #[cfg(target_arch = "x86_64")]
-    denied.extend([libc::SYS_fork, libc::SYS_vfork, libc::SYS_creat]);
-    apply_filter(&denied, &write_opens()?)?;
+    install(&policy(Stage::Loading)?)?;
+    install(&clone3_unavailable()?)?;
     active.push("seccomp".to_string());
     Ok(active)
 }
 
-/// After loading the plugin: refuse every way of opening a file.
-pub fn forbid_opening_files() -> Result<(), String> {
-    let mut denied = vec![
-        libc::SYS_openat,
-        libc::SYS_openat2,
-        libc::SYS_open_by_handle_at,
-        libc::SYS_name_to_handle_at,
-        libc::SYS_mknodat,
-        libc::SYS_linkat,
-        libc::SYS_symlinkat,
-        libc::SYS_unlinkat,
-        libc::SYS_renameat,
-        libc::SYS_renameat2,
-        libc::SYS_mkdirat,
-        libc::SYS_memfd_create,
-    ];
-    #[cfg(target_arch = "x86_64")]
-    denied.extend([
-        libc::SYS_open,
-        libc::SYS_creat,
-        libc::SYS_mknod,
-        libc::SYS_link,
-        libc::SYS_symlink,
-        libc::SYS_unlink,
-        libc::SYS_rename,
-        libc::SYS_mkdir,
-    ]);
-    apply_seccomp(&denied)
+/// The second stage, once the plugin is loaded.
+pub fn seal() -> Result<(), String> {
+    install(&policy(Stage::Computing)?)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Loading,
+    Computing,
+}
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, String> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
+        .map_err(|e| format!("seccomp condition: {e}"))
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
+    SeccompRule::new(conditions).map_err(|e| format!("seccomp rule: {e}"))
+}
+
+/// One rule: argument `arg` equals `value`.
+fn arg_is(arg: u8, value: u64) -> Result<SeccompRule, String> {
+    rule(vec![cond(arg, SeccompCmpOp::Eq, value)?])
+}
+
+/// One rule: none of `bits` is set in argument `arg`.
+fn arg_lacks(arg: u8, bits: u64) -> Result<SeccompRule, String> {
+    rule(vec![cond(arg, SeccompCmpOp::MaskedEq(bits), 0)?])
+}
+
+/// The stage's policy: what is allowed; everything else fails with `EPERM`.
+fn policy(stage: Stage) -> Result<seccompiler::BpfProgram, String> {
+    let me = u64::from(std::process::id());
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMPUTE.iter().map(|s| (*s, vec![])).collect();
+    // Output: the result on stdout, errors on stderr; no other descriptor.
+    for call in [libc::SYS_write, libc::SYS_writev] {
+        rules.insert(call, vec![arg_is(0, 1)?, arg_is(0, 2)?]);
+    }
+    // Signals to itself only (raise and abort).
+    rules.insert(libc::SYS_kill, vec![arg_is(0, me)?]);
+    rules.insert(libc::SYS_tgkill, vec![arg_is(0, me)?]);
+    // Threads, never processes: CLONE_THREAD set (x86_64 and aarch64 pass the flags first).
+    let thread = libc::CLONE_THREAD as u64;
+    rules.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(thread),
+            thread,
+        )?])?],
+    );
+    // Its own limits, read only: prlimit64(0, resource, NULL, old).
+    rules.insert(
+        libc::SYS_prlimit64,
+        vec![rule(vec![
+            cond(0, SeccompCmpOp::Eq, 0)?,
+            cond(2, SeccompCmpOp::Eq, 0)?,
+        ])?],
+    );
+    let exec = libc::PROT_EXEC as u64;
+    match stage {
+        Stage::Loading => {
+            for call in LOADING {
+                rules.insert(*call, vec![]);
+            }
+            rules.insert(libc::SYS_mmap, vec![]);
+            rules.insert(libc::SYS_mprotect, vec![]);
+            // Read-only opens (landlock narrows where to).
+            let writing = (libc::O_WRONLY
+                | libc::O_RDWR
+                | libc::O_CREAT
+                | libc::O_TRUNC
+                | libc::O_APPEND
+                | libc::O_TMPFILE) as u64;
+            rules.insert(libc::SYS_openat, vec![arg_lacks(2, writing)?]);
+            // Installing the second stage: no_new_privs again, then the filter.
+            rules.insert(
+                libc::SYS_prctl,
+                vec![arg_is(0, libc::PR_SET_NO_NEW_PRIVS as u64)?],
+            );
+            rules.insert(
+                libc::SYS_seccomp,
+                vec![arg_is(0, u64::from(libc::SECCOMP_SET_MODE_FILTER))?],
+            );
+        }
+        Stage::Computing => {
+            // No new executable memory.
+            rules.insert(libc::SYS_mmap, vec![arg_lacks(2, exec)?]);
+            rules.insert(libc::SYS_mprotect, vec![arg_lacks(2, exec)?]);
+        }
+    }
+    compile(
+        rules,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+    )
+}
+
+/// `clone3` fails with `ENOSYS`, so the C library falls back to `clone`, whose flags the policy can
+/// check (`clone3` passes them in memory, out of a filter's reach).
+fn clone3_unavailable() -> Result<seccompiler::BpfProgram, String> {
+    let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
+    compile(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+    )
+}
+
+fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<seccompiler::BpfProgram, String> {
+    let arch =
+        TargetArch::try_from(std::env::consts::ARCH).map_err(|e| format!("seccomp: {e:?}"))?;
+    let filter = SeccompFilter::new(rules, mismatch, matched, arch)
+        .map_err(|e| format!("seccomp filter: {e}"))?;
+    filter
+        .try_into()
+        .map_err(|e| format!("seccomp program: {e:?}"))
+}
+
+fn install(program: &seccompiler::BpfProgram) -> Result<(), String> {
+    seccompiler::apply_filter_all_threads(program).map_err(|e| format!("seccomp: {e}"))
 }
 
 fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), String> {
@@ -111,58 +270,51 @@ fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), Stri
     Ok(())
 }
 
-fn apply_seccomp(denied: &[i64]) -> Result<(), String> {
-    apply_filter(denied, &[])
-}
-
-/// Rules refusing `open`/`openat` for writing, creating or truncating (loading needs read-only opens).
-fn write_opens() -> Result<Vec<(i64, Vec<SeccompRule>)>, String> {
-    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition};
-    let flag_rules = |arg: u8| -> Result<Vec<SeccompRule>, String> {
-        [
-            libc::O_WRONLY,
-            libc::O_RDWR,
-            libc::O_CREAT,
-            libc::O_TRUNC,
-            libc::O_APPEND,
-        ]
-        .iter()
-        .map(|flag| {
-            let bit = *flag as u64;
-            let cond = SeccompCondition::new(
-                arg,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::MaskedEq(bit),
-                bit,
-            )
-            .map_err(|e| format!("seccomp condition: {e}"))?;
-            SeccompRule::new(vec![cond]).map_err(|e| format!("seccomp rule: {e}"))
-        })
-        .collect()
+/// Clears every capability (effective, permitted, inheritable) and the bounding set, so a child
+/// started by a privileged datanode holds none of its privileges.
+fn drop_capabilities() -> Result<(), String> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    // Bounding set first (needs CAP_SETPCAP, held only while we still have it).
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments; EINVAL past the last capability is expected.
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+    }
+    let header = Header {
+        version: VERSION_3,
+        pid: 0,
     };
-    let mut rules = vec![(libc::SYS_openat, flag_rules(2)?)];
-    #[cfg(target_arch = "x86_64")]
-    rules.push((libc::SYS_open, flag_rules(1)?));
-    rules.push((libc::SYS_openat2, vec![]));
-    Ok(rules)
-}
-
-fn apply_filter(denied: &[i64], conditional: &[(i64, Vec<SeccompRule>)]) -> Result<(), String> {
-    let arch =
-        TargetArch::try_from(std::env::consts::ARCH).map_err(|e| format!("seccomp: {e:?}"))?;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = denied.iter().map(|s| (*s, vec![])).collect();
-    rules.extend(conditional.iter().cloned());
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .map_err(|e| format!("seccomp filter: {e}"))?;
-    let program: seccompiler::BpfProgram = filter
-        .try_into()
-        .map_err(|e| format!("seccomp program: {e:?}"))?;
-    seccompiler::apply_filter(&program).map_err(|e| format!("seccomp: {e}"))
+    let data = [
+        Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+        Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset with a version-3 header and two data words, as the kernel expects.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(format!(
+            "dropping capabilities: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// Read-only access to the plugin file and the library directories; nothing else on the file
