@@ -805,6 +805,7 @@ async fn report(c: Client, json: bool) -> Result<(), Error> {
                 "remaining": d.remaining,
                 "failed_volumes": d.failed_volumes,
                 "sandbox": d.sandbox,
+                "sandbox_missing": d.sandbox_missing,
             })).collect::<Vec<_>>(),
         });
         println!("{v}");
@@ -841,6 +842,13 @@ async fn report(c: Client, json: bool) -> Result<(), Error> {
             human::size(d.used),
             human::size(d.remaining),
             d.failed_volumes
+        );
+    }
+    for d in r.datanodes.iter().filter(|d| !d.sandbox_missing.is_empty()) {
+        println!(
+            "{}: refuses plugins: its kernel lacks the sandbox protection(s) {}",
+            d.name,
+            d.sandbox_missing.join(", ")
         );
     }
     Ok(())

@@ -47,6 +47,10 @@ pub struct Config {
     /// Wall-clock limit of a plugin task, seconds. Default 120.
     #[serde(default = "d_plugin_wall")]
     pub plugin_wall_secs: u64,
+    /// Required plugin sandbox protections this datanode may run plugins without, by name (for a
+    /// kernel that lacks one: `landlock`, say). Default none: a missing protection means no plugins.
+    #[serde(default)]
+    pub plugin_sandbox_optional: Vec<String>,
     /// The block scanner re-reads and verifies every replica at most this fast, bytes per second;
     /// 0 turns it off. Default 8 MiB/s.
     #[serde(default = "d_scan_rate")]
@@ -160,6 +164,16 @@ impl Config {
         }
         if self.heartbeat_interval_ms == 0 {
             return Err("heartbeat_interval_ms must be > 0".into());
+        }
+        if let Some(bad) = self
+            .plugin_sandbox_optional
+            .iter()
+            .find(|p| !lode_plugin_host::sandbox::REQUIRED.contains(&p.as_str()))
+        {
+            return Err(format!(
+                "plugin_sandbox_optional: {bad:?} is not a required protection (one of {})",
+                lode_plugin_host::sandbox::REQUIRED.join(", ")
+            ));
         }
         self.transport.validate()
     }

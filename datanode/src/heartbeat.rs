@@ -115,6 +115,7 @@ async fn register(shared: &Node, namenode: &str, advertise: &str) -> Result<(), 
     let sandbox = DatanodeToNamenode::Info {
         protections: shared.sandbox.clone(),
         http_addr: shared.http_addr.clone(),
+        missing: shared.sandbox_missing.clone(),
     };
     net::call::<_, NamenodeToDatanode>(
         &conn,

@@ -90,6 +90,21 @@ pub async fn run(
     .await
     .unwrap_or_default();
     tracing::info!(protections = %sandbox.join(","), "plugin sandbox");
+    // Fail closed: a required protection the kernel lacks means no plugins, unless waived by name.
+    let sandbox_missing =
+        lode_plugin_host::sandbox::missing(&sandbox, &config.plugin_sandbox_optional);
+    if !sandbox_missing.is_empty() {
+        tracing::error!(
+            missing = %sandbox_missing.join(","),
+            "this datanode refuses to run plugins: its kernel lacks required sandbox protections \
+             (waive one by name with plugin_sandbox_optional in the config)"
+        );
+    }
+    for waived in &config.plugin_sandbox_optional {
+        if !sandbox.contains(waived) {
+            tracing::warn!(protection = %waived, "plugins run without a sandbox protection (waived in the config)");
+        }
+    }
     let metrics = Arc::new(http::Metrics::default());
     let http_listener = match config.http_listen {
         Some(addr) => Some(
@@ -111,6 +126,7 @@ pub async fn run(
         namenode: config.namenode.clone(),
         tasks,
         sandbox,
+        sandbox_missing,
         metrics: metrics.clone(),
         http_addr,
     });

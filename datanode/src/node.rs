@@ -32,6 +32,8 @@ pub struct Node {
     pub tasks: Tasks,
     /// The plugin sandbox protections tasks get here (probed once at start).
     pub sandbox: Vec<String>,
+    /// Required protections missing here (not waived): while any is, no plugin runs.
+    pub sandbox_missing: Vec<String>,
     /// Counters for `/metrics`.
     pub metrics: Arc<crate::http::Metrics>,
     /// The metrics address, reported to the namenode.

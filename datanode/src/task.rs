@@ -29,6 +29,14 @@ const STALL: Duration = Duration::from_secs(10);
 /// Runs one task.
 pub async fn run(shared: &Node, req: TaskRequest) -> Result<TaskResult, Error> {
     let started = Instant::now();
+    if !shared.sandbox_missing.is_empty() {
+        return Err(Error::Plugin(format!(
+            "datanode {} runs no plugins: its kernel lacks the sandbox protection(s) {} \
+             (an operator may waive one with plugin_sandbox_optional)",
+            shared.name,
+            shared.sandbox_missing.join(", ")
+        )));
+    }
     let tasks = &shared.tasks;
     let _slot = tasks
         .slots

@@ -308,7 +308,15 @@ async fn page(AxumState(web): AxumState<Web>) -> Html<String> {
             },
             if d.failed_volumes > 0 { " class=\"on\"" } else { "" },
             d.failed_volumes,
-            esc(&d.sandbox.join(", ")),
+            if d.sandbox_missing.is_empty() {
+                esc(&d.sandbox.join(", "))
+            } else {
+                format!(
+                    "{} <span class=\"on\">missing: {} (plugins refused)</span>",
+                    esc(&d.sandbox.join(", ")),
+                    esc(&d.sandbox_missing.join(", "))
+                )
+            },
         );
     }
     let _ = write!(

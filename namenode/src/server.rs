@@ -790,9 +790,11 @@ fn handle_datanode(
         DatanodeToNamenode::Info {
             protections,
             http_addr,
+            missing,
         } => {
             if let Some(dn) = state.datanodes.get_mut(name) {
                 dn.sandbox = protections;
+                dn.sandbox_missing = missing;
                 dn.http_addr = http_addr;
             }
             Ok(NamenodeToDatanode::Ack)

@@ -322,9 +322,11 @@ pub struct DatanodeReport {
     pub remaining: u64,
     /// Data dirs it took out of service after disk errors.
     pub failed_volumes: u32,
-    /// Plugin sandbox protections it reported (`rlimits`, `no_capabilities`, `no_new_privs`,
-    /// `landlock`, `seccomp`).
+    /// Plugin sandbox protections in force for its tasks (`rlimits`, `no_capabilities`,
+    /// `no_new_privs`, `landlock`, `landlock_net`, `landlock_scope`, `seccomp`).
     pub sandbox: Vec<String>,
+    /// Required protections its kernel lacks; while any is listed it refuses to run plugins.
+    pub sandbox_missing: Vec<String>,
     /// Its metrics address, if it serves HTTP.
     pub http_addr: Option<String>,
 }
@@ -379,10 +381,12 @@ pub enum DatanodeToNamenode {
         deleted: Vec<BlockId>,
     },
     /// What this datanode offers besides data (sent after registering): the plugin sandbox
-    /// protections its tasks get, and its metrics address.
+    /// protections its tasks get, the required ones its kernel lacks (it then runs no plugins),
+    /// and its metrics address.
     Info {
         protections: Vec<String>,
         http_addr: Option<String>,
+        missing: Vec<String>,
     },
     /// Local replicas that failed their checksums (found by the block scanner).
     CorruptReplicas { blocks: Vec<BlockId> },

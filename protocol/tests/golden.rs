@@ -264,6 +264,7 @@ fn every_message_matches_its_golden_bytes() {
             remaining: 1 << 39,
             failed_volumes: 0,
             sandbox: vec!["rlimits".into(), "seccomp".into()],
+            sandbox_missing: vec![],
             http_addr: None,
         }],
     };
@@ -362,6 +363,7 @@ fn every_message_matches_its_golden_bytes() {
         DatanodeToNamenode::Info {
             protections: vec!["rlimits".into(), "landlock".into()],
             http_addr: Some("127.0.0.1:7501".into()),
+            missing: vec!["landlock_scope".into()],
         },
     );
     check(

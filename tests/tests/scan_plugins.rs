@@ -171,8 +171,10 @@ fn plugins_are_shipped_approved_cached_and_contained() {
             c.report().is_some_and(|r| {
                 r["datanodes"].as_array().unwrap().iter().all(|d| {
                     d["sandbox"].as_array().is_some_and(|p| {
-                        p.iter().any(|x| x == "seccomp") && p.iter().any(|x| x == "rlimits")
-                    })
+                        lode_plugin_host::sandbox::REQUIRED
+                            .iter()
+                            .all(|r| p.iter().any(|x| x == *r))
+                    }) && d["sandbox_missing"].as_array().is_some_and(Vec::is_empty)
                 })
             })
         },

@@ -276,6 +276,7 @@ impl State {
                 remaining: dn.space.remaining,
                 failed_volumes: dn.space.failed_volumes,
                 sandbox: dn.sandbox.clone(),
+                sandbox_missing: dn.sandbox_missing.clone(),
                 http_addr: dn.http_addr.clone(),
             })
             .collect();

@@ -49,6 +49,8 @@ pub struct Datanode {
     pub needs_report: bool,
     /// Plugin sandbox protections it reported.
     pub sandbox: Vec<String>,
+    /// Required protections its kernel lacks (it runs no plugins then).
+    pub sandbox_missing: Vec<String>,
     /// Copies it should start, sent with the next heartbeat reply.
     pub pending_copy: Vec<CopyCommand>,
     /// Its metrics address.
@@ -138,6 +140,7 @@ impl State {
                 sent_deletes: BTreeMap::new(),
                 needs_report: false,
                 sandbox: vec![],
+                sandbox_missing: vec![],
                 pending_copy: vec![],
                 http_addr: None,
             },

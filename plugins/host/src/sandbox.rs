@@ -81,6 +81,37 @@ const LOADING: &[i64] = &[
     libc::SYS_lseek,
 ];
 
+/// The protections a datanode requires before it runs plugins (an operator may waive one by name;
+/// see [`missing`]). `landlock_net` and `landlock_scope` are reported where the kernel has them,
+/// on top of seccomp, which already refuses sockets and signals to others.
+pub const REQUIRED: &[&str] = &[
+    "rlimits",
+    "no_capabilities",
+    "no_new_privs",
+    "landlock",
+    "seccomp",
+];
+
+/// Every protection name a child can report.
+pub const KNOWN: &[&str] = &[
+    "rlimits",
+    "no_capabilities",
+    "no_new_privs",
+    "landlock",
+    "landlock_net",
+    "landlock_scope",
+    "seccomp",
+];
+
+/// The required protections not in force (`active`) and not waived (`waived`).
+pub fn missing(active: &[String], waived: &[String]) -> Vec<String> {
+    REQUIRED
+        .iter()
+        .filter(|r| !active.iter().any(|a| a == *r) && !waived.iter().any(|w| w == *r))
+        .map(|r| r.to_string())
+        .collect()
+}
+
 /// Every system call number either stage can let through (some only with the arguments checked).
 pub fn allowed_syscalls() -> Vec<i64> {
     let mut all: Vec<i64> = COMPUTE.iter().chain(LOADING).copied().collect();
@@ -119,9 +150,7 @@ pub fn enter(plugin: &Path, limits: ChildLimits) -> Result<Vec<String>, String> 
         return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
     }
     active.push("no_new_privs".to_string());
-    if landlock(plugin)? {
-        active.push("landlock".to_string());
-    }
+    active.extend(landlock(plugin)?);
     install(&policy(Stage::Loading)?)?;
     install(&clone3_unavailable()?)?;
     active.push("seccomp".to_string());
@@ -318,16 +347,23 @@ fn drop_capabilities() -> Result<(), String> {
 }
 
 /// Read-only access to the plugin file and the library directories; nothing else on the file
-/// system. Returns false where the kernel has no landlock.
-fn landlock(plugin: &Path) -> Result<bool, String> {
+/// system (truncating included), and, where the kernel has them, no TCP binds or connects and no
+/// signals or abstract unix sockets outside the child. Returns the protections in force:
+/// `landlock` (files, needs landlock ABI 3), `landlock_net` (ABI 4), `landlock_scope` (ABI 6).
+fn landlock(plugin: &Path) -> Result<Vec<String>, String> {
     use landlock::{
-        Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-        RulesetStatus, ABI,
+        Access, AccessFs, AccessNet, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd,
+        Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
     };
-    let abi = ABI::V2;
+    let abi = ABI::V6;
     let err = |e: &dyn std::fmt::Display| format!("landlock: {e}");
     let mut ruleset = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(abi))
+        .map_err(|e| err(&e))?
+        .handle_access(AccessNet::from_all(abi))
+        .map_err(|e| err(&e))?
+        .scope(Scope::Signal | Scope::AbstractUnixSocket)
         .map_err(|e| err(&e))?
         .create()
         .map_err(|e| err(&e))?;
@@ -341,5 +377,64 @@ fn landlock(plugin: &Path) -> Result<bool, String> {
             .map_err(|e| err(&e))?;
     }
     let status = ruleset.restrict_self().map_err(|e| err(&e))?;
-    Ok(status.ruleset != RulesetStatus::NotEnforced)
+    let effective = match status.landlock {
+        LandlockStatus::Available { effective_abi, .. } => effective_abi,
+        _ => ABI::Unsupported,
+    };
+    if status.ruleset == RulesetStatus::NotEnforced {
+        return Ok(vec![]);
+    }
+    let mut active = vec![];
+    for (needs, name) in [
+        (ABI::V3, "landlock"),
+        (ABI::V4, "landlock_net"),
+        (ABI::V6, "landlock_scope"),
+    ] {
+        if effective >= needs {
+            active.push(name.to_string());
+        }
+    }
+    Ok(active)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_missing_protection_is_named_unless_waived() {
+        let all = names(REQUIRED);
+        assert!(missing(&all, &[]).is_empty());
+        let without_landlock = names(&["rlimits", "no_capabilities", "no_new_privs", "seccomp"]);
+        assert_eq!(missing(&without_landlock, &[]), ["landlock"]);
+        assert!(missing(&without_landlock, &names(&["landlock"])).is_empty());
+        // A probe that failed reports nothing in force: everything is missing.
+        assert_eq!(missing(&names(&["unavailable: no host"]), &[]), all);
+        assert!(REQUIRED.iter().all(|r| KNOWN.contains(r)));
+    }
+
+    #[test]
+    fn the_policy_lets_through_only_what_it_lists() {
+        let allowed = allowed_syscalls();
+        for denied in [
+            libc::SYS_socket,
+            libc::SYS_execve,
+            libc::SYS_ptrace,
+            libc::SYS_io_uring_setup,
+            libc::SYS_unshare,
+            libc::SYS_truncate,
+            libc::SYS_fchmod,
+            libc::SYS_setrlimit,
+            libc::SYS_clone3,
+        ] {
+            assert!(!allowed.contains(&denied), "{denied} is allowed");
+        }
+        for stage in [Stage::Loading, Stage::Computing] {
+            assert!(!policy(stage).unwrap().is_empty());
+        }
+    }
 }
