@@ -47,6 +47,13 @@ pub struct Config {
     /// Wall-clock limit of a plugin task, seconds. Default 120.
     #[serde(default = "d_plugin_wall")]
     pub plugin_wall_secs: u64,
+    /// The uid plugin children run as, apart from the datanode's own (taken when the datanode runs
+    /// as root or holds CAP_SETUID and CAP_SETGID as ambient capabilities). Default 65534 (nobody).
+    #[serde(default = "d_plugin_id")]
+    pub plugin_uid: u32,
+    /// The gid plugin children run as. Default 65534 (nogroup).
+    #[serde(default = "d_plugin_id")]
+    pub plugin_gid: u32,
     /// Required plugin sandbox protections this datanode may run plugins without, by name (for a
     /// kernel that lacks one: `landlock`, say). Default none: a missing protection means no plugins.
     #[serde(default)]
@@ -83,6 +90,9 @@ fn d_scan_pause() -> u64 {
     3600
 }
 
+fn d_plugin_id() -> u32 {
+    65534
+}
 fn d_plugin_memory() -> u64 {
     1 << 30
 }
@@ -164,6 +174,9 @@ impl Config {
         }
         if self.heartbeat_interval_ms == 0 {
             return Err("heartbeat_interval_ms must be > 0".into());
+        }
+        if self.plugin_uid == 0 || self.plugin_gid == 0 {
+            return Err("plugin_uid and plugin_gid must not be 0 (root)".into());
         }
         if let Some(bad) = self
             .plugin_sandbox_optional

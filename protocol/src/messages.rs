@@ -322,7 +322,7 @@ pub struct DatanodeReport {
     pub remaining: u64,
     /// Data dirs it took out of service after disk errors.
     pub failed_volumes: u32,
-    /// Plugin sandbox protections in force for its tasks (`rlimits`, `no_capabilities`,
+    /// Plugin sandbox protections in force for its tasks (`rlimits`, `identity`, `no_capabilities`,
     /// `no_new_privs`, `landlock`, `landlock_net`, `landlock_scope`, `seccomp`).
     pub sandbox: Vec<String>,
     /// Required protections its kernel lacks; while any is listed it refuses to run plugins.

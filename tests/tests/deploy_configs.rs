@@ -71,7 +71,9 @@ fn unknown_keys_and_bad_values_are_refused_with_the_field_named() {
         "plugin_sandbox_optional = []",
         "plugin_sandbox_optional = [\"seccmop\"]",
     );
-    let err = lode_datanode::Config::load(&waiver).unwrap_err().to_string();
+    let err = lode_datanode::Config::load(&waiver)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("plugin_sandbox_optional") && err.contains("seccmop"),
         "{err}"

@@ -55,7 +55,9 @@ pub fn main() -> ! {
     if args.len() != 2 {
         fail(2, "usage: lode-plugin-host PLUGIN (started by a datanode or the lode client, not by hand)");
     }
-    let plugin = Path::new(&args[1]);
+    // The plugin's bytes come on fd 4, a sealed memory file the parent filled: what is loaded is
+    // what the parent read (no path to swap between a check and the load), and it needs no
+    // permission on the plugin's file. `PLUGIN` only names it in messages.
     // SAFETY: fd 3 is the control pipe set up by the parent; we take ownership of it once.
     let mut control = unsafe { std::fs::File::from_raw_fd(3) };
     let mut raw = Vec::new();
@@ -75,12 +77,13 @@ pub fn main() -> ! {
         _ => None,
     };
     close_inherited();
-    let protections =
-        crate::sandbox::enter(plugin, limits).unwrap_or_else(|e| fail(exit::SANDBOX, e));
+    let protections = crate::sandbox::enter(limits).unwrap_or_else(|e| fail(exit::SANDBOX, e));
     if req == Request::Probe {
         print_out(protections.join(",").as_bytes());
     }
-    let loaded = load(plugin);
+    let loaded = load(Path::new(PLUGIN_FD_PATH));
+    // SAFETY: the plugin's descriptor, no longer needed once it is mapped.
+    unsafe { libc::close(PLUGIN_FD) };
     // Loaded: nothing more to open or make executable, ever.
     crate::sandbox::seal().unwrap_or_else(|e| fail(exit::SANDBOX, e));
     match req {
@@ -123,19 +126,32 @@ pub fn main() -> ! {
     }
 }
 
+/// The plugin's descriptor, and the path it is loaded through.
+const PLUGIN_FD: i32 = 4;
+const PLUGIN_FD_PATH: &str = "/proc/self/fd/4";
+
 /// Closes stdin (the block, already mapped, or /dev/null) and every descriptor above stderr that
-/// the parent may have leaked.
+/// the parent may have leaked, all but the plugin's.
 fn close_inherited() {
     // SAFETY: closing descriptors this process owns; nothing refers to them any more.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            (PLUGIN_FD + 1) as u32,
+            u32::MAX,
+            0u32,
+        )
+    };
     if rc != 0 {
-        for fd in 3..1024 {
+        for fd in PLUGIN_FD + 1..1024 {
             // SAFETY: as above, one at a time where close_range is missing.
             unsafe { libc::close(fd) };
         }
     }
-    // SAFETY: as above.
-    unsafe { libc::close(0) };
+    for fd in [0, 3] {
+        // SAFETY: as above.
+        unsafe { libc::close(fd) };
+    }
 }
 
 fn print_out(bytes: &[u8]) -> ! {

@@ -34,6 +34,9 @@ pub struct Limits {
     pub wall: Duration,
     /// Largest result accepted, bytes. Default 16 MiB.
     pub output_bytes: usize,
+    /// The uid and gid the child runs the plugin as (possible when the caller is root). Default
+    /// none: the child keeps the caller's identity, and reports no `identity` protection.
+    pub run_as: Option<(u32, u32)>,
 }
 
 impl Default for Limits {
@@ -43,6 +46,7 @@ impl Default for Limits {
             cpu_secs: 60,
             wall: Duration::from_secs(120),
             output_bytes: 16 << 20,
+            run_as: None,
         }
     }
 }
@@ -232,6 +236,14 @@ impl Host {
         let limits = ChildLimits {
             memory_bytes: self.limits.memory_bytes,
             cpu_secs: self.limits.cpu_secs,
+            run_as: self.limits.run_as,
+        };
+        let code = match req {
+            Request::Probe => None,
+            _ => Some(sealed_copy(plugin).map_err(|e| Error::NotAPlugin {
+                plugin: name.clone(),
+                message: format!("cannot read it: {e}"),
+            })?),
         };
         let control = wire::encode(&req, limits);
         let (control_read, mut control_write) =
@@ -249,23 +261,31 @@ impl Host {
             None => cmd.stdin(Stdio::null()),
         };
         let fd = control_read.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (setsid, prctl, dup2, fcntl) between fork and exec.
+        let code_fd = code.as_ref().map_or(-1, |c| c.as_raw_fd());
+        // SAFETY: only async-signal-safe calls (setsid, prctl, fcntl, dup2) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                let err = std::io::Error::last_os_error;
                 // Its own session and process group, so everything it could start is killed with
                 // it; and it dies with the process that started it.
                 if libc::setsid() < 0
                     || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
                 {
-                    return Err(std::io::Error::last_os_error());
+                    return Err(err());
                 }
-                if fd == 3 {
-                    let flags = libc::fcntl(3, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                // The control pipe becomes fd 3 and the plugin fd 4 (both moved out of the way
+                // first, so neither lands on the other's number), open across exec.
+                let control = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                let code = if code_fd >= 0 {
+                    libc::fcntl(code_fd, libc::F_DUPFD_CLOEXEC, 10)
+                } else {
+                    -1
+                };
+                if control < 0 || (code_fd >= 0 && code < 0) || libc::dup2(control, 3) < 0 {
+                    return Err(err());
+                }
+                if code >= 0 && libc::dup2(code, 4) < 0 {
+                    return Err(err());
                 }
                 Ok(())
             });
@@ -274,6 +294,7 @@ impl Host {
             .spawn()
             .map_err(|e| Error::Host(format!("start {}: {e}", self.exe.display())))?;
         drop(control_read);
+        drop(code);
         let proc = ChildProc::new(&child);
         let writer = std::thread::spawn(move || {
             let _ = control_write.write_all(&control);
@@ -383,6 +404,32 @@ impl Host {
             None => Err(Error::Host("child ended without a status".into())),
         }
     }
+}
+
+/// The plugin's bytes in a sealed memory file (no write, grow or shrink can follow): the child
+/// loads exactly what was read here, whatever happens to the path afterwards.
+fn sealed_copy(plugin: &Path) -> std::io::Result<OwnedFd> {
+    let bytes = std::fs::read(plugin)?;
+    // SAFETY: memfd_create with a constant name; the descriptor is owned below.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"lode-plugin".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: a new descriptor nobody else owns.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(&bytes)?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: fcntl on our descriptor.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(OwnedFd::from(file))
 }
 
 /// Error output kept from a child (the rest is drained and dropped).

@@ -41,6 +41,9 @@ const LIBRARY_DIRS: &[&str] = &[
 
 /// Descriptors a plugin child may hold while loading: the plugin and its libraries, briefly.
 const OPEN_FILES_MAX: u64 = 32;
+/// Processes and threads of the plugin uid at once, over every task of the machine (fork is
+/// refused anyway; threads count too).
+const PLUGIN_UID_PROCESSES_MAX: u64 = 1024;
 
 /// Calls a plugin may make with any arguments, in both stages.
 const COMPUTE: &[i64] = &[
@@ -86,6 +89,7 @@ const LOADING: &[i64] = &[
 /// on top of seccomp, which already refuses sockets and signals to others.
 pub const REQUIRED: &[&str] = &[
     "rlimits",
+    "identity",
     "no_capabilities",
     "no_new_privs",
     "landlock",
@@ -95,6 +99,7 @@ pub const REQUIRED: &[&str] = &[
 /// Every protection name a child can report.
 pub const KNOWN: &[&str] = &[
     "rlimits",
+    "identity",
     "no_capabilities",
     "no_new_privs",
     "landlock",
@@ -134,7 +139,7 @@ pub fn allowed_syscalls() -> Vec<i64> {
 }
 
 /// Applies the first stage; returns the protections that are active.
-pub fn enter(plugin: &Path, limits: ChildLimits) -> Result<Vec<String>, String> {
+pub fn enter(limits: ChildLimits) -> Result<Vec<String>, String> {
     let mut active = vec![];
     set_limit(libc::RLIMIT_AS, limits.memory_bytes)?;
     set_limit(libc::RLIMIT_CPU, limits.cpu_secs)?;
@@ -142,7 +147,14 @@ pub fn enter(plugin: &Path, limits: ChildLimits) -> Result<Vec<String>, String> 
     set_limit(libc::RLIMIT_CORE, 0)?;
     set_limit(libc::RLIMIT_NOFILE, OPEN_FILES_MAX)?;
     set_limit(libc::RLIMIT_MEMLOCK, 0)?;
+    if let Some((uid, gid)) = limits.run_as {
+        set_limit(libc::RLIMIT_NPROC, PLUGIN_UID_PROCESSES_MAX)?;
+        drop_bounding_set();
+        take_identity(uid, gid)?;
+        active.push("identity".to_string());
+    }
     active.push("rlimits".to_string());
+    drop_bounding_set();
     drop_capabilities()?;
     active.push("no_capabilities".to_string());
     // SAFETY: prctl with constant arguments.
@@ -150,7 +162,7 @@ pub fn enter(plugin: &Path, limits: ChildLimits) -> Result<Vec<String>, String> 
         return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
     }
     active.push("no_new_privs".to_string());
-    active.extend(landlock(plugin)?);
+    active.extend(landlock()?);
     install(&policy(Stage::Loading)?)?;
     install(&clone3_unavailable()?)?;
     active.push("seccomp".to_string());
@@ -299,8 +311,44 @@ fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), Stri
     Ok(())
 }
 
-/// Clears every capability (effective, permitted, inheritable) and the bounding set, so a child
-/// started by a privileged datanode holds none of its privileges.
+/// Becomes `uid`/`gid` with no supplementary groups, for good (real, effective and saved ids), so
+/// the datanode's processes and files are another user's: signals, prlimit, ptrace and /proc of
+/// the datanode need privileges the child no longer has. It stays dumpable so that it can still
+/// read its own /proc/self/fd (the plugin is loaded from there).
+fn take_identity(uid: u32, gid: u32) -> Result<(), String> {
+    let os = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    // SAFETY: plain system calls with integer arguments.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(os("setgroups"));
+        }
+        if libc::setresgid(gid, gid, gid) != 0 {
+            return Err(os("setresgid"));
+        }
+        if libc::setresuid(uid, uid, uid) != 0 {
+            return Err(os("setresuid"));
+        }
+        if libc::getuid() != uid || libc::geteuid() != uid || libc::getegid() != gid {
+            return Err("the plugin identity did not take".into());
+        }
+        if libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 {
+            return Err(os("dumpable"));
+        }
+    }
+    Ok(())
+}
+
+/// Empties the capability bounding set (possible only while CAP_SETPCAP is held; errors past the
+/// last capability, or without it, are expected).
+fn drop_bounding_set() {
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+    }
+}
+
+/// Clears every capability (effective, permitted, inheritable), so a child started by a
+/// privileged datanode holds none of its privileges.
 fn drop_capabilities() -> Result<(), String> {
     #[repr(C)]
     struct Header {
@@ -314,11 +362,6 @@ fn drop_capabilities() -> Result<(), String> {
         inheritable: u32,
     }
     const VERSION_3: u32 = 0x2008_0522;
-    // Bounding set first (needs CAP_SETPCAP, held only while we still have it).
-    for cap in 0..64 {
-        // SAFETY: prctl with integer arguments; EINVAL past the last capability is expected.
-        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-    }
     let header = Header {
         version: VERSION_3,
         pid: 0,
@@ -346,11 +389,11 @@ fn drop_capabilities() -> Result<(), String> {
     Ok(())
 }
 
-/// Read-only access to the plugin file and the library directories; nothing else on the file
-/// system (truncating included), and, where the kernel has them, no TCP binds or connects and no
+/// Read-only access to the library directories (the plugin itself comes as a sealed memory file,
+/// which has no path); nothing else on the file system (truncating included), and, where the kernel has them, no TCP binds or connects and no
 /// signals or abstract unix sockets outside the child. Returns the protections in force:
 /// `landlock` (files, needs landlock ABI 3), `landlock_net` (ABI 4), `landlock_scope` (ABI 6).
-fn landlock(plugin: &Path) -> Result<Vec<String>, String> {
+fn landlock() -> Result<Vec<String>, String> {
     use landlock::{
         Access, AccessFs, AccessNet, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd,
         Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
@@ -368,7 +411,6 @@ fn landlock(plugin: &Path) -> Result<Vec<String>, String> {
         .create()
         .map_err(|e| err(&e))?;
     let mut paths: Vec<&Path> = LIBRARY_DIRS.iter().map(Path::new).collect();
-    paths.push(plugin);
     paths.retain(|p| p.exists());
     for p in paths {
         let fd = PathFd::new(p).map_err(|e| format!("landlock: open {}: {e}", p.display()))?;
@@ -409,7 +451,13 @@ mod tests {
     fn a_missing_protection_is_named_unless_waived() {
         let all = names(REQUIRED);
         assert!(missing(&all, &[]).is_empty());
-        let without_landlock = names(&["rlimits", "no_capabilities", "no_new_privs", "seccomp"]);
+        let without_landlock = names(&[
+            "rlimits",
+            "identity",
+            "no_capabilities",
+            "no_new_privs",
+            "seccomp",
+        ]);
         assert_eq!(missing(&without_landlock, &[]), ["landlock"]);
         assert!(missing(&without_landlock, &names(&["landlock"])).is_empty());
         // A probe that failed reports nothing in force: everything is missing.

@@ -2,7 +2,7 @@
 //! The parent is trusted; lengths are still bounded before anything is allocated.
 
 /// Magic at the start of every request.
-pub const MAGIC: &[u8; 4] = b"LPH1";
+pub const MAGIC: &[u8; 4] = b"LPH2";
 /// Largest length field accepted from the control pipe.
 pub const FIELD_BYTES_MAX: u64 = 1 << 30;
 
@@ -48,6 +48,8 @@ pub struct ChildLimits {
     pub memory_bytes: u64,
     /// CPU-time limit in seconds.
     pub cpu_secs: u64,
+    /// The uid and gid the child takes before loading (the parent runs as root).
+    pub run_as: Option<(u32, u32)>,
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -60,6 +62,14 @@ pub fn encode(req: &Request, limits: ChildLimits) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
     out.extend(limits.memory_bytes.to_le_bytes());
     out.extend(limits.cpu_secs.to_le_bytes());
+    match limits.run_as {
+        None => out.push(0),
+        Some((uid, gid)) => {
+            out.push(1);
+            out.extend(uid.to_le_bytes());
+            out.extend(gid.to_le_bytes());
+        }
+    }
     match req {
         Request::Run(r) => {
             out.push(1);
@@ -110,6 +120,11 @@ impl Cursor<'_> {
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
+    fn u32(&mut self) -> Result<u32, String> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(a))
+    }
     fn bytes(&mut self) -> Result<Vec<u8>, String> {
         let n = self.u64()?;
         Ok(self.take(n)?.to_vec())
@@ -122,9 +137,16 @@ pub fn decode(b: &[u8]) -> Result<(Request, ChildLimits), String> {
     if c.take(4)? != MAGIC {
         return Err("bad control magic".into());
     }
+    let (memory_bytes, cpu_secs) = (c.u64()?, c.u64()?);
+    let run_as = match c.take(1)?[0] {
+        0 => None,
+        1 => Some((c.u32()?, c.u32()?)),
+        f => return Err(format!("bad identity flag {f}")),
+    };
     let limits = ChildLimits {
-        memory_bytes: c.u64()?,
-        cpu_secs: c.u64()?,
+        memory_bytes,
+        cpu_secs,
+        run_as,
     };
     let kind = c.take(1)?[0];
     let req = match kind {
@@ -195,6 +217,7 @@ mod tests {
         let limits = ChildLimits {
             memory_bytes: 1 << 30,
             cpu_secs: 9,
+            run_as: Some((65534, 65533)),
         };
         let run = Request::Run(RunSpec {
             args_json: b"{}".to_vec(),

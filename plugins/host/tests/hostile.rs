@@ -108,6 +108,12 @@ const FROM_INIT: &[&str] = &[
     "unshare_newuser",
 ];
 
+/// As a datanode does: where this process is root, plugins run as `nobody`.
+fn plugin_identity() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no arguments.
+    (unsafe { libc::geteuid() } == 0).then_some((65534, 65534))
+}
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -267,6 +273,7 @@ fn every_escape_is_refused_or_stopped_and_harms_nothing() {
                 cpu_secs: 2,
                 wall,
                 output_bytes: 1 << 20,
+                run_as: plugin_identity(),
             },
         ),
         block: &block,
@@ -275,6 +282,14 @@ fn every_escape_is_refused_or_stopped_and_harms_nothing() {
         limits: nofile(),
     };
     let plugin = hostile(dir.path(), &marker, None);
+    let protections = check.host.probe().unwrap();
+    eprintln!("protections: {}", protections.join(","));
+    if plugin_identity().is_some() {
+        assert!(
+            protections.iter().any(|p| p == "identity"),
+            "{protections:?}"
+        );
+    }
 
     // The plugin works when it tries nothing.
     assert_eq!(

@@ -192,6 +192,7 @@ fn misbehaving_plugins_are_contained() {
         cpu_secs: 2,
         wall: Duration::from_secs(5),
         output_bytes: 1 << 20,
+        ..Limits::default()
     };
     let h = host(limits);
     let data = b"some input\n";
