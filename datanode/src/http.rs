@@ -138,20 +138,12 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     store: Arc<BlockStore>,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
         .with_state(Web { store, metrics });
-    let stop = async move {
-        let _ = shutdown.changed().await;
-    };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-    {
-        tracing::error!("metrics server stopped: {e}");
-    }
+    lode_protocol::web::serve_until(listener, app, shutdown).await;
 }
 
 async fn scrape(AxumState(web): AxumState<Web>) -> impl IntoResponse {

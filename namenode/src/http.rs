@@ -1,11 +1,13 @@
 //! The namenode's HTTP side: a status page (plain server-rendered HTML, no JavaScript) and
-//! Prometheus metrics. Gauges that describe the cluster are computed from the soft state at scrape
-//! time; counters and histograms are updated where the work happens.
+//! Prometheus metrics, served through `lode_protocol::web` (request-head and connection deadlines,
+//! a connection limit). No request takes the state's lock: the page and the gauges that describe
+//! the cluster are a snapshot refreshed in the background every [`REFRESH`]; counters and
+//! histograms are updated where the work happens and read as they are.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::extract::State as AxumState;
 use axum::http::header;
@@ -160,7 +162,8 @@ impl Metrics {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    fn render(&self, state: &State) -> String {
+    /// Sets the gauges that describe the cluster from the soft state.
+    fn update_gauges(&self, state: &State) {
         let now = Instant::now();
         let report = state.report(now);
         self.datanodes.clear();
@@ -185,15 +188,21 @@ impl Metrics {
         self.corrupt.set(report.corrupt as i64);
         self.pending_copies.set(state.copies.len() as i64);
         self.safemode.set(i64::from(report.safemode));
+    }
+
+    fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
 
+/// How often the page and the cluster gauges are rebuilt from the soft state.
+pub const REFRESH: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 struct Web {
-    state: Arc<Mutex<State>>,
+    page: Arc<RwLock<String>>,
     metrics: Arc<Metrics>,
 }
 
@@ -202,21 +211,41 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<Mutex<State>>,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let app = axum::Router::new()
-        .route("/", get(page))
-        .route("/metrics", get(scrape))
-        .with_state(Web { state, metrics });
-    let stop = async move {
-        let _ = shutdown.changed().await;
+    let web = Web {
+        page: Arc::new(RwLock::new(String::new())),
+        metrics,
     };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-    {
-        tracing::error!("status page server stopped: {e}");
-    }
+    let refresher = {
+        let web = web.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFRESH);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                let html = match state.lock() {
+                    Ok(s) => {
+                        web.metrics.update_gauges(&s);
+                        page(&s)
+                    }
+                    Err(_) => return,
+                };
+                if let Ok(mut p) = web.page.write() {
+                    *p = html;
+                }
+            }
+        })
+    };
+    let app = axum::Router::new()
+        .route("/", get(serve_page))
+        .route("/metrics", get(scrape))
+        .with_state(web);
+    lode_protocol::web::serve_until(listener, app, shutdown).await;
+    refresher.abort();
 }
 
 /// Binds the HTTP listener (so its address can be reported before serving).
@@ -225,10 +254,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 }
 
 async fn scrape(AxumState(web): AxumState<Web>) -> impl IntoResponse {
-    let body = match web.state.lock() {
-        Ok(s) => web.metrics.render(&s),
-        Err(_) => String::new(),
-    };
+    let body = web.metrics.encode();
     (
         [(
             header::CONTENT_TYPE,
@@ -256,10 +282,12 @@ fn size(b: u64) -> String {
     format!("{v:.1} {}", units[u])
 }
 
-async fn page(AxumState(web): AxumState<Web>) -> Html<String> {
-    let Ok(state) = web.state.lock() else {
-        return Html("state unavailable".into());
-    };
+async fn serve_page(AxumState(web): AxumState<Web>) -> Html<String> {
+    Html(web.page.read().map(|p| p.clone()).unwrap_or_default())
+}
+
+/// The status page, from the soft state.
+fn page(state: &State) -> String {
     let now = Instant::now();
     let r = state.report(now);
     let (reported, total) = state.reported_blocks(now);
@@ -339,5 +367,5 @@ async fn page(AxumState(web): AxumState<Web>) -> Html<String> {
         );
     }
     h.push_str("</table><p><a href=\"/metrics\">Prometheus metrics</a></p></body></html>");
-    Html(h)
+    h
 }

@@ -16,6 +16,8 @@ pub mod net;
 pub mod paging;
 pub mod path;
 pub mod service;
+#[cfg(feature = "web")]
+pub mod web;
 
 pub use error::{DecodeError, ErrorCode, WireError};
 pub use ids::{Blake3Cv, BlockId, InodeId, SessionId};

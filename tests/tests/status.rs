@@ -18,8 +18,20 @@ fn status_page_and_metrics() {
         .expect("the namenode reports its status page")
         .to_string();
 
-    let (code, page) = http_get(&nn, "/").unwrap();
-    assert_eq!(code, 200);
+    // The page and the cluster gauges are a snapshot refreshed every second: wait for one taken
+    // after the put.
+    let mut page = String::new();
+    lode_tests::wait_until(
+        "a status page listing every datanode",
+        std::time::Duration::from_secs(10),
+        || {
+            let (code, p) = http_get(&nn, "/").unwrap();
+            assert_eq!(code, 200);
+            page = p;
+            (1..=3).all(|i| page.contains(&format!("<td>dn-{i}</td>")))
+                && page.contains("registered")
+        },
+    );
     assert!(page.contains("<table id=\"datanodes\">"), "{page}");
     for i in 1..=3 {
         assert!(
@@ -32,11 +44,16 @@ fn status_page_and_metrics() {
         "{page}"
     );
 
-    let (code, metrics) = http_get(&nn, "/metrics").unwrap();
-    assert_eq!(code, 200);
-    assert!(
-        metrics.contains("lode_namenode_datanodes{kind=\"live\"} 3"),
-        "{metrics}"
+    let mut metrics = String::new();
+    lode_tests::wait_until(
+        "the live-datanodes gauge",
+        std::time::Duration::from_secs(10),
+        || {
+            let (code, m) = http_get(&nn, "/metrics").unwrap();
+            assert_eq!(code, 200);
+            metrics = m;
+            metrics.contains("lode_namenode_datanodes{kind=\"live\"} 3")
+        },
     );
     assert!(
         metrics.contains("lode_namenode_requests_total{kind=\"Create\"} 1"),
@@ -113,6 +130,16 @@ fn status_page_in_headless_chromium() {
         c.report().unwrap()["namenode"]["http_addr"]
             .as_str()
             .unwrap()
+    );
+    // The page is a snapshot refreshed every second: wait for one with every datanode live.
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    lode_tests::wait_until(
+        "a status page with three live datanodes",
+        std::time::Duration::from_secs(10),
+        || http_get(&addr, "/").is_ok_and(|(_, p)| p.matches("class=\"live\"").count() == 3),
     );
     let profile = c.dir().join("chromium-profile");
     let run = |extra: &[&str]| {
