@@ -63,6 +63,33 @@ pub struct ScanOutcome {
     pub stats: ScanStats,
 }
 
+/// The user's private plugin cache: `$XDG_CACHE_HOME/lode/plugins` or `~/.cache/lode/plugins`,
+/// created 0700; a cache dir that another user owns or can write is refused.
+fn plugin_cache_dir() -> Result<PathBuf, Error> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .ok_or_else(|| Error::Invalid("no HOME for the plugin cache".into()))?;
+    let dir = base.join("lode").join("plugins");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| Error::local(&dir, e))?;
+    let meta = std::fs::metadata(&dir).map_err(|e| Error::local(&dir, e))?;
+    // SAFETY: getuid has no arguments.
+    let me = unsafe { libc::getuid() };
+    if meta.uid() != me || meta.permissions().mode() & 0o022 != 0 {
+        return Err(Error::Invalid(format!(
+            "{}: the plugin cache must be yours and writable by you alone",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
 impl Client {
     fn plugin_host(&self) -> Result<Host, Error> {
         Host::beside_current_exe(Limits::default()).map_err(|e| Error::Invalid(e.to_string()))
@@ -142,8 +169,9 @@ impl Client {
             NamenodeReply::Plugin(p) => p,
             other => return Err(unexpected(other)),
         };
-        let cache = std::env::temp_dir().join(format!("lode-plugin-{}.so", record.hash.to_hex()));
-        // The temp dir is shared: trust a cached copy only if it still has the plugin's hash.
+        let cache = plugin_cache_dir()?.join(format!("{}.so", record.hash.to_hex()));
+        // Trust a cached copy only if it still has the plugin's hash (and the host checks the
+        // bytes it loads again).
         let cached_ok = tokio::fs::read(&cache)
             .await
             .is_ok_and(|b| blake3::hash(&b).as_bytes() == &record.hash.0);
@@ -245,6 +273,8 @@ impl Client {
         }
         stats.tasks = tasks.len() as u64;
         let host = self.plugin_host()?;
+        // What runs here is what has the plugin's hash, read once for the child.
+        host.pin(&local_lib, record.hash.0);
         let partials = if tasks.is_empty() {
             vec![empty_partial(&host, &local_lib, &args_json).await?]
         } else {

@@ -20,6 +20,7 @@ struct Args {
 fn main() {
     let args = Args::parse();
     service::init_logging("info");
+    service::private_files();
     #[cfg(feature = "failpoints")]
     let _failpoints = lode_datanode::failpoints::setup();
     if let Err(e) = start(args) {

@@ -162,6 +162,10 @@ impl BlockStore {
             for d in [&current, &tmp] {
                 fs::create_dir_all(d).map_err(|e| Error::disk(d, e))?;
             }
+            // Replicas are the users' data: the data dir is the datanode user's alone.
+            for d in [root, &current, &tmp] {
+                lode_protocol::service::make_private_dir(d).map_err(|e| Error::disk(d, e))?;
+            }
             probe_write(&tmp).map_err(|e| {
                 Error::disk(
                     root,

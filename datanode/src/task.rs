@@ -158,6 +158,8 @@ async fn cached_library(
         .tasks
         .cache_dir
         .join(format!("{}.so", record.hash.to_hex()));
+    // Whatever is in the cache runs only if its bytes, read once for the child, have the hash.
+    shared.tasks.host.pin(&path, record.hash.0);
     if path.exists() {
         return Ok(path);
     }

@@ -126,6 +126,11 @@ pub fn recover(meta_dir: &std::path::Path) -> Result<Recovered, Error> {
         path: meta_dir.to_path_buf(),
         source,
     })?;
+    // The namespace is the cluster's: the metadata dir is the namenode user's alone.
+    lode_protocol::service::make_private_dir(meta_dir).map_err(|source| Error::EditLog {
+        path: meta_dir.to_path_buf(),
+        source,
+    })?;
     let (mut log, records) = EditLog::open(meta_dir)?;
     let checkpoint = editlog::read_checkpoint(meta_dir)?;
     let sled_dir = meta_dir.join("sled");

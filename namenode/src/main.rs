@@ -23,6 +23,7 @@ struct Args {
 fn main() {
     let args = Args::parse();
     service::init_logging("info");
+    service::private_files();
     #[cfg(feature = "failpoints")]
     let _failpoints = lode_namenode::failpoints::setup();
     if let Err(e) = start(args) {

@@ -114,6 +114,19 @@ pub async fn accept_loop<F, Fut>(
     endpoint.close(0u32.into(), b"shutdown");
 }
 
+/// Makes every file and directory the server creates from now on private to its user (0600 and
+/// 0700): block files, sidecars, the edit log, the metadata store, checkpoints, caches.
+pub fn private_files() {
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(0o077) };
+}
+
+/// Narrows an existing directory (made by an earlier version, or by hand) to its owner.
+pub fn make_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Logs to stderr at the level in `$LODE_LOG` (default `default_level`), colored only on a terminal.
 pub fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LODE_LOG")

@@ -1,5 +1,6 @@
 //! Identity and hostile input: foreign CAs, certificates used in the wrong role, garbage and
-//! oversized frames, configs that point nowhere, unusable data dirs.
+//! oversized frames, configs that point nowhere, unusable data dirs; and servers' files private to
+//! them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -298,4 +299,55 @@ fn a_write_session_is_bound_to_the_certificate_that_opened_it() {
     let st = c.stat("/bound");
     assert_eq!(st["size"], 0);
     assert_eq!(st["complete"], true, "{st}");
+}
+
+/// Every file and directory under `dir`, with its mode.
+fn modes(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u32, bool)>) {
+    use std::os::unix::fs::PermissionsExt;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = e.metadata().unwrap();
+        let is_dir = meta.is_dir();
+        out.push((e.path(), meta.permissions().mode() & 0o777, is_dir));
+        if is_dir {
+            modes(&e.path(), out);
+        }
+    }
+}
+
+#[test]
+fn replicas_and_metadata_are_private_to_their_servers() {
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 2,
+        replication: 2,
+        ..Default::default()
+    });
+    c.put_bytes("/private", &lode_tests::random_bytes(3 * 65536 + 5, 3), &[]);
+    let mut all = vec![];
+    for dir in [c.dir().join("meta"), c.datanode_dir(1), c.datanode_dir(2)] {
+        use std::os::unix::fs::PermissionsExt;
+        all.push((
+            dir.clone(),
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            true,
+        ));
+        modes(&dir, &mut all);
+    }
+    let replicas = all
+        .iter()
+        .filter(|(p, _, _)| p.to_string_lossy().contains("blk_"))
+        .count();
+    assert!(replicas >= 2 * 2 * 4, "{replicas} replica files found");
+    let open: Vec<String> = all
+        .iter()
+        .filter(|(_, mode, _)| mode & 0o077 != 0)
+        .map(|(p, mode, d)| {
+            format!(
+                "{} {:o}{}",
+                p.display(),
+                mode,
+                if *d { " (dir)" } else { "" }
+            )
+        })
+        .collect();
+    assert!(open.is_empty(), "readable by others:\n{}", open.join("\n"));
 }

@@ -148,12 +148,27 @@ pub struct TaskOutput {
 pub struct Host {
     exe: PathBuf,
     limits: Limits,
+    /// Plugins that load only while their bytes have this BLAKE3 hash.
+    pins: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, [u8; 32]>>>,
 }
 
 impl Host {
     /// A host using the given `lode-plugin-host` executable.
     pub fn new(exe: PathBuf, limits: Limits) -> Host {
-        Host { exe, limits }
+        Host {
+            exe,
+            limits,
+            pins: Default::default(),
+        }
+    }
+
+    /// From now on `plugin` loads only while its bytes hash to `hash` (BLAKE3). The bytes hashed
+    /// are the bytes the child loads (both come from one read into a sealed memory file), so a
+    /// file swapped after a check is never run.
+    pub fn pin(&self, plugin: &Path, hash: [u8; 32]) {
+        if let Ok(mut pins) = self.pins.lock() {
+            pins.insert(plugin.to_path_buf(), hash);
+        }
     }
 
     /// Finds `lode-plugin-host` next to the running executable (where cargo and installs put it).
@@ -240,10 +255,13 @@ impl Host {
         };
         let code = match req {
             Request::Probe => None,
-            _ => Some(sealed_copy(plugin).map_err(|e| Error::NotAPlugin {
-                plugin: name.clone(),
-                message: format!("cannot read it: {e}"),
-            })?),
+            _ => {
+                let pinned = self.pins.lock().ok().and_then(|p| p.get(plugin).copied());
+                Some(sealed_copy(plugin, pinned).map_err(|e| Error::NotAPlugin {
+                    plugin: name.clone(),
+                    message: e,
+                })?)
+            }
         };
         let control = wire::encode(&req, limits);
         let (control_read, mut control_write) =
@@ -407,9 +425,19 @@ impl Host {
 }
 
 /// The plugin's bytes in a sealed memory file (no write, grow or shrink can follow): the child
-/// loads exactly what was read here, whatever happens to the path afterwards.
-fn sealed_copy(plugin: &Path) -> std::io::Result<OwnedFd> {
-    let bytes = std::fs::read(plugin)?;
+/// loads exactly what was read here, whatever happens to the path afterwards; with `pinned`, only
+/// if those bytes have that hash.
+fn sealed_copy(plugin: &Path, pinned: Option<[u8; 32]>) -> Result<OwnedFd, String> {
+    let bytes = std::fs::read(plugin).map_err(|e| format!("cannot read it: {e}"))?;
+    if let Some(hash) = pinned {
+        if blake3::hash(&bytes).as_bytes() != &hash {
+            return Err("its bytes no longer match the hash it was checked against".into());
+        }
+    }
+    write_sealed(&bytes).map_err(|e| format!("cannot copy it into a sealed memory file: {e}"))
+}
+
+fn write_sealed(bytes: &[u8]) -> std::io::Result<OwnedFd> {
     // SAFETY: memfd_create with a constant name; the descriptor is owned below.
     let fd = unsafe {
         libc::memfd_create(
@@ -423,7 +451,7 @@ fn sealed_copy(plugin: &Path) -> std::io::Result<OwnedFd> {
     use std::os::fd::FromRawFd;
     // SAFETY: a new descriptor nobody else owns.
     let mut file = unsafe { File::from_raw_fd(fd) };
-    file.write_all(&bytes)?;
+    file.write_all(bytes)?;
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     // SAFETY: fcntl on our descriptor.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {

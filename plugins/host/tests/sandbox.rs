@@ -298,3 +298,23 @@ fn the_sandbox_reports_its_protections() {
     }
     eprintln!("sandbox protections on this machine: {}", p.join(","));
 }
+
+#[test]
+fn a_pinned_plugin_swapped_after_its_check_is_never_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = host(Limits::default());
+    let lib = dir.path().join("libchecked.so");
+    std::fs::copy(example("wc"), &lib).unwrap();
+    h.pin(
+        &lib,
+        *blake3::hash(&std::fs::read(&lib).unwrap()).as_bytes(),
+    );
+    assert_eq!(h.inspect(&lib).unwrap().name, "wc");
+    // Another library put in its place after the check.
+    std::fs::copy(example("grep"), &lib).unwrap();
+    let e = h.inspect(&lib).unwrap_err();
+    assert!(
+        matches!(&e, Error::NotAPlugin { message, .. } if message.contains("no longer match")),
+        "{e}"
+    );
+}
