@@ -278,3 +278,91 @@ fn plugins_are_shipped_approved_cached_and_contained() {
         "{after}"
     );
 }
+
+/// The hostile plugin (plugins/host/tests/c/hostile.c) through real scans: aimed at the datanode
+/// that runs it (its pid built in), each escape is refused, and the datanode is unharmed: same
+/// process, same limits, no failed data dir, every replica byte-identical with its mode.
+#[test]
+fn a_hostile_plugin_in_a_scan_harms_no_datanode() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 1,
+        replication: 1,
+        ..Default::default()
+    });
+    let data = lode_tests::random_bytes(2 * 65536 + 99, 77);
+    c.put_bytes("/victim", &data, &["--block-size", "65536"]);
+    let pid = c.datanode_pid(1).unwrap();
+    let limits = || std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let limits_before = limits();
+    let replicas = |c: &Cluster| -> Vec<(Vec<u8>, u32)> {
+        (1..=3u64)
+            .filter_map(|id| c.replica_path(1, id))
+            .map(|p| {
+                let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+                (std::fs::read(&p).unwrap(), mode)
+            })
+            .collect()
+    };
+    let before = replicas(&c);
+    assert_eq!(before.len(), 3, "three replicas on dn-1");
+
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("escaped");
+    let so = dir.path().join("libhostile.so");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let ok = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-I"])
+        .arg(root.join("plugins/sdk/include"))
+        .arg(format!("-DTARGET={pid}"))
+        .arg(format!("-DMARKER=\"{}\"", marker.display()))
+        .arg("-o")
+        .arg(&so)
+        .arg(root.join("plugins/host/tests/c/hostile.c"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    c.ok(&["plugin", "add", so.to_str().unwrap()]);
+    for escape in [
+        "kill_parent",
+        "tgkill_parent",
+        "prlimit_parent",
+        "ptrace_parent",
+        "pidfd_parent",
+        "open_parent_proc",
+        "truncate_fd0_path",
+        "fchmod_fd0",
+        "inherited_fds",
+        "fork",
+        "clone_newuser",
+        "execve",
+        "socket_inet",
+        "io_uring_setup",
+        "mount",
+        "syscall_sweep_x32",
+    ] {
+        let out = c.ok(&[
+            "scan",
+            "--plugin",
+            "hostile",
+            "--arg",
+            &format!("escape={escape}"),
+            "/victim",
+        ]);
+        let verdict = String::from_utf8_lossy(&out);
+        assert!(verdict.starts_with("refused "), "{escape}: {verdict}");
+    }
+    assert_eq!(
+        c.datanode_pid(1),
+        Some(pid),
+        "the datanode is the same process"
+    );
+    assert_eq!(limits(), limits_before, "the datanode's limits changed");
+    assert_eq!(replicas(&c), before, "a replica or its mode changed");
+    assert!(!marker.exists(), "the plugin created a file");
+    assert_eq!(c.get_bytes("/victim"), data);
+    let report = c.report().unwrap();
+    let dn = &report["datanodes"][0];
+    assert_eq!(dn["state"], "live", "{report}");
+    assert_eq!(dn["failed_volumes"], 0, "{report}");
+}
