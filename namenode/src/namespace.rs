@@ -1391,6 +1391,9 @@ fn exhausted() -> Error {
     )
 }
 
+/// How far beyond the next block id a reported replica may raise the floor (2^40 blocks).
+pub const FLOOR_REACH: u64 = 1 << 40;
+
 /// Allocates inode and block ids; owned by the namespace writer.
 #[derive(Debug)]
 pub struct IdAlloc {
@@ -1410,9 +1413,14 @@ impl IdAlloc {
     }
 
     /// Never issues `block` or anything below it (a datanode reported a replica with that id,
-    /// which a namenode restored from an older backup may not know).
+    /// which a namenode restored from an older backup may not know). An id more than
+    /// [`FLOOR_REACH`] beyond the next one to issue is no block this namespace ever issued (no
+    /// cluster allocates that many between a backup and its restore): it leaves the floor alone,
+    /// or one report could use up every id.
     pub fn raise_block_floor(&mut self, block: BlockId) {
-        self.see_block(block);
+        if block.0 < self.next_block.saturating_add(FLOOR_REACH) {
+            self.see_block(block);
+        }
     }
 
     /// Starts after the largest ids in use.
@@ -1601,7 +1609,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reported_id_at_the_top_exhausts_ids_without_a_panic() {
+    fn a_reported_id_raises_the_floor_only_within_reach_and_the_top_refuses() {
         let (ns, mut ids, mut seq) = setup();
         let s = SessionId(1);
         let create = ns
@@ -1611,12 +1619,38 @@ mod tests {
             unreachable!()
         };
         run(&ns, &mut seq, vec![create]);
-        // A datanode claims a replica with the largest id there is.
+        // A datanode claims a replica with the largest id there is: far beyond anything issued,
+        // it does not move the floor (one report would otherwise use up every id).
         ids.raise_block_floor(BlockId(u64::MAX));
-        let e = ns.prepare_add_block(inode, s, None, &mut ids).unwrap_err();
+        let MetaOp::AddBlock { block, .. } =
+            ns.prepare_add_block(inode, s, None, &mut ids).unwrap()
+        else {
+            unreachable!()
+        };
+        assert!(block.0 < 100, "{block}");
+        // One within reach (a namenode restored from an older backup) does.
+        ids.raise_block_floor(BlockId(block.0 + 1000));
+        let MetaOp::AddBlock { block: next, .. } =
+            ns.prepare_add_block(inode, s, None, &mut ids).unwrap()
+        else {
+            unreachable!()
+        };
+        assert_eq!(next.0, block.0 + 1001);
+        // A store that holds an id at the very top: allocation is refused, not a panic.
+        let mut top = IdAlloc::in_use(&Stored {
+            inodes: vec![],
+            blocks: [(
+                inode,
+                vec![BlockMeta {
+                    id: BlockId(u64::MAX),
+                    len: 1,
+                    cv: None,
+                }],
+            )]
+            .into(),
+        });
+        let e = ns.prepare_add_block(inode, s, None, &mut top).unwrap_err();
         assert!(matches!(e, Error::Refused { .. }), "{e}");
-        ids.raise_block_floor(BlockId(u64::MAX - 5));
-        assert!(ns.prepare_add_block(inode, s, None, &mut ids).is_err());
     }
 
     #[test]
