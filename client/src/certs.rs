@@ -1,5 +1,12 @@
 //! `lode certs init`: a cluster CA and certificates for the namenode, each datanode, an admin and a
 //! user. Role and name are in the subject (OU and CN); servers read them from the verified certificate.
+//!
+//! Lifetimes: the CA is valid for [`CA_DAYS`], every other certificate for [`LEAF_DAYS`] (from a day
+//! before it was made, for clocks a little behind); `lode certs renew` issues a fresh key and
+//! certificate for the same name and role. Key usage is digital signature; the extended key usage
+//! is server and client authentication for the namenode and datanodes, client authentication only
+//! for admins and users (whose certificates name no host either), so no user certificate can pose
+//! as a server.
 
 use std::fs;
 use std::io::Write;
@@ -8,10 +15,23 @@ use std::path::Path;
 
 use lode_protocol::net::{Role, NAMENODE_SERVER_NAME};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 
 use crate::error::Error;
+
+/// Days a cluster CA is valid.
+pub const CA_DAYS: i64 = 3650;
+/// Days every other certificate is valid; renew before then (`lode certs renew`).
+pub const LEAF_DAYS: i64 = 365;
+
+/// `[now - 1 day, now + days]`.
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(days);
+}
 
 /// Writes `ca.pem` (+ `ca-key.pem`) and `<name>.pem` / `<name>-key.pem` for `namenode`, `dn-1..dn-N`,
 /// `admin` and `user` into `dir`. Keys are created mode 0600. Refuses to overwrite an existing CA.
@@ -38,7 +58,7 @@ pub fn init(dir: &Path, datanodes: u32) -> Result<Vec<String>, Error> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    ca_params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    validity(&mut ca_params, CA_DAYS);
     let ca_cert = ca_params.self_signed(&ca_key).map_err(tls)?;
     write(dir, "ca.pem", ca_cert.pem().as_bytes(), false)?;
     write(dir, "ca-key.pem", ca_key.serialize_pem().as_bytes(), true)?;
@@ -59,6 +79,52 @@ pub fn init(dir: &Path, datanodes: u32) -> Result<Vec<String>, Error> {
 /// Issues one more certificate (a new datanode, user or admin) with the CA in `dir` (`ca.pem` and
 /// `ca-key.pem` from [`init`]). Refuses to overwrite an existing certificate.
 pub fn issue(dir: &Path, name: &str, role: Role) -> Result<(), Error> {
+    check_name(name)?;
+    if dir.join(format!("{name}.pem")).exists() {
+        return Err(Error::Invalid(format!(
+            "{}: already holds a certificate for {name}",
+            dir.display()
+        )));
+    }
+    leaf(dir, &ca_issuer(dir)?, name, role)
+}
+
+/// Renews `name`'s certificate with the CA in `dir`: a fresh key and a certificate for the same
+/// name and role, valid [`LEAF_DAYS`] from now. The old pair is kept as `NAME.pem.old` and
+/// `NAME-key.pem.old`. Returns the role.
+pub fn renew(dir: &Path, name: &str) -> Result<Role, Error> {
+    check_name(name)?;
+    let pem = dir.join(format!("{name}.pem"));
+    let der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_file(&pem).map_err(|e| {
+            Error::Invalid(format!("{}: no certificate to renew: {e}", pem.display()))
+        })?
+    };
+    let id = lode_protocol::net::identity_from_der(&der).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: not a certificate of this cluster",
+            pem.display()
+        ))
+    })?;
+    if id.name != name {
+        return Err(Error::Invalid(format!(
+            "{}: is {}'s certificate",
+            pem.display(),
+            id.name
+        )));
+    }
+    let issuer = ca_issuer(dir)?;
+    for f in [format!("{name}.pem"), format!("{name}-key.pem")] {
+        let from = dir.join(&f);
+        let to = dir.join(format!("{f}.old"));
+        fs::rename(&from, &to).map_err(|e| Error::local(&from, e))?;
+    }
+    leaf(dir, &issuer, name, id.role)?;
+    Ok(id.role)
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
     let valid = !name.is_empty()
         && name
             .chars()
@@ -68,29 +134,40 @@ pub fn issue(dir: &Path, name: &str, role: Role) -> Result<(), Error> {
             "certificate name {name:?} must be [A-Za-z0-9._-]"
         )));
     }
-    if dir.join(format!("{name}.pem")).exists() {
-        return Err(Error::Invalid(format!(
-            "{}: already holds a certificate for {name}",
-            dir.display()
-        )));
-    }
+    Ok(())
+}
+
+/// The CA in `dir` (`ca.pem` and `ca-key.pem` from [`init`]).
+fn ca_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, Error> {
     let read = |f: &str| fs::read_to_string(dir.join(f)).map_err(|e| Error::local(dir.join(f), e));
     let tls = |e: rcgen::Error| Error::Invalid(format!("certificate generation: {e}"));
     let key = KeyPair::from_pem(&read("ca-key.pem")?).map_err(tls)?;
-    let issuer = Issuer::from_ca_cert_pem(&read("ca.pem")?, key).map_err(tls)?;
-    leaf(dir, &issuer, name, role)
+    Issuer::from_ca_cert_pem(&read("ca.pem")?, key).map_err(tls)
 }
 
 /// Makes, signs and writes one leaf certificate and its key.
 fn leaf(dir: &Path, issuer: &Issuer<'_, KeyPair>, name: &str, role: Role) -> Result<(), Error> {
     let tls = |e: rcgen::Error| Error::Invalid(format!("certificate generation: {e}"));
     let key = KeyPair::generate().map_err(tls)?;
-    let mut params = CertificateParams::new(vec![name.to_string()]).map_err(tls)?;
-    if role == Role::Namenode || role == Role::Datanode {
+    let server = role == Role::Namenode || role == Role::Datanode;
+    let hosts = if server {
+        vec![name.to_string()]
+    } else {
+        vec![]
+    };
+    let mut params = CertificateParams::new(hosts).map_err(tls)?;
+    if server {
         params
             .subject_alt_names
             .push(SanType::DnsName("localhost".try_into().map_err(tls)?));
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+    } else {
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.distinguished_name.push(DnType::CommonName, name);
     params
         .distinguished_name
@@ -98,7 +175,7 @@ fn leaf(dir: &Path, issuer: &Issuer<'_, KeyPair>, name: &str, role: Role) -> Res
     params
         .distinguished_name
         .push(DnType::OrganizationName, "lode");
-    params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    validity(&mut params, LEAF_DAYS);
     params.use_authority_key_identifier_extension = true;
     let cert = params.signed_by(&key, issuer).map_err(tls)?;
     write(dir, &format!("{name}.pem"), cert.pem().as_bytes(), false)?;
@@ -155,5 +232,37 @@ mod tests {
             init(d.path(), 1).is_err(),
             "an existing CA is never overwritten"
         );
+    }
+
+    #[test]
+    fn certificates_last_a_year_say_what_they_are_for_and_renew() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path(), 1).unwrap();
+        let check = |name: &str, server: bool| {
+            let der = first_der(&d.path().join(format!("{name}.pem")));
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            let v = cert.validity();
+            let days = (v.not_after.timestamp() - v.not_before.timestamp()) / 86_400;
+            assert_eq!(days, LEAF_DAYS + 1, "{name}: valid {days} days");
+            let eku = cert.extended_key_usage().unwrap().unwrap().value;
+            assert_eq!((eku.server_auth, eku.client_auth), (server, true), "{name}");
+            assert!(cert.key_usage().unwrap().unwrap().value.digital_signature());
+            der
+        };
+        check("namenode", true);
+        let before = check("dn-1", true);
+        check("admin", false);
+        check("user", false);
+        assert_eq!(renew(d.path(), "dn-1").unwrap(), Role::Datanode);
+        let after = check("dn-1", true);
+        assert_ne!(before, after);
+        assert_eq!(
+            lode_protocol::net::identity_from_der(&after).unwrap().name,
+            "dn-1"
+        );
+        assert!(
+            d.path().join("dn-1.pem.old").exists() && d.path().join("dn-1-key.pem.old").exists()
+        );
+        assert!(renew(d.path(), "nobody").is_err());
     }
 }

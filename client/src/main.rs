@@ -211,6 +211,17 @@ enum CertsCommand {
         #[arg(long, value_parser = ["datanode", "user", "admin"])]
         role: String,
     },
+    /// Renew a certificate before it expires (they last a year): a fresh key and certificate for
+    /// the same name and role, signed by the CA in --dir; the old pair is kept as *.old. Restart
+    /// the server (or point the client) at the new files.
+    Renew {
+        /// Directory holding ca.pem, ca-key.pem and NAME.pem.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Name of the certificate to renew (namenode, dn-1, admin, a user's name).
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -302,6 +313,18 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
                 lode_protocol::net::Role::parse(&role).unwrap_or(lode_protocol::net::Role::User);
             certs::issue(&dir, &name, role)
                 .map(|_| println!("wrote {name}.pem and {name}-key.pem to {}", dir.display()))
+        }),
+        Command::Certs {
+            command: CertsCommand::Renew { dir, name },
+        } => ("certs renew", {
+            certs::renew(&dir, &name).map(|role| {
+                println!(
+                    "renewed {name} ({}) for {} days: {name}.pem and {name}-key.pem in {} (the old pair is *.old)",
+                    role.as_str(),
+                    certs::LEAF_DAYS,
+                    dir.display()
+                )
+            })
         }),
         Command::Put {
             force,

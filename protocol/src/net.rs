@@ -589,6 +589,26 @@ impl Pool {
             .await
             .map_err(|_| RpcError::Connect(format!("{server_name} at {addr}: timed out")))?
             .map_err(|e| RpcError::Connect(format!("{server_name} at {addr}: {e}")))?;
+        // The certificate must be valid for the name (TLS checked that) and be the right role's:
+        // a datanode certificate that names itself "namenode" is no namenode.
+        let role = if server_name == NAMENODE_SERVER_NAME {
+            Role::Namenode
+        } else {
+            Role::Datanode
+        };
+        match peer_identity(&conn) {
+            Some(id) if id.role == role && id.name == server_name => {}
+            other => {
+                conn.close(0u32.into(), b"wrong role");
+                let got = other.map_or("no identity".to_string(), |id| {
+                    format!("{} {}", id.role.as_str(), id.name)
+                });
+                return Err(RpcError::Connect(format!(
+                    "{server_name} at {addr}: its certificate is for {got}, not the {} {server_name}",
+                    role.as_str()
+                )));
+            }
+        }
         let mut conns = self.conns.lock().await;
         if let Some(c) = conns.get(&key) {
             if c.close_reason().is_none() {

@@ -351,3 +351,61 @@ fn replicas_and_metadata_are_private_to_their_servers() {
         .collect();
     assert!(open.is_empty(), "readable by others:\n{}", open.join("\n"));
 }
+
+/// A server whose certificate is valid for the name but of the wrong role is refused by clients:
+/// a datanode certificate issued for "namenode" (by the cluster's own CA) cannot pose as the
+/// namenode; and a user certificate cannot serve at all (no server authentication in it).
+#[test]
+fn a_certificate_of_the_wrong_role_cannot_pose_as_a_server() {
+    use lode_protocol::net::{self, Role, TlsFiles, TransportConfig};
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 1,
+        replication: 1,
+        ..Default::default()
+    });
+    let impostors = c.dir().join("impostors");
+    std::fs::create_dir_all(&impostors).unwrap();
+    for f in ["ca.pem", "ca-key.pem"] {
+        std::fs::copy(c.dir().join("certs").join(f), impostors.join(f)).unwrap();
+    }
+    lode_client::certs::issue(&impostors, "namenode", Role::Datanode).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let files = |name: &str| TlsFiles {
+        ca: impostors.join("ca.pem"),
+        cert: impostors.join(format!("{name}.pem")),
+        key: impostors.join(format!("{name}-key.pem")),
+    };
+    // A QUIC server presenting `files`' certificate, completing every handshake it can.
+    let serve = |files: TlsFiles| -> u16 {
+        let t = TransportConfig::default();
+        let _guard = rt.enter();
+        let server = net::server_config(&files, &t).unwrap();
+        let client = net::client_config(&files, &t).unwrap();
+        let ep = net::endpoint("127.0.0.1:0".parse().unwrap(), Some(server), client, &t).unwrap();
+        let port = ep.local_addr().unwrap().port();
+        rt.spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        let _ = conn.closed().await;
+                    }
+                });
+            }
+        });
+        port
+    };
+    let port = serve(files("namenode"));
+    let admin = config_with(&c, "admin", &c.dir().join("certs"), port);
+    let out = c.lode_with(&admin, &["ls", "/"], None);
+    assert_one_line_error(&out, &["ls", "/ (impostor namenode)"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("datanode namenode") && err.contains("not the namenode"),
+        "{err}"
+    );
+    // A user certificate names no host and carries no server authentication: TLS refuses it.
+    lode_client::certs::issue(&impostors, "mallory", Role::User).unwrap();
+    let port = serve(files("mallory"));
+    let refused = rt.block_on(c.connect("admin", port, "mallory"));
+    assert!(refused.is_err(), "a user certificate served TLS");
+}
