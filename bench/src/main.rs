@@ -63,6 +63,7 @@ fn tls(certs: &std::path::Path, name: &str) -> TlsFiles {
         ca: certs.join("ca.pem"),
         cert: certs.join(format!("{name}.pem")),
         key: certs.join(format!("{name}-key.pem")),
+        ..Default::default()
     }
 }
 

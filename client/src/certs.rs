@@ -124,6 +124,14 @@ pub fn renew(dir: &Path, name: &str) -> Result<Role, Error> {
     Ok(id.role)
 }
 
+/// The SHA-256 fingerprint of the certificate in a PEM file (what `[tls] deny` lists).
+pub fn fingerprint(pem: &Path) -> Result<String, Error> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_file(pem)
+        .map_err(|e| Error::Invalid(format!("{}: no certificate: {e}", pem.display())))?;
+    Ok(lode_protocol::net::fingerprint(&der))
+}
+
 fn check_name(name: &str) -> Result<(), Error> {
     let valid = !name.is_empty()
         && name

@@ -222,6 +222,11 @@ enum CertsCommand {
         #[arg(long)]
         name: String,
     },
+    /// Print a certificate's SHA-256 fingerprint, the form `[tls] deny` lists to shut it out.
+    Fingerprint {
+        /// A PEM certificate file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -313,6 +318,11 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
                 lode_protocol::net::Role::parse(&role).unwrap_or(lode_protocol::net::Role::User);
             certs::issue(&dir, &name, role)
                 .map(|_| println!("wrote {name}.pem and {name}-key.pem to {}", dir.display()))
+        }),
+        Command::Certs {
+            command: CertsCommand::Fingerprint { file },
+        } => ("certs fingerprint", {
+            certs::fingerprint(&file).map(|f| println!("{f}  {}", file.display()))
         }),
         Command::Certs {
             command: CertsCommand::Renew { dir, name },

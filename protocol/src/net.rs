@@ -22,7 +22,7 @@ pub const ALPN: &[u8] = b"lode/1";
 pub const NAMENODE_SERVER_NAME: &str = "namenode";
 
 /// Paths of the PEM files a node or client authenticates with.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     /// The cluster CA certificate.
@@ -31,6 +31,36 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This node's private key; must not be readable by other users.
     pub key: PathBuf,
+    /// Certificates shut out although the CA signed them (lost or revoked): their SHA-256
+    /// fingerprints in hex (`lode certs fingerprint FILE`, or `openssl x509 -fingerprint
+    /// -sha256`; colons and case do not matter). A peer presenting one fails the handshake.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+/// The SHA-256 fingerprint of a DER certificate, in lower-case hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A deny-list entry in the canonical form (`fingerprint`'s), or why it is not one.
+pub fn parse_fingerprint(entry: &str) -> Result<String, String> {
+    let hex: String = entry
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(hex)
+    } else {
+        Err(format!(
+            "tls.deny: {entry:?} is not a SHA-256 fingerprint (64 hex digits)"
+        ))
+    }
 }
 
 impl TlsFiles {
@@ -249,15 +279,124 @@ fn roots(files: &TlsFiles) -> Result<rustls::RootCertStore, NetError> {
     Ok(roots)
 }
 
-/// Client-side QUIC configuration: trusts only the cluster CA and presents our certificate.
+/// The deny list of `files`, canonical.
+fn deny_list(files: &TlsFiles) -> Result<Arc<Vec<String>>, NetError> {
+    files
+        .deny
+        .iter()
+        .map(|e| parse_fingerprint(e))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Arc::new)
+        .map_err(NetError::Tls)
+}
+
+fn check_denied(deny: &[String], cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    if deny.contains(&fingerprint(cert)) {
+        return Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Revoked,
+        ));
+    }
+    Ok(())
+}
+
+/// The handshake-signature methods of a verifier, passed to its `inner` verifier unchanged.
+macro_rules! delegate_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    };
+}
+
+/// The CA's verdict on a server's certificate, then the deny list's.
+#[derive(Debug)]
+struct DenyServers {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    deny: Arc<Vec<String>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for DenyServers {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        check_denied(&self.deny, end_entity)?;
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    delegate_signatures!();
+}
+
+/// The CA's verdict on a client's certificate, then the deny list's.
+#[derive(Debug)]
+struct DenyClients {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    deny: Arc<Vec<String>>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for DenyClients {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        check_denied(&self.deny, end_entity)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    delegate_signatures!();
+}
+
+/// Client-side QUIC configuration: trusts only the cluster CA (less the deny list) and presents
+/// our certificate.
 pub fn client_config(
     files: &TlsFiles,
     transport: &TransportConfig,
 ) -> Result<quinn::ClientConfig, NetError> {
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots(files)?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| NetError::Tls(e.to_string()))?;
+    let verifier = Arc::new(DenyServers {
+        inner: webpki,
+        deny: deny_list(files)?,
+    });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| NetError::Tls(e.to_string()))?
-        .with_root_certificates(roots(files)?)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)
         .map_err(|e| NetError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -267,17 +406,22 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// Server-side QUIC configuration: requires a client certificate from the cluster CA.
+/// Server-side QUIC configuration: requires a client certificate from the cluster CA that is not
+/// on the deny list.
 pub fn server_config(
     files: &TlsFiles,
     transport: &TransportConfig,
 ) -> Result<quinn::ServerConfig, NetError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    let webpki = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots(files)?),
         provider(),
     )
     .build()
     .map_err(|e| NetError::Tls(e.to_string()))?;
+    let verifier = Arc::new(DenyClients {
+        inner: webpki,
+        deny: deny_list(files)?,
+    });
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| NetError::Tls(e.to_string()))?

@@ -302,6 +302,7 @@ impl Cluster {
             ca: certs.join("ca.pem"),
             cert: certs.join(format!("{cert}.pem")),
             key: certs.join(format!("{cert}-key.pem")),
+            ..Default::default()
         };
         let t = TransportConfig::default();
         let tls = net::client_config(&files, &t).map_err(|e| e.to_string())?;

@@ -374,6 +374,7 @@ fn a_certificate_of_the_wrong_role_cannot_pose_as_a_server() {
         ca: impostors.join("ca.pem"),
         cert: impostors.join(format!("{name}.pem")),
         key: impostors.join(format!("{name}-key.pem")),
+        ..Default::default()
     };
     // A QUIC server presenting `files`' certificate, completing every handshake it can.
     let serve = |files: TlsFiles| -> u16 {
@@ -408,4 +409,47 @@ fn a_certificate_of_the_wrong_role_cannot_pose_as_a_server() {
     let port = serve(files("mallory"));
     let refused = rt.block_on(c.connect("admin", port, "mallory"));
     assert!(refused.is_err(), "a user certificate served TLS");
+}
+
+/// A lost certificate is shut out by its fingerprint in `[tls] deny`, although the CA signed it.
+#[test]
+fn a_denied_certificate_is_shut_out() {
+    let mut c = Cluster::start(ClusterSpec {
+        datanodes: 1,
+        replication: 1,
+        ..Default::default()
+    });
+    let user = c.dir().join("client-user.toml");
+    let out = c.lode_with(&user, &["ls", "/"], None);
+    assert!(out.status.success());
+    let line = String::from_utf8(c.ok(&[
+        "certs",
+        "fingerprint",
+        c.dir().join("certs/user.pem").to_str().unwrap(),
+    ]))
+    .unwrap();
+    let fp = line.split_whitespace().next().unwrap().to_string();
+    assert_eq!(fp.len(), 64, "{line}");
+    // In the form openssl prints it: upper case, colons.
+    let openssl_form: Vec<String> = fp
+        .to_uppercase()
+        .as_bytes()
+        .chunks(2)
+        .map(|p| String::from_utf8(p.to_vec()).unwrap())
+        .collect();
+    let config = c.dir().join("namenode.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let key_line = "key = \"certs/namenode-key.pem\"\n";
+    assert!(text.contains(key_line), "{text}");
+    let denied = text.replace(
+        key_line,
+        &format!("{key_line}deny = [\"{}\"]\n", openssl_form.join(":")),
+    );
+    std::fs::write(&config, denied).unwrap();
+    c.kill_namenode();
+    c.start_namenode();
+    let out = c.lode_with(&user, &["ls", "/"], None);
+    assert_one_line_error(&out, &["ls", "/ (denied certificate)"]);
+    // Everyone else still gets in.
+    c.ok(&["ls", "/"]);
 }
