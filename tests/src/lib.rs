@@ -141,6 +141,34 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// `path` of the HTTP server at `addr` once its body satisfies `cond` (status pages are snapshots
+/// rebuilt every second, so a change shows within about a second); panics with `what` and the last
+/// body after `timeout`.
+pub fn http_get_until(
+    addr: &str,
+    path: &str,
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let body = match http_get(addr, path) {
+            Ok((200, body)) => body,
+            Ok((code, body)) => format!("HTTP {code}: {body}"),
+            Err(e) => format!("no answer: {e}"),
+        };
+        if cond(&body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits for `cond` to hold, polling, or panics with `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

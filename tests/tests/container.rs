@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use lode_tests::{bin_dir, free_tcp_port, http_get, random_bytes, wait_until};
+use lode_tests::{bin_dir, free_tcp_port, random_bytes, wait_until};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -225,12 +225,13 @@ fn compose_cluster_round_trips_a_file_and_heals_when_a_datanode_container_stops(
     assert!(got.stdout == data, "the file reads back byte for byte");
 
     // The status page is published on the host and lists every datanode.
-    let (code, page) =
-        http_get(&format!("127.0.0.1:{}", cluster.http_port), "/").expect("status page");
-    assert_eq!(code, 200);
-    for dn in ["dn-1", "dn-2", "dn-3"] {
-        assert!(page.contains(dn), "status page lists {dn}");
-    }
+    lode_tests::http_get_until(
+        &format!("127.0.0.1:{}", cluster.http_port),
+        "/",
+        "the status page to list every datanode",
+        Duration::from_secs(10),
+        |page| ["dn-1", "dn-2", "dn-3"].iter().all(|dn| page.contains(dn)),
+    );
 
     // Stop a container holding the first block: the cluster heals onto the remaining node.
     let before = cluster.locations("/data.bin");

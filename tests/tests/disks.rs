@@ -182,11 +182,12 @@ fn a_datanode_whose_disk_fills_up_gets_no_new_blocks_and_nothing_is_corrupted() 
         .as_str()
         .expect("status page address")
         .to_string();
-    let (code, page) = http_get(&status, "/").expect("status page");
-    assert_eq!(code, 200);
-    assert!(
-        page.contains("dn-4 is out of space") && page.contains("(full)"),
-        "the status page shows dn-4 full: {page}"
+    lode_tests::http_get_until(
+        &status,
+        "/",
+        "the status page to show dn-4 full",
+        Duration::from_secs(10),
+        |page| page.contains("dn-4 is out of space") && page.contains("(full)"),
     );
     let dn4_metrics = dn4["http_addr"].as_str().expect("dn-4 metrics");
     let remaining = metric(dn4_metrics, "lode_datanode_remaining_bytes");
@@ -275,8 +276,13 @@ fn a_datanode_whose_disk_fills_up_gets_no_new_blocks_and_nothing_is_corrupted() 
             && datanode(&c, "dn-4")
                 .is_some_and(|d| d["remaining"].as_u64().is_some_and(|r| r >= 10 * MIB))
     });
-    let (_, page) = http_get(&status, "/").expect("status page");
-    assert!(page.contains("dn-4 has space again"), "{page}");
+    lode_tests::http_get_until(
+        &status,
+        "/",
+        "the status page to tell that dn-4 has space again",
+        Duration::from_secs(10),
+        |page| page.contains("dn-4 has space again"),
+    );
     c.assert_no_unexpected_errors(&[]);
 }
 
@@ -331,16 +337,14 @@ fn a_failed_data_dir_leaves_service_and_its_replicas_are_copied_elsewhere() {
         }
     }
     assert_eq!(c.get_bytes("/a"), a, "/a reads back after healing");
-    let (_, page) = http_get(
+    lode_tests::http_get_until(
         c.report().expect("report")["namenode"]["http_addr"]
             .as_str()
             .expect("status page address"),
         "/",
-    )
-    .expect("status page");
-    assert!(
-        page.contains("dn-4 has 1 failed data dir"),
-        "the status page tells of the failed dir: {page}"
+        "the status page to tell of the failed dir",
+        Duration::from_secs(10),
+        |page| page.contains("dn-4 has 1 failed data dir"),
     );
     c.assert_no_unexpected_errors(&["data dir failed its check", "datanode lost data dirs"]);
 }

@@ -2,7 +2,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use lode_tests::{http_get, random_bytes, Cluster, ClusterSpec};
+use std::time::Duration;
+
+use lode_tests::{http_get, http_get_until, random_bytes, Cluster, ClusterSpec};
 
 #[test]
 fn status_page_and_metrics() {
@@ -20,14 +22,12 @@ fn status_page_and_metrics() {
 
     // The page and the cluster gauges are a snapshot refreshed every second: wait for one taken
     // after the put.
-    let mut page = String::new();
-    lode_tests::wait_until(
+    let page = http_get_until(
+        &nn,
+        "/",
         "a status page listing every datanode",
-        std::time::Duration::from_secs(10),
-        || {
-            let (code, p) = http_get(&nn, "/").unwrap();
-            assert_eq!(code, 200);
-            page = p;
+        Duration::from_secs(10),
+        |page| {
             (1..=3).all(|i| page.contains(&format!("<td>dn-{i}</td>")))
                 && page.contains("registered")
         },
@@ -44,16 +44,12 @@ fn status_page_and_metrics() {
         "{page}"
     );
 
-    let mut metrics = String::new();
-    lode_tests::wait_until(
+    let metrics = http_get_until(
+        &nn,
+        "/metrics",
         "the live-datanodes gauge",
-        std::time::Duration::from_secs(10),
-        || {
-            let (code, m) = http_get(&nn, "/metrics").unwrap();
-            assert_eq!(code, 200);
-            metrics = m;
-            metrics.contains("lode_namenode_datanodes{kind=\"live\"} 3")
-        },
+        Duration::from_secs(10),
+        |m| m.contains("lode_namenode_datanodes{kind=\"live\"} 3"),
     );
     assert!(
         metrics.contains("lode_namenode_requests_total{kind=\"Create\"} 1"),
@@ -136,10 +132,12 @@ fn status_page_in_headless_chromium() {
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_string();
-    lode_tests::wait_until(
+    http_get_until(
+        &addr,
+        "/",
         "a status page with three live datanodes",
-        std::time::Duration::from_secs(10),
-        || http_get(&addr, "/").is_ok_and(|(_, p)| p.matches("class=\"live\"").count() == 3),
+        Duration::from_secs(10),
+        |p| p.matches("class=\"live\"").count() == 3,
     );
     let profile = c.dir().join("chromium-profile");
     let run = |extra: &[&str]| {
