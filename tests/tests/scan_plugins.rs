@@ -5,9 +5,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use std::time::Duration;
 
 use lode_plugin_host::{Host, Limits, RunSpec};
-use lode_tests::{assert_one_line_error, plugin_lib, Cluster, ClusterSpec};
+use lode_tests::{assert_one_line_error, plugin_lib, wait_until, Cluster, ClusterSpec};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
@@ -285,7 +286,7 @@ fn plugins_are_shipped_approved_cached_and_contained() {
 #[test]
 fn a_hostile_plugin_in_a_scan_harms_no_datanode() {
     use std::os::unix::fs::PermissionsExt;
-    let c = Cluster::start(ClusterSpec {
+    let mut c = Cluster::start(ClusterSpec {
         datanodes: 1,
         replication: 1,
         ..Default::default()
@@ -365,4 +366,55 @@ fn a_hostile_plugin_in_a_scan_harms_no_datanode() {
     let dn = &report["datanodes"][0];
     assert_eq!(dn["state"], "live", "{report}");
     assert_eq!(dn["failed_volumes"], 0, "{report}");
+
+    // A task that sleeps for good (as its own user, with its output closed) dies with the
+    // datanode that started it: nothing of it outlives a crash.
+    let mut scan = std::process::Command::new(lode_tests::bin_dir().join("lode"))
+        .arg("--config")
+        .arg(c.client_config())
+        .args([
+            "scan",
+            "--plugin",
+            "hostile",
+            "--arg",
+            "escape=close_stdio_and_pause",
+            "/victim",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let children_of = |parent: u32| -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                let (head, rest) = stat.rsplit_once(") ")?;
+                let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+                (ppid == parent && head.contains("(lode-plugin-ho"))
+                    .then(|| e.file_name().to_str()?.parse().ok())?
+            })
+            .collect()
+    };
+    let mut tasks = vec![];
+    wait_until("the sleeping task runs", Duration::from_secs(20), || {
+        tasks = children_of(pid);
+        !tasks.is_empty()
+    });
+    c.kill_datanode(1);
+    // Gone, or a zombie waiting for whoever adopted it to reap it.
+    let alive = |t: &u32| {
+        std::fs::read_to_string(format!("/proc/{t}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+            .unwrap_or(false)
+    };
+    wait_until(
+        "the task dies with its datanode",
+        Duration::from_secs(10),
+        || !tasks.iter().any(alive),
+    );
+    let _ = scan.kill();
+    let _ = scan.wait();
 }

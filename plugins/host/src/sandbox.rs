@@ -334,6 +334,14 @@ fn take_identity(uid: u32, gid: u32) -> Result<(), String> {
         if libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 {
             return Err(os("dumpable"));
         }
+        // A change of identity clears the parent-death signal the parent asked for: ask again,
+        // and go now if the parent is already gone.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(os("parent-death signal"));
+        }
+        if libc::getppid() == 1 {
+            return Err("the process that started this one is gone".into());
+        }
     }
     Ok(())
 }
