@@ -13,7 +13,7 @@
 //!   loading policy: the computing calls, plus what the dynamic linker needs (read-only opens,
 //!   stat, executable mappings) and installing the second stage.
 //! - [`seal`], once the plugin is loaded: the computing policy alone. Nothing can be opened, no
-//!   memory can become executable, no filter can be added.
+//!   memory can become executable; a filter can still be added (which only narrows).
 //!
 //! The block itself never reaches the plugin as a descriptor: the child maps it and closes the
 //! descriptor before entering the sandbox, so there is nothing to truncate, chmod, reopen or
@@ -171,7 +171,11 @@ pub fn enter(limits: ChildLimits) -> Result<Vec<String>, String> {
 
 /// The second stage, once the plugin is loaded.
 pub fn seal() -> Result<(), String> {
-    install(&policy(Stage::Computing)?)
+    install(&policy(Stage::Computing)?)?;
+    // Filters are consulted newest first and, among errors, the first one seen wins: without
+    // this again, the computing policy's EPERM for clone3 would be seen before ENOSYS, and the C
+    // library would not fall back to clone, so no plugin could start a thread.
+    install(&clone3_unavailable()?)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -228,6 +232,16 @@ fn policy(stage: Stage) -> Result<seccompiler::BpfProgram, String> {
             cond(2, SeccompCmpOp::Eq, 0)?,
         ])?],
     );
+    // Installing the next filter (no_new_privs again, then the filter): the second stage, and
+    // after each stage the clone3 one. A filter can only narrow what the process may do.
+    rules.insert(
+        libc::SYS_prctl,
+        vec![arg_is(0, libc::PR_SET_NO_NEW_PRIVS as u64)?],
+    );
+    rules.insert(
+        libc::SYS_seccomp,
+        vec![arg_is(0, u64::from(libc::SECCOMP_SET_MODE_FILTER))?],
+    );
     let exec = libc::PROT_EXEC as u64;
     match stage {
         Stage::Loading => {
@@ -244,15 +258,6 @@ fn policy(stage: Stage) -> Result<seccompiler::BpfProgram, String> {
                 | libc::O_APPEND
                 | libc::O_TMPFILE) as u64;
             rules.insert(libc::SYS_openat, vec![arg_lacks(2, writing)?]);
-            // Installing the second stage: no_new_privs again, then the filter.
-            rules.insert(
-                libc::SYS_prctl,
-                vec![arg_is(0, libc::PR_SET_NO_NEW_PRIVS as u64)?],
-            );
-            rules.insert(
-                libc::SYS_seccomp,
-                vec![arg_is(0, u64::from(libc::SECCOMP_SET_MODE_FILTER))?],
-            );
         }
         Stage::Computing => {
             // No new executable memory.

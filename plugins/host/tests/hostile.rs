@@ -291,11 +291,16 @@ fn every_escape_is_refused_or_stopped_and_harms_nothing() {
         );
     }
 
-    // The plugin works when it tries nothing.
+    // The plugin works when it tries nothing, and may use threads of its own.
     assert_eq!(
         check.run(&plugin, "nothing").unwrap(),
         "refused nothing: did nothing"
     );
+    assert_eq!(
+        check.run(&plugin, "threads").unwrap(),
+        "ok threads: a thread ran"
+    );
+    check.unharmed("threads");
     let mut escaped = vec![];
     for escape in REFUSED {
         match check.run(&plugin, escape) {
