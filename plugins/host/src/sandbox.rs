@@ -147,14 +147,14 @@ pub fn enter(limits: ChildLimits) -> Result<Vec<String>, String> {
     set_limit(libc::RLIMIT_CORE, 0)?;
     set_limit(libc::RLIMIT_NOFILE, OPEN_FILES_MAX)?;
     set_limit(libc::RLIMIT_MEMLOCK, 0)?;
+    // The bounding set goes first: emptying it needs CAP_SETPCAP, which a new identity drops.
+    drop_bounding_set();
     if let Some((uid, gid)) = limits.run_as {
         set_limit(libc::RLIMIT_NPROC, PLUGIN_UID_PROCESSES_MAX)?;
-        drop_bounding_set();
         take_identity(uid, gid)?;
         active.push("identity".to_string());
     }
     active.push("rlimits".to_string());
-    drop_bounding_set();
     drop_capabilities()?;
     active.push("no_capabilities".to_string());
     // SAFETY: prctl with constant arguments.
