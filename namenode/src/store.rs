@@ -24,6 +24,9 @@ pub trait MetaStore: Send + Sync + 'static {
     fn flush(&self) -> Result<(), Error>;
 }
 
+/// How long an open waits for another handle of this process to release the store's lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// sled, pinned at 0.34.7.
 pub struct SledStore {
     tree: sled::Db,
@@ -32,11 +35,26 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<SledStore, Error> {
-        let tree = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
-        Ok(SledStore { tree })
+        // A store closed a moment ago in this process may still hold its file lock while sled's
+        // flusher thread winds down: wait for it, briefly, rather than fail the open.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Ok(tree) => return Ok(SledStore { tree }),
+                // sled reports the lock as ErrorKind::Other with this text.
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
