@@ -77,7 +77,8 @@ pub async fn run(
         wall: Duration::from_secs(config.plugin_wall_secs),
         // A task's partial result travels in one reply frame.
         output_bytes: 2 << 20,
-        run_as: can_switch_identity().then_some((config.plugin_uid, config.plugin_gid)),
+        run_as: lode_plugin_host::sandbox::can_switch_identity()
+            .then_some((config.plugin_uid, config.plugin_gid)),
     };
     let host = lode_plugin_host::Host::beside_current_exe(limits)
         .map_err(|e| Error::Plugin(e.to_string()))?;
@@ -172,23 +173,4 @@ pub async fn run(
     }
     hb.abort();
     Ok(())
-}
-
-/// Whether plugin children can take another identity: this process is root, or it holds
-/// CAP_SETUID and CAP_SETGID as ambient capabilities (which the child keeps across exec).
-fn can_switch_identity() -> bool {
-    // SAFETY: geteuid has no arguments.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    const SETGID: u64 = 1 << 6;
-    const SETUID: u64 = 1 << 7;
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapAmb:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|amb| amb & (SETUID | SETGID) == SETUID | SETGID)
 }

@@ -666,3 +666,50 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// The hostile plugin's escapes (plugins/host/tests/c/hostile.c) that the scan and container tests
+/// try through real scans; each must come back `refused ...`.
+pub const HOSTILE_SCAN_ESCAPES: &[&str] = &[
+    "kill_parent",
+    "tgkill_parent",
+    "prlimit_parent",
+    "ptrace_parent",
+    "pidfd_parent",
+    "open_parent_proc",
+    "truncate_fd0_path",
+    "fchmod_fd0",
+    "inherited_fds",
+    "create_marker",
+    "fork",
+    "clone_newuser",
+    "execve",
+    "socket_inet",
+    "io_uring_setup",
+    "mount",
+    "syscall_sweep_x32",
+];
+
+/// The `lode` arguments that scan `path` with the hostile plugin trying `escape`.
+pub fn hostile_scan_args(escape: &str, path: &str) -> Vec<String> {
+    let arg = format!("escape={escape}");
+    ["scan", "--plugin", "hostile", "--arg", &arg, path]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Builds the hostile plugin into `out`, aimed at the process `target` (the datanode that will run
+/// it, as its pid is seen where it runs) and at the file `marker`.
+pub fn build_hostile_plugin(target: &str, marker: &str, out: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-I"])
+        .arg(root.join("plugins/sdk/include"))
+        .arg(format!("-DTARGET={target}"))
+        .arg(format!("-DMARKER=\"{marker}\""))
+        .arg("-o")
+        .arg(out)
+        .arg(root.join("plugins/host/tests/c/hostile.c"))
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "cc hostile.c");
+}

@@ -311,45 +311,12 @@ fn a_hostile_plugin_in_a_scan_harms_no_datanode() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("escaped");
     let so = dir.path().join("libhostile.so");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let ok = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-I"])
-        .arg(root.join("plugins/sdk/include"))
-        .arg(format!("-DTARGET={pid}"))
-        .arg(format!("-DMARKER=\"{}\"", marker.display()))
-        .arg("-o")
-        .arg(&so)
-        .arg(root.join("plugins/host/tests/c/hostile.c"))
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    lode_tests::build_hostile_plugin(&pid.to_string(), &marker.display().to_string(), &so);
     c.ok(&["plugin", "add", so.to_str().unwrap()]);
-    for escape in [
-        "kill_parent",
-        "tgkill_parent",
-        "prlimit_parent",
-        "ptrace_parent",
-        "pidfd_parent",
-        "open_parent_proc",
-        "truncate_fd0_path",
-        "fchmod_fd0",
-        "inherited_fds",
-        "fork",
-        "clone_newuser",
-        "execve",
-        "socket_inet",
-        "io_uring_setup",
-        "mount",
-        "syscall_sweep_x32",
-    ] {
-        let out = c.ok(&[
-            "scan",
-            "--plugin",
-            "hostile",
-            "--arg",
-            &format!("escape={escape}"),
-            "/victim",
-        ]);
+    for escape in lode_tests::HOSTILE_SCAN_ESCAPES {
+        let args = lode_tests::hostile_scan_args(escape, "/victim");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = c.ok(&args);
         let verdict = String::from_utf8_lossy(&out);
         assert!(verdict.starts_with("refused "), "{escape}: {verdict}");
     }

@@ -280,7 +280,11 @@ impl Host {
         };
         let fd = control_read.as_raw_fd();
         let code_fd = code.as_ref().map_or(-1, |c| c.as_raw_fd());
-        // SAFETY: only async-signal-safe calls (setsid, prctl, fcntl, dup2) between fork and exec.
+        // SAFETY: getpid has no arguments.
+        let parent = unsafe { libc::getpid() };
+        let switch_identity = self.limits.run_as.is_some();
+        // SAFETY: only async-signal-safe calls (setsid, prctl, getppid, capget, capset, fcntl,
+        // dup2) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 let err = std::io::Error::last_os_error;
@@ -290,6 +294,13 @@ impl Host {
                     || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
                 {
                     return Err(err());
+                }
+                // A parent gone before the death signal was asked for sends none.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                if switch_identity {
+                    sandbox::pass_identity_capabilities()?;
                 }
                 // The control pipe becomes fd 3 and the plugin fd 4 (both moved out of the way
                 // first, so neither lands on the other's number), open across exec.

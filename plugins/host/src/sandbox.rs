@@ -322,6 +322,10 @@ fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), Stri
 /// read its own /proc/self/fd (the plugin is loaded from there).
 fn take_identity(uid: u32, gid: u32) -> Result<(), String> {
     let os = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    // The parent asked for the death signal before exec, so it is alive now (it may be pid 1, as a
+    // datanode is in a container without an init).
+    // SAFETY: getppid has no arguments.
+    let parent = unsafe { libc::getppid() };
     // SAFETY: plain system calls with integer arguments.
     unsafe {
         if libc::setgroups(0, std::ptr::null()) != 0 {
@@ -344,7 +348,7 @@ fn take_identity(uid: u32, gid: u32) -> Result<(), String> {
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
             return Err(os("parent-death signal"));
         }
-        if libc::getppid() == 1 {
+        if libc::getppid() != parent {
             return Err("the process that started this one is gone".into());
         }
     }
@@ -360,44 +364,117 @@ fn drop_bounding_set() {
     }
 }
 
+/// The capability sets of this process (`capget`/`capset` with version 3: two 32-bit words each).
+#[derive(Clone, Copy, Default)]
+struct CapSets {
+    effective: u64,
+    permitted: u64,
+    inheritable: u64,
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAP_VERSION_3: u32 = 0x2008_0522;
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+
+fn capget() -> std::io::Result<CapSets> {
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget with a version-3 header and room for two data words, as the kernel expects.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let join = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+    Ok(CapSets {
+        effective: join(data[0].effective, data[1].effective),
+        permitted: join(data[0].permitted, data[1].permitted),
+        inheritable: join(data[0].inheritable, data[1].inheritable),
+    })
+}
+
+fn capset(sets: CapSets) -> std::io::Result<()> {
+    let header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let word = |v: u64, hi: bool| if hi { (v >> 32) as u32 } else { v as u32 };
+    let data = [false, true].map(|hi| CapData {
+        effective: word(sets.effective, hi),
+        permitted: word(sets.permitted, hi),
+        inheritable: word(sets.inheritable, hi),
+    });
+    // SAFETY: capset with a version-3 header and two data words, as the kernel expects.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Clears every capability (effective, permitted, inheritable), so a child started by a
 /// privileged datanode holds none of its privileges.
 fn drop_capabilities() -> Result<(), String> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
+    capset(CapSets::default()).map_err(|e| format!("dropping capabilities: {e}"))
+}
+
+const IDENTITY_CAPS: u64 = (1 << CAP_SETUID) | (1 << CAP_SETGID);
+
+/// Whether plugin children of this process can take another identity: it is root, or it holds
+/// CAP_SETUID and CAP_SETGID as permitted capabilities, which [`pass_identity_capabilities`] hands
+/// to each child. The container image gives them to `lode-datanode` as file capabilities (never
+/// effective); systemd's `AmbientCapabilities=` gives them too.
+pub fn can_switch_identity() -> bool {
+    // SAFETY: geteuid has no arguments.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
     }
-    #[repr(C)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
+    capget().is_ok_and(|sets| sets.permitted & IDENTITY_CAPS == IDENTITY_CAPS)
+}
+
+/// In a child between fork and exec (only system calls, so async-signal-safe): makes CAP_SETUID
+/// and CAP_SETGID inheritable and ambient, so the plugin host keeps them across exec and can take
+/// the plugin identity; it drops them with every other capability before any plugin code runs.
+/// Capabilities belong to threads, so this happens in the forked child itself, not once in the
+/// datanode (whose other threads would not have them). Nothing to do for root.
+pub fn pass_identity_capabilities() -> std::io::Result<()> {
+    // SAFETY: geteuid has no arguments.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
     }
-    const VERSION_3: u32 = 0x2008_0522;
-    let header = Header {
-        version: VERSION_3,
-        pid: 0,
-    };
-    let data = [
-        Data {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        },
-        Data {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        },
-    ];
-    // SAFETY: capset with a version-3 header and two data words, as the kernel expects.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
-    if rc != 0 {
-        return Err(format!(
-            "dropping capabilities: {}",
-            std::io::Error::last_os_error()
-        ));
+    let mut sets = capget()?;
+    if sets.inheritable & IDENTITY_CAPS != IDENTITY_CAPS {
+        sets.inheritable |= IDENTITY_CAPS;
+        capset(sets)?;
+    }
+    for cap in [CAP_SETUID, CAP_SETGID] {
+        // SAFETY: prctl with integer arguments.
+        let raised = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE,
+                cap as libc::c_ulong,
+                0,
+                0,
+            )
+        };
+        if raised != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(())
 }
