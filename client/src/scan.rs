@@ -26,8 +26,6 @@ use crate::put::PutOptions;
 pub const PLUGIN_DIR: &str = "/.lode/plugins";
 /// Tasks this client keeps running on one datanode at once.
 pub const TASKS_PER_DATANODE: usize = 2;
-/// A task's line-mode continuation may read into the following blocks up to this many bytes.
-const FOLLOWING_BYTES_MAX: u64 = 256 << 20;
 /// Attempts per task (each on a different replica).
 const TASK_ATTEMPTS: usize = 3;
 
@@ -101,6 +99,17 @@ impl Client {
         file: &Path,
         name: Option<String>,
     ) -> Result<PluginRecord, Error> {
+        let size = tokio::fs::metadata(file)
+            .await
+            .map_err(|e| Error::local(file, e))?
+            .len();
+        if size > lode_protocol::PLUGIN_BYTES_MAX {
+            return Err(Error::Invalid(format!(
+                "{}: a plugin library may be at most {} bytes, this one is {size}",
+                file.display(),
+                lode_protocol::PLUGIN_BYTES_MAX
+            )));
+        }
         let bytes = tokio::fs::read(file)
             .await
             .map_err(|e| Error::local(file, e))?;
@@ -253,7 +262,7 @@ impl Client {
                 let mut following = vec![];
                 let mut budget = 0;
                 for n in &f.blocks[i + 1..] {
-                    if budget >= FOLLOWING_BYTES_MAX {
+                    if budget >= lode_protocol::TASK_FOLLOWING_BYTES_MAX {
                         break;
                     }
                     budget += n.len;

@@ -77,6 +77,14 @@ pub struct Config {
     /// are re-replicated elsewhere. 0 turns the periodic check off. Default 300.
     #[serde(default = "d_disk_check")]
     pub disk_check_secs: u64,
+    /// A write or read stream that moves no data for this long is ended (its peer may be gone, or
+    /// holding the stream open to tie up this datanode), ms. Default 30000.
+    #[serde(default = "d_stream_idle")]
+    pub stream_idle_ms: u64,
+}
+
+fn d_stream_idle() -> u64 {
+    30_000
 }
 
 fn d_disk_check() -> u64 {

@@ -138,6 +138,7 @@ pub async fn run(
         sandbox_missing,
         metrics: metrics.clone(),
         http_addr,
+        stream_idle: Duration::from_millis(config.stream_idle_ms.max(1)),
     });
     let web = http_listener.map(|l| {
         tokio::spawn(http::serve(

@@ -38,6 +38,8 @@ pub struct Node {
     pub metrics: Arc<crate::http::Metrics>,
     /// The metrics address, reported to the namenode.
     pub http_addr: Option<String>,
+    /// How long a write or read stream may move no data before it is ended.
+    pub stream_idle: std::time::Duration,
 }
 
 /// Runs `f` on a blocking thread (disk work, plugin children).

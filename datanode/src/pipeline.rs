@@ -10,7 +10,7 @@ use lode_protocol::checksum::{self, PIECE_BYTES};
 use lode_protocol::frame::{kind, PieceHeader};
 use lode_protocol::messages::{DatanodeReply, DatanodeRequest, ReportedBlock, Target};
 use lode_protocol::net::{self, RpcError};
-use lode_protocol::{Blake3Cv, BlockId, ErrorCode};
+use lode_protocol::{Blake3Cv, BlockId, ErrorCode, REPLICATION_MAX};
 use tokio::sync::mpsc;
 
 use crate::error::Error;
@@ -71,6 +71,7 @@ pub(crate) async fn write_block(
             "block offset {file_offset} is not a multiple of {block_size}"
         )));
     }
+    validate_pipeline(&shared.name, &targets)?;
     let mut failed: Vec<String> = vec![];
     let mut downstream = if targets.is_empty() {
         None
@@ -112,14 +113,24 @@ pub(crate) async fn write_block(
     let outcome: Result<(), Error> = async {
         loop {
             let mut buf = Vec::new();
-            let Some(header) = net::read_piece(recv, &mut buf).await? else { break };
+            // A writer that goes quiet is let go: the stream holds a disk thread.
+            let piece = tokio::time::timeout(shared.stream_idle, net::read_piece(recv, &mut buf))
+                .await
+                .map_err(|_| Error::Invalid(format!(
+                    "write of block {block} sent nothing for {:?}", shared.stream_idle
+                )))?;
+            let Some(header) = piece? else { break };
             received += u64::from(header.len);
             if received > block_size {
                 return Err(Error::Invalid(format!("block {block} is larger than {block_size} bytes")));
             }
             let data = Bytes::from(buf);
             if let Some(d) = &mut downstream {
-                if let Err(e) = net::write_piece(&mut d.send, &header, &data).await {
+                let forwarded =
+                    tokio::time::timeout(shared.stream_idle, net::write_piece(&mut d.send, &header, &data))
+                        .await
+                        .unwrap_or_else(|_| Err(RpcError::Stream("took nothing in time".into())));
+                if let Err(e) = forwarded {
                     tracing::warn!(%block, next = %d.targets[0].name, "pipeline: forwarding failed: {e}");
                     failed.push(d.targets[0].name.clone());
                     downstream = None;
@@ -175,6 +186,32 @@ pub(crate) async fn write_block(
     failed.sort();
     failed.dedup();
     Ok(DatanodeReply::WriteAck { stored, failed })
+}
+
+/// The rest of a write pipeline as a peer sent it: at most [`REPLICATION_MAX`] - 1 other datanodes,
+/// each once, this one not among them, so that no request makes a datanode write a block twice or
+/// send it round in a loop.
+fn validate_pipeline(me: &str, targets: &[Target]) -> Result<(), Error> {
+    if targets.len() >= usize::from(REPLICATION_MAX) {
+        return Err(Error::Invalid(format!(
+            "a pipeline of {} more datanodes is longer than replication allows ({REPLICATION_MAX})",
+            targets.len()
+        )));
+    }
+    for (i, t) in targets.iter().enumerate() {
+        if t.name == me {
+            return Err(Error::Invalid(format!(
+                "the pipeline names this datanode ({me}) again"
+            )));
+        }
+        if targets[..i].iter().any(|o| o.name == t.name) {
+            return Err(Error::Invalid(format!(
+                "the pipeline names datanode {} twice",
+                t.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn finish_downstream(d: &mut Downstream) -> Result<(Vec<String>, Vec<String>), RpcError> {

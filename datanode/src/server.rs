@@ -13,10 +13,13 @@ use crate::error::{to_wire, Error};
 use crate::node::{blocking, Node};
 use crate::pipeline::{spawn_piece_reader, write_block};
 
-/// Connections served at once, and requests served at once on one connection.
+/// Connections and requests served at once, in all and per peer. A write or read in progress holds
+/// a disk thread, so one peer's share stays well below the blocking pool (512 threads).
 pub const LIMITS: service::Limits = service::Limits {
     connections: 4096,
-    streams_per_connection: 256,
+    connections_per_peer: 64,
+    streams_per_connection: 64,
+    streams_per_peer: 64,
 };
 
 impl service::Handler for Node {
@@ -37,7 +40,18 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     shared: &Node,
 ) -> Result<(), RpcError> {
-    let req = match net::read_frame::<DatanodeRequest>(&mut recv, kind::DATANODE_REQUEST).await {
+    let req = tokio::time::timeout(
+        service::REQUEST_READ_TIMEOUT,
+        net::read_frame::<DatanodeRequest>(&mut recv, kind::DATANODE_REQUEST),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(RpcError::Stream(format!(
+            "no request within {:?}",
+            service::REQUEST_READ_TIMEOUT
+        )))
+    });
+    let req = match req {
         Ok(r) => r,
         Err(e) => {
             net::write_error(
@@ -163,7 +177,22 @@ async fn read_block(
                     len: data.len() as u32,
                     cv,
                 };
-                net::write_piece(&mut send, &header, &data).await?;
+                // A reader that stops reading is let go: the stream holds a disk thread.
+                let sent = tokio::time::timeout(
+                    shared.stream_idle,
+                    net::write_piece(&mut send, &header, &data),
+                )
+                .await;
+                match sent {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        let _ = send.reset((ErrorCode::Protocol as u32).into());
+                        return Err(RpcError::Stream(format!(
+                            "the reader took nothing for {:?}",
+                            shared.stream_idle
+                        )));
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!("{e}; the replica is not served");

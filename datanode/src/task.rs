@@ -15,7 +15,7 @@ use lode_protocol::messages::{
     ClientToNamenode, LocatedBlock, NamenodeReply, PluginRecord, TaskRequest, TaskResult,
 };
 use lode_protocol::net::{self, RangeRead, NAMENODE_SERVER_NAME};
-use lode_protocol::{Blake3Cv, BlockId};
+use lode_protocol::{Blake3Cv, BlockId, PLUGIN_BYTES_MAX, TASK_FOLLOWING_BYTES_MAX};
 
 use crate::error::Error;
 use crate::node::{blocking, Node, Tasks};
@@ -179,7 +179,18 @@ async fn cached_library(
         NamenodeReply::Status(s) => s,
         other => return Err(Error::Invalid(format!("unexpected reply {other:?}"))),
     };
-    let mut bytes = Vec::with_capacity(status.size as usize);
+    let listed: u64 = status
+        .blocks
+        .iter()
+        .map(|b| b.len)
+        .fold(0, u64::saturating_add);
+    if status.size > PLUGIN_BYTES_MAX || listed > PLUGIN_BYTES_MAX {
+        return Err(Error::Plugin(format!(
+            "plugin {}: the library stored at {} is larger than {PLUGIN_BYTES_MAX} bytes",
+            record.name, record.path
+        )));
+    }
+    let mut bytes = Vec::with_capacity(listed as usize);
     for b in &status.blocks {
         bytes.extend(read_remote(shared, b, 0, b.len).await?);
     }
@@ -305,6 +316,11 @@ async fn continuation(
             if let Some(nl) = chunk.iter().position(|c| *c == b'\n') {
                 out.extend_from_slice(&chunk[..=nl]);
                 return Ok(out);
+            }
+            if out.len() as u64 + chunk.len() as u64 > TASK_FOLLOWING_BYTES_MAX {
+                return Err(Error::Invalid(format!(
+                    "the split's last record runs on for more than {TASK_FOLLOWING_BYTES_MAX} bytes"
+                )));
             }
             out.extend_from_slice(&chunk);
             offset += len;

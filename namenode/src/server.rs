@@ -22,10 +22,12 @@ use crate::state::{SafeMode, State};
 use crate::store::SledStore;
 use crate::writer::{Mutation, WriterHandle};
 
-/// Connections served at once, and requests served at once on one connection.
+/// Connections and requests served at once, in all and per peer.
 pub const LIMITS: service::Limits = service::Limits {
     connections: 4096,
+    connections_per_peer: 64,
     streams_per_connection: 64,
+    streams_per_peer: 256,
 };
 
 /// What every request handler shares.
@@ -79,11 +81,19 @@ async fn serve_stream(
     shared: &Shared,
 ) -> Result<(), RpcError> {
     let started = std::time::Instant::now();
-    let request = match net::read_raw_frame(&mut recv).await {
-        Ok((header, body)) => decode_request(header, &body),
-        Err(e) => Err(WireError::new(
+    let read = tokio::time::timeout(
+        service::REQUEST_READ_TIMEOUT,
+        net::read_raw_frame(&mut recv),
+    );
+    let request = match read.await {
+        Ok(Ok((header, body))) => decode_request(header, &body),
+        Ok(Err(e)) => Err(WireError::new(
             ErrorCode::Protocol,
             format!("bad request: {e}"),
+        )),
+        Err(_) => Err(WireError::new(
+            ErrorCode::Protocol,
+            format!("no request within {:?}", service::REQUEST_READ_TIMEOUT),
         )),
     };
     let request = match request.and_then(|r| authorise(&r, identity).map(|()| r)) {

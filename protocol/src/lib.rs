@@ -22,6 +22,13 @@ pub mod web;
 pub use error::{DecodeError, ErrorCode, WireError};
 pub use ids::{Blake3Cv, BlockId, InodeId, SessionId};
 
+/// The most a line-mode task reads past its split, into the blocks that follow, to finish its last
+/// record: the client lists following blocks up to this many bytes, and a datanode stops there.
+pub const TASK_FOLLOWING_BYTES_MAX: u64 = 256 << 20;
+
+/// The largest plugin library: `plugin add` refuses a bigger one, and a datanode fetches no more.
+pub const PLUGIN_BYTES_MAX: u64 = 256 << 20;
+
 /// The largest replica count a file may have.
 pub const REPLICATION_MAX: u8 = 7;
 

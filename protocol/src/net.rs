@@ -161,7 +161,7 @@ impl TransportConfig {
 }
 
 /// Who is on the other end, as its verified certificate says.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// The namenode.

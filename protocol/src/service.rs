@@ -2,9 +2,11 @@
 //! the certificate), binding a server endpoint, logging setup and shutdown on SIGTERM / Ctrl-C.
 //! Keeping these in one place stops the services drifting apart.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{watch, Semaphore};
 
@@ -13,13 +15,77 @@ use crate::net::{self, Identity, NetError, TlsFiles, TransportConfig};
 /// Signals shutdown when its value becomes `true`.
 pub type ShutdownSignal = watch::Receiver<bool>;
 
-/// Bounds on what one server accepts at once.
+/// How long a peer has, once it opens a request stream, to send the whole request frame.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds on what one server accepts at once, in all and from one peer (one certificate identity:
+/// role and name), so that one noisy or hostile peer cannot take what the others need.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Connections served at once; more are refused.
     pub connections: usize,
+    /// Connections of one peer at once; more are closed once the handshake names the peer.
+    pub connections_per_peer: usize,
     /// Requests (streams) served at once on one connection; more wait.
     pub streams_per_connection: usize,
+    /// Requests served at once for one peer, over all its connections; more wait.
+    pub streams_per_peer: usize,
+}
+
+/// What one peer holds of a server: its connections and a stream budget shared by all of them.
+struct Peer {
+    connections: usize,
+    streams: Arc<Semaphore>,
+}
+
+/// The peers connected now, by identity.
+#[derive(Default)]
+struct Peers {
+    by_identity: Mutex<HashMap<(crate::net::Role, String), Peer>>,
+}
+
+impl Peers {
+    /// Counts a new connection of `identity`; `None` when it has as many as it may.
+    fn join(&self, identity: &Identity, limits: &Limits) -> Option<PeerConnection<'_>> {
+        let key = (identity.role, identity.name.clone());
+        let mut map = self.by_identity.lock().unwrap_or_else(|p| p.into_inner());
+        let peer = map.entry(key.clone()).or_insert_with(|| Peer {
+            connections: 0,
+            streams: Arc::new(Semaphore::new(limits.streams_per_peer)),
+        });
+        if peer.connections >= limits.connections_per_peer {
+            return None;
+        }
+        peer.connections += 1;
+        Some(PeerConnection {
+            peers: self,
+            key,
+            streams: peer.streams.clone(),
+        })
+    }
+}
+
+/// One connection of a peer; leaving forgets the peer with its last connection.
+struct PeerConnection<'a> {
+    peers: &'a Peers,
+    key: (crate::net::Role, String),
+    streams: Arc<Semaphore>,
+}
+
+impl Drop for PeerConnection<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .peers
+            .by_identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(peer) = map.get_mut(&self.key) {
+            peer.connections -= 1;
+            if peer.connections == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// Binds a server endpoint that requires client certificates from the cluster CA and can also
@@ -71,6 +137,7 @@ pub async fn accept_loop<F, Fut>(
 {
     let handle = Arc::new(handle);
     let connections = Arc::new(Semaphore::new(limits.connections));
+    let peers = Arc::new(Peers::default());
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -82,6 +149,7 @@ pub async fn accept_loop<F, Fut>(
             continue;
         };
         let handle = handle.clone();
+        let peers = peers.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let conn = match incoming.await {
@@ -95,9 +163,17 @@ pub async fn accept_loop<F, Fut>(
                 conn.close(1u32.into(), b"certificate has no lode role");
                 return;
             };
+            let Some(peer) = peers.join(&identity, &limits) else {
+                tracing::warn!(peer = %identity.name, "connection refused: the peer has {} open", limits.connections_per_peer);
+                conn.close(2u32.into(), b"too many connections from this certificate");
+                return;
+            };
             let streams = Arc::new(Semaphore::new(limits.streams_per_connection));
             loop {
                 let Ok(permit) = streams.clone().acquire_owned().await else {
+                    return;
+                };
+                let Ok(peer_permit) = peer.streams.clone().acquire_owned().await else {
                     return;
                 };
                 let Ok((send, recv)) = conn.accept_bi().await else {
@@ -105,7 +181,7 @@ pub async fn accept_loop<F, Fut>(
                 };
                 let fut = handle(identity.clone(), send, recv);
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let _permits = (permit, peer_permit);
                     fut.await;
                 });
             }

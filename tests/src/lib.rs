@@ -31,6 +31,8 @@ pub struct ClusterSpec {
     pub edit_log_roll_bytes: Option<u64>,
     /// Failpoints every datanode start arms (`FAILPOINTS` syntax), such as lost heartbeats.
     pub datanode_failpoints: Option<String>,
+    /// The datanodes' `stream_idle_ms` (else their default).
+    pub stream_idle_ms: Option<u64>,
 }
 
 impl Default for ClusterSpec {
@@ -44,6 +46,7 @@ impl Default for ClusterSpec {
             fast_disk_check: false,
             edit_log_roll_bytes: None,
             datanode_failpoints: None,
+            stream_idle_ms: None,
         }
     }
 }
@@ -224,6 +227,9 @@ impl Cluster {
         };
         if spec.fast_disk_check {
             scanner.push_str("disk_check_secs = 1\n");
+        }
+        if let Some(ms) = spec.stream_idle_ms {
+            scanner.push_str(&format!("stream_idle_ms = {ms}\n"));
         }
         // Plugins run as another user only where the datanode may switch to one (as root); a test
         // run as an ordinary user waives that protection, as an operator would have to.
