@@ -257,6 +257,7 @@ fn start_copies(shared: &Arc<Node>, copies: Vec<lode_protocol::messages::CopyCom
                         .await;
                 match checked {
                     Ok(Ok(_)) => {
+                        tracing::info!(%block, "replica verified on request");
                         if let Some(r) = shared.store.replica(block) {
                             shared.reports.received(r);
                         }

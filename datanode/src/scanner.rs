@@ -74,7 +74,9 @@ pub(crate) fn unreadable(e: &Error) -> bool {
     }
 }
 
-/// Reads every piece of a replica, checking each against its sidecar value; its length.
+/// Reads every piece of a replica, checking each against its sidecar value, and checks that the
+/// sidecar still adds up to the block value this datanode reports for the replica (a sidecar
+/// rewritten to match changed bytes would otherwise pass); its length.
 pub(crate) fn verify(
     store: &std::sync::Arc<crate::store::BlockStore>,
     id: BlockId,
@@ -84,6 +86,15 @@ pub(crate) fn verify(
     let len = r.sidecar.len;
     for idx in 0..lode_protocol::checksum::piece_count(len) {
         r.read_piece(idx, &mut buf)?;
+    }
+    let reported = store.replica(id).map(|b| (b.len, b.cv));
+    let on_disk = lode_protocol::checksum::block_cv(&r.sidecar.pieces).map(|cv| (len, cv));
+    if reported.is_some() && reported != on_disk {
+        return Err(Error::Corrupt {
+            id,
+            offset: 0,
+            stage: "verify",
+        });
     }
     Ok(len)
 }

@@ -762,8 +762,11 @@ async fn route(
                 .await
         }
         ClientToNamenode::ReportBadReplica { block, datanode } => {
-            tracing::warn!(%block, %datanode, "client reports a corrupt replica");
-            shared.state()?.bad_replica(block, &datanode);
+            // The holder re-verifies it; only its own report marks the replica corrupt.
+            let asked = shared
+                .state()?
+                .suspect_replica(block, &datanode, Instant::now());
+            tracing::warn!(%block, %datanode, asked, "a client reports a corrupt replica");
             Ok(NamenodeReply::Ok)
         }
     }

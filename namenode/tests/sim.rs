@@ -686,15 +686,21 @@ impl Sim {
         }
     }
 
-    fn bad_replica(&mut self) {
-        let Some(name) = self.pick_dn(true) else {
-            return;
-        };
+    /// A random replica of a random live datanode.
+    fn pick_replica(&mut self) -> Option<(String, BlockId)> {
+        let name = self.pick_dn(true)?;
         let ids: Vec<BlockId> = self.dns[&name].replicas.keys().copied().collect();
         if ids.is_empty() {
-            return;
+            return None;
         }
         let id = ids[self.rng.random_range(0..ids.len())];
+        Some((name, id))
+    }
+
+    fn bad_replica(&mut self) {
+        let Some((name, id)) = self.pick_replica() else {
+            return;
+        };
         if !self.good_elsewhere(id, &name) || self.faulty(id, Some(&name)) >= self.target(id) {
             return;
         }
@@ -704,6 +710,25 @@ impl Sim {
             // The block scanner finds it.
             self.state.lock().unwrap().bad_replica(id, &name);
         }
+    }
+
+    /// A client reports a replica bad, good or not (as a hostile client would). Its word alone
+    /// removes nothing: the block's replicas are where they were, and the holder is asked to
+    /// verify (a bad replica is then reported by its datanode, through `execute_verify`).
+    fn client_reports_bad_replica(&mut self) {
+        let Some((name, id)) = self.pick_replica() else {
+            return;
+        };
+        self.trace(format!("a client reports {id} on {name} bad"));
+        let now = self.now();
+        let mut state = self.state.lock().unwrap();
+        let before = state.blocks.get(&id).map(|e| e.locations.clone());
+        state.suspect_replica(id, &name, now);
+        let after = state.blocks.get(&id).map(|e| e.locations.clone());
+        assert_eq!(
+            before, after,
+            "a client's report of {id} on {name} changed its replicas"
+        );
     }
 
     /// A datanode restarts holding a replica under a live block's id with other bytes (an old
@@ -970,6 +995,7 @@ impl Sim {
             64..=67 => self.bad_replica(),
             68..=70 => self.stale_replica(),
             71..=73 => self.restart_namenode(),
+            74..=75 => self.client_reports_bad_replica(),
             _ => {
                 for _ in 0..self.rng.random_range(1..8) {
                     self.tick();

@@ -351,6 +351,11 @@ impl Cluster {
         .map_err(|e| e.to_string())
     }
 
+    /// What a server has logged so far (`namenode`, `dn-1`, ...).
+    pub fn log(&self, server: &str) -> String {
+        std::fs::read_to_string(self.path.join(format!("{server}.log"))).unwrap_or_default()
+    }
+
     /// The admin client config.
     pub fn client_config(&self) -> PathBuf {
         self.path.join("client.toml")

@@ -453,3 +453,70 @@ fn a_denied_certificate_is_shut_out() {
     // Everyone else still gets in.
     c.ok(&["ls", "/"]);
 }
+
+/// A client's word that a replica is bad deletes nothing: the holder re-verifies it. Reported
+/// bad at every holder, over and over, a good block keeps all its replicas.
+#[test]
+fn reports_of_bad_replicas_from_a_client_make_the_holders_verify_and_delete_nothing() {
+    let c = Cluster::start(ClusterSpec::default());
+    let data = random_bytes(40_000, 21);
+    c.put_bytes("/precious", &data, &[]);
+    let st = c.stat("/precious");
+    let block = st["blocks"][0]["id"].as_u64().unwrap();
+    let holders: Vec<String> = st["blocks"][0]["locations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(holders.len(), 3, "{st}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let user = connect_as(&c, "user").await;
+        for _ in 0..20 {
+            for holder in &holders {
+                let r = nn_call(
+                    &user,
+                    &ClientToNamenode::ReportBadReplica {
+                        block: lode_protocol::BlockId(block),
+                        datanode: holder.clone(),
+                    },
+                )
+                .await;
+                assert!(matches!(r, Ok(NamenodeReply::Ok)), "{r:?}");
+            }
+        }
+    });
+    // Still offered at every holder the moment the reports are in.
+    let st = c.stat("/precious");
+    assert_eq!(
+        st["blocks"][0]["locations"].as_array().unwrap().len(),
+        3,
+        "{st}"
+    );
+    // Each holder verifies its replica, finds it good, and keeps it.
+    lode_tests::wait_until(
+        "every holder to verify its replica",
+        Duration::from_secs(30),
+        || {
+            holders.iter().all(|h| {
+                c.log(h).lines().any(|l| {
+                    l.contains("replica verified on request") && l.contains(&block.to_string())
+                })
+            })
+        },
+    );
+    let st = c.stat("/precious");
+    assert_eq!(
+        st["blocks"][0]["locations"].as_array().unwrap().len(),
+        3,
+        "{st}"
+    );
+    for dn in 1..=3 {
+        let path = c
+            .replica_path(dn, block)
+            .expect("every replica is still on disk");
+        assert!(std::fs::metadata(path).unwrap().len() > 0);
+    }
+    assert_eq!(c.get_bytes("/precious"), data);
+}

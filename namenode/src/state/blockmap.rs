@@ -402,8 +402,36 @@ impl State {
         live
     }
 
-    /// A client found a replica failing its checksum: stop serving it, and delete it if another
-    /// replica remains.
+    /// A client says a replica failed its checksums. A client's word deletes nothing: the holder
+    /// is asked to re-read and verify the replica (the datanode reports it corrupt if it is, and
+    /// [`State::bad_replica`] follows), at most [`VERIFIES_PER_NODE`] at once per datanode, so
+    /// reports in bulk cost no more than a bounded number of reads. Returns whether it was asked.
+    pub fn suspect_replica(&mut self, block: BlockId, name: &str, now: Instant) -> bool {
+        let counted = self
+            .blocks
+            .get(&block)
+            .is_some_and(|e| e.locations.contains(name));
+        let key = (block, name.to_string());
+        let outstanding = self.verifying.keys().filter(|(_, n)| n == name).count();
+        if !counted || self.verifying.contains_key(&key) || outstanding >= VERIFIES_PER_NODE {
+            return false;
+        }
+        let Some(dn) = self.datanodes.get_mut(name) else {
+            return false;
+        };
+        dn.pending_copy.push(CopyCommand {
+            block,
+            targets: vec![],
+        });
+        self.verifying.insert(key, now);
+        self.event(format!(
+            "a client reports block {block} on {name} bad: verifying it"
+        ));
+        true
+    }
+
+    /// A datanode found a replica of its own failing its checksum: stop serving it, and delete it
+    /// if another replica remains.
     pub fn bad_replica(&mut self, block: BlockId, name: &str) {
         if self
             .blocks
