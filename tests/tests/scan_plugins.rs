@@ -385,3 +385,70 @@ fn a_hostile_plugin_in_a_scan_harms_no_datanode() {
     let _ = scan.kill();
     let _ = scan.wait();
 }
+
+/// Kills the process it holds when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Fail closed: a datanode whose plugin children cannot take the plugin user (root without
+/// CAP_SETUID and CAP_SETGID, as in a container that dropped them) refuses every plugin task and
+/// says which protections are missing, in `admin report` and in the task's error.
+#[test]
+fn a_datanode_lacking_a_protection_refuses_plugins_and_says_which() {
+    // SAFETY: geteuid has no arguments.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("needs root and setpriv (util-linux) to start a datanode without capabilities");
+        return;
+    }
+    let mut c = Cluster::start(ClusterSpec {
+        datanodes: 1,
+        replication: 1,
+        ..Default::default()
+    });
+    c.put_bytes("/lines", b"one\ntwo\nthree\n", &[]);
+    let wc = plugin_lib("wc");
+    c.ok(&["plugin", "add", wc.to_str().unwrap()]);
+    c.kill_datanode(1);
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(c.dir().join("dn-1.log"))
+        .unwrap();
+    let _dn = KillOnDrop(
+        std::process::Command::new("/usr/bin/setpriv")
+            .args(["--bounding-set=-setuid,-setgid", "--"])
+            .arg(lode_tests::bin_dir().join("lode-datanode"))
+            .arg("--config")
+            .arg(c.dir().join("dn-1.toml"))
+            .current_dir(c.dir())
+            .env("LODE_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(
+        "dn-1 back, reporting the protections it lacks",
+        Duration::from_secs(30),
+        || {
+            c.report().is_some_and(|r| {
+                let d = &r["datanodes"][0];
+                d["state"] == "live"
+                    && d["sandbox_missing"]
+                        .as_array()
+                        .is_some_and(|m| m.iter().any(|p| p == "identity"))
+            })
+        },
+    );
+    let err = c.fails(&["scan", "--plugin", "wc", "/lines"]);
+    assert!(
+        err.contains("runs no plugins") && err.contains("identity"),
+        "{err}"
+    );
+}
