@@ -92,6 +92,7 @@ pub async fn run(
         writer: writer.clone(),
         config,
         metrics,
+        replica_reports: tokio::sync::Notify::new(),
     });
     let repairs = tokio::spawn(repair_loop(
         state.clone(),

@@ -7,8 +7,8 @@ use std::time::Instant;
 use lode_protocol::frame::kind;
 use lode_protocol::messages::SafeModeAction;
 use lode_protocol::messages::{
-    ClientToNamenode, DatanodeToNamenode, EntryKind, NamenodeReply, NamenodeToDatanode,
-    PluginRecord,
+    ClientToNamenode, CommittedBlock, DatanodeToNamenode, EntryKind, NamenodeReply,
+    NamenodeToDatanode, PluginRecord,
 };
 use lode_protocol::net::{self, Identity, Role, RpcError};
 use lode_protocol::service;
@@ -42,6 +42,38 @@ pub struct Shared {
     pub config: Config,
     /// Request counters and latencies.
     pub metrics: Arc<crate::http::Metrics>,
+    /// Woken whenever a datanode reports replicas (commits wait for their confirmations).
+    pub replica_reports: tokio::sync::Notify,
+}
+
+/// How long `AddBlock` and `Complete` wait for datanodes to confirm the block a writer commits.
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Waits until min(2, `replication`) datanodes have reported a finalized replica of `block` with
+/// exactly its length and value: a writer's word alone commits nothing (as HDFS waits for minimal
+/// replication before `complete` succeeds), so no file can be committed that no datanode holds.
+async fn confirmed(shared: &Shared, block: &CommittedBlock, replication: u8) -> Result<(), Error> {
+    let need = usize::from(replication.clamp(1, 2));
+    let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+    loop {
+        let notified = shared.replica_reports.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let have = shared.state()?.confirmations(block);
+        if have >= need {
+            return Ok(());
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Err(Error::refused(
+                ErrorCode::Unavailable,
+                format!(
+                    "block {}: {have} of the {need} datanodes needed report a replica of {} bytes \
+                     with the value committed; nothing was committed",
+                    block.id, block.len
+                ),
+            ));
+        }
+    }
 }
 
 impl Shared {
@@ -104,6 +136,8 @@ async fn serve_stream(
         Request::Datanode(req) => {
             let kind = request_kind(&req);
             let reply = handle_datanode(req, &identity.name, shared).map_err(|e| to_wire(&e));
+            // Replicas reported: commits waiting for confirmations look again.
+            shared.replica_reports.notify_waiters();
             shared.metrics.observe(kind, started);
             finish(&mut send, kind::NAMENODE_TO_DATANODE, reply).await
         }
@@ -540,11 +574,22 @@ async fn route(
             let crate::namespace::InodeKind::File {
                 replication,
                 block_size,
+                writer,
                 ..
             } = node.kind
             else {
                 return Err(Error::refused(ErrorCode::IsADirectory, "not a file"));
             };
+            // Room is promised on datanodes only to the lease holder (the writer checks it again).
+            if writer != Some(session) {
+                return Err(Error::refused(
+                    ErrorCode::LeaseConflict,
+                    format!("file {inode} is not being written by this session"),
+                ));
+            }
+            if let Some(prev) = &previous {
+                confirmed(shared, prev, replication).await?;
+            }
             let targets = {
                 let mut state = shared.state()?;
                 let now = Instant::now();
@@ -592,6 +637,15 @@ async fn route(
             last,
             size,
         } => {
+            if let Some(last) = &last {
+                let ns = shared.ns.clone();
+                let node = blocking(move || ns.get(inode)).await?;
+                if let Some(crate::namespace::InodeKind::File { replication, .. }) =
+                    node.map(|n| n.kind)
+                {
+                    confirmed(shared, last, replication).await?;
+                }
+            }
             shared
                 .writer
                 .submit(Mutation::Complete {

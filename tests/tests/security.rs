@@ -243,6 +243,27 @@ async fn nn_call(
     net::call(conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, req).await
 }
 
+/// Creates `path` as the holder of `conn` under a new session: the session and the file's inode.
+async fn create_file(conn: &quinn::Connection, path: &str) -> (SessionId, lode_protocol::InodeId) {
+    let session = SessionId(rand::random());
+    let created = nn_call(
+        conn,
+        &ClientToNamenode::Create {
+            path: path.into(),
+            overwrite: false,
+            replication: None,
+            block_size: None,
+            session,
+        },
+    )
+    .await
+    .unwrap();
+    let NamenodeReply::Created { inode, .. } = created else {
+        panic!("create: {created:?}");
+    };
+    (session, inode)
+}
+
 #[test]
 fn a_write_session_is_bound_to_the_certificate_that_opened_it() {
     let c = Cluster::start(ClusterSpec::default());
@@ -250,22 +271,7 @@ fn a_write_session_is_bound_to_the_certificate_that_opened_it() {
     rt.block_on(async {
         let owner = connect_as(&c, "admin").await;
         let other = connect_as(&c, "user").await;
-        let session = SessionId(rand::random());
-        let created = nn_call(
-            &owner,
-            &ClientToNamenode::Create {
-                path: "/bound".into(),
-                overwrite: false,
-                replication: None,
-                block_size: None,
-                session,
-            },
-        )
-        .await
-        .unwrap();
-        let NamenodeReply::Created { inode, .. } = created else {
-            panic!("create: {created:?}");
-        };
+        let (session, inode) = create_file(&owner, "/bound").await;
         // Another certificate presenting the same session id misses the lease.
         let complete = ClientToNamenode::Complete {
             inode,
@@ -519,4 +525,73 @@ fn reports_of_bad_replicas_from_a_client_make_the_holders_verify_and_delete_noth
         assert!(std::fs::metadata(path).unwrap().len() > 0);
     }
     assert_eq!(c.get_bytes("/precious"), data);
+}
+
+/// A writer's word alone commits nothing: a block committed with a length and value that no
+/// datanode reported is refused (after the namenode waits for confirmations), the file stays
+/// uncommitted, and a restarted namenode leaves safe mode as usual.
+#[test]
+fn a_block_no_datanode_confirms_is_never_committed() {
+    let mut c = Cluster::start(ClusterSpec::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let user = connect_as(&c, "user").await;
+        let (session, inode) = create_file(&user, "/made-up").await;
+        let added = nn_call(
+            &user,
+            &ClientToNamenode::AddBlock {
+                inode,
+                session,
+                previous: None,
+                exclude: vec![],
+            },
+        )
+        .await
+        .unwrap();
+        let NamenodeReply::Block(block) = added else {
+            panic!("add block: {added:?}");
+        };
+        // No byte is sent to any datanode; the client claims 1 MB with a value of its own.
+        let claim = lode_protocol::messages::CommittedBlock {
+            id: block.id,
+            len: 1_000_000,
+            cv: lode_protocol::Blake3Cv([7; 32]),
+        };
+        let add = ClientToNamenode::AddBlock {
+            inode,
+            session,
+            previous: Some(claim),
+            exclude: vec![],
+        };
+        let complete = ClientToNamenode::Complete {
+            inode,
+            session,
+            last: Some(claim),
+            size: claim.len,
+        };
+        // Both at once: each waits for confirmations that never come (longer than the lease).
+        let (a, b) = tokio::join!(nn_call(&user, &add), nn_call(&user, &complete));
+        for (req, r) in [(add, a), (complete, b)] {
+            assert!(
+                matches!(&r, Err(RpcError::Remote(w)) if w.code == ErrorCode::Unavailable
+                    && w.message.contains("nothing was committed")),
+                "{req:?}: {r:?}"
+            );
+        }
+    });
+    // Never committed: still under construction, or gone with its lease.
+    let out = c.lode(&["stat", "--json", "/made-up"]);
+    if out.status.success() {
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(st["complete"], false, "{st}");
+        assert_eq!(st["size"], 0, "{st}");
+    }
+    c.kill_namenode();
+    c.start_namenode();
+    c.wait_live(3);
+    lode_tests::wait_until(
+        "the restarted namenode out of safe mode",
+        Duration::from_secs(30),
+        || c.report().is_some_and(|r| r["safemode"] == false),
+    );
 }

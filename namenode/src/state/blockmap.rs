@@ -402,6 +402,25 @@ impl State {
         live
     }
 
+    /// Datanodes that have reported a finalized replica of `block` holding exactly its length and
+    /// value (provisional replicas while it is written, counted ones once it is committed).
+    pub fn confirmations(&self, block: &CommittedBlock) -> usize {
+        let Some(e) = self.blocks.get(&block.id) else {
+            return 0;
+        };
+        let provisional = e
+            .provisional
+            .values()
+            .filter(|r| r.len == block.len && r.cv == block.cv)
+            .count();
+        let counted = if e.committed == Some((block.len, block.cv)) {
+            e.locations.len()
+        } else {
+            0
+        };
+        provisional + counted
+    }
+
     /// A client says a replica failed its checksums. A client's word deletes nothing: the holder
     /// is asked to re-read and verify the replica (the datanode reports it corrupt if it is, and
     /// [`State::bad_replica`] follows), at most [`VERIFIES_PER_NODE`] at once per datanode, so
