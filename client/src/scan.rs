@@ -122,17 +122,25 @@ impl Client {
             .map_err(|e| Error::Invalid(e.to_string()))?;
         let remote = format!("{PLUGIN_DIR}/{}", hash.to_hex());
         self.mkdir(PLUGIN_DIR, true).await?;
-        if self.try_stat(&remote).await?.is_none() {
+        let stored_before = self.try_stat(&remote).await?.is_some();
+        if !stored_before {
             let opts = PutOptions::default();
             match self
                 .put(std::io::Cursor::new(bytes), &remote, &opts, &|_| {})
                 .await
             {
                 Ok(_) => {}
-                // Someone stored the same library at the same moment: same bytes, same name.
+                // Someone stored a file under the same name at the same moment.
                 Err(e) if e.code() == Some(ErrorCode::AlreadyExists) => {}
                 Err(e) => return Err(e),
             }
+        }
+        // A file stored under the library's name by someone else must be the library itself.
+        if self.checksum(&remote).await? != hash {
+            return Err(Error::Invalid(format!(
+                "{remote} holds other bytes than {} (hash {hash}); an admin must remove it",
+                file.display()
+            )));
         }
         let add = ClientToNamenode::AddPlugin {
             hash,

@@ -207,6 +207,48 @@ fn admin_only(req: &ClientToNamenode) -> Option<&'static str> {
     }
 }
 
+/// The system tree: the plugin libraries live in `/.lode/plugins`.
+const SYSTEM_DIR: &str = "/.lode";
+const PLUGIN_DIR: &str = "/.lode/plugins";
+
+fn in_system_tree(path: &str) -> bool {
+    path == SYSTEM_DIR || path.starts_with("/.lode/")
+}
+
+/// Only an admin may change the system tree (or act on `/` as a whole, which holds it), except that
+/// anyone may make `/.lode/plugins` and store a new library directly in it, never over another
+/// (`plugin add`; a library runs only once an admin approves its hash). Takes normalised paths.
+fn guard_system_tree(req: &ClientToNamenode, identity: &Identity) -> Result<(), Error> {
+    use ClientToNamenode::*;
+    if identity.role == Role::Admin {
+        return Ok(());
+    }
+    let denied = |path: &str| {
+        Err(Error::refused(
+            ErrorCode::PermissionDenied,
+            format!("{path}: only an admin can change {SYSTEM_DIR} (where plugin libraries live)"),
+        ))
+    };
+    let new_library = |path: &str| path::split_parent(path).is_some_and(|(p, _)| p == PLUGIN_DIR);
+    match req {
+        Mkdir { path, .. } if in_system_tree(path) && path != SYSTEM_DIR && path != PLUGIN_DIR => {
+            denied(path)
+        }
+        Create {
+            path, overwrite, ..
+        } if in_system_tree(path) && (*overwrite || !new_library(path)) => denied(path),
+        Delete { path, .. } | SetReplication { path, .. }
+            if in_system_tree(path) || path == "/" =>
+        {
+            denied(path)
+        }
+        Rename { src, dst } if in_system_tree(src) || in_system_tree(dst) || src == "/" => {
+            denied(if in_system_tree(dst) { dst } else { src })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Checks a client request's arguments and puts it in the form routing expects: paths
 /// normalised, defaults filled in, the write session bound to the certificate.
 fn validate(
@@ -287,6 +329,7 @@ fn validate(
         }
         other => other,
     })
+    .and_then(|req| guard_system_tree(&req, identity).map(|()| req))
 }
 
 /// Streams a consistent metadata backup: a `BackupStart` frame, then the bytes.

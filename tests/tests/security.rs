@@ -595,3 +595,72 @@ fn a_block_no_datanode_confirms_is_never_committed() {
         || c.report().is_some_and(|r| r["safemode"] == false),
     );
 }
+
+/// Only an admin may change `/.lode`, where plugin libraries live (or act on `/` as a whole):
+/// the user certificate can neither delete, move, overwrite nor re-replicate them, and a file
+/// planted under a library's name before it is added is caught.
+#[test]
+fn only_an_admin_changes_the_plugin_libraries() {
+    let c = Cluster::start(ClusterSpec::default());
+    let wc = lode_tests::plugin_lib("wc");
+    c.ok(&["plugin", "add", wc.to_str().unwrap()]);
+    let hash = blake3::hash(&std::fs::read(&wc).unwrap())
+        .to_hex()
+        .to_string();
+    let library = format!("/.lode/plugins/{hash}");
+    let before = c.stat(&library);
+    let user = c.dir().join("client-user.toml");
+    let other = c.dir().join("planted.bin");
+    std::fs::write(&other, b"not a plugin").unwrap();
+    let other = other.to_str().unwrap();
+    for args in [
+        vec!["rm", "-r", "/.lode"],
+        vec!["rm", library.as_str()],
+        vec!["rm", "-r", "/"],
+        vec!["mv", "/.lode/plugins", "/mine"],
+        vec!["mv", library.as_str(), "/mine"],
+        vec!["setrep", "1", library.as_str()],
+        vec!["setrep", "1", "/"],
+        vec!["put", "-f", other, library.as_str()],
+        vec!["mkdir", "/.lode/elsewhere"],
+        vec!["put", other, "/.lode/planted"],
+    ] {
+        let out = c.lode_with(&user, &args, None);
+        assert_one_line_error(&out, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("only an admin can change /.lode"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(c.stat(&library), before, "the library changed");
+    // A user may still add a plugin (it waits for an admin's approval), but not one whose name
+    // someone has taken with other bytes.
+    let grep = lode_tests::plugin_lib("grep");
+    let grep_hash = blake3::hash(&std::fs::read(&grep).unwrap())
+        .to_hex()
+        .to_string();
+    let planted = c.lode_with(
+        &user,
+        &["put", other, &format!("/.lode/plugins/{grep_hash}")],
+        None,
+    );
+    assert!(planted.status.success(), "a new file in /.lode/plugins");
+    let out = c.lode_with(&user, &["plugin", "add", grep.to_str().unwrap()], None);
+    assert_one_line_error(&out, &["plugin add over a planted file"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds other bytes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csvsum = lode_tests::plugin_lib("csvsum");
+    let out = c.lode_with(&user, &["plugin", "add", csvsum.to_str().unwrap()], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The admin can still do what it likes there.
+    c.ok(&["rm", &format!("/.lode/plugins/{grep_hash}")]);
+    c.ok(&["setrep", "2", &library]);
+}
