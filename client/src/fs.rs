@@ -99,6 +99,19 @@ impl Client {
         Ok(client)
     }
 
+    /// Closes every connection of this client now, so that servers free them at once rather than
+    /// after their idle timeout (a server bounds the connections of one certificate), and waits
+    /// briefly for the peers to hear it. The returned future can outlive the client.
+    pub fn close(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let endpoint = self.pool.endpoint().clone();
+        async move {
+            endpoint.close(0u32.into(), b"done");
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(250), endpoint.wait_idle())
+                    .await;
+        }
+    }
+
     fn namenode_ctx(&self) -> String {
         format!("namenode at {}", self.namenode)
     }

@@ -465,7 +465,10 @@ where
 {
     let cfg = ClientConfig::locate(config.as_deref())?;
     let client = Client::connect(cfg).await?;
-    f(client).await
+    let close = client.close();
+    let result = f(client).await;
+    close.await;
+    result
 }
 
 fn certs_init(args: CertsInit) -> Result<(), Error> {

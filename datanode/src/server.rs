@@ -17,7 +17,7 @@ use crate::pipeline::{spawn_piece_reader, write_block};
 /// a disk thread, so one peer's share stays well below the blocking pool (512 threads).
 pub const LIMITS: service::Limits = service::Limits {
     connections: 4096,
-    connections_per_peer: 64,
+    connections_per_peer: 1024,
     streams_per_connection: 64,
     streams_per_peer: 64,
 };

@@ -25,7 +25,7 @@ use crate::writer::{Mutation, WriterHandle};
 /// Connections and requests served at once, in all and per peer.
 pub const LIMITS: service::Limits = service::Limits {
     connections: 4096,
-    connections_per_peer: 64,
+    connections_per_peer: 1024,
     streams_per_connection: 64,
     streams_per_peer: 256,
 };

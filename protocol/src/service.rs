@@ -173,10 +173,12 @@ pub async fn accept_loop<F, Fut>(
                 let Ok(permit) = streams.clone().acquire_owned().await else {
                     return;
                 };
-                let Ok(peer_permit) = peer.streams.clone().acquire_owned().await else {
+                let Ok((send, recv)) = conn.accept_bi().await else {
                     return;
                 };
-                let Ok((send, recv)) = conn.accept_bi().await else {
+                // Taken only once a request has come, so idle connections hold none of the
+                // peer's budget; while it is spent, this connection's next requests wait.
+                let Ok(peer_permit) = peer.streams.clone().acquire_owned().await else {
                     return;
                 };
                 let fut = handle(identity.clone(), send, recv);

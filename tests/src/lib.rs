@@ -330,6 +330,18 @@ impl Cluster {
         port: u16,
         server_name: &str,
     ) -> Result<quinn::Connection, String> {
+        let mut one = self.connect_many(cert, port, server_name, 1).await?;
+        Ok(one.remove(0))
+    }
+
+    /// `n` QUIC connections from one endpoint (one socket), as [`Cluster::connect`] makes one.
+    pub async fn connect_many(
+        &self,
+        cert: &str,
+        port: u16,
+        server_name: &str,
+        n: usize,
+    ) -> Result<Vec<quinn::Connection>, String> {
         use lode_protocol::net::{self, TlsFiles, TransportConfig};
         let certs = self.path.join("certs");
         let files = TlsFiles {
@@ -342,13 +354,19 @@ impl Cluster {
         let tls = net::client_config(&files, &t).map_err(|e| e.to_string())?;
         let ep = net::endpoint("127.0.0.1:0".parse().expect("addr"), None, tls, &t)
             .map_err(|e| e.to_string())?;
-        ep.connect(
-            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            server_name,
-        )
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            let conn = ep
+                .connect(
+                    std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                    server_name,
+                )
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            conns.push(conn);
+        }
+        Ok(conns)
     }
 
     /// What a server has logged so far (`namenode`, `dn-1`, ...).

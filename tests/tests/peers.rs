@@ -15,6 +15,9 @@ use lode_protocol::net::{self, RpcError};
 use lode_protocol::{BlockId, ErrorCode};
 use lode_tests::{Cluster, ClusterSpec};
 
+/// The connections one certificate may hold on the namenode.
+const PER_PEER_CONNECTIONS: usize = lode_namenode::server::LIMITS.connections_per_peer;
+
 fn target(c: &Cluster, i: usize) -> Target {
     Target {
         name: format!("dn-{}", i + 1),
@@ -183,14 +186,10 @@ fn one_noisy_user_cannot_shut_out_another() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _held = rt.block_on(async {
         // As many namenode connections as one certificate may have are served; one more is not.
-        let mut conns = vec![];
-        for _ in 0..64 {
-            conns.push(
-                c.connect("user", c.namenode_port, "namenode")
-                    .await
-                    .unwrap(),
-            );
-        }
+        let conns = c
+            .connect_many("user", c.namenode_port, "namenode", PER_PEER_CONNECTIONS)
+            .await
+            .unwrap();
         let stat = ClientToNamenode::Stat {
             path: "/".into(),
             blocks: false,
@@ -217,15 +216,15 @@ fn one_noisy_user_cannot_shut_out_another() {
         let refused = call(&extra).await;
         assert!(
             refused.is_err(),
-            "the 65th connection was served: {refused:?}"
+            "one connection too many was served: {refused:?}"
         );
         let closed = tokio::time::timeout(Duration::from_secs(10), extra.closed())
             .await
-            .expect("the 65th connection is closed");
+            .expect("one connection too many is closed");
         assert!(
             matches!(&closed, quinn::ConnectionError::ApplicationClosed(a)
                 if String::from_utf8_lossy(&a.reason).contains("too many connections")),
-            "the 65th connection: {closed:?}"
+            "one connection too many: {closed:?}"
         );
         // On every datanode the user opens more write streams than the datanode has disk threads
         // (9 connections of 64), each sending nothing. Only its share is served; the rest wait.
