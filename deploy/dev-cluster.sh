@@ -92,6 +92,7 @@ dead_after_ms = 10000
 lease_expiry_ms = 10000
 replication_default = $repl
 http_listen = "127.0.0.1:$((BASE_PORT + 100))"
+audit_log = "logs/audit.log"
 
 [tls]
 ca = "certs/ca.pem"

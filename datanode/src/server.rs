@@ -26,6 +26,7 @@ impl service::Handler for Node {
     async fn handle(
         self: Arc<Self>,
         identity: net::Identity,
+        _addr: std::net::SocketAddr,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {

@@ -74,6 +74,7 @@ dead_after_ms = 10000
 lease_expiry_ms = 10000
 replication_default = 3
 http_listen = "0.0.0.0:7500"
+audit_log = "/var/lib/lode/audit/audit.log"
 TOML
   tls namenode
 } > "$DIR/namenode/namenode.toml"

@@ -62,6 +62,24 @@ pub struct Config {
     /// about twice this. Default 64 MiB; at least 4096.
     #[serde(default = "d_roll")]
     pub edit_log_roll_bytes: u64,
+    /// Where the audit log goes (one JSON line per namespace operation); none when absent.
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
+    /// The audit log is rotated once it passes this many bytes (`audit.log.1` is the newest old
+    /// one). Default 64 MiB.
+    #[serde(default = "d_audit_max")]
+    pub audit_log_max_bytes: u64,
+    /// Rotated audit logs kept. Default 10.
+    #[serde(default = "d_audit_keep")]
+    pub audit_log_keep: u32,
+}
+
+fn d_audit_max() -> u64 {
+    64 << 20
+}
+
+fn d_audit_keep() -> u32 {
+    10
 }
 
 fn d_roll() -> u64 {
@@ -136,6 +154,9 @@ impl Config {
         cfg.tls = cfg.tls.relative_to(base);
         if cfg.meta_dir.is_relative() {
             cfg.meta_dir = base.join(&cfg.meta_dir);
+        }
+        if let Some(audit) = cfg.audit_log.as_mut().filter(|a| a.is_relative()) {
+            *audit = base.join(&*audit);
         }
         cfg.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_path_buf(),

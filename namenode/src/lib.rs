@@ -5,6 +5,7 @@
 //! Read [`namespace`] first (edits and their validation), then [`writer`] (group commit),
 //! [`state`] (datanodes, block locations, leases) and [`server`] (the request loop).
 
+pub mod audit;
 pub mod backup;
 pub mod config;
 pub mod editlog;
@@ -85,6 +86,17 @@ pub async fn run(
         metrics: metrics.clone(),
     };
     let (writer, mut fatal) = writer.spawn()?;
+    let audit = match &config.audit_log {
+        Some(path) => Some(
+            audit::AuditLog::open(
+                path.clone(),
+                config.audit_log_max_bytes,
+                config.audit_log_keep,
+            )
+            .map_err(|e| Error::Store(format!("audit log {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
     tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = stored.inodes.len(), "namenode serving");
     let shared = Arc::new(server::Shared {
         ns,
@@ -93,6 +105,7 @@ pub async fn run(
         config,
         metrics,
         replica_reports: tokio::sync::Notify::new(),
+        audit,
     });
     let repairs = tokio::spawn(repair_loop(
         state.clone(),

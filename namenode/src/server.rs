@@ -44,6 +44,8 @@ pub struct Shared {
     pub metrics: Arc<crate::http::Metrics>,
     /// Woken whenever a datanode reports replicas (commits wait for their confirmations).
     pub replica_reports: tokio::sync::Notify,
+    /// Where namespace operations are audited, when configured.
+    pub audit: Option<crate::audit::AuditLog>,
 }
 
 /// How long `AddBlock` and `Complete` wait for datanodes to confirm the block a writer commits.
@@ -88,10 +90,11 @@ impl service::Handler for Shared {
     async fn handle(
         self: Arc<Self>,
         identity: Identity,
+        addr: std::net::SocketAddr,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
-        if let Err(e) = serve_stream(send, recv, &identity, &self).await {
+        if let Err(e) = serve_stream(send, recv, &identity, addr, &self).await {
             tracing::debug!(peer = %identity.name, "stream ended: {e}");
         }
     }
@@ -110,6 +113,7 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     identity: &Identity,
+    addr: std::net::SocketAddr,
     shared: &Shared,
 ) -> Result<(), RpcError> {
     let started = std::time::Instant::now();
@@ -128,9 +132,22 @@ async fn serve_stream(
             format!("no request within {:?}", service::REQUEST_READ_TIMEOUT),
         )),
     };
+    let audited = match &request {
+        Ok(Request::Client(r)) => audited(r),
+        _ => None,
+    };
+    let audit = |allowed: bool| async move {
+        if let (Some(log), Some((op, path, dst))) = (&shared.audit, audited.clone()) {
+            let entry = crate::audit::Entry::now(&identity.name, op, path, dst, allowed, addr);
+            log.record(entry).await;
+        }
+    };
     let request = match request.and_then(|r| authorise(&r, identity).map(|()| r)) {
         Ok(r) => r,
-        Err(e) => return finish::<()>(&mut send, 0, Err(e)).await,
+        Err(e) => {
+            audit(e.code != ErrorCode::PermissionDenied).await;
+            return finish::<()>(&mut send, 0, Err(e)).await;
+        }
     };
     match request {
         Request::Datanode(req) => {
@@ -141,7 +158,10 @@ async fn serve_stream(
             shared.metrics.observe(kind, started);
             finish(&mut send, kind::NAMENODE_TO_DATANODE, reply).await
         }
-        Request::Client(ClientToNamenode::Backup) => serve_backup(send, shared).await,
+        Request::Client(ClientToNamenode::Backup) => {
+            audit(true).await;
+            serve_backup(send, shared).await
+        }
         Request::Client(req) => {
             let kind = request_kind(&req);
             let reply = match validate(req, identity, &shared.config) {
@@ -154,10 +174,39 @@ async fn serve_stream(
                 }
                 to_wire(&e)
             });
+            audit(!matches!(&reply, Err(e) if e.code == ErrorCode::PermissionDenied)).await;
             shared.metrics.observe(kind, started);
             finish_paged(&mut send, reply).await
         }
     }
+}
+
+/// What the audit log records of a client request: the operation (named as HDFS names it) and its
+/// paths; `None` for requests that are not namespace operations (block allocation, leases, reports).
+fn audited(req: &ClientToNamenode) -> Option<(&'static str, Option<String>, Option<String>)> {
+    use ClientToNamenode::*;
+    let p = |path: &String| Some(path::normalize(path).unwrap_or_else(|_| path.clone()));
+    Some(match req {
+        Mkdir { path, .. } => ("mkdirs", p(path), None),
+        List { path } => ("listStatus", p(path), None),
+        Stat { path, blocks: true } => ("open", p(path), None),
+        Stat {
+            path,
+            blocks: false,
+        } => ("getfileinfo", p(path), None),
+        Delete { path, .. } => ("delete", p(path), None),
+        Rename { src, dst } => ("rename", p(src), p(dst)),
+        Create { path, .. } => ("create", p(path), None),
+        SetReplication { path, .. } => ("setReplication", p(path), None),
+        Du { path } => ("contentSummary", p(path), None),
+        Fsck { path } => ("fsck", p(path), None),
+        AddPlugin { path, .. } => ("addPlugin", p(path), None),
+        ApprovePlugin { hash } => ("approvePlugin", Some(hash.to_hex()), None),
+        SafeMode { action } if *action != SafeModeAction::Get => ("safemode", None, None),
+        Decommission { .. } => ("decommission", None, None),
+        Backup => ("backup", None, None),
+        _ => return None,
+    })
 }
 
 fn decode_request(

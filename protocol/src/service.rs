@@ -100,12 +100,14 @@ pub fn bind_server(
     net::endpoint(listen, Some(server), client, transport)
 }
 
-/// A server's request handler: one call per request stream, with the caller's verified identity.
+/// A server's request handler: one call per request stream, with the caller's verified identity
+/// and address.
 pub trait Handler: Send + Sync + 'static {
     /// Serves one request stream.
     fn handle(
         self: Arc<Self>,
         identity: Identity,
+        addr: SocketAddr,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) -> impl Future<Output = ()> + Send;
@@ -118,21 +120,27 @@ pub async fn serve<H: Handler>(
     shutdown: ShutdownSignal,
     handler: Arc<H>,
 ) {
-    accept_loop(endpoint, limits, shutdown, move |identity, send, recv| {
-        handler.clone().handle(identity, send, recv)
-    })
+    accept_loop(
+        endpoint,
+        limits,
+        shutdown,
+        move |identity, addr, send, recv| handler.clone().handle(identity, addr, send, recv),
+    )
     .await
 }
 
 /// Accepts connections until `shutdown` fires, and runs `handle` for every request stream with the
-/// caller's identity. A connection without a Lode role in its certificate is closed.
+/// caller's identity and address. A connection without a Lode role in its certificate is closed.
 pub async fn accept_loop<F, Fut>(
     endpoint: quinn::Endpoint,
     limits: Limits,
     mut shutdown: ShutdownSignal,
     handle: F,
 ) where
-    F: Fn(Identity, quinn::SendStream, quinn::RecvStream) -> Fut + Send + Sync + 'static,
+    F: Fn(Identity, SocketAddr, quinn::SendStream, quinn::RecvStream) -> Fut
+        + Send
+        + Sync
+        + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let handle = Arc::new(handle);
@@ -181,7 +189,7 @@ pub async fn accept_loop<F, Fut>(
                 let Ok(peer_permit) = peer.streams.clone().acquire_owned().await else {
                     return;
                 };
-                let fut = handle(identity.clone(), send, recv);
+                let fut = handle(identity.clone(), conn.remote_address(), send, recv);
                 tokio::spawn(async move {
                     let _permits = (permit, peer_permit);
                     fut.await;

@@ -209,7 +209,7 @@ impl Cluster {
             format!(
                 "listen = \"127.0.0.1:{namenode_port}\"\nmeta_dir = \"meta\"\nheartbeat_interval_ms = 200\n\
                  stale_after_ms = 2000\ndead_after_ms = 5000\nlease_expiry_ms = {}\nreplication_default = {}\n\
-                 block_size_default = {}\nhttp_listen = \"127.0.0.1:{namenode_http}\"\n{}{}",
+                 block_size_default = {}\nhttp_listen = \"127.0.0.1:{namenode_http}\"\naudit_log = \"audit.log\"\n{}{}",
                 spec.lease_expiry_ms,
                 spec.replication,
                 spec.block_size,

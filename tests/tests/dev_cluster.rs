@@ -78,6 +78,13 @@ fn dev_cluster_script_subcommands() {
         })
         .unwrap();
     assert!(put.status.success());
+    // The audit log is DIR/logs/audit.log.
+    wait_until("the put in the audit log", Duration::from_secs(10), || {
+        std::fs::read_to_string(dir.path().join("logs/audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(r#""op":"create""#) && l.contains(r#""path":"/hello""#))
+    });
 
     let status = script(dir.path(), port, &["status"]);
     let text = String::from_utf8_lossy(&status.stdout).to_string();

@@ -664,3 +664,65 @@ fn only_an_admin_changes_the_plugin_libraries() {
     c.ok(&["rm", &format!("/.lode/plugins/{grep_hash}")]);
     c.ok(&["setrep", "2", &library]);
 }
+
+/// The audit log: one JSON line per namespace operation, with exactly the contract's fields, the
+/// certificate's user, both paths of a rename, and `allowed: false` for a refused one.
+#[test]
+fn namespace_operations_are_audited() {
+    let c = Cluster::start(ClusterSpec::default());
+    let user = c.dir().join("client-user.toml");
+    for args in [
+        vec!["mkdir", "/audited"],
+        vec!["ls", "/"],
+        vec!["mv", "/audited", "/moved"],
+        vec!["rm", "-r", "/moved"],
+    ] {
+        let out = c.lode_with(&user, &args, None);
+        assert!(out.status.success(), "{args:?}");
+    }
+    let out = c.lode_with(&user, &["rm", "-r", "/.lode"], None);
+    assert!(!out.status.success());
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(c.dir().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+            .collect()
+    };
+    let find = |entries: &[serde_json::Value], op: &str, path: &str| -> Option<serde_json::Value> {
+        entries
+            .iter()
+            .find(|e| e["user"] == "user" && e["op"] == op && e["path"] == path)
+            .cloned()
+    };
+    let mut entries = vec![];
+    lode_tests::wait_until(
+        "the refused delete audited",
+        Duration::from_secs(10),
+        || {
+            entries = lines();
+            find(&entries, "delete", "/.lode").is_some()
+        },
+    );
+    for e in &entries {
+        let mut keys: Vec<&String> = e.as_object().unwrap().keys().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["addr", "allowed", "dst", "op", "path", "time", "user"],
+            "{e}"
+        );
+        assert!(e["addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{e}");
+    }
+    let mkdir = find(&entries, "mkdirs", "/audited").expect("mkdir audited");
+    assert_eq!(mkdir["allowed"], true);
+    assert_eq!(mkdir["dst"], serde_json::Value::Null);
+    let rename = find(&entries, "rename", "/audited").expect("mv audited");
+    assert_eq!(rename["dst"], "/moved");
+    assert!(find(&entries, "listStatus", "/").is_some(), "ls audited");
+    assert_eq!(find(&entries, "delete", "/moved").unwrap()["allowed"], true);
+    assert_eq!(
+        find(&entries, "delete", "/.lode").unwrap()["allowed"],
+        false
+    );
+}
