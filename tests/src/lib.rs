@@ -195,8 +195,9 @@ impl Cluster {
         let path = dir.path().to_path_buf();
         lode_client::certs::init(&path.join("certs"), spec.datanodes as u32).expect("certs init");
         let namenode_port = free_port();
-        let namenode_http = free_tcp_port();
         let datanode_ports: Vec<u16> = (0..spec.datanodes).map(|_| free_port()).collect();
+        // HTTP listens on a port the kernel picks (no race with other tests for a free one); the
+        // servers report where (`http_addr` in the admin report).
         // Short idle timeouts so a killed peer is noticed within seconds.
         let tls = |name: &str| {
             format!(
@@ -209,7 +210,7 @@ impl Cluster {
             format!(
                 "listen = \"127.0.0.1:{namenode_port}\"\nmeta_dir = \"meta\"\nheartbeat_interval_ms = 200\n\
                  stale_after_ms = 2000\ndead_after_ms = 5000\nlease_expiry_ms = {}\nreplication_default = {}\n\
-                 block_size_default = {}\nhttp_listen = \"127.0.0.1:{namenode_http}\"\naudit_log = \"audit.log\"\n{}{}",
+                 block_size_default = {}\nhttp_listen = \"127.0.0.1:0\"\naudit_log = \"audit.log\"\n{}{}",
                 spec.lease_expiry_ms,
                 spec.replication,
                 spec.block_size,
@@ -243,8 +244,7 @@ impl Cluster {
                 path.join(format!("{name}.toml")),
                 format!(
                     "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nnamenode = \"127.0.0.1:{namenode_port}\"\n\
-                     data_dirs = [\"{name}/data1\", \"{name}/data2\"]\nheartbeat_interval_ms = 200\nhttp_listen = \"127.0.0.1:{}\"\n{scanner}{}",
-                    free_tcp_port(),
+                     data_dirs = [\"{name}/data1\", \"{name}/data2\"]\nheartbeat_interval_ms = 200\nhttp_listen = \"127.0.0.1:0\"\n{scanner}{}",
                     tls(&name)
                 ),
             )
