@@ -23,7 +23,7 @@ use crate::fs::{unexpected, Client};
 use crate::put::PutOptions;
 
 /// Where plugin libraries are stored in Lode.
-pub const PLUGIN_DIR: &str = "/.lode/plugins";
+pub use lode_protocol::path::PLUGIN_DIR;
 /// Tasks this client keeps running on one datanode at once.
 pub const TASKS_PER_DATANODE: usize = 2;
 /// Attempts per task (each on a different replica).

@@ -51,17 +51,16 @@ pub struct Shared {
 /// How long `AddBlock` and `Complete` wait for datanodes to confirm the block a writer commits.
 const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// Waits until min(2, `replication`) datanodes have reported a finalized replica of `block` with
+/// Waits until min(2, the block's replication) datanodes have reported a finalized replica of `block` with
 /// exactly its length and value: a writer's word alone commits nothing (as HDFS waits for minimal
 /// replication before `complete` succeeds), so no file can be committed that no datanode holds.
-async fn confirmed(shared: &Shared, block: &CommittedBlock, replication: u8) -> Result<(), Error> {
-    let need = usize::from(replication.clamp(1, 2));
+async fn confirmed(shared: &Shared, block: &CommittedBlock) -> Result<(), Error> {
     let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
     loop {
         let notified = shared.replica_reports.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let have = shared.state()?.confirmations(block);
+        let (have, need) = shared.state()?.confirmations(block);
         if have >= need {
             return Ok(());
         }
@@ -256,12 +255,13 @@ fn admin_only(req: &ClientToNamenode) -> Option<&'static str> {
     }
 }
 
-/// The system tree: the plugin libraries live in `/.lode/plugins`.
-const SYSTEM_DIR: &str = "/.lode";
-const PLUGIN_DIR: &str = "/.lode/plugins";
+use lode_protocol::path::{PLUGIN_DIR, SYSTEM_DIR};
 
 fn in_system_tree(path: &str) -> bool {
-    path == SYSTEM_DIR || path.starts_with("/.lode/")
+    path == SYSTEM_DIR
+        || path
+            .strip_prefix(SYSTEM_DIR)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Only an admin may change the system tree (or act on `/` as a whole, which holds it), except that
@@ -680,7 +680,7 @@ async fn route(
                 ));
             }
             if let Some(prev) = &previous {
-                confirmed(shared, prev, replication).await?;
+                confirmed(shared, prev).await?;
             }
             let targets = {
                 let mut state = shared.state()?;
@@ -730,13 +730,7 @@ async fn route(
             size,
         } => {
             if let Some(last) = &last {
-                let ns = shared.ns.clone();
-                let node = blocking(move || ns.get(inode)).await?;
-                if let Some(crate::namespace::InodeKind::File { replication, .. }) =
-                    node.map(|n| n.kind)
-                {
-                    confirmed(shared, last, replication).await?;
-                }
+                confirmed(shared, last).await?;
             }
             shared
                 .writer

@@ -44,6 +44,11 @@ pub fn components(normalized: &str) -> impl Iterator<Item = &str> {
     normalized.split('/').filter(|c| !c.is_empty())
 }
 
+/// The system tree: only an admin may change it (the namenode enforces this).
+pub const SYSTEM_DIR: &str = "/.lode";
+/// Where plugin libraries are stored, each under its hash.
+pub const PLUGIN_DIR: &str = "/.lode/plugins";
+
 /// Splits a normalised path into parent and last name; `None` for the root.
 pub fn split_parent(normalized: &str) -> Option<(&str, &str)> {
     if normalized == "/" {

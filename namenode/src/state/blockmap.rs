@@ -402,12 +402,14 @@ impl State {
         live
     }
 
-    /// Datanodes that have reported a finalized replica of `block` holding exactly its length and
-    /// value (provisional replicas while it is written, counted ones once it is committed).
-    pub fn confirmations(&self, block: &CommittedBlock) -> usize {
+    /// How many datanodes have reported a finalized replica of `block` holding exactly its length
+    /// and value (provisional replicas while it is written, counted ones once it is committed),
+    /// and how many a commit needs: min(2, the block's replication).
+    pub fn confirmations(&self, block: &CommittedBlock) -> (usize, usize) {
         let Some(e) = self.blocks.get(&block.id) else {
-            return 0;
+            return (0, 1);
         };
+        let need = usize::from(e.replication.clamp(1, 2));
         let provisional = e
             .provisional
             .values()
@@ -418,7 +420,7 @@ impl State {
         } else {
             0
         };
-        provisional + counted
+        (provisional + counted, need)
     }
 
     /// A client says a replica failed its checksums. A client's word deletes nothing: the holder
