@@ -183,6 +183,10 @@ case "$CMD" in
     start_namenode
     for i in $(seq 1 "$DATANODES"); do start_datanode "$i"; done
     wait_registered "$DATANODES"
+    # Homes for both client configs and a sticky /tmp that every user may write to.
+    "$BIN/lode" --config "$DIR/client.toml" mkdir -p /user/admin /user/user /tmp
+    "$BIN/lode" --config "$DIR/client.toml" chown user /user/user
+    "$BIN/lode" --config "$DIR/client.toml" chmod 1777 /tmp
     echo "dev-cluster: namenode and $DATANODES datanodes up in $DIR (logs in $DIR/logs)" >&2
     echo "export LODE_CONFIG=$DIR/client.toml"
     echo "export PATH=$BIN:\$PATH"

@@ -30,10 +30,17 @@ pub struct ClientConfig {
     /// Read requests (of up to 8 MiB each) kept in flight by `get`. Default 8.
     #[serde(default = "d_reads")]
     pub reads_in_flight: usize,
+    /// Permission bits taken off new files (0666) and directories (0777), octal. Default `"022"`.
+    #[serde(default = "d_umask")]
+    pub umask: String,
 }
 
 fn d_reads() -> usize {
     READS_IN_FLIGHT_DEFAULT
+}
+
+fn d_umask() -> String {
+    format!("{:03o}", lode_protocol::perm::UMASK_DEFAULT)
 }
 
 impl ClientConfig {
@@ -72,6 +79,7 @@ impl ClientConfig {
         if let Some(b) = cfg.block_size {
             lode_protocol::checksum::validate_block_size(b).map_err(err)?;
         }
+        lode_protocol::perm::parse_umask(&cfg.umask).map_err(err)?;
         if cfg.reads_in_flight == 0 || cfg.reads_in_flight > 256 {
             return Err(err(format!(
                 "reads_in_flight must be 1..=256, got {}",
@@ -79,5 +87,20 @@ impl ClientConfig {
             )));
         }
         Ok(cfg)
+    }
+
+    /// The umask as bits (checked when the config was loaded).
+    pub fn umask_bits(&self) -> u16 {
+        lode_protocol::perm::parse_umask(&self.umask).unwrap_or(lode_protocol::perm::UMASK_DEFAULT)
+    }
+
+    /// The mode of a new file or directory: the default less the umask.
+    pub fn new_mode(&self, dir: bool) -> u16 {
+        let full = if dir {
+            lode_protocol::perm::DIR_DEFAULT
+        } else {
+            lode_protocol::perm::FILE_DEFAULT
+        };
+        full & !self.umask_bits()
     }
 }

@@ -148,8 +148,47 @@ impl Client {
         self.nn_ok(&ClientToNamenode::Mkdir {
             path: path.into(),
             parents,
+            mode: self.config.new_mode(true),
         })
         .await
+    }
+
+    /// Changes the owner (superusers only) and/or the group of an entry, or of everything under it
+    /// with `recursive`.
+    pub async fn set_owner(
+        &self,
+        path: &str,
+        owner: Option<&str>,
+        group: Option<&str>,
+        recursive: bool,
+    ) -> Result<(), Error> {
+        self.nn_ok(&ClientToNamenode::SetOwner {
+            path: path.into(),
+            owner: owner.map(str::to_string),
+            group: group.map(str::to_string),
+            recursive,
+        })
+        .await
+    }
+
+    /// Changes the mode of an entry, or of everything under it with `recursive`.
+    pub async fn set_mode(
+        &self,
+        path: &str,
+        change: lode_protocol::perm::ModeChange,
+        recursive: bool,
+    ) -> Result<(), Error> {
+        self.nn_ok(&ClientToNamenode::SetMode {
+            path: path.into(),
+            change,
+            recursive,
+        })
+        .await
+    }
+
+    /// Makes the namenode read its groups from its config again (admins only).
+    pub async fn refresh_groups(&self) -> Result<(), Error> {
+        self.nn_ok(&ClientToNamenode::RefreshGroups).await
     }
 
     /// Lists a directory (a file lists as itself).

@@ -64,6 +64,7 @@ impl Client {
             replication: opts.replication.or(self.config.replication),
             block_size,
             session: self.session,
+            mode: self.config.new_mode(false),
         };
         let (inode, replication, block_size, lease_ms) = match self.nn(&create).await? {
             NamenodeReply::Created {

@@ -72,6 +72,13 @@ pub struct Config {
     /// Rotated audit logs kept. Default 10.
     #[serde(default = "d_audit_keep")]
     pub audit_log_keep: u32,
+    /// Groups and their members (user names: certificate common names). Members of `supergroup`
+    /// are superusers. Reloaded by `lode admin refresh-groups`.
+    #[serde(default)]
+    pub groups: std::collections::BTreeMap<String, Vec<String>>,
+    /// The file this config was read from (to reload the groups).
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 fn d_audit_max() -> u64 {
@@ -151,6 +158,7 @@ impl Config {
             message: e.message().to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        cfg.path = Some(path.to_path_buf());
         cfg.tls = cfg.tls.relative_to(base);
         if cfg.meta_dir.is_relative() {
             cfg.meta_dir = base.join(&cfg.meta_dir);
@@ -195,6 +203,7 @@ impl Config {
                 self.lease_expiry_ms
             ));
         }
+        crate::perm::Groups::new(&self.groups).map_err(|e| format!("groups: {e}"))?;
         self.transport.validate()
     }
 }

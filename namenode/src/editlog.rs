@@ -24,8 +24,10 @@ use std::path::{Path, PathBuf};
 use crate::error::Error;
 use crate::namespace::MetaOp;
 
-/// Version byte in front of every edit's body; decoding older formats is added here when one changes.
-const EDIT_FORMAT: u8 = 1;
+/// Version byte in front of every edit's body. Format 2 gave `Mkdir` and `Create` the new
+/// entry's owner, group and mode; format 1 is still read ([`crate::namespace::decode_edit_v1`]).
+const EDIT_FORMAT: u8 = 2;
+const EDIT_FORMAT_V1: u8 = 1;
 
 /// Largest record body, checked when a record is written and when it is read. Operations whose
 /// edit would be larger are split into bounded edits (`SetReplication`) or refused.
@@ -303,9 +305,14 @@ pub fn decode_segment(
         let op: MetaOp = match body.split_first() {
             Some((&EDIT_FORMAT, rest)) => postcard::from_bytes(rest)
                 .map_err(|e| Error::Corrupt(format!("edit {seq} does not decode: {e}")))?,
+            Some((&EDIT_FORMAT_V1, rest)) => {
+                crate::namespace::decode_edit_v1(rest).map_err(|e| {
+                    Error::Corrupt(format!("edit {seq} (format 1) does not decode: {e}"))
+                })?
+            }
             Some((v, _)) => {
                 return Err(Error::Corrupt(format!(
-                    "edit {seq} has format {v}; this build reads format {EDIT_FORMAT}"
+                    "edit {seq} has format {v}; this build reads formats 1 to {EDIT_FORMAT}"
                 )))
             }
             None => return Err(Error::Corrupt(format!("edit {seq} is empty"))),

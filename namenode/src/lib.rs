@@ -13,6 +13,7 @@ pub mod error;
 pub mod failpoints;
 pub mod http;
 pub mod namespace;
+pub mod perm;
 pub mod placement;
 pub mod repair;
 pub mod server;
@@ -97,6 +98,8 @@ pub async fn run(
         ),
         None => None,
     };
+    let groups =
+        perm::Groups::new(&config.groups).map_err(|e| Error::Store(format!("groups: {e}")))?;
     tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = stored.inodes.len(), "namenode serving");
     let shared = Arc::new(server::Shared {
         ns,
@@ -106,6 +109,7 @@ pub async fn run(
         metrics,
         replica_reports: tokio::sync::Notify::new(),
         audit,
+        groups: std::sync::RwLock::new(groups),
     });
     let repairs = tokio::spawn(repair_loop(
         state.clone(),

@@ -17,12 +17,18 @@ use lode_protocol::{path, Blake3Cv, BlockId, ErrorCode, InodeId, SessionId};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::perm::{Caller, Perm};
 use crate::store::MetaStore;
+use lode_protocol::perm::{ModeChange, EXECUTE, READ, WRITE};
 
 /// Version byte in front of every stored value. Version 1 kept a file's block list inside its
 /// inode record (rewritten whole by every `AddBlock`); version 2 keeps each block under its own
-/// key. Other records are the same in both; a version-1 store is migrated when it is opened.
-pub const FORMAT_VERSION: u8 = 2;
+/// key; version 3 gives every inode an owner, a group and a mode. Other records are the same in
+/// all three. A version-1 store is migrated when it is opened; a version-2 inode is read as owned
+/// by the superuser with mode 0755 or 0644 ([`Perm::legacy`]) and written as version 3 the next
+/// time it changes.
+pub const FORMAT_VERSION: u8 = 3;
+const FORMAT_V2: u8 = 2;
 const FORMAT_V1: u8 = 1;
 /// The root directory's inode.
 pub const ROOT: InodeId = InodeId(1);
@@ -94,6 +100,16 @@ enum InodeKindV1 {
     },
 }
 
+/// A version-2 inode record: no owner, group or mode.
+#[derive(Serialize, Deserialize)]
+struct InodeV2 {
+    id: InodeId,
+    parent: InodeId,
+    name: String,
+    mtime_ms: u64,
+    kind: InodeKind,
+}
+
 /// A namespace entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inode {
@@ -107,6 +123,15 @@ pub struct Inode {
     pub mtime_ms: u64,
     /// File or directory.
     pub kind: InodeKind,
+    /// Owner, group and mode.
+    pub perm: Perm,
+}
+
+impl Inode {
+    /// Whether it is a directory.
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, InodeKind::Directory)
+    }
 }
 
 /// One logged namespace edit, fully resolved (ids chosen, paths turned into inodes).
@@ -118,6 +143,7 @@ pub enum MetaOp {
         name: String,
         inode: InodeId,
         mtime_ms: u64,
+        perm: Perm,
     },
     /// New file under construction, replacing `replaces` if set.
     Create {
@@ -130,6 +156,7 @@ pub enum MetaOp {
         mtime_ms: u64,
         replaces: Option<InodeId>,
         target_name: Option<String>,
+        perm: Perm,
     },
     /// Commit `previous` (the current last block) and append a new block.
     AddBlock {
@@ -168,6 +195,70 @@ pub enum MetaOp {
         dst_name: String,
         mtime_ms: u64,
     },
+    /// Change the owner, the group and/or the mode of entries.
+    SetAttributes {
+        inodes: Vec<InodeId>,
+        owner: Option<String>,
+        group: Option<String>,
+        mode: Option<ModeChange>,
+    },
+}
+
+/// The two edits whose fields changed in edit format 2 (owners), as format 1 had them.
+#[derive(Deserialize)]
+struct MkdirV1 {
+    parent: InodeId,
+    name: String,
+    inode: InodeId,
+    mtime_ms: u64,
+}
+
+#[derive(Deserialize)]
+struct CreateV1 {
+    parent: InodeId,
+    name: String,
+    inode: InodeId,
+    replication: u8,
+    block_size: u64,
+    session: SessionId,
+    mtime_ms: u64,
+    replaces: Option<InodeId>,
+    target_name: Option<String>,
+}
+
+/// Decodes the postcard body of an edit of format 1 (before owners). Only `Mkdir` (variant 0) and
+/// `Create` (variant 1) were different: they made entries of the time before owners, so they come
+/// back with [`Perm::legacy`], as the entries they made read from a store of that time. Every
+/// other edit is encoded as it was.
+pub fn decode_edit_v1(body: &[u8]) -> Result<MetaOp, Error> {
+    match body.split_first() {
+        Some((0, rest)) => {
+            let m: MkdirV1 = postcard_value(rest)?;
+            Ok(MetaOp::Mkdir {
+                parent: m.parent,
+                name: m.name,
+                inode: m.inode,
+                mtime_ms: m.mtime_ms,
+                perm: Perm::legacy(true),
+            })
+        }
+        Some((1, rest)) => {
+            let c: CreateV1 = postcard_value(rest)?;
+            Ok(MetaOp::Create {
+                parent: c.parent,
+                name: c.name,
+                inode: c.inode,
+                replication: c.replication,
+                block_size: c.block_size,
+                session: c.session,
+                mtime_ms: c.mtime_ms,
+                replaces: c.replaces,
+                target_name: c.target_name,
+                perm: Perm::legacy(false),
+            })
+        }
+        _ => postcard_value(body),
+    }
 }
 
 /// What applying an edit changed that the in-memory state must follow.
@@ -261,10 +352,10 @@ fn postcard_value<T: for<'de> Deserialize<'de>>(rest: &[u8]) -> Result<T, Error>
     postcard::from_bytes(rest).map_err(|e| Error::Corrupt(format!("undecodable record: {e}")))
 }
 
-/// Decodes a stored record other than an inode (those are the same in versions 1 and 2).
+/// Decodes a stored record other than an inode (those are the same in every version).
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
     match bytes.split_first() {
-        Some((&(FORMAT_VERSION | FORMAT_V1), rest)) => postcard_value(rest),
+        Some((&(FORMAT_VERSION | FORMAT_V2 | FORMAT_V1), rest)) => postcard_value(rest),
         Some((v, _)) => Err(Error::Corrupt(format!("unknown record format {v}"))),
         None => Err(Error::Corrupt("empty record".into())),
     }
@@ -275,8 +366,20 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
 pub fn decode_inode(bytes: &[u8]) -> Result<Inode, Error> {
     match bytes.split_first() {
         Some((&FORMAT_VERSION, rest)) => postcard_value(rest),
+        Some((&FORMAT_V2, rest)) => {
+            let old: InodeV2 = postcard_value(rest)?;
+            let perm = Perm::legacy(matches!(old.kind, InodeKind::Directory));
+            Ok(Inode {
+                id: old.id,
+                parent: old.parent,
+                name: old.name,
+                mtime_ms: old.mtime_ms,
+                kind: old.kind,
+                perm,
+            })
+        }
         Some((&FORMAT_V1, _)) => Err(Error::Corrupt(
-            "inode record of format 1 in a store of format 2".into(),
+            "inode record of format 1 in a store of format 2 or later".into(),
         )),
         Some((v, _)) => Err(Error::Corrupt(format!("unknown record format {v}"))),
         None => Err(Error::Corrupt("empty record".into())),
@@ -312,6 +415,7 @@ pub fn upgrade_v1(bytes: &[u8]) -> Result<Option<(Inode, Vec<BlockMeta>)>, Error
         ),
     };
     let node = Inode {
+        perm: Perm::legacy(matches!(kind, InodeKind::Directory)),
         id: old.id,
         parent: old.parent,
         name: old.name,
@@ -324,7 +428,7 @@ pub fn upgrade_v1(bytes: &[u8]) -> Result<Option<(Inode, Vec<BlockMeta>)>, Error
 /// Decodes a stored block record (untrusted, like an inode record).
 pub fn decode_block(bytes: &[u8]) -> Result<BlockMeta, Error> {
     match bytes.split_first() {
-        Some((&FORMAT_VERSION, rest)) => postcard_value(rest),
+        Some((&(FORMAT_VERSION | FORMAT_V2), rest)) => postcard_value(rest),
         Some((v, _)) => Err(Error::Corrupt(format!("unknown block record format {v}"))),
         None => Err(Error::Corrupt("empty record".into())),
     }
@@ -353,6 +457,7 @@ impl<S: MetaStore> Namespace<S> {
                 name: String::new(),
                 mtime_ms: 0,
                 kind: InodeKind::Directory,
+                perm: Perm::legacy(true),
             };
             ns.store
                 .apply_batch(vec![(inode_key(ROOT), Some(encode(&root)?))])?;
@@ -553,8 +658,24 @@ impl<S: MetaStore> Namespace<S> {
         Ok(MetaOp::ApprovePlugin { hash })
     }
 
-    /// Resolves a normalised path. A file in the middle of the path is an error.
+    /// Resolves a normalised path (with no permission checks). A file in the middle of the path is
+    /// an error.
     pub fn resolve(&self, p: &str) -> Result<Option<Inode>, Error> {
+        self.walk(None, p)
+    }
+
+    /// Resolves a normalised path as `caller`: it needs search (x) on every directory it passes
+    /// through.
+    pub fn resolve_as(&self, caller: &Caller, p: &str) -> Result<Option<Inode>, Error> {
+        self.walk(Some(caller), p)
+    }
+
+    /// Resolves a path that must exist, as `caller`.
+    pub fn resolve_existing_as(&self, caller: &Caller, p: &str) -> Result<Inode, Error> {
+        self.resolve_as(caller, p)?.ok_or_else(|| not_found(p))
+    }
+
+    fn walk(&self, caller: Option<&Caller>, p: &str) -> Result<Option<Inode>, Error> {
         let mut cur = self.must_get(ROOT)?;
         let mut walked = String::new();
         for name in path::components(p) {
@@ -563,6 +684,10 @@ impl<S: MetaStore> Namespace<S> {
                     ErrorCode::NotADirectory,
                     format!("{walked}: not a directory"),
                 ));
+            }
+            if let Some(c) = caller {
+                let here = if walked.is_empty() { "/" } else { &walked };
+                c.check(here, &cur.perm, true, EXECUTE)?;
             }
             walked.push('/');
             walked.push_str(name);
@@ -576,12 +701,14 @@ impl<S: MetaStore> Namespace<S> {
 
     /// Resolves a path that must exist.
     pub fn resolve_existing(&self, p: &str) -> Result<Inode, Error> {
-        self.resolve(p)?.ok_or_else(|| {
-            refused(
-                ErrorCode::NotFound,
-                format!("{p}: no such file or directory"),
-            )
-        })
+        self.resolve(p)?.ok_or_else(|| not_found(p))
+    }
+
+    /// Resolves an existing path as `caller` and checks `want` on what it names.
+    pub fn accessible(&self, caller: &Caller, p: &str, want: u16) -> Result<Inode, Error> {
+        let node = self.resolve_existing_as(caller, p)?;
+        caller.check(p, &node.perm, node.is_dir(), want)?;
+        Ok(node)
     }
 
     /// The status of an entry (without block locations; the server adds those).
@@ -596,6 +723,9 @@ impl<S: MetaStore> Namespace<S> {
                 mtime_ms: inode.mtime_ms,
                 complete: true,
                 blocks: vec![],
+                owner: inode.perm.owner.clone(),
+                group: inode.perm.group.clone(),
+                mode: inode.perm.mode,
             },
             InodeKind::File {
                 replication,
@@ -632,6 +762,9 @@ impl<S: MetaStore> Namespace<S> {
                     mtime_ms: inode.mtime_ms,
                     complete: writer.is_none(),
                     blocks: located,
+                    owner: inode.perm.owner.clone(),
+                    group: inode.perm.group.clone(),
+                    mode: inode.perm.mode,
                 }
             }
         })
@@ -679,11 +812,13 @@ impl<S: MetaStore> Namespace<S> {
         Ok(totals)
     }
 
-    fn parent_dir_of(&self, p: &str) -> Result<(Inode, String), Error> {
+    /// The directory an entry of path `p` is (or would be) in, which `caller` needs search and
+    /// write on to add or remove an entry there.
+    fn parent_dir_of(&self, caller: &Caller, p: &str) -> Result<(Inode, String), Error> {
         let (parent, name) = path::split_parent(p)
             .ok_or_else(|| refused(ErrorCode::InvalidArgument, "/: is the root directory"))?;
         let dir = self
-            .resolve(parent)?
+            .resolve_as(caller, parent)?
             .ok_or_else(|| refused(ErrorCode::NotFound, format!("{parent}: no such directory")))?;
         if !matches!(dir.kind, InodeKind::Directory) {
             return Err(refused(
@@ -691,18 +826,86 @@ impl<S: MetaStore> Namespace<S> {
                 format!("{parent}: not a directory"),
             ));
         }
+        caller.check(parent, &dir.perm, true, WRITE | EXECUTE)?;
         Ok((dir, name.to_string()))
     }
 
-    /// Validates a mkdir; returns the edits (one per missing directory with `parents`).
+    /// What a new entry made by `caller` in `dir` gets: the caller as owner, the directory's
+    /// group (the BSD rule HDFS keeps), and `mode` (the client took its umask off already).
+    fn new_perm(caller: &Caller, dir: &Inode, mode: u16) -> Perm {
+        Perm {
+            owner: caller.user.clone(),
+            group: dir.perm.group.clone(),
+            mode: mode & 0o777,
+        }
+    }
+
+    /// Checks that `caller` may remove `node` (at `p`) from its directory `dir`: the sticky rule,
+    /// and for a directory with entries, read, write and search on every directory under it and the
+    /// sticky rule in each (what `rm -r` needs on a local disk).
+    fn check_removable(
+        &self,
+        caller: &Caller,
+        p: &str,
+        dir: &Inode,
+        node: &Inode,
+    ) -> Result<(), Error> {
+        caller.check_sticky(p, &dir.perm, &node.perm)?;
+        if caller.superuser || !node.is_dir() {
+            return Ok(());
+        }
+        let mut stack = vec![(p.to_string(), node.clone())];
+        while let Some((at, d)) = stack.pop() {
+            let children = self.children(d.id)?;
+            if children.is_empty() {
+                continue;
+            }
+            caller.check(&at, &d.perm, true, READ | WRITE | EXECUTE)?;
+            for (name, id) in children {
+                let child = self.must_get(id)?;
+                let child_path = path::join(&at, &name);
+                caller.check_sticky(&child_path, &d.perm, &child.perm)?;
+                if child.is_dir() {
+                    stack.push((child_path, child));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every entry at or under `top` (at `p`), each with its path: directories need read and
+    /// search for `caller` to be looked into (as a recursive walk on a local disk does).
+    fn subtree(&self, caller: &Caller, p: &str, top: Inode) -> Result<Vec<(String, Inode)>, Error> {
+        let mut out = vec![];
+        let mut stack = vec![(p.to_string(), top)];
+        while let Some((at, node)) = stack.pop() {
+            if node.is_dir() {
+                let children = self.children(node.id)?;
+                if !children.is_empty() {
+                    caller.check(&at, &node.perm, true, READ | EXECUTE)?;
+                }
+                for (name, id) in children {
+                    stack.push((path::join(&at, &name), self.must_get(id)?));
+                }
+            }
+            out.push((at, node));
+        }
+        Ok(out)
+    }
+
+    /// Validates a mkdir by `caller`; returns the edits (one per missing directory with
+    /// `parents`). A directory made on the way gets `mode` with owner write and search added, so
+    /// that the caller can make the next one in it (as HDFS does).
     pub fn prepare_mkdir(
         &self,
+        caller: &Caller,
         p: &str,
         parents: bool,
+        mode: u16,
         ids: &mut IdAlloc,
         now_ms: u64,
     ) -> Result<Vec<MetaOp>, Error> {
-        if let Some(existing) = self.resolve(p)? {
+        if let Some(existing) = self.resolve_as(caller, p)? {
             return match existing.kind {
                 InodeKind::Directory if parents => Ok(vec![]),
                 InodeKind::Directory => Err(refused(
@@ -716,60 +919,90 @@ impl<S: MetaStore> Namespace<S> {
             };
         }
         if !parents {
-            let (dir, name) = self.parent_dir_of(p)?;
+            let (dir, name) = self.parent_dir_of(caller, p)?;
             return Ok(vec![MetaOp::Mkdir {
                 parent: dir.id,
                 name,
                 inode: ids.inode()?,
                 mtime_ms: now_ms,
+                perm: Self::new_perm(caller, &dir, mode),
             }]);
         }
         let mut ops = vec![];
-        let mut cur = ROOT;
+        let mut cur = self.must_get(ROOT)?;
         let mut walked = String::new();
-        let mut creating = false;
-        for name in path::components(p) {
+        let mut creating: Option<Perm> = None;
+        let names: Vec<&str> = path::components(p).collect();
+        for (i, name) in names.iter().enumerate() {
+            let here = if walked.is_empty() {
+                "/".to_string()
+            } else {
+                walked.clone()
+            };
             walked.push('/');
             walked.push_str(name);
-            if !creating {
-                if let Some(id) = self.lookup(cur, name)? {
-                    let node = self.must_get(id)?;
-                    if !matches!(node.kind, InodeKind::Directory) {
-                        return Err(refused(
-                            ErrorCode::NotADirectory,
-                            format!("{walked}: not a directory"),
-                        ));
+            let last = i + 1 == names.len();
+            let mode = if last { mode } else { mode | 0o300 };
+            let perm = match &creating {
+                Some(parent_perm) => Perm {
+                    owner: caller.user.clone(),
+                    group: parent_perm.group.clone(),
+                    mode: mode & 0o777,
+                },
+                None => {
+                    if let Some(id) = self.lookup(cur.id, name)? {
+                        let node = self.must_get(id)?;
+                        if !node.is_dir() {
+                            return Err(refused(
+                                ErrorCode::NotADirectory,
+                                format!("{walked}: not a directory"),
+                            ));
+                        }
+                        cur = node;
+                        continue;
                     }
-                    cur = id;
-                    continue;
+                    // The deepest directory that exists is where the caller adds one.
+                    caller.check(&here, &cur.perm, true, WRITE | EXECUTE)?;
+                    Self::new_perm(caller, &cur, mode)
                 }
-                creating = true;
-            }
+            };
             let id = ids.inode()?;
             ops.push(MetaOp::Mkdir {
-                parent: cur,
+                parent: cur.id,
                 name: name.to_string(),
                 inode: id,
                 mtime_ms: now_ms,
+                perm: perm.clone(),
             });
-            cur = id;
+            cur = Inode {
+                id,
+                parent: cur.id,
+                name: name.to_string(),
+                mtime_ms: now_ms,
+                kind: InodeKind::Directory,
+                perm: perm.clone(),
+            };
+            creating = Some(perm);
         }
         Ok(ops)
     }
 
-    /// Validates a create.
+    /// Validates a create by `caller`: write and search on the directory, and write on the file it
+    /// overwrites.
     #[allow(clippy::too_many_arguments)]
     pub fn prepare_create(
         &self,
+        caller: &Caller,
         p: &str,
         overwrite: bool,
         replication: u8,
         block_size: u64,
+        mode: u16,
         session: SessionId,
         ids: &mut IdAlloc,
         now_ms: u64,
     ) -> Result<MetaOp, Error> {
-        let (dir, name) = self.parent_dir_of(p)?;
+        let (dir, name) = self.parent_dir_of(caller, p)?;
         let conflict = || {
             refused(
                 ErrorCode::LeaseConflict,
@@ -780,7 +1013,11 @@ impl<S: MetaStore> Namespace<S> {
         let mut create_as = name.clone();
         let mut target_name = None;
         if let Some(id) = self.lookup(dir.id, &name)? {
-            match self.must_get(id)?.kind {
+            let existing = self.must_get(id)?;
+            if overwrite && !existing.is_dir() {
+                caller.check(p, &existing.perm, false, WRITE)?;
+            }
+            match existing.kind {
                 InodeKind::Directory => {
                     return Err(refused(
                         ErrorCode::IsADirectory,
@@ -835,6 +1072,7 @@ impl<S: MetaStore> Namespace<S> {
             mtime_ms: now_ms,
             replaces,
             target_name,
+            perm: Self::new_perm(caller, &dir, mode),
         })
     }
 
@@ -989,20 +1227,20 @@ impl<S: MetaStore> Namespace<S> {
         })
     }
 
-    /// Validates a replication change of a file or of every file under a directory: one edit per
-    /// [`SETREP_FILES_PER_EDIT`] files.
-    pub fn prepare_setrep(&self, p: &str, replication: u8) -> Result<Vec<MetaOp>, Error> {
-        let node = self.resolve_existing(p)?;
+    /// Validates a replication change of a file or of every file under a directory by `caller`
+    /// (write on each file): one edit per [`SETREP_FILES_PER_EDIT`] files.
+    pub fn prepare_setrep(
+        &self,
+        caller: &Caller,
+        p: &str,
+        replication: u8,
+    ) -> Result<Vec<MetaOp>, Error> {
+        let node = self.resolve_existing_as(caller, p)?;
         let mut files = vec![];
-        let mut stack = vec![node];
-        while let Some(n) = stack.pop() {
-            match n.kind {
-                InodeKind::Directory => {
-                    for (_, id) in self.children(n.id)? {
-                        stack.push(self.must_get(id)?);
-                    }
-                }
-                InodeKind::File { .. } => files.push(n.id),
+        for (at, n) in self.subtree(caller, p, node)? {
+            if !n.is_dir() {
+                caller.check(&at, &n.perm, false, WRITE)?;
+                files.push(n.id);
             }
         }
         if files.is_empty() {
@@ -1017,45 +1255,122 @@ impl<S: MetaStore> Namespace<S> {
             .collect())
     }
 
-    /// Validates a delete.
-    pub fn prepare_delete(&self, p: &str, recursive: bool) -> Result<MetaOp, Error> {
-        let node = self.resolve_existing(p)?;
+    /// Validates `chown`/`chgrp`/`chmod` by `caller` of an entry, or of everything under it with
+    /// `recursive`: only a superuser changes an owner; the owner (or a superuser) changes the mode,
+    /// and the group to one the owner is in. One edit per [`SETREP_FILES_PER_EDIT`] entries.
+    pub fn prepare_set_attributes(
+        &self,
+        caller: &Caller,
+        p: &str,
+        owner: Option<String>,
+        group: Option<String>,
+        mode: Option<ModeChange>,
+        recursive: bool,
+    ) -> Result<Vec<MetaOp>, Error> {
+        let invalid = |m: String| refused(ErrorCode::InvalidArgument, m);
+        if let Some(o) = &owner {
+            lode_protocol::perm::validate_name("user", o).map_err(invalid)?;
+            if !caller.superuser {
+                return Err(refused(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "permission denied: user={} may not change the owner of {p} (only a superuser may)",
+                        caller.user
+                    ),
+                ));
+            }
+        }
+        if let Some(g) = &group {
+            lode_protocol::perm::validate_name("group", g).map_err(invalid)?;
+            if !caller.superuser && !caller.groups.contains(g) {
+                return Err(refused(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "permission denied: user={} is not in group {g}, so may not give {p} to it",
+                        caller.user
+                    ),
+                ));
+            }
+        }
+        let node = self.resolve_existing_as(caller, p)?;
+        let entries = if recursive {
+            self.subtree(caller, p, node)?
+        } else {
+            vec![(p.to_string(), node)]
+        };
+        let mut inodes = Vec::with_capacity(entries.len());
+        for (at, n) in entries {
+            caller.check_owner(&at, &n.perm)?;
+            inodes.push(n.id);
+        }
+        Ok(inodes
+            .chunks(SETREP_FILES_PER_EDIT)
+            .map(|chunk| MetaOp::SetAttributes {
+                inodes: chunk.to_vec(),
+                owner: owner.clone(),
+                group: group.clone(),
+                mode: mode.clone(),
+            })
+            .collect())
+    }
+
+    /// Validates a delete by `caller`: write and search on the directory, the sticky rule, and
+    /// for a directory with entries what [`Self::check_removable`] asks.
+    pub fn prepare_delete(
+        &self,
+        caller: &Caller,
+        p: &str,
+        recursive: bool,
+    ) -> Result<MetaOp, Error> {
+        let node = self.resolve_existing_as(caller, p)?;
         if node.id == ROOT {
             return Err(refused(
                 ErrorCode::InvalidArgument,
                 "/: cannot delete the root directory",
             ));
         }
-        if matches!(node.kind, InodeKind::Directory)
-            && !recursive
-            && !self.children(node.id)?.is_empty()
-        {
+        let (dir, _) = self.parent_dir_of(caller, p)?;
+        if node.is_dir() && !recursive && !self.children(node.id)?.is_empty() {
             return Err(refused(
                 ErrorCode::NotEmpty,
                 format!("{p}: directory not empty (use -r)"),
             ));
         }
+        self.check_removable(caller, p, &dir, &node)?;
         Ok(MetaOp::Delete { inode: node.id })
     }
 
-    /// Validates a rename. Into an existing directory, the entry keeps its name; onto an existing file it fails.
-    pub fn prepare_rename(&self, src: &str, dst: &str, now_ms: u64) -> Result<MetaOp, Error> {
-        let node = self.resolve_existing(src)?;
+    /// Validates a rename by `caller`: write and search on both directories and the sticky rule
+    /// at the source. Into an existing directory, the entry keeps its name; onto an existing file
+    /// it fails.
+    pub fn prepare_rename(
+        &self,
+        caller: &Caller,
+        src: &str,
+        dst: &str,
+        now_ms: u64,
+    ) -> Result<MetaOp, Error> {
+        let node = self.resolve_existing_as(caller, src)?;
         if node.id == ROOT {
             return Err(refused(
                 ErrorCode::InvalidArgument,
                 "/: cannot move the root directory",
             ));
         }
-        let (dst_dir, dst_name) = match self.resolve(dst)? {
-            Some(d) if matches!(d.kind, InodeKind::Directory) => (d, node.name.clone()),
+        let (src_dir, _) = self.parent_dir_of(caller, src)?;
+        caller.check_sticky(src, &src_dir.perm, &node.perm)?;
+        let (dst_dir, dst_name) = match self.resolve_as(caller, dst)? {
+            Some(d) if d.is_dir() => {
+                caller.check(dst, &d.perm, true, WRITE | EXECUTE)?;
+                (d, node.name.clone())
+            }
             Some(_) => {
                 return Err(refused(
                     ErrorCode::AlreadyExists,
                     format!("{dst}: file exists"),
                 ))
             }
-            None => self.parent_dir_of(dst)?,
+            None => self.parent_dir_of(caller, dst)?,
         };
         if self.lookup(dst_dir.id, &dst_name)?.is_some() {
             return Err(refused(
@@ -1096,6 +1411,7 @@ impl<S: MetaStore> Namespace<S> {
                 name,
                 inode,
                 mtime_ms,
+                perm,
             } => {
                 let node = Inode {
                     id: *inode,
@@ -1103,6 +1419,7 @@ impl<S: MetaStore> Namespace<S> {
                     name: name.clone(),
                     mtime_ms: *mtime_ms,
                     kind: InodeKind::Directory,
+                    perm: perm.clone(),
                 };
                 batch.push((inode_key(*inode), Some(encode(&node)?)));
                 batch.push((
@@ -1120,6 +1437,7 @@ impl<S: MetaStore> Namespace<S> {
                 mtime_ms,
                 replaces,
                 target_name,
+                perm,
             } => {
                 if let Some(old) = replaces {
                     self.delete_subtree(*old, &mut batch, &mut applied)?;
@@ -1137,6 +1455,7 @@ impl<S: MetaStore> Namespace<S> {
                         writer: Some(*session),
                         target_name: target_name.clone(),
                     },
+                    perm: perm.clone(),
                 };
                 batch.push((inode_key(*inode), Some(encode(&node)?)));
                 batch.push((
@@ -1274,6 +1593,28 @@ impl<S: MetaStore> Namespace<S> {
                     Some(inode.0.to_be_bytes().to_vec()),
                 ));
             }
+            MetaOp::SetAttributes {
+                inodes,
+                owner,
+                group,
+                mode,
+            } => {
+                for id in inodes {
+                    let Some(mut node) = self.get(*id)? else {
+                        continue;
+                    };
+                    if let Some(o) = owner {
+                        node.perm.owner = o.clone();
+                    }
+                    if let Some(g) = group {
+                        node.perm.group = g.clone();
+                    }
+                    if let Some(m) = mode {
+                        node.perm.mode = m.apply(node.perm.mode, node.is_dir());
+                    }
+                    batch.push((inode_key(*id), Some(encode(&node)?)));
+                }
+            }
         }
         if let Some(ids) = self.advanced_ids(op)? {
             batch.push((NEXT_IDS_KEY.to_vec(), Some(ids)));
@@ -1380,6 +1721,13 @@ pub fn replacing_name(name: &str) -> String {
     format!(".{name}.lode-replacing")
 }
 
+fn not_found(p: &str) -> Error {
+    refused(
+        ErrorCode::NotFound,
+        format!("{p}: no such file or directory"),
+    )
+}
+
 fn path_of_parent(p: &str) -> String {
     path::split_parent(p).map_or_else(|| "/".to_string(), |(parent, _)| parent.to_string())
 }
@@ -1462,6 +1810,10 @@ impl IdAlloc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn su() -> Caller {
+        Caller::superuser()
+    }
     use crate::store::MemStore;
 
     fn setup() -> (Namespace<MemStore>, IdAlloc, u64) {
@@ -1544,14 +1896,20 @@ mod tests {
     #[test]
     fn mkdir_create_write_rename_delete() {
         let (ns, mut ids, mut seq) = setup();
-        let ops = ns.prepare_mkdir("/a/b", true, &mut ids, 5).unwrap();
+        let ops = ns
+            .prepare_mkdir(&su(), "/a/b", true, 0o755, &mut ids, 5)
+            .unwrap();
         assert_eq!(ops.len(), 2);
         run(&ns, &mut seq, ops);
-        assert!(ns.prepare_mkdir("/a/b", false, &mut ids, 5).is_err());
-        assert!(ns.prepare_mkdir("/x/y", false, &mut ids, 5).is_err());
+        assert!(ns
+            .prepare_mkdir(&su(), "/a/b", false, 0o755, &mut ids, 5)
+            .is_err());
+        assert!(ns
+            .prepare_mkdir(&su(), "/x/y", false, 0o755, &mut ids, 5)
+            .is_err());
         let s = SessionId(9);
         let create = ns
-            .prepare_create("/a/b/f", false, 2, 65536, s, &mut ids, 6)
+            .prepare_create(&su(), "/a/b/f", false, 2, 65536, 0o644, s, &mut ids, 6)
             .unwrap();
         let inode = match &create {
             MetaOp::Create { inode, .. } => *inode,
@@ -1560,7 +1918,17 @@ mod tests {
         run(&ns, &mut seq, vec![create]);
         // a second writer is refused while the first holds the lease
         let e = ns
-            .prepare_create("/a/b/f", true, 2, 65536, SessionId(10), &mut ids, 6)
+            .prepare_create(
+                &su(),
+                "/a/b/f",
+                true,
+                2,
+                65536,
+                0o644,
+                SessionId(10),
+                &mut ids,
+                6,
+            )
             .unwrap_err();
         assert!(matches!(
             e,
@@ -1590,19 +1958,30 @@ mod tests {
         assert_eq!(applied.completed, vec![b1]);
         let f = ns.resolve_existing("/a/b/f").unwrap();
         assert_eq!(ns.status("/a/b/f", &f, true).unwrap().blocks[0].len, 10);
-        assert!(ns.prepare_mkdir("/a/b/f/g", true, &mut ids, 8).is_err());
-        assert!(ns.prepare_delete("/a", false).is_err());
-        assert!(ns.prepare_rename("/a", "/a/b/c", 9).is_err());
+        assert!(ns
+            .prepare_mkdir(&su(), "/a/b/f/g", true, 0o755, &mut ids, 8)
+            .is_err());
+        assert!(ns.prepare_delete(&su(), "/a", false).is_err());
+        assert!(ns.prepare_rename(&su(), "/a", "/a/b/c", 9).is_err());
         run(
             &ns,
             &mut seq,
-            vec![ns.prepare_rename("/a/b/f", "/g", 9).unwrap()],
+            vec![ns.prepare_rename(&su(), "/a/b/f", "/g", 9).unwrap()],
         );
         assert!(ns.resolve("/a/b/f").unwrap().is_none());
         assert_eq!(ns.usage(&ns.resolve_existing("/").unwrap()).unwrap().2, 10);
-        let freed = run(&ns, &mut seq, vec![ns.prepare_delete("/g", false).unwrap()]).freed;
+        let freed = run(
+            &ns,
+            &mut seq,
+            vec![ns.prepare_delete(&su(), "/g", false).unwrap()],
+        )
+        .freed;
         assert_eq!(freed, vec![b1]);
-        run(&ns, &mut seq, vec![ns.prepare_delete("/a", true).unwrap()]);
+        run(
+            &ns,
+            &mut seq,
+            vec![ns.prepare_delete(&su(), "/a", true).unwrap()],
+        );
         assert!(ns.children(ROOT).unwrap().is_empty());
         assert_eq!(ns.last_applied().unwrap(), seq);
         assert_eq!(ns.all_inodes().unwrap().len(), 1);
@@ -1613,7 +1992,7 @@ mod tests {
         let (ns, mut ids, mut seq) = setup();
         let s = SessionId(1);
         let create = ns
-            .prepare_create("/f", false, 1, 65536, s, &mut ids, 1)
+            .prepare_create(&su(), "/f", false, 1, 65536, 0o644, s, &mut ids, 1)
             .unwrap();
         let MetaOp::Create { inode, .. } = create else {
             unreachable!()
@@ -1664,7 +2043,7 @@ mod tests {
                      overwrite,
                      len| {
             let create = ns
-                .prepare_create("/f", overwrite, 1, 65536, session, ids, 1)
+                .prepare_create(&su(), "/f", overwrite, 1, 65536, 0o644, session, ids, 1)
                 .unwrap();
             let MetaOp::Create { inode, .. } = create else {
                 unreachable!()
@@ -1702,7 +2081,17 @@ mod tests {
         );
         // A third writer is refused while the second holds the lease.
         let e = ns
-            .prepare_create("/f", true, 1, 65536, SessionId(3), &mut ids, 3)
+            .prepare_create(
+                &su(),
+                "/f",
+                true,
+                1,
+                65536,
+                0o644,
+                SessionId(3),
+                &mut ids,
+                3,
+            )
             .unwrap_err();
         assert!(matches!(
             e,

@@ -11,12 +11,14 @@ use lode_protocol::messages::{
     NamenodeToDatanode, PluginRecord,
 };
 use lode_protocol::net::{self, Identity, Role, RpcError};
+use lode_protocol::perm::{EXECUTE, READ};
 use lode_protocol::service;
 use lode_protocol::{checksum, path, ErrorCode, WireError};
 
 use crate::config::Config;
 use crate::error::{to_wire, Error};
 use crate::namespace::Namespace;
+use crate::perm::{Caller, Groups};
 use crate::placement;
 use crate::state::{SafeMode, State};
 use crate::store::SledStore;
@@ -46,6 +48,8 @@ pub struct Shared {
     pub replica_reports: tokio::sync::Notify,
     /// Where namespace operations are audited, when configured.
     pub audit: Option<crate::audit::AuditLog>,
+    /// Group membership, from the config (reloaded by `RefreshGroups`).
+    pub groups: std::sync::RwLock<Groups>,
 }
 
 /// How long `AddBlock` and `Complete` wait for datanodes to confirm the block a writer commits.
@@ -82,6 +86,39 @@ impl Shared {
         self.state
             .lock()
             .map_err(|_| Error::Store("state lock poisoned".into()))
+    }
+
+    /// The user a certificate acts as. Admin certificates are superusers, and so are datanodes,
+    /// which may only look entries up (to fetch plugin libraries and finish records).
+    fn caller(&self, identity: &Identity) -> Result<Caller, Error> {
+        let groups = self
+            .groups
+            .read()
+            .map_err(|_| Error::Store("groups lock poisoned".into()))?;
+        Ok(groups.caller(
+            &identity.name,
+            matches!(identity.role, Role::Admin | Role::Datanode),
+        ))
+    }
+
+    /// Reads the groups from the config file again.
+    fn refresh_groups(&self) -> Result<usize, Error> {
+        let path = self.config.path.as_ref().ok_or_else(|| {
+            Error::refused(
+                ErrorCode::Unavailable,
+                "this namenode was not started from a config file",
+            )
+        })?;
+        let config = Config::load(path)
+            .map_err(|e| Error::refused(ErrorCode::InvalidArgument, e.to_string()))?;
+        let groups = Groups::new(&config.groups)
+            .map_err(|e| Error::refused(ErrorCode::InvalidArgument, e))?;
+        let users = groups.users();
+        *self
+            .groups
+            .write()
+            .map_err(|_| Error::Store("groups lock poisoned".into()))? = groups;
+        Ok(users)
     }
 }
 
@@ -164,7 +201,13 @@ async fn serve_stream(
         Request::Client(req) => {
             let kind = request_kind(&req);
             let reply = match validate(req, identity, &shared.config) {
-                Ok(req) => route(req, identity, shared).await,
+                Ok((req, system)) => match shared.caller(identity) {
+                    // What the system tree lets anyone do runs as the superuser (the entries it
+                    // makes are the superuser's).
+                    Ok(_) if system => route(req, identity, &Caller::superuser(), shared).await,
+                    Ok(caller) => route(req, identity, &caller, shared).await,
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             }
             .map_err(|e| {
@@ -200,6 +243,9 @@ fn audited(req: &ClientToNamenode) -> Option<(&'static str, Option<String>, Opti
         Du { path } => ("contentSummary", p(path), None),
         Fsck { path } => ("fsck", p(path), None),
         AddPlugin { path, .. } => ("addPlugin", p(path), None),
+        SetOwner { path, .. } => ("setOwner", p(path), None),
+        SetMode { path, .. } => ("setPermission", p(path), None),
+        RefreshGroups => ("refreshUserToGroupsMappings", None, None),
         ApprovePlugin { hash } => ("approvePlugin", Some(hash.to_hex()), None),
         SafeMode { action } if *action != SafeModeAction::Get => ("safemode", None, None),
         Decommission { .. } => ("decommission", None, None),
@@ -251,6 +297,7 @@ fn admin_only(req: &ClientToNamenode) -> Option<&'static str> {
         }
         ClientToNamenode::Decommission { .. } => Some("only an admin can decommission datanodes"),
         ClientToNamenode::ApprovePlugin { .. } => Some("only an admin can approve plugins"),
+        ClientToNamenode::RefreshGroups => Some("only an admin can reload the groups"),
         _ => None,
     }
 }
@@ -267,10 +314,12 @@ fn in_system_tree(path: &str) -> bool {
 /// Only an admin may change the system tree (or act on `/` as a whole, which holds it), except that
 /// anyone may make `/.lode/plugins` and store a new library directly in it, never over another
 /// (`plugin add`; a library runs only once an admin approves its hash). Takes normalised paths.
-fn guard_system_tree(req: &ClientToNamenode, identity: &Identity) -> Result<(), Error> {
+/// True for one of those exceptions by a non-admin: the request then runs as the superuser, so
+/// the system tree stays the superuser's whatever its modes.
+fn guard_system_tree(req: &ClientToNamenode, identity: &Identity) -> Result<bool, Error> {
     use ClientToNamenode::*;
     if identity.role == Role::Admin {
-        return Ok(());
+        return Ok(false);
     }
     let denied = |path: &str| {
         Err(Error::refused(
@@ -283,10 +332,15 @@ fn guard_system_tree(req: &ClientToNamenode, identity: &Identity) -> Result<(), 
         Mkdir { path, .. } if in_system_tree(path) && path != SYSTEM_DIR && path != PLUGIN_DIR => {
             denied(path)
         }
+        Mkdir { path, .. } if in_system_tree(path) => Ok(true),
         Create {
             path, overwrite, ..
         } if in_system_tree(path) && (*overwrite || !new_library(path)) => denied(path),
-        Delete { path, .. } | SetReplication { path, .. }
+        Create { path, .. } if in_system_tree(path) => Ok(true),
+        Delete { path, .. }
+        | SetReplication { path, .. }
+        | SetOwner { path, .. }
+        | SetMode { path, .. }
             if in_system_tree(path) || path == "/" =>
         {
             denied(path)
@@ -294,23 +348,54 @@ fn guard_system_tree(req: &ClientToNamenode, identity: &Identity) -> Result<(), 
         Rename { src, dst } if in_system_tree(src) || in_system_tree(dst) || src == "/" => {
             denied(if in_system_tree(dst) { dst } else { src })
         }
-        _ => Ok(()),
+        _ => Ok(false),
     }
 }
 
 /// Checks a client request's arguments and puts it in the form routing expects: paths
-/// normalised, defaults filled in, the write session bound to the certificate.
+/// normalised, defaults filled in, the write session bound to the certificate. True with it where
+/// the system tree lets a non-admin make the change ([`guard_system_tree`]).
 fn validate(
     req: ClientToNamenode,
     identity: &Identity,
     config: &Config,
-) -> Result<ClientToNamenode, Error> {
+) -> Result<(ClientToNamenode, bool), Error> {
     use ClientToNamenode::*;
     let invalid = |m: String| Error::refused(ErrorCode::InvalidArgument, m);
     Ok(match bind_session(req, identity) {
-        Mkdir { path, parents } => Mkdir {
+        Mkdir {
+            path,
+            parents,
+            mode,
+        } => Mkdir {
             path: normalize(&path)?,
             parents,
+            mode: mode & 0o777,
+        },
+        SetOwner {
+            path,
+            owner,
+            group,
+            recursive,
+        } => {
+            if owner.is_none() && group.is_none() {
+                return Err(invalid("give an owner, a group or both".into()));
+            }
+            SetOwner {
+                path: normalize(&path)?,
+                owner,
+                group,
+                recursive,
+            }
+        }
+        SetMode {
+            path,
+            change,
+            recursive,
+        } => SetMode {
+            path: normalize(&path)?,
+            change,
+            recursive,
         },
         List { path } => List {
             path: normalize(&path)?,
@@ -339,6 +424,7 @@ fn validate(
             replication,
             block_size,
             session,
+            mode,
         } => {
             let replication = replication.unwrap_or(config.replication_default);
             lode_protocol::validate_replication(replication).map_err(invalid)?;
@@ -350,6 +436,7 @@ fn validate(
                 replication: Some(replication),
                 block_size: Some(block_size),
                 session,
+                mode: mode & 0o777,
             }
         }
         SetReplication { path, replication } => {
@@ -378,7 +465,7 @@ fn validate(
         }
         other => other,
     })
-    .and_then(|req| guard_system_tree(&req, identity).map(|()| req))
+    .and_then(|req| guard_system_tree(&req, identity).map(|system| (req, system)))
 }
 
 /// Streams a consistent metadata backup: a `BackupStart` frame, then the bytes.
@@ -434,6 +521,8 @@ fn changes_namespace(req: &ClientToNamenode) -> bool {
             | ClientToNamenode::SetReplication { .. }
             | ClientToNamenode::AddPlugin { .. }
             | ClientToNamenode::ApprovePlugin { .. }
+            | ClientToNamenode::SetOwner { .. }
+            | ClientToNamenode::SetMode { .. }
     )
 }
 
@@ -480,6 +569,9 @@ impl RequestKind for ClientToNamenode {
             ClientToNamenode::Fsck { .. } => "Fsck",
             ClientToNamenode::SafeMode { .. } => "SafeMode",
             ClientToNamenode::Decommission { .. } => "Decommission",
+            ClientToNamenode::SetOwner { .. } => "SetOwner",
+            ClientToNamenode::SetMode { .. } => "SetMode",
+            ClientToNamenode::RefreshGroups => "RefreshGroups",
         }
     }
 }
@@ -566,6 +658,7 @@ fn bind_session(mut req: ClientToNamenode, identity: &Identity) -> ClientToNamen
 async fn route(
     req: ClientToNamenode,
     identity: &Identity,
+    caller: &Caller,
     shared: &Shared,
 ) -> Result<NamenodeReply, Error> {
     if changes_namespace(&req) {
@@ -582,20 +675,31 @@ async fn route(
         }
     }
     match req {
-        ClientToNamenode::Mkdir { path, parents } => {
+        ClientToNamenode::Mkdir {
+            path,
+            parents,
+            mode,
+        } => {
             shared
                 .writer
-                .submit(Mutation::Mkdir { path, parents })
+                .submit(Mutation::Mkdir {
+                    caller: caller.clone(),
+                    path,
+                    parents,
+                    mode,
+                })
                 .await
         }
         ClientToNamenode::List { path: p } => {
             let ns = shared.ns.clone();
+            let caller = caller.clone();
             blocking(move || {
-                let node = ns.resolve_existing(&p)?;
+                let node = ns.resolve_existing_as(&caller, &p)?;
                 let status = ns.status(&p, &node, false)?;
                 if status.kind == EntryKind::File {
                     return Ok(NamenodeReply::Listing(vec![status]));
                 }
+                caller.check(&p, &node.perm, true, READ | EXECUTE)?;
                 let mut out = vec![];
                 for (name, id) in ns.children(node.id)? {
                     if let Some(child) = ns.get(id)? {
@@ -608,8 +712,13 @@ async fn route(
         }
         ClientToNamenode::Stat { path: p, blocks } => {
             let ns = shared.ns.clone();
+            let caller = caller.clone();
             let mut status = blocking(move || {
-                let node = ns.resolve_existing(&p)?;
+                let node = ns.resolve_existing_as(&caller, &p)?;
+                // Block locations are what reading takes.
+                if blocks && !node.is_dir() {
+                    caller.check(&p, &node.perm, false, READ)?;
+                }
                 ns.status(&p, &node, blocks)
             })
             .await?;
@@ -623,11 +732,62 @@ async fn route(
         ClientToNamenode::Delete { path, recursive } => {
             shared
                 .writer
-                .submit(Mutation::Delete { path, recursive })
+                .submit(Mutation::Delete {
+                    caller: caller.clone(),
+                    path,
+                    recursive,
+                })
                 .await
         }
         ClientToNamenode::Rename { src, dst } => {
-            shared.writer.submit(Mutation::Rename { src, dst }).await
+            shared
+                .writer
+                .submit(Mutation::Rename {
+                    caller: caller.clone(),
+                    src,
+                    dst,
+                })
+                .await
+        }
+        ClientToNamenode::SetOwner {
+            path,
+            owner,
+            group,
+            recursive,
+        } => {
+            shared
+                .writer
+                .submit(Mutation::SetAttributes {
+                    caller: caller.clone(),
+                    path,
+                    owner,
+                    group,
+                    mode: None,
+                    recursive,
+                })
+                .await
+        }
+        ClientToNamenode::SetMode {
+            path,
+            change,
+            recursive,
+        } => {
+            shared
+                .writer
+                .submit(Mutation::SetAttributes {
+                    caller: caller.clone(),
+                    path,
+                    owner: None,
+                    group: None,
+                    mode: Some(change),
+                    recursive,
+                })
+                .await
+        }
+        ClientToNamenode::RefreshGroups => {
+            let users = shared.refresh_groups()?;
+            tracing::info!(users, by = %identity.name, "groups reloaded from the config");
+            Ok(NamenodeReply::Ok)
         }
         ClientToNamenode::Create {
             path,
@@ -635,6 +795,7 @@ async fn route(
             replication,
             block_size,
             session,
+            mode,
         } => {
             // Filled in by `validate`.
             let replication = replication.unwrap_or(shared.config.replication_default);
@@ -642,6 +803,8 @@ async fn route(
             shared
                 .writer
                 .submit(Mutation::Create {
+                    caller: caller.clone(),
+                    mode,
                     path,
                     overwrite,
                     replication,
@@ -748,8 +911,12 @@ async fn route(
         }
         ClientToNamenode::Du { path: p } => {
             let ns = shared.ns.clone();
+            let caller = caller.clone();
             blocking(move || {
-                let node = ns.resolve_existing(&p)?;
+                let node = ns.resolve_existing_as(&caller, &p)?;
+                if node.is_dir() {
+                    caller.check(&p, &node.perm, true, READ | EXECUTE)?;
+                }
                 let (files, directories, bytes, stored_bytes) = ns.usage(&node)?;
                 Ok(NamenodeReply::Usage {
                     files,
@@ -793,13 +960,21 @@ async fn route(
         ClientToNamenode::SetReplication { path, replication } => {
             shared
                 .writer
-                .submit(Mutation::SetReplication { path, replication })
+                .submit(Mutation::SetReplication {
+                    caller: caller.clone(),
+                    path,
+                    replication,
+                })
                 .await
         }
         ClientToNamenode::Fsck { path: p } => {
             let ns = shared.ns.clone();
+            let caller = caller.clone();
             let files = blocking(move || {
-                let top = ns.resolve_existing(&p)?;
+                let top = ns.resolve_existing_as(&caller, &p)?;
+                if top.is_dir() {
+                    caller.check(&p, &top.perm, true, READ | EXECUTE)?;
+                }
                 ns.files_under(&p, top)?
                     .into_iter()
                     .filter_map(|(path, inode)| match inode.kind {
@@ -1010,6 +1185,7 @@ mod tests {
         let mkdir = Request::Client(ClientToNamenode::Mkdir {
             path: "/x".into(),
             parents: false,
+            mode: 0o755,
         });
         assert!(
             authorise(&stat, &dn).is_ok(),
@@ -1053,8 +1229,9 @@ mod tests {
             replication: None,
             block_size: None,
             session,
+            mode: 0o644,
         };
-        let v = validate(create(SessionId(5)), &user, &cfg).unwrap();
+        let (v, _) = validate(create(SessionId(5)), &user, &cfg).unwrap();
         let ClientToNamenode::Create {
             path,
             replication,
@@ -1068,9 +1245,12 @@ mod tests {
         assert_eq!(path, "/a/b");
         assert_eq!(replication, Some(cfg.replication_default));
         assert_eq!(block_size, Some(cfg.block_size_default));
-        let ClientToNamenode::Create {
-            session: theirs, ..
-        } = validate(create(SessionId(5)), &other, &cfg).unwrap()
+        let (
+            ClientToNamenode::Create {
+                session: theirs, ..
+            },
+            _,
+        ) = validate(create(SessionId(5)), &other, &cfg).unwrap()
         else {
             panic!()
         };
@@ -1083,6 +1263,7 @@ mod tests {
             ClientToNamenode::Mkdir {
                 path: "/a/../b".into(),
                 parents: false,
+                mode: 0o755,
             },
             ClientToNamenode::SetReplication {
                 path: "/a".into(),
@@ -1094,6 +1275,7 @@ mod tests {
                 replication: Some(3),
                 block_size: Some(1000),
                 session: SessionId(1),
+                mode: 0o644,
             },
             ClientToNamenode::AddPlugin {
                 hash: lode_protocol::Blake3Cv([0; 32]),
@@ -1107,6 +1289,6 @@ mod tests {
             inode: InodeId(3),
             session: SessionId(9),
         };
-        assert_ne!(validate(abandon.clone(), &user, &cfg).unwrap(), abandon);
+        assert_ne!(validate(abandon.clone(), &user, &cfg).unwrap().0, abandon);
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::editlog::Journal;
 use crate::error::Error;
 use crate::namespace::{Applied, IdAlloc, InodeKind, MetaOp, Namespace};
+use crate::perm::Caller;
 use crate::state::State;
 use crate::store::{MetaStore, Overlay};
 
@@ -24,10 +25,17 @@ const QUEUE_DEPTH: usize = 4096;
 #[derive(Debug)]
 pub enum Mutation {
     /// mkdir.
-    Mkdir { path: String, parents: bool },
+    Mkdir {
+        caller: Caller,
+        path: String,
+        parents: bool,
+        mode: u16,
+    },
     /// Create a file for writing.
     Create {
+        caller: Caller,
         path: String,
+        mode: u16,
         overwrite: bool,
         replication: u8,
         block_size: u64,
@@ -54,11 +62,32 @@ pub enum Mutation {
         size: u64,
     },
     /// rm.
-    Delete { path: String, recursive: bool },
+    Delete {
+        caller: Caller,
+        path: String,
+        recursive: bool,
+    },
     /// mv.
-    Rename { src: String, dst: String },
+    Rename {
+        caller: Caller,
+        src: String,
+        dst: String,
+    },
     /// Change replication.
-    SetReplication { path: String, replication: u8 },
+    SetReplication {
+        caller: Caller,
+        path: String,
+        replication: u8,
+    },
+    /// chown, chgrp, chmod.
+    SetAttributes {
+        caller: Caller,
+        path: String,
+        owner: Option<String>,
+        group: Option<String>,
+        mode: Option<lode_protocol::perm::ModeChange>,
+        recursive: bool,
+    },
     /// Start or stop draining a datanode.
     Decommission { datanode: String, on: bool },
     /// Dump the metadata store (consistent: no change runs meanwhile); the bytes go to `out`.
@@ -248,21 +277,28 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
         let ns = &self.ns;
         let mut reply = NamenodeReply::Ok;
         let ops = match m {
-            Mutation::Mkdir { path, parents } => {
-                ns.prepare_mkdir(&path, parents, &mut self.ids, now_ms)?
-            }
-            Mutation::Create {
+            Mutation::Mkdir {
+                caller,
                 path,
+                parents,
+                mode,
+            } => ns.prepare_mkdir(&caller, &path, parents, mode, &mut self.ids, now_ms)?,
+            Mutation::Create {
+                caller,
+                path,
+                mode,
                 overwrite,
                 replication,
                 block_size,
                 session,
             } => {
                 let op = ns.prepare_create(
+                    &caller,
                     &path,
                     overwrite,
                     replication,
                     block_size,
+                    mode,
                     session,
                     &mut self.ids,
                     now_ms,
@@ -322,11 +358,27 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
             } => {
                 vec![ns.prepare_complete(inode, session, last, size, now_ms)?]
             }
-            Mutation::Delete { path, recursive } => vec![ns.prepare_delete(&path, recursive)?],
-            Mutation::Rename { src, dst } => vec![ns.prepare_rename(&src, &dst, now_ms)?],
-            Mutation::SetReplication { path, replication } => {
-                ns.prepare_setrep(&path, replication)?
+            Mutation::Delete {
+                caller,
+                path,
+                recursive,
+            } => vec![ns.prepare_delete(&caller, &path, recursive)?],
+            Mutation::Rename { caller, src, dst } => {
+                vec![ns.prepare_rename(&caller, &src, &dst, now_ms)?]
             }
+            Mutation::SetReplication {
+                caller,
+                path,
+                replication,
+            } => ns.prepare_setrep(&caller, &path, replication)?,
+            Mutation::SetAttributes {
+                caller,
+                path,
+                owner,
+                group,
+                mode,
+                recursive,
+            } => ns.prepare_set_attributes(&caller, &path, owner, group, mode, recursive)?,
             Mutation::Decommission { datanode, on } => {
                 vec![MetaOp::SetDecommission { datanode, on }]
             }

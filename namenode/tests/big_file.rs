@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use lode_namenode::perm::Caller;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -69,7 +70,17 @@ fn a_file_of_200k_blocks_is_written_in_bounded_steps_and_read_back_paged() {
         ns.apply(seq, &op).unwrap()
     };
     let create = ns
-        .prepare_create("/big", false, 1, BLOCK_SIZE, session, &mut ids, 1)
+        .prepare_create(
+            &Caller::superuser(),
+            "/big",
+            false,
+            1,
+            BLOCK_SIZE,
+            0o644,
+            session,
+            &mut ids,
+            1,
+        )
         .unwrap();
     let MetaOp::Create { inode, .. } = create else {
         panic!("{create:?}");
@@ -149,7 +160,17 @@ fn a_file_of_200k_blocks_is_written_in_bounded_steps_and_read_back_paged() {
     assert!(issued.iter().all(|b| state.blocks[b].complete));
     let mut again = IdAlloc::recover(&ns, &stored).unwrap();
     let op = ns
-        .prepare_create("/next", false, 1, BLOCK_SIZE, SessionId(10), &mut again, 3)
+        .prepare_create(
+            &Caller::superuser(),
+            "/next",
+            false,
+            1,
+            BLOCK_SIZE,
+            0o644,
+            SessionId(10),
+            &mut again,
+            3,
+        )
         .unwrap();
     run(op.clone());
     let MetaOp::Create { inode: next, .. } = op else {
@@ -164,7 +185,10 @@ fn a_file_of_200k_blocks_is_written_in_bounded_steps_and_read_back_paged() {
     assert!(block > *issued.last().unwrap(), "{block} issued again");
 
     // Deleting it frees every block, and leaves no block key behind.
-    let freed = run(ns.prepare_delete("/big", false).unwrap()).freed;
+    let freed = run(ns
+        .prepare_delete(&Caller::superuser(), "/big", false)
+        .unwrap())
+    .freed;
     assert_eq!(freed.len() as u64, BLOCKS);
     assert!(ns.blocks(inode).unwrap().is_empty());
 }

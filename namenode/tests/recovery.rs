@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use lode_namenode::perm::Caller;
 use std::path::Path;
 
 use lode_namenode::editlog::{EditLog, Journal};
@@ -16,7 +17,7 @@ fn mkdirs(meta: &Path, from: usize, n: usize, checkpoint_after: Option<usize>) {
     let (ns, mut log, mut ids, _) = recover(meta).unwrap();
     for i in from..from + n {
         let ops = ns
-            .prepare_mkdir(&format!("/d{i}"), false, &mut ids, 1)
+            .prepare_mkdir(&Caller::superuser(), &format!("/d{i}"), false, 0o755, &mut ids, 1)
             .unwrap();
         for op in ops {
             let seq = log.append(&op).unwrap();
@@ -116,12 +117,16 @@ fn ids_are_durable_across_deletes_and_restarts() {
     let top = {
         let (ns, mut log, mut ids, _) = recover(meta.path()).unwrap();
         // Delete the newest directory: its id must not come back.
-        let op = ns.prepare_delete("/d2", false).unwrap();
+        let op = ns
+            .prepare_delete(&Caller::superuser(), "/d2", false)
+            .unwrap();
         let seq = log.append(&op).unwrap();
         log.sync().unwrap();
         ns.apply(seq, &op).unwrap();
         ns.store().flush().unwrap();
-        let probe = ns.prepare_mkdir("/probe", false, &mut ids, 1).unwrap();
+        let probe = ns
+            .prepare_mkdir(&Caller::superuser(), "/probe", false, 0o755, &mut ids, 1)
+            .unwrap();
         match &probe[0] {
             MetaOp::Mkdir { inode, .. } => inode.0,
             _ => unreachable!(),
@@ -133,7 +138,9 @@ fn ids_are_durable_across_deletes_and_restarts() {
             std::fs::remove_dir_all(meta.path().join("sled")).unwrap();
         }
         let (ns, _, mut ids, _) = recover(meta.path()).unwrap();
-        let again = ns.prepare_mkdir("/again", false, &mut ids, 1).unwrap();
+        let again = ns
+            .prepare_mkdir(&Caller::superuser(), "/again", false, 0o755, &mut ids, 1)
+            .unwrap();
         let MetaOp::Mkdir { inode, .. } = &again[0] else {
             unreachable!()
         };

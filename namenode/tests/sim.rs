@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use lode_namenode::editlog::Journal;
 use lode_namenode::http::Metrics;
 use lode_namenode::namespace::{IdAlloc, InodeKind, MetaOp, Namespace};
+use lode_namenode::perm::Caller;
 use lode_namenode::placement::choose_targets;
 use lode_namenode::state::{NodeState, State, Timing};
 use lode_namenode::store::{MemStore, Overlay};
@@ -255,6 +256,8 @@ impl Sim {
         let replication: u8 = self.rng.random_range(1..=3);
         let session = SessionId(self.rng.random());
         let created = self.submit(Mutation::Create {
+            caller: Caller::superuser(),
+            mode: 0o644,
             path: path.clone(),
             overwrite: overwrite_of.is_some(),
             replication,
@@ -374,6 +377,7 @@ impl Sim {
         };
         if self
             .submit(Mutation::Delete {
+                caller: Caller::superuser(),
                 path: path.clone(),
                 recursive: false,
             })
@@ -400,6 +404,7 @@ impl Sim {
         }
         self.trace(format!("setrep {r} {path}"));
         let _ = self.submit(Mutation::SetReplication {
+            caller: Caller::superuser(),
             path,
             replication: r,
         });
@@ -888,6 +893,7 @@ impl Sim {
             let r = self.rng.random_range(1..=DATANODES as u8 - 1);
             self.trace(format!("heal: setrep {r} {path}"));
             let _ = self.submit(Mutation::SetReplication {
+                caller: Caller::superuser(),
                 path,
                 replication: r,
             });

@@ -15,6 +15,7 @@ pub mod messages;
 pub mod net;
 pub mod paging;
 pub mod path;
+pub mod perm;
 pub mod service;
 #[cfg(feature = "web")]
 pub mod web;

@@ -57,6 +57,12 @@ pub struct FileStatus {
     pub complete: bool,
     /// The blocks, when asked for.
     pub blocks: Vec<LocatedBlock>,
+    /// The owning user.
+    pub owner: String,
+    /// The owning group.
+    pub group: String,
+    /// Permission bits and the sticky bit ([`crate::perm`]).
+    pub mode: u16,
 }
 
 /// A block's length and value as the writer committed it.
@@ -87,8 +93,13 @@ pub struct ReportedBlock {
 /// Requests from clients (users and admins) to the namenode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientToNamenode {
-    /// Create a directory (and its parents with `parents`).
-    Mkdir { path: String, parents: bool },
+    /// Create a directory (and its parents with `parents`) with `mode` (the umask already taken
+    /// off).
+    Mkdir {
+        path: String,
+        parents: bool,
+        mode: u16,
+    },
     /// List a directory (or show a file as a one-entry listing).
     List { path: String },
     /// Show one entry; with `blocks`, its blocks and their locations.
@@ -104,6 +115,8 @@ pub enum ClientToNamenode {
         replication: Option<u8>,
         block_size: Option<u64>,
         session: SessionId,
+        /// Permission bits, the umask already taken off.
+        mode: u16,
     },
     /// Commit the previous block (if any) and allocate the next one with its pipeline.
     AddBlock {
@@ -158,6 +171,22 @@ pub enum ClientToNamenode {
     Decommission { datanode: String, on: bool },
     /// A consistent copy of the namespace metadata (admins only); the bytes follow the reply.
     Backup,
+    /// Change the owner (superusers only) and/or the group of an entry, or of everything under
+    /// it with `recursive`.
+    SetOwner {
+        path: String,
+        owner: Option<String>,
+        group: Option<String>,
+        recursive: bool,
+    },
+    /// Change the mode of an entry, or of everything under it with `recursive`.
+    SetMode {
+        path: String,
+        change: crate::perm::ModeChange,
+        recursive: bool,
+    },
+    /// Read the groups from the namenode's config again (admins only).
+    RefreshGroups,
 }
 
 /// What to do with safe mode.

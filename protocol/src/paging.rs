@@ -112,6 +112,9 @@ mod tests {
             block_size: 65536,
             mtime_ms: 1,
             complete: true,
+            owner: "alice".into(),
+            group: "staff".into(),
+            mode: 0o644,
             blocks: (0..blocks as u64)
                 .map(|i| LocatedBlock {
                     id: BlockId(i + 1),

@@ -73,6 +73,7 @@ fn every_message_matches_its_golden_bytes() {
         C::Mkdir {
             path: "/a/b".into(),
             parents: true,
+            mode: 0o755,
         },
     );
     check("c2n_list", c, C::List { path: "/a".into() });
@@ -109,6 +110,7 @@ fn every_message_matches_its_golden_bytes() {
             replication: Some(3),
             block_size: Some(1 << 27),
             session: s,
+            mode: 0o644,
         },
     );
     check(
@@ -191,6 +193,26 @@ fn every_message_matches_its_golden_bytes() {
     );
     check("c2n_backup", c, C::Backup);
     check(
+        "c2n_set_owner",
+        c,
+        C::SetOwner {
+            path: "/a".into(),
+            owner: Some("alice".into()),
+            group: Some("staff".into()),
+            recursive: true,
+        },
+    );
+    check(
+        "c2n_set_mode",
+        c,
+        C::SetMode {
+            path: "/a".into(),
+            change: lode_protocol::perm::parse_mode("u+x,go-w").unwrap(),
+            recursive: false,
+        },
+    );
+    check("c2n_refresh_groups", c, C::RefreshGroups);
+    check(
         "c2n_safemode",
         c,
         C::SafeMode {
@@ -208,6 +230,9 @@ fn every_message_matches_its_golden_bytes() {
         mtime_ms: 1_700_000_000_000,
         complete: true,
         blocks: vec![located()],
+        owner: "alice".into(),
+        group: "staff".into(),
+        mode: 0o1750,
     };
     check("n2c_ok", r, NamenodeReply::Ok);
     check("n2c_status", r, NamenodeReply::Status(status.clone()));

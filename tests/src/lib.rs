@@ -603,6 +603,14 @@ impl Cluster {
         out.stdout
     }
 
+    /// The user certificate's home, `/user/user`: made by the admin and given to the user, as the
+    /// dev cluster makes it. Returns the path.
+    pub fn user_home(&self) -> String {
+        self.ok(&["mkdir", "-p", "/user/user"]);
+        self.ok(&["chown", "user", "/user/user"]);
+        "/user/user".into()
+    }
+
     /// Runs `lode` and asserts it fails with exit code 1 and one line on stderr; returns that line.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.lode(args);

@@ -122,6 +122,7 @@ fn a_directory_larger_than_a_frame_lists_whole() {
                     &ClientToNamenode::Mkdir {
                         path: format!("/big/a-rather-long-directory-name-{i:08}"),
                         parents: false,
+                        mode: 0o755,
                     },
                 )
                 .await;

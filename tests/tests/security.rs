@@ -254,6 +254,7 @@ async fn create_file(conn: &quinn::Connection, path: &str) -> (SessionId, lode_p
             replication: None,
             block_size: None,
             session,
+            mode: 0o644,
         },
     )
     .await
@@ -534,9 +535,10 @@ fn reports_of_bad_replicas_from_a_client_make_the_holders_verify_and_delete_noth
 fn a_block_no_datanode_confirms_is_never_committed() {
     let mut c = Cluster::start(ClusterSpec::default());
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let home = c.user_home();
     rt.block_on(async {
         let user = connect_as(&c, "user").await;
-        let (session, inode) = create_file(&user, "/made-up").await;
+        let (session, inode) = create_file(&user, &format!("{home}/made-up")).await;
         let added = nn_call(
             &user,
             &ClientToNamenode::AddBlock {
@@ -671,11 +673,12 @@ fn only_an_admin_changes_the_plugin_libraries() {
 fn namespace_operations_are_audited() {
     let c = Cluster::start(ClusterSpec::default());
     let user = c.dir().join("client-user.toml");
+    c.user_home();
     for args in [
-        vec!["mkdir", "/audited"],
+        vec!["mkdir", "/user/user/audited"],
         vec!["ls", "/"],
-        vec!["mv", "/audited", "/moved"],
-        vec!["rm", "-r", "/moved"],
+        vec!["mv", "/user/user/audited", "/user/user/moved"],
+        vec!["rm", "-r", "/user/user/moved"],
     ] {
         let out = c.lode_with(&user, &args, None);
         assert!(out.status.success(), "{args:?}");
@@ -714,13 +717,16 @@ fn namespace_operations_are_audited() {
         );
         assert!(e["addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{e}");
     }
-    let mkdir = find(&entries, "mkdirs", "/audited").expect("mkdir audited");
+    let mkdir = find(&entries, "mkdirs", "/user/user/audited").expect("mkdir audited");
     assert_eq!(mkdir["allowed"], true);
     assert_eq!(mkdir["dst"], serde_json::Value::Null);
-    let rename = find(&entries, "rename", "/audited").expect("mv audited");
-    assert_eq!(rename["dst"], "/moved");
+    let rename = find(&entries, "rename", "/user/user/audited").expect("mv audited");
+    assert_eq!(rename["dst"], "/user/user/moved");
     assert!(find(&entries, "listStatus", "/").is_some(), "ls audited");
-    assert_eq!(find(&entries, "delete", "/moved").unwrap()["allowed"], true);
+    assert_eq!(
+        find(&entries, "delete", "/user/user/moved").unwrap()["allowed"],
+        true
+    );
     assert_eq!(
         find(&entries, "delete", "/.lode").unwrap()["allowed"],
         false

@@ -339,6 +339,7 @@ pub(crate) mod testing {
                 writer: if complete { None } else { Some(SessionId(7)) },
                 target_name: None,
             },
+            perm: crate::perm::Perm::legacy(false),
         };
         let stored = Stored {
             inodes: vec![inode],
