@@ -1894,6 +1894,271 @@ mod tests {
     }
 
     #[test]
+    fn a_store_of_format_2_reads_as_the_superusers_and_changes_write_format_3() {
+        let v2 = |node: &InodeV2| {
+            let mut v = vec![FORMAT_V2];
+            v.extend(postcard::to_stdvec(node).unwrap());
+            v
+        };
+        let dir = |id: u64, name: &str| InodeV2 {
+            id: InodeId(id),
+            parent: ROOT,
+            name: name.into(),
+            mtime_ms: 1,
+            kind: InodeKind::Directory,
+        };
+        let file = InodeV2 {
+            id: InodeId(6),
+            parent: InodeId(5),
+            name: "f".into(),
+            mtime_ms: 2,
+            kind: InodeKind::File {
+                replication: 1,
+                block_size: 65536,
+                size: 0,
+                block_count: 0,
+                writer: None,
+                target_name: None,
+            },
+        };
+        let store = Arc::new(MemStore::default());
+        store
+            .apply_batch(vec![
+                (inode_key(ROOT), Some(v2(&dir(1, "")))),
+                (inode_key(InodeId(5)), Some(v2(&dir(5, "d")))),
+                (inode_key(InodeId(6)), Some(v2(&file))),
+                (dirent_key(ROOT, "d"), Some(5u64.to_be_bytes().to_vec())),
+                (
+                    dirent_key(InodeId(5), "f"),
+                    Some(6u64.to_be_bytes().to_vec()),
+                ),
+                (LAST_APPLIED_KEY.to_vec(), Some(4u64.to_be_bytes().to_vec())),
+            ])
+            .unwrap();
+        let ns = Namespace::open(store).unwrap();
+        let d = ns.resolve_existing("/d").unwrap();
+        let f = ns.resolve_existing("/d/f").unwrap();
+        assert_eq!(d.perm, Perm::legacy(true));
+        assert_eq!(f.perm, Perm::legacy(false));
+        assert_eq!((d.perm.mode, f.perm.mode), (0o755, 0o644));
+        assert_eq!(f.perm.owner, crate::perm::SUPERUSER);
+        // A user may read the old entries but change nothing in them.
+        let alice = crate::perm::Groups::default().caller("alice", false);
+        assert!(ns.accessible(&alice, "/d/f", READ).is_ok());
+        let (_, mut ids, mut seq) = setup();
+        seq += 4;
+        assert!(ns
+            .prepare_create(
+                &alice,
+                "/d/g",
+                false,
+                1,
+                65536,
+                0o644,
+                SessionId(1),
+                &mut ids,
+                3
+            )
+            .is_err());
+        let chmod = ns
+            .prepare_set_attributes(
+                &su(),
+                "/d/f",
+                None,
+                None,
+                Some(ModeChange::Set(0o600)),
+                false,
+            )
+            .unwrap();
+        run(&ns, &mut seq, chmod);
+        assert_eq!(
+            ns.store().get(&inode_key(InodeId(6))).unwrap().unwrap()[0],
+            FORMAT_VERSION
+        );
+        assert_eq!(ns.resolve_existing("/d/f").unwrap().perm.mode, 0o600);
+        assert!(ns.accessible(&alice, "/d/f", READ).is_err());
+    }
+
+    #[test]
+    fn edits_of_format_1_decode_with_the_owners_of_that_time() {
+        #[derive(Serialize)]
+        struct OldMkdir {
+            parent: InodeId,
+            name: String,
+            inode: InodeId,
+            mtime_ms: u64,
+        }
+        let mut body = vec![0u8];
+        body.extend(
+            postcard::to_stdvec(&OldMkdir {
+                parent: ROOT,
+                name: "old".into(),
+                inode: InodeId(9),
+                mtime_ms: 3,
+            })
+            .unwrap(),
+        );
+        assert_eq!(
+            decode_edit_v1(&body).unwrap(),
+            MetaOp::Mkdir {
+                parent: ROOT,
+                name: "old".into(),
+                inode: InodeId(9),
+                mtime_ms: 3,
+                perm: Perm::legacy(true),
+            }
+        );
+        // Edits that did not change decode as they are.
+        let delete = MetaOp::Delete { inode: InodeId(9) };
+        let bytes = postcard::to_stdvec(&delete).unwrap();
+        assert_eq!(decode_edit_v1(&bytes).unwrap(), delete);
+        assert!(decode_edit_v1(&[1, 0xff]).is_err());
+    }
+
+    #[test]
+    fn permissions_are_checked_as_posix_checks_them() {
+        let (ns, mut ids, mut seq) = setup();
+        let groups = crate::perm::Groups::new(&BTreeMap::from([(
+            "staff".to_string(),
+            vec!["alice".to_string(), "bob".to_string()],
+        )]))
+        .unwrap();
+        let (alice, bob, eve) = (
+            groups.caller("alice", false),
+            groups.caller("bob", false),
+            groups.caller("eve", false),
+        );
+        let made = ns
+            .prepare_mkdir(&su(), "/home/alice", true, 0o755, &mut ids, 1)
+            .unwrap();
+        run(&ns, &mut seq, made);
+        let tmp = ns
+            .prepare_mkdir(&su(), "/tmp", false, 0o777, &mut ids, 1)
+            .unwrap();
+        run(&ns, &mut seq, tmp);
+        let ops = ns
+            .prepare_set_attributes(
+                &su(),
+                "/home/alice",
+                Some("alice".into()),
+                Some("staff".into()),
+                None,
+                false,
+            )
+            .unwrap();
+        run(&ns, &mut seq, ops);
+        let sticky = ns
+            .prepare_set_attributes(
+                &su(),
+                "/tmp",
+                None,
+                None,
+                Some(ModeChange::Set(0o1777)),
+                false,
+            )
+            .unwrap();
+        run(&ns, &mut seq, sticky);
+        // Only the owner writes in a 0755 directory; new entries take the directory's group.
+        let create = |who: &Caller, p: &str, ids: &mut IdAlloc| {
+            ns.prepare_create(who, p, false, 1, 65536, 0o640, SessionId(1), ids, 2)
+        };
+        assert!(create(&bob, "/home/alice/f", &mut ids).is_err());
+        let op = create(&alice, "/home/alice/f", &mut ids).unwrap();
+        let MetaOp::Create { perm, .. } = &op else {
+            panic!()
+        };
+        assert_eq!(
+            (perm.owner.as_str(), perm.group.as_str(), perm.mode),
+            ("alice", "staff", 0o640)
+        );
+        run(&ns, &mut seq, vec![op]);
+        // 0640: the group reads, others do not; nobody but the owner writes.
+        assert!(ns.accessible(&bob, "/home/alice/f", READ).is_ok());
+        assert!(ns.accessible(&eve, "/home/alice/f", READ).is_err());
+        assert!(ns.accessible(&bob, "/home/alice/f", WRITE).is_err());
+        assert!(ns.prepare_setrep(&bob, "/home/alice/f", 2).is_err());
+        assert!(ns.prepare_delete(&bob, "/home/alice/f", false).is_err());
+        assert!(ns
+            .prepare_rename(&bob, "/home/alice/f", "/tmp/f", 3)
+            .is_err());
+        assert!(ns
+            .prepare_set_attributes(
+                &bob,
+                "/home/alice/f",
+                None,
+                None,
+                Some(ModeChange::Set(0o777)),
+                false
+            )
+            .is_err());
+        assert!(
+            ns.prepare_set_attributes(
+                &alice,
+                "/home/alice/f",
+                Some("bob".into()),
+                None,
+                None,
+                false
+            )
+            .is_err(),
+            "only a superuser gives a file away"
+        );
+        assert!(
+            ns.prepare_set_attributes(
+                &alice,
+                "/home/alice/f",
+                None,
+                Some("other".into()),
+                None,
+                false
+            )
+            .is_err(),
+            "only to a group the owner is in"
+        );
+        // Without search on a directory nothing under it resolves.
+        let closed = ns
+            .prepare_set_attributes(
+                &alice,
+                "/home/alice",
+                None,
+                None,
+                Some(ModeChange::Set(0o700)),
+                false,
+            )
+            .unwrap();
+        run(&ns, &mut seq, closed);
+        assert!(ns.resolve_as(&bob, "/home/alice/f").is_err());
+        assert!(ns.resolve_as(&alice, "/home/alice/f").unwrap().is_some());
+        // The sticky /tmp: anyone creates, only the owner removes or moves.
+        let op = create(&bob, "/tmp/b", &mut ids).unwrap();
+        run(&ns, &mut seq, vec![op]);
+        assert!(ns.prepare_delete(&eve, "/tmp/b", false).is_err());
+        assert!(ns.prepare_rename(&eve, "/tmp/b", "/tmp/c", 3).is_err());
+        assert!(ns.prepare_delete(&bob, "/tmp/b", false).is_ok());
+        assert!(ns.prepare_delete(&su(), "/tmp/b", false).is_ok());
+        // rm -r needs write on every directory under the one removed.
+        let op = ns
+            .prepare_mkdir(&eve, "/tmp/e/locked", true, 0o755, &mut ids, 4)
+            .unwrap();
+        run(&ns, &mut seq, op);
+        let op = create(&eve, "/tmp/e/locked/x", &mut ids).unwrap();
+        run(&ns, &mut seq, vec![op]);
+        let lock = ns
+            .prepare_set_attributes(
+                &eve,
+                "/tmp/e/locked",
+                None,
+                None,
+                Some(ModeChange::Set(0o555)),
+                false,
+            )
+            .unwrap();
+        run(&ns, &mut seq, lock);
+        assert!(ns.prepare_delete(&eve, "/tmp/e", true).is_err());
+        assert!(ns.prepare_delete(&su(), "/tmp/e", true).is_ok());
+    }
+
+    #[test]
     fn mkdir_create_write_rename_delete() {
         let (ns, mut ids, mut seq) = setup();
         let ops = ns

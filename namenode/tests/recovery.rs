@@ -17,7 +17,14 @@ fn mkdirs(meta: &Path, from: usize, n: usize, checkpoint_after: Option<usize>) {
     let (ns, mut log, mut ids, _) = recover(meta).unwrap();
     for i in from..from + n {
         let ops = ns
-            .prepare_mkdir(&Caller::superuser(), &format!("/d{i}"), false, 0o755, &mut ids, 1)
+            .prepare_mkdir(
+                &Caller::superuser(),
+                &format!("/d{i}"),
+                false,
+                0o755,
+                &mut ids,
+                1,
+            )
             .unwrap();
         for op in ops {
             let seq = log.append(&op).unwrap();
