@@ -382,6 +382,7 @@ impl Client {
         &self,
         block: BlockId,
         targets: &[lode_protocol::messages::Target],
+        token: Option<&lode_protocol::token::BlockToken>,
     ) -> Result<Vec<Blake3Cv>, Error> {
         let mut last = Error::Invalid(format!("block {block} has no live replica"));
         for t in targets {
@@ -391,7 +392,10 @@ impl Client {
                     &conn,
                     kind::DATANODE_REQUEST,
                     kind::DATANODE_REPLY,
-                    &DatanodeRequest::BlockChecksums { block },
+                    &DatanodeRequest::BlockChecksums {
+                        block,
+                        token: token.cloned(),
+                    },
                 )
                 .await
             };
@@ -422,7 +426,9 @@ pub(crate) async fn checksum_of(client: &Client, st: &FileStatus) -> Result<Blak
     }
     if st.blocks.len() == 1 {
         let b = &st.blocks[0];
-        let pieces = client.block_checksums(b.id, &b.locations).await?;
+        let pieces = client
+            .block_checksums(b.id, &b.locations, b.token.as_ref())
+            .await?;
         if checksum::block_cv(&pieces) != b.cv {
             return Err(Error::Corrupt(format!(
                 "block {}: piece values do not match the committed block value",

@@ -30,6 +30,7 @@ struct Segment {
     offset: u64,
     len: u64,
     locations: Vec<Target>,
+    token: Option<lode_protocol::token::BlockToken>,
     ordinal: usize,
 }
 
@@ -78,6 +79,7 @@ impl Client {
                     offset: off,
                     len,
                     locations: b.locations.clone(),
+                    token: b.token.clone(),
                     ordinal: segments.len(),
                 });
                 off += len;
@@ -186,7 +188,7 @@ impl Fetcher {
             offset: seg.offset,
             len: seg.len,
         };
-        match net::read_verified_range(&conn, range, STALL_TIMEOUT).await {
+        match net::read_verified_range(&conn, range, seg.token.as_ref(), STALL_TIMEOUT).await {
             Ok(data) => Ok(data),
             Err(e) if e.is_corrupt() => Err(Error::Corrupt(format!("{}: {e}", ctx()))),
             Err(RangeError::Rpc(e)) => Err(Error::rpc(ctx(), e)),

@@ -232,6 +232,7 @@ impl Client {
                 file_offset: offset,
                 block_size,
                 downstream: located.locations[1..].to_vec(),
+                token: located.token.clone(),
             };
             net::write_frame(&mut send, kind::DATANODE_REQUEST, &req).await?;
             for (i, cv) in block.pieces.iter().enumerate() {

@@ -50,6 +50,9 @@ pub enum Error {
     /// The plugin is not approved by an admin.
     #[error("{0}")]
     NotApproved(String),
+    /// The request's block access token does not open what it asks for.
+    #[error("{0}")]
+    Token(lode_protocol::token::TokenError),
 }
 
 impl Error {
@@ -66,6 +69,7 @@ impl Error {
 pub fn to_wire(e: &Error) -> WireError {
     match e {
         Error::BlockNotFound { .. } => WireError::new(ErrorCode::NotFound, e.to_string()),
+        Error::Token(_) => WireError::new(ErrorCode::InvalidToken, e.to_string()),
         Error::Corrupt { .. } => WireError::new(ErrorCode::Corrupt, e.to_string()),
         Error::Disk { .. } => WireError::new(ErrorCode::Io, "datanode disk error"),
         Error::NoSpace(_) => WireError::new(ErrorCode::NoSpace, "datanode is out of space"),

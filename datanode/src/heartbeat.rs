@@ -100,7 +100,8 @@ async fn register(shared: &Node, namenode: &str, advertise: &str) -> Result<(), 
             &req,
         )
         .await?;
-        if let NamenodeToDatanode::Registered { delete } = reply {
+        if let NamenodeToDatanode::Registered { delete, keys } = reply {
+            shared.learn_keys(&keys);
             to_delete += delete.len();
             delete_replicas(shared, delete).await;
         }
@@ -172,7 +173,9 @@ async fn heartbeat(shared: &Arc<Node>, namenode: &str) -> Result<bool, RpcError>
             reregister,
             delete,
             copy,
+            keys,
         }) => {
+            shared.learn_keys(&keys);
             // A full page of deletions means the namenode has more: ask again at once.
             if paging::is_full_page(&delete) {
                 shared.reports.wake();

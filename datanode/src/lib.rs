@@ -139,6 +139,7 @@ pub async fn run(
         metrics: metrics.clone(),
         http_addr,
         stream_idle: Duration::from_millis(config.stream_idle_ms.max(1)),
+        keys: std::sync::Mutex::new(Default::default()),
     });
     let web = http_listener.map(|l| {
         tokio::spawn(http::serve(

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use lode_plugin_host::{Host, PluginInfo};
 use lode_protocol::messages::ReportedBlock;
-use lode_protocol::net::Pool;
+use lode_protocol::net::{Identity, Pool, Role};
+use lode_protocol::token::{self, BlockToken, Grant, KeyRing, TokenKey};
 use lode_protocol::{paging, Blake3Cv, BlockId};
 use tokio::sync::{Notify, Semaphore};
 
@@ -40,6 +41,45 @@ pub struct Node {
     pub http_addr: Option<String>,
     /// How long a write or read stream may move no data before it is ended.
     pub stream_idle: std::time::Duration,
+    /// The namenode's block token keys, learned from its replies.
+    pub keys: Mutex<KeyRing>,
+}
+
+/// Milliseconds since the epoch (token expiry is wall-clock time).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Node {
+    /// Takes the keys a namenode reply carried.
+    pub fn learn_keys(&self, keys: &[TokenKey]) {
+        if let Ok(mut ring) = self.keys.lock() {
+            ring.learn(keys, now_ms());
+        }
+    }
+
+    /// Checks a request's token for `block` and one of `ops`, presented by `peer`: a user must
+    /// hold a token issued to it; a datanode passes on a user's or the namenode's (a pipeline's next
+    /// hop, a copy, a task reading a following block). Returns what the token grants.
+    pub fn authorise(
+        &self,
+        peer: &Identity,
+        token: Option<&BlockToken>,
+        block: BlockId,
+        ops: u8,
+    ) -> Result<Grant, Error> {
+        let ring = self
+            .keys
+            .lock()
+            .map_err(|_| Error::Invalid("key ring lock poisoned".into()))?;
+        let grant = ring
+            .verify(token, block, ops, now_ms())
+            .map_err(Error::Token)?;
+        token::check_user(grant, &peer.name, peer.role == Role::Datanode).map_err(Error::Token)?;
+        Ok(grant.clone())
+    }
 }
 
 /// Runs `f` on a blocking thread (disk work, plugin children).

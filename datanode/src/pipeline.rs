@@ -10,6 +10,7 @@ use lode_protocol::checksum::{self, PIECE_BYTES};
 use lode_protocol::frame::{kind, PieceHeader};
 use lode_protocol::messages::{DatanodeReply, DatanodeRequest, ReportedBlock, Target};
 use lode_protocol::net::{self, RpcError};
+use lode_protocol::token::BlockToken;
 use lode_protocol::{Blake3Cv, BlockId, ErrorCode, REPLICATION_MAX};
 use tokio::sync::mpsc;
 
@@ -39,6 +40,7 @@ async fn open_downstream(
     file_offset: u64,
     block_size: u64,
     targets: &[Target],
+    token: Option<BlockToken>,
 ) -> Result<Downstream, RpcError> {
     let first = &targets[0];
     let conn = shared.pool.get(&first.addr, &first.name).await?;
@@ -48,6 +50,7 @@ async fn open_downstream(
         file_offset,
         block_size,
         downstream: targets[1..].to_vec(),
+        token,
     };
     net::write_frame(&mut send, kind::DATANODE_REQUEST, &req).await?;
     Ok(Downstream {
@@ -64,6 +67,7 @@ pub(crate) async fn write_block(
     file_offset: u64,
     block_size: u64,
     targets: Vec<Target>,
+    token: Option<BlockToken>,
 ) -> Result<DatanodeReply, Error> {
     checksum::validate_block_size(block_size).map_err(Error::Invalid)?;
     if !file_offset.is_multiple_of(block_size) {
@@ -76,7 +80,7 @@ pub(crate) async fn write_block(
     let mut downstream = if targets.is_empty() {
         None
     } else {
-        match open_downstream(shared, block, file_offset, block_size, &targets).await {
+        match open_downstream(shared, block, file_offset, block_size, &targets, token).await {
             Ok(d) => Some(d),
             Err(e) => {
                 tracing::warn!(%block, next = %targets[0].name, "pipeline: cannot reach next datanode: {e}");
@@ -273,6 +277,7 @@ pub async fn copy_block(
         file_offset,
         block_size,
         downstream: cmd.targets[1..].to_vec(),
+        token: cmd.token.clone(),
     };
     net::write_frame(&mut send, kind::DATANODE_REQUEST, &req).await?;
     let mut rx = spawn_piece_reader(reader, 0, lode_protocol::checksum::piece_count(len));

@@ -7,6 +7,7 @@ use lode_protocol::frame::{kind, PieceHeader};
 use lode_protocol::messages::{DatanodeReply, DatanodeRequest};
 use lode_protocol::net::{self, RpcError};
 use lode_protocol::service;
+use lode_protocol::token;
 use lode_protocol::{BlockId, ErrorCode, WireError};
 
 use crate::error::{to_wire, Error};
@@ -30,15 +31,18 @@ impl service::Handler for Node {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
-        if let Err(e) = serve_stream(send, recv, &self).await {
+        if let Err(e) = serve_stream(send, recv, &identity, &self).await {
             tracing::debug!(peer = %identity.name, "stream ended: {e}");
         }
     }
 }
 
+/// Every request on a block carries a block access token for it ([`Node::authorise`]); one that
+/// does not open what it asks for is refused before anything is read, written or run.
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    peer: &net::Identity,
     shared: &Node,
 ) -> Result<(), RpcError> {
     let req = tokio::time::timeout(
@@ -70,23 +74,45 @@ async fn serve_stream(
             file_offset,
             block_size,
             downstream,
+            token,
         } => {
-            write_block(
-                shared,
-                &mut recv,
-                block,
-                file_offset,
-                block_size,
-                downstream,
-            )
-            .await
+            // The block goes only where the namenode sent it: the token's pipeline from here on.
+            let allowed = shared
+                .authorise(peer, token.as_ref(), block, token::WRITE | token::COPY)
+                .and_then(|grant| {
+                    let rest: Vec<&str> = downstream.iter().map(|t| t.name.as_str()).collect();
+                    token::check_pipeline(&grant, &shared.name, &rest).map_err(Error::Token)
+                });
+            match allowed {
+                Ok(()) => {
+                    write_block(
+                        shared,
+                        &mut recv,
+                        block,
+                        file_offset,
+                        block_size,
+                        downstream,
+                        token,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            }
         }
-        DatanodeRequest::ReadBlock { block, offset, len } => {
-            return read_block(shared, send, block, offset, len).await
+        DatanodeRequest::ReadBlock {
+            block,
+            offset,
+            len,
+            token,
+        } => {
+            if let Err(e) = shared.authorise(peer, token.as_ref(), block, token::READ) {
+                return refuse(send, &e).await;
+            }
+            return read_block(shared, send, block, offset, len).await;
         }
         DatanodeRequest::RunTask(task) => {
             let started = std::time::Instant::now();
-            let r = crate::task::run(shared, *task).await;
+            let r = crate::task::run(shared, peer, *task).await;
             let result = if r.is_ok() { "ok" } else { "failed" };
             shared
                 .metrics
@@ -101,14 +127,19 @@ async fn serve_stream(
                 .observe(started.elapsed().as_secs_f64());
             r.map(DatanodeReply::TaskDone)
         }
-        DatanodeRequest::BlockChecksums { block } => {
-            let store = shared.store.clone();
-            blocking(move || store.sidecar(block))
-                .await
-                .map(|s| DatanodeReply::Checksums {
-                    block_len: s.len,
-                    pieces: s.pieces,
-                })
+        DatanodeRequest::BlockChecksums { block, token } => {
+            match shared.authorise(peer, token.as_ref(), block, token::READ) {
+                Ok(_) => {
+                    let store = shared.store.clone();
+                    blocking(move || store.sidecar(block))
+                        .await
+                        .map(|s| DatanodeReply::Checksums {
+                            block_len: s.len,
+                            pieces: s.pieces,
+                        })
+                }
+                Err(e) => Err(e),
+            }
         }
     };
     match result {
@@ -120,6 +151,15 @@ async fn serve_stream(
             net::write_error(&mut send, &to_wire(&e)).await?
         }
     }
+    send.finish()?;
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+/// Answers a request with its refusal and ends the stream.
+async fn refuse(mut send: quinn::SendStream, e: &Error) -> Result<(), RpcError> {
+    tracing::warn!("request refused: {e}");
+    net::write_error(&mut send, &to_wire(e)).await?;
     send.finish()?;
     let _ = send.stopped().await;
     Ok(())

@@ -14,7 +14,8 @@ use lode_protocol::frame::kind;
 use lode_protocol::messages::{
     ClientToNamenode, LocatedBlock, NamenodeReply, PluginRecord, TaskRequest, TaskResult,
 };
-use lode_protocol::net::{self, RangeRead, NAMENODE_SERVER_NAME};
+use lode_protocol::net::{self, Identity, RangeRead, NAMENODE_SERVER_NAME};
+use lode_protocol::token;
 use lode_protocol::{Blake3Cv, BlockId, PLUGIN_BYTES_MAX, TASK_FOLLOWING_BYTES_MAX};
 
 use crate::error::Error;
@@ -26,9 +27,13 @@ const CONTINUATION_STEP_BYTES: u64 = PIECE_BYTES;
 /// A remote read that makes no progress for this long fails over.
 const STALL: Duration = Duration::from_secs(10);
 
-/// Runs one task.
-pub async fn run(shared: &Node, req: TaskRequest) -> Result<TaskResult, Error> {
+/// Runs one task for `peer`: its block and every following block it names must come with read
+/// tokens (a scan runs as the user, over what the user may read).
+pub async fn run(shared: &Node, peer: &Identity, req: TaskRequest) -> Result<TaskResult, Error> {
     let started = Instant::now();
+    for b in std::iter::once(&req.block).chain(&req.following) {
+        shared.authorise(peer, b.token.as_ref(), b.id, token::READ)?;
+    }
     if !shared.sandbox_missing.is_empty() {
         return Err(Error::Plugin(format!(
             "datanode {} runs no plugins: its kernel lacks the sandbox protection(s) {} \
@@ -258,7 +263,7 @@ async fn read_remote(
             offset,
             len,
         };
-        match net::read_verified_range(&conn, range, STALL).await {
+        match net::read_verified_range(&conn, range, b.token.as_ref(), STALL).await {
             Ok(d) => return Ok(d),
             Err(e) => last = Error::Invalid(format!("read block {} from {}: {e}", b.id, t.name)),
         }

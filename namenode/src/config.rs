@@ -76,9 +76,17 @@ pub struct Config {
     /// are superusers. Reloaded by `lode admin refresh-groups`.
     #[serde(default)]
     pub groups: std::collections::BTreeMap<String, Vec<String>>,
+    /// How long a block access token lives, in ms (a new signing key is made every half of
+    /// it). Default 3600000 (an hour); at least 1000.
+    #[serde(default = "d_token_lifetime")]
+    pub token_lifetime_ms: u64,
     /// The file this config was read from (to reload the groups).
     #[serde(skip)]
     pub path: Option<PathBuf>,
+}
+
+fn d_token_lifetime() -> u64 {
+    3_600_000
 }
 
 fn d_audit_max() -> u64 {
@@ -195,6 +203,12 @@ impl Config {
             return Err(format!(
                 "safemode_threshold must be 0.0..=1.0, got {}",
                 self.safemode_threshold
+            ));
+        }
+        if self.token_lifetime_ms < 1000 {
+            return Err(format!(
+                "token_lifetime_ms must be at least 1000, got {}",
+                self.token_lifetime_ms
             ));
         }
         if self.lease_expiry_ms < 1000 {

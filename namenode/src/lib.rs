@@ -19,6 +19,7 @@ pub mod repair;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tokens;
 pub mod writer;
 
 use std::sync::{Arc, Mutex};
@@ -98,6 +99,7 @@ pub async fn run(
         ),
         None => None,
     };
+    let token_lifetime_ms = config.token_lifetime_ms;
     let groups =
         perm::Groups::new(&config.groups).map_err(|e| Error::Store(format!("groups: {e}")))?;
     tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = stored.inodes.len(), "namenode serving");
@@ -110,6 +112,7 @@ pub async fn run(
         replica_reports: tokio::sync::Notify::new(),
         audit,
         groups: std::sync::RwLock::new(groups),
+        signer: Mutex::new(tokens::Signer::new(token_lifetime_ms)),
     });
     let repairs = tokio::spawn(repair_loop(
         state.clone(),

@@ -745,6 +745,7 @@ impl<S: MetaStore> Namespace<S> {
                                 len: b.len,
                                 cv: b.cv,
                                 locations: vec![],
+                                token: None,
                             };
                             offset += b.len;
                             lb

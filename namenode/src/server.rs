@@ -13,6 +13,7 @@ use lode_protocol::messages::{
 use lode_protocol::net::{self, Identity, Role, RpcError};
 use lode_protocol::perm::{EXECUTE, READ};
 use lode_protocol::service;
+use lode_protocol::token;
 use lode_protocol::{checksum, path, ErrorCode, WireError};
 
 use crate::config::Config;
@@ -50,6 +51,8 @@ pub struct Shared {
     pub audit: Option<crate::audit::AuditLog>,
     /// Group membership, from the config (reloaded by `RefreshGroups`).
     pub groups: std::sync::RwLock<Groups>,
+    /// Block access tokens.
+    pub signer: Mutex<crate::tokens::Signer>,
 }
 
 /// How long `AddBlock` and `Complete` wait for datanodes to confirm the block a writer commits.
@@ -86,6 +89,12 @@ impl Shared {
         self.state
             .lock()
             .map_err(|_| Error::Store("state lock poisoned".into()))
+    }
+
+    fn signer(&self) -> Result<MutexGuard<'_, crate::tokens::Signer>, Error> {
+        self.signer
+            .lock()
+            .map_err(|_| Error::Store("token signer lock poisoned".into()))
     }
 
     /// The user a certificate acts as. Admin certificates are superusers, and so are datanodes,
@@ -712,20 +721,22 @@ async fn route(
         }
         ClientToNamenode::Stat { path: p, blocks } => {
             let ns = shared.ns.clone();
-            let caller = caller.clone();
+            let reader = caller.clone();
             let mut status = blocking(move || {
-                let node = ns.resolve_existing_as(&caller, &p)?;
+                let node = ns.resolve_existing_as(&reader, &p)?;
                 // Block locations are what reading takes.
                 if blocks && !node.is_dir() {
-                    caller.check(&p, &node.perm, false, READ)?;
+                    reader.check(&p, &node.perm, false, READ)?;
                 }
                 ns.status(&p, &node, blocks)
             })
             .await?;
             let now = Instant::now();
             let state = shared.state()?;
+            let mut signer = shared.signer()?;
             for b in &mut status.blocks {
                 b.locations = state.locations(b.id, now);
+                b.token = Some(signer.issue(b.id, token::READ, &caller.user, vec![]));
             }
             Ok(NamenodeReply::Status(status))
         }
@@ -862,7 +873,7 @@ async fn route(
                 }
                 chosen.iter().filter_map(|n| state.target(n)).collect()
             };
-            shared
+            let mut reply = shared
                 .writer
                 .submit(Mutation::AddBlock {
                     inode,
@@ -870,7 +881,17 @@ async fn route(
                     previous,
                     targets,
                 })
-                .await
+                .await?;
+            // The write token fixes the pipeline the namenode chose.
+            if let NamenodeReply::Block(b) = &mut reply {
+                let pipeline = b.locations.iter().map(|t| t.name.clone()).collect();
+                b.token = Some(
+                    shared
+                        .signer()?
+                        .issue(b.id, token::WRITE, &caller.user, pipeline),
+                );
+            }
+            Ok(reply)
         }
         ClientToNamenode::AbandonBlock {
             inode,
@@ -1102,11 +1123,17 @@ fn handle_datanode(
         } => {
             let delete = state.register(name, addr.clone(), space, &blocks, now);
             tracing::info!(datanode = name, %addr, replicas = blocks.len(), unknown = delete.len(), "datanode registered");
-            Ok(NamenodeToDatanode::Registered { delete })
+            Ok(NamenodeToDatanode::Registered {
+                delete,
+                keys: shared.signer()?.keys(),
+            })
         }
         DatanodeToNamenode::ReportMore { blocks } => {
             let delete = state.report_more(name, &blocks, now);
-            Ok(NamenodeToDatanode::Registered { delete })
+            Ok(NamenodeToDatanode::Registered {
+                delete,
+                keys: shared.signer()?.keys(),
+            })
         }
         DatanodeToNamenode::CorruptReplicas { blocks } => {
             for block in blocks {
@@ -1131,20 +1158,33 @@ fn handle_datanode(
             space,
             received,
             deleted,
-        } => Ok(
-            match state.heartbeat(name, space, &received, &deleted, now) {
-                Some((delete, copy)) => NamenodeToDatanode::Commands {
-                    reregister: false,
-                    delete,
-                    copy,
+        } => {
+            let mut signer = shared.signer()?;
+            let keys = signer.keys();
+            Ok(
+                match state.heartbeat(name, space, &received, &deleted, now) {
+                    Some((delete, mut copy)) => {
+                        // A copy's token opens its targets for this block only, in this order.
+                        for c in copy.iter_mut().filter(|c| !c.targets.is_empty()) {
+                            let pipeline = c.targets.iter().map(|t| t.name.clone()).collect();
+                            c.token = Some(signer.issue(c.block, token::COPY, name, pipeline));
+                        }
+                        NamenodeToDatanode::Commands {
+                            reregister: false,
+                            delete,
+                            copy,
+                            keys,
+                        }
+                    }
+                    None => NamenodeToDatanode::Commands {
+                        reregister: true,
+                        delete: vec![],
+                        copy: vec![],
+                        keys,
+                    },
                 },
-                None => NamenodeToDatanode::Commands {
-                    reregister: true,
-                    delete: vec![],
-                    copy: vec![],
-                },
-            },
-        ),
+            )
+        }
     }
 }
 

@@ -341,6 +341,8 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
                         len: 0,
                         cv: None,
                         locations: targets,
+                        // Signed by the server once the block is logged.
+                        token: None,
                     });
                 }
                 vec![op]

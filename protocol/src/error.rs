@@ -46,6 +46,9 @@ pub enum ErrorCode {
     PluginFailed = 19,
     /// The datanode has no room for the block on any healthy data dir.
     NoSpace = 20,
+    /// A datanode refused the request's block access token (missing, expired, for another block,
+    /// user or operation); the client asks the namenode for a new one.
+    InvalidToken = 21,
 }
 
 /// An error as it crosses the wire: a code and a short message without server internals.

@@ -17,6 +17,7 @@ pub mod paging;
 pub mod path;
 pub mod perm;
 pub mod service;
+pub mod token;
 #[cfg(feature = "web")]
 pub mod web;
 

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Blake3Cv, BlockId, InodeId, SessionId};
+use crate::token::{BlockToken, TokenKey};
 
 /// A datanode as clients and peers reach it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +28,9 @@ pub struct LocatedBlock {
     pub cv: Option<Blake3Cv>,
     /// Live replica holders, best first.
     pub locations: Vec<Target>,
+    /// What opens the block on its datanodes ([`crate::token`]): read for a file being read,
+    /// write along `locations` for a block being written.
+    pub token: Option<BlockToken>,
 }
 
 /// Whether an entry is a file or a directory.
@@ -427,8 +431,12 @@ pub enum DatanodeToNamenode {
 /// Replies from the namenode to a datanode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NamenodeToDatanode {
-    /// Registration accepted; replicas nobody needs (unknown or stale) are to be deleted.
-    Registered { delete: Vec<ReportedBlock> },
+    /// Registration accepted; replicas nobody needs (unknown or stale) are to be deleted; `keys`
+    /// are the block token keys alive now.
+    Registered {
+        delete: Vec<ReportedBlock>,
+        keys: Vec<TokenKey>,
+    },
     /// Heartbeat accepted; `reregister` asks for a full block report.
     HeartbeatReply {
         reregister: bool,
@@ -443,6 +451,7 @@ pub enum NamenodeToDatanode {
         reregister: bool,
         delete: Vec<ReportedBlock>,
         copy: Vec<CopyCommand>,
+        keys: Vec<TokenKey>,
     },
 }
 
@@ -453,6 +462,8 @@ pub struct CopyCommand {
     pub block: BlockId,
     /// Where to copy it.
     pub targets: Vec<Target>,
+    /// Opens the targets for the copy (none for a verification, which has no targets).
+    pub token: Option<BlockToken>,
 }
 
 /// Requests to a datanode, from clients or from the previous datanode of a pipeline.
@@ -464,15 +475,20 @@ pub enum DatanodeRequest {
         file_offset: u64,
         block_size: u64,
         downstream: Vec<Target>,
+        token: Option<BlockToken>,
     },
     /// Send whole verified pieces covering `[offset, offset + len)` of the block.
     ReadBlock {
         block: BlockId,
         offset: u64,
         len: u64,
+        token: Option<BlockToken>,
     },
     /// Send the piece values of a block (from its sidecar, without reading the data).
-    BlockChecksums { block: BlockId },
+    BlockChecksums {
+        block: BlockId,
+        token: Option<BlockToken>,
+    },
     /// Run a scan task against a local replica.
     RunTask(Box<TaskRequest>),
 }

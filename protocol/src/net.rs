@@ -820,6 +820,7 @@ pub struct RangeRead {
 pub async fn read_verified_range(
     conn: &quinn::Connection,
     r: RangeRead,
+    token: Option<&crate::token::BlockToken>,
     stall: Duration,
 ) -> Result<Vec<u8>, RangeError> {
     use crate::checksum::{self, PIECE_BYTES};
@@ -830,6 +831,7 @@ pub async fn read_verified_range(
         block: r.block,
         offset: r.offset,
         len: r.len,
+        token: token.cloned(),
     };
     write_frame(&mut send, kind::DATANODE_REQUEST, &req).await?;
     send.finish().map_err(RpcError::from)?;

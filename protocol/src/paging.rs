@@ -127,6 +127,17 @@ mod tests {
                             addr: format!("10.0.0.{d}:7400"),
                         })
                         .collect(),
+                    token: Some(crate::token::BlockToken {
+                        grant: crate::token::Grant {
+                            block: BlockId(i + 1),
+                            ops: crate::token::READ,
+                            user: "alice".into(),
+                            expires_ms: 1,
+                            pipeline: vec![],
+                        },
+                        key_id: 1,
+                        mac: [0; 32],
+                    }),
                 })
                 .collect(),
         }

@@ -25,7 +25,26 @@ fn located() -> LocatedBlock {
         len: 4096,
         cv: Some(Blake3Cv([3; 32])),
         locations: vec![target(1), target(2)],
+        token: token(lode_protocol::token::READ, &[]),
     }
+}
+
+fn token(ops: u8, pipeline: &[&str]) -> Option<lode_protocol::token::BlockToken> {
+    let key = lode_protocol::token::TokenKey {
+        id: 0x0102030405060708,
+        secret: [5; 32],
+        expires_ms: 1_700_000_600_000,
+    };
+    Some(lode_protocol::token::sign(
+        &key,
+        lode_protocol::token::Grant {
+            block: BlockId(7),
+            ops,
+            user: "alice".into(),
+            expires_ms: 1_700_000_300_000,
+            pipeline: pipeline.iter().map(|p| p.to_string()).collect(),
+        },
+    ))
 }
 
 fn committed() -> CommittedBlock {
@@ -414,13 +433,22 @@ fn every_message_matches_its_golden_bytes() {
             copy: vec![CopyCommand {
                 block: BlockId(7),
                 targets: vec![target(4)],
+                token: token(lode_protocol::token::COPY, &["dn-4"]),
+            }],
+            keys: vec![lode_protocol::token::TokenKey {
+                id: 9,
+                secret: [6; 32],
+                expires_ms: 1_700_000_600_000,
             }],
         },
     );
     check(
         "n2d_registered",
         n,
-        NamenodeToDatanode::Registered { delete: vec![rb] },
+        NamenodeToDatanode::Registered {
+            delete: vec![rb],
+            keys: vec![],
+        },
     );
     check(
         "n2d_heartbeat_reply",
@@ -440,6 +468,7 @@ fn every_message_matches_its_golden_bytes() {
             file_offset: 1 << 20,
             block_size: 1 << 20,
             downstream: vec![target(2), target(3)],
+            token: token(lode_protocol::token::WRITE, &["dn-1", "dn-2", "dn-3"]),
         },
     );
     check(
@@ -449,12 +478,16 @@ fn every_message_matches_its_golden_bytes() {
             block: BlockId(7),
             offset: 65536,
             len: 100,
+            token: token(lode_protocol::token::READ, &[]),
         },
     );
     check(
         "dn_block_checksums",
         q,
-        DatanodeRequest::BlockChecksums { block: BlockId(7) },
+        DatanodeRequest::BlockChecksums {
+            block: BlockId(7),
+            token: token(lode_protocol::token::READ, &[]),
+        },
     );
     let task = TaskRequest {
         plugin: Blake3Cv([0x42; 32]),

@@ -369,6 +369,78 @@ impl Cluster {
         Ok(conns)
     }
 
+    /// A block allocated to a new file at `path` (which `cert` may create) on exactly the datanodes
+    /// `pipeline` (1-based), in that order, with the write token the namenode signed for it: what a
+    /// writer holds between `AddBlock` and writing the block. Blocks are 1 MiB.
+    pub async fn allocate_block(
+        &self,
+        cert: &str,
+        path: &str,
+        pipeline: &[usize],
+    ) -> lode_protocol::messages::LocatedBlock {
+        use lode_protocol::frame::kind;
+        use lode_protocol::messages::{ClientToNamenode as C, NamenodeReply};
+        let conn = self
+            .connect(cert, self.namenode_port, "namenode")
+            .await
+            .expect("connect to the namenode");
+        let call = |req: C| {
+            let conn = conn.clone();
+            async move {
+                lode_protocol::net::call::<_, NamenodeReply>(
+                    &conn,
+                    kind::CLIENT_TO_NAMENODE,
+                    kind::NAMENODE_REPLY,
+                    &req,
+                )
+                .await
+                .expect("namenode call")
+            }
+        };
+        let session = lode_protocol::SessionId(rand::random());
+        let NamenodeReply::Created { inode, .. } = call(C::Create {
+            path: path.into(),
+            overwrite: false,
+            replication: Some(pipeline.len() as u8),
+            block_size: Some(1 << 20),
+            session,
+            mode: 0o644,
+        })
+        .await
+        else {
+            panic!("create {path}");
+        };
+        let want: Vec<String> = pipeline.iter().map(|i| format!("dn-{i}")).collect();
+        let exclude: Vec<String> = (1..=self.datanode_ports.len())
+            .map(|i| format!("dn-{i}"))
+            .filter(|n| !want.contains(n))
+            .collect();
+        // The namenode orders the pipeline itself: ask again until it is the one wanted.
+        for _ in 0..100 {
+            let NamenodeReply::Block(b) = call(C::AddBlock {
+                inode,
+                session,
+                previous: None,
+                exclude: exclude.clone(),
+            })
+            .await
+            else {
+                panic!("add block to {path}");
+            };
+            let got: Vec<String> = b.locations.iter().map(|t| t.name.clone()).collect();
+            if got == want {
+                return b;
+            }
+            call(C::AbandonBlock {
+                inode,
+                session,
+                block: b.id,
+            })
+            .await;
+        }
+        panic!("the namenode never placed a block on {want:?}");
+    }
+
     /// What a server has logged so far (`namenode`, `dn-1`, ...).
     pub fn log(&self, server: &str) -> String {
         std::fs::read_to_string(self.path.join(format!("{server}.log"))).unwrap_or_default()

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use lode_protocol::checksum::{self, PIECE_BYTES};
 use lode_protocol::frame::{kind, PieceHeader};
-use lode_protocol::messages::{DatanodeReply, DatanodeRequest, Target};
+use lode_protocol::messages::{DatanodeReply, DatanodeRequest, LocatedBlock, Target};
 use lode_protocol::net::{self, RpcError};
-use lode_protocol::{BlockId, ErrorCode};
+use lode_protocol::ErrorCode;
 use lode_tests::{http_get, random_bytes, wait_until, Cluster, ClusterSpec};
 use serde_json::Value;
 
@@ -101,6 +101,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 /// that does not know they are full would.
 async fn write_block_raw(
     c: &Cluster,
+    block: &LocatedBlock,
     first: usize,
     downstream: &[usize],
 ) -> Result<DatanodeReply, RpcError> {
@@ -109,15 +110,16 @@ async fn write_block_raw(
         addr: format!("127.0.0.1:{}", c.datanode_ports[i - 1]),
     };
     let conn = c
-        .connect("user", c.datanode_ports[first - 1], &target(first).name)
+        .connect("admin", c.datanode_ports[first - 1], &target(first).name)
         .await
         .expect("connection");
     let (mut send, mut recv) = conn.open_bi().await?;
     let req = DatanodeRequest::WriteBlock {
-        block: BlockId(u64::MAX / 2 + rand::random::<u32>() as u64),
+        block: block.id,
         file_offset: 0,
         block_size: MIB,
         downstream: downstream.iter().map(|i| target(*i)).collect(),
+        token: block.token.clone(),
     };
     net::write_frame(&mut send, kind::DATANODE_REQUEST, &req).await?;
     let data = random_bytes(MIB as usize, 44);
@@ -162,6 +164,12 @@ fn a_datanode_whose_disk_fills_up_gets_no_new_blocks_and_nothing_is_corrupted() 
         },
     );
 
+    // A writer is given blocks on dn-4 while it has room (used once dn-4 is full).
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    c.ok(&["mkdir", "/late"]);
+    let alone = rt.block_on(c.allocate_block("admin", "/late/alone", &[4]));
+    let after_dn1 = rt.block_on(c.allocate_block("admin", "/late/piped", &[1, 4]));
+
     // A file twice as large as dn-4's disks: dn-4 takes what fits, the rest goes elsewhere.
     let a = random_bytes(24 * MIB as usize, 41);
     c.put_bytes("/a", &a, &[]);
@@ -197,13 +205,12 @@ fn a_datanode_whose_disk_fills_up_gets_no_new_blocks_and_nothing_is_corrupted() 
     );
 
     // A writer whose view is out of date still gets a clean refusal, alone or mid-pipeline.
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let direct = rt.block_on(write_block_raw(&c, 4, &[]));
+    let direct = rt.block_on(write_block_raw(&c, &alone, 4, &[]));
     assert!(
         matches!(direct, Err(RpcError::Remote(ref w)) if w.code == ErrorCode::NoSpace),
         "a full datanode refuses a block: {direct:?}"
     );
-    let piped = rt.block_on(write_block_raw(&c, 1, &[4]));
+    let piped = rt.block_on(write_block_raw(&c, &after_dn1, 1, &[4]));
     assert!(
         matches!(piped, Ok(DatanodeReply::WriteAck { ref stored, ref failed })
             if stored == &["dn-1"] && failed == &["dn-4"]),

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use lode_protocol::frame::kind;
 use lode_protocol::messages::{
-    ClientToNamenode, DatanodeReply, DatanodeRequest, NamenodeReply, Target,
+    ClientToNamenode, DatanodeReply, DatanodeRequest, LocatedBlock, NamenodeReply, Target,
 };
 use lode_protocol::net::{self, RpcError};
-use lode_protocol::{BlockId, ErrorCode};
+use lode_protocol::ErrorCode;
 use lode_tests::{Cluster, ClusterSpec};
 
 /// The connections one certificate may hold on the namenode.
@@ -25,12 +25,14 @@ fn target(c: &Cluster, i: usize) -> Target {
     }
 }
 
-fn write_request(block: u64, downstream: Vec<Target>) -> DatanodeRequest {
+/// A write of `block` (as the namenode allocated it, with its token) to `downstream`.
+fn write_request(block: &LocatedBlock, downstream: Vec<Target>) -> DatanodeRequest {
     DatanodeRequest::WriteBlock {
-        block: BlockId(block),
+        block: block.id,
         file_offset: 0,
-        block_size: 65536,
+        block_size: 1 << 20,
         downstream,
+        token: block.token.clone(),
     }
 }
 
@@ -52,7 +54,9 @@ async fn datanode_exchange(
 #[test]
 fn a_pipeline_that_loops_or_repeats_is_refused() {
     let c = Cluster::start(ClusterSpec::default());
+    let home = c.user_home();
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut refused = vec![];
     rt.block_on(async {
         let conn = c
             .connect("user", c.datanode_ports[0], "dn-1")
@@ -75,10 +79,16 @@ fn a_pipeline_that_loops_or_repeats_is_refused() {
         .into_iter()
         .enumerate()
         {
-            let r = datanode_exchange(&conn, &write_request(900_000 + i as u64, downstream)).await;
+            // A real write token, for a block the namenode placed on dn-1 alone: the token fixes
+            // the pipeline, and the datanode checks the pipeline's shape besides.
+            let block = c
+                .allocate_block("user", &format!("{home}/loop-{i}"), &[1])
+                .await;
+            refused.push(block.id.0);
+            let r = datanode_exchange(&conn, &write_request(&block, downstream)).await;
             assert!(
                 matches!(&r, Err(RpcError::Remote(w))
-                    if w.code == ErrorCode::InvalidArgument && w.message.contains("pipeline")),
+                    if w.code == ErrorCode::InvalidToken && w.message.contains("pipeline")),
                 "a pipeline naming {what}: {r:?}"
             );
         }
@@ -87,7 +97,7 @@ fn a_pipeline_that_loops_or_repeats_is_refused() {
     let data = lode_tests::random_bytes(300_000, 5);
     c.put_bytes("/after", &data, &[]);
     assert_eq!(c.get_bytes("/after"), data);
-    for id in 900_000..900_004u64 {
+    for id in refused {
         assert!(
             c.replica_path(1, id).is_none(),
             "a replica of refused block {id}"
@@ -102,15 +112,19 @@ fn streams_that_bring_nothing_are_let_go() {
         stream_idle_ms: Some(idle.as_millis() as u64),
         ..Default::default()
     });
+    let home = c.user_home();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    let idle_block = rt.block_on(async {
         // A write whose pieces never come ends with an error once the stream has been idle.
         let dn = c
             .connect("user", c.datanode_ports[0], "dn-1")
             .await
             .unwrap();
+        let block = c
+            .allocate_block("user", &format!("{home}/idle"), &[1])
+            .await;
         let started = Instant::now();
-        let r = datanode_exchange(&dn, &write_request(910_000, vec![])).await;
+        let r = datanode_exchange(&dn, &write_request(&block, vec![])).await;
         assert!(
             matches!(&r, Err(RpcError::Remote(w)) if w.message.contains("sent nothing")),
             "an idle write: {r:?}"
@@ -142,20 +156,21 @@ fn streams_that_bring_nothing_are_let_go() {
                 String::from_utf8_lossy(&reply)
             );
         }
+        block.id.0
     });
     assert!(
-        c.replica_path(1, 910_000).is_none(),
+        c.replica_path(1, idle_block).is_none(),
         "the idle write left a replica"
     );
 }
 
-/// Opens `streams` write requests on a new connection of `cert` to datanode `i` and keeps them,
-/// sending no piece.
+/// Opens `streams` write requests of `block` on a new connection of `cert` to datanode `i` and
+/// keeps them, sending no piece.
 async fn hold_write_streams(
     c: &Cluster,
     cert: &str,
     i: usize,
-    first_block: u64,
+    block: &LocatedBlock,
     streams: usize,
 ) -> (
     quinn::Connection,
@@ -166,12 +181,12 @@ async fn hold_write_streams(
         .await
         .unwrap();
     let mut held = vec![];
-    for s in 0..streams {
+    for _ in 0..streams {
         let (mut send, recv) = conn.open_bi().await.unwrap();
         net::write_frame(
             &mut send,
             kind::DATANODE_REQUEST,
-            &write_request(first_block + s as u64, vec![]),
+            &write_request(block, vec![]),
         )
         .await
         .unwrap();
@@ -183,8 +198,16 @@ async fn hold_write_streams(
 #[test]
 fn one_noisy_user_cannot_shut_out_another() {
     let c = Cluster::start(ClusterSpec::default());
+    let home = c.user_home();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _held = rt.block_on(async {
+        let mut blocks = vec![];
+        for i in 0..3 {
+            blocks.push(
+                c.allocate_block("user", &format!("{home}/held-{i}"), &[i + 1])
+                    .await,
+            );
+        }
         // As many namenode connections as one certificate may have are served; one more is not.
         let conns = c
             .connect_many("user", c.namenode_port, "namenode", PER_PEER_CONNECTIONS)
@@ -227,12 +250,12 @@ fn one_noisy_user_cannot_shut_out_another() {
             "one connection too many: {closed:?}"
         );
         // On every datanode the user opens more write streams than the datanode has disk threads
-        // (9 connections of 64), each sending nothing. Only its share is served; the rest wait.
+        // (9 connections of 64), each sending nothing, with a write token the namenode gave it
+        // for a block of its own. Only its share is served; the rest wait.
         let mut held = vec![];
-        for i in 0..3 {
-            for k in 0..9 {
-                let first = 1_000_000 + (i * 9 + k) as u64 * 64;
-                held.push(hold_write_streams(&c, "user", i, first, 64).await);
+        for (i, block) in blocks.iter().enumerate() {
+            for _ in 0..9 {
+                held.push(hold_write_streams(&c, "user", i, block, 64).await);
             }
         }
         (conns, extra, held)

@@ -67,7 +67,7 @@ fn a_datanode_with_two_million_replicas_registers_and_hears_every_delete() {
             )
             .await
             .unwrap();
-            let NamenodeToDatanode::Registered { delete } = reply else {
+            let NamenodeToDatanode::Registered { delete, .. } = reply else {
                 panic!("unexpected reply {reply:?}");
             };
             deletes += delete.len() as u64;

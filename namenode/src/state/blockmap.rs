@@ -288,6 +288,7 @@ impl State {
                 dn.pending_copy.push(CopyCommand {
                     block,
                     targets: vec![t],
+                    token: None,
                 });
                 self.copies.push(PendingCopy {
                     block,
@@ -346,6 +347,7 @@ impl State {
                     dn.pending_copy.push(CopyCommand {
                         block,
                         targets: vec![],
+                        token: None,
                     });
                     self.verifying.insert(key, now);
                 }
@@ -443,6 +445,7 @@ impl State {
         dn.pending_copy.push(CopyCommand {
             block,
             targets: vec![],
+            token: None,
         });
         self.verifying.insert(key, now);
         self.event(format!(

@@ -226,6 +226,7 @@ impl State {
                 dn.pending_copy.push(CopyCommand {
                     block: r.id,
                     targets: vec![],
+                    token: None,
                 });
                 // Still unanswered until the node reports the replica (or it is found bad).
                 dn.sent_deletes.insert(r.id, (r, now));
