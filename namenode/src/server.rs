@@ -333,7 +333,7 @@ fn guard_system_tree(req: &ClientToNamenode, identity: &Identity) -> Result<bool
     let denied = |path: &str| {
         Err(Error::refused(
             ErrorCode::PermissionDenied,
-            format!("{path}: only an admin can change {SYSTEM_DIR} (where plugin libraries live)"),
+            format!("permission denied: {path}: only an admin can change {SYSTEM_DIR} (where plugin libraries live)"),
         ))
     };
     let new_library = |path: &str| path::split_parent(path).is_some_and(|(p, _)| p == PLUGIN_DIR);

@@ -33,6 +33,9 @@ pub struct ClusterSpec {
     pub datanode_failpoints: Option<String>,
     /// The datanodes' `stream_idle_ms` (else their default).
     pub stream_idle_ms: Option<u64>,
+    /// More top-level lines of the namenode's config (`token_lifetime_ms = 2000`), and tables
+    /// after them (`[groups]`).
+    pub namenode_extra: String,
 }
 
 impl Default for ClusterSpec {
@@ -47,6 +50,7 @@ impl Default for ClusterSpec {
             edit_log_roll_bytes: None,
             datanode_failpoints: None,
             stream_idle_ms: None,
+            namenode_extra: String::new(),
         }
     }
 }
@@ -210,13 +214,14 @@ impl Cluster {
             format!(
                 "listen = \"127.0.0.1:{namenode_port}\"\nmeta_dir = \"meta\"\nheartbeat_interval_ms = 200\n\
                  stale_after_ms = 2000\ndead_after_ms = 5000\nlease_expiry_ms = {}\nreplication_default = {}\n\
-                 block_size_default = {}\nhttp_listen = \"127.0.0.1:0\"\naudit_log = \"audit.log\"\n{}{}",
+                 block_size_default = {}\nhttp_listen = \"127.0.0.1:0\"\naudit_log = \"audit.log\"\n{}{}\n{}",
                 spec.lease_expiry_ms,
                 spec.replication,
                 spec.block_size,
                 spec.edit_log_roll_bytes
                     .map(|b| format!("edit_log_roll_bytes = {b}\n"))
                     .unwrap_or_default(),
+                spec.namenode_extra,
                 tls("namenode")
             ),
         )
@@ -673,6 +678,27 @@ impl Cluster {
             self.path.display()
         );
         out.stdout
+    }
+
+    /// A client config for a new user certificate `name` (issued by the cluster's CA now), with
+    /// `extra` top-level lines (`umask = "077"`).
+    pub fn client_config_for(&self, name: &str, extra: &str) -> PathBuf {
+        let certs = self.path.join("certs");
+        if !certs.join(format!("{name}.pem")).exists() {
+            lode_client::certs::issue(&certs, name, lode_protocol::net::Role::User)
+                .expect("issue a user certificate");
+        }
+        let file = self.path.join(format!("client-{name}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "namenode = \"127.0.0.1:{}\"\n{extra}\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\n\
+                 key = \"certs/{name}-key.pem\"\n[transport]\nidle_timeout_ms = 3000\n",
+                self.namenode_port
+            ),
+        )
+        .expect("write client config");
+        file
     }
 
     /// The user certificate's home, `/user/user`: made by the admin and given to the user, as the

@@ -1,0 +1,421 @@
+//! Users and permissions on a real cluster: a permission matrix (owner, group and other × r, w, x ×
+//! the namespace operations) run against Lode and, as its oracle, against a local directory through
+//! unprivileged Linux users (`setpriv`); the attacks any user certificate could make before owners
+//! existed; the sticky `/tmp`; and groups reloaded without a restart.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use lode_client::{Client, ClientConfig, PutOptions};
+use lode_protocol::perm::ModeChange;
+use lode_protocol::ErrorCode;
+use lode_tests::{Cluster, ClusterSpec};
+
+const GROUPS: &str = "[groups]\nstaff = [\"alice\", \"bob\"]\n";
+
+/// Who acts: Lode's certificate name and the local uid, gid and supplementary groups that play it.
+struct Actor {
+    name: &'static str,
+    uid: u32,
+    gid: u32,
+    groups: &'static str,
+}
+
+/// alice owns the entries and is in staff; bob is in staff; eve is in neither.
+const STAFF: u32 = 20100;
+const ACTORS: [Actor; 3] = [
+    Actor {
+        name: "alice",
+        uid: 20001,
+        gid: STAFF,
+        groups: "20100",
+    },
+    Actor {
+        name: "bob",
+        uid: 20002,
+        gid: 20002,
+        groups: "20100",
+    },
+    Actor {
+        name: "eve",
+        uid: 20003,
+        gid: 20003,
+        groups: "",
+    },
+];
+
+/// What the mode under test is put on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum On {
+    /// The directory `d` (its file `f` is 0666).
+    Dir,
+    /// The file `d/f` (in a 0777 directory).
+    File,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    List,
+    Stat,
+    Read,
+    Create,
+    Mkdir,
+    Delete,
+    Rename,
+    Overwrite,
+    Chmod,
+}
+
+impl Op {
+    /// The same operation on a local disk, as a shell command run in the case's directory.
+    fn local(self) -> &'static str {
+        match self {
+            Op::List => "ls d > /dev/null",
+            Op::Stat => "stat d/f > /dev/null",
+            Op::Read => "cat d/f > /dev/null",
+            Op::Create => ": > d/new",
+            Op::Mkdir => "mkdir d/sub",
+            Op::Delete => "rm -f d/f",
+            Op::Rename => "mv d/f d/g",
+            Op::Overwrite => "printf x > d/f",
+            Op::Chmod => "chmod 600 d/f",
+        }
+    }
+
+    /// Whether HDFS and POSIX differ here, so that Lode (which checks as HDFS does) need not match
+    /// the local disk: listing a directory one may read but not search (POSIX lists the names,
+    /// HDFS asks for both).
+    fn may_differ(self, on: On, class_bits: u16) -> bool {
+        matches!((self, on), (Op::List, On::Dir)) && class_bits == 4
+    }
+}
+
+async fn lode_op(c: &Client, op: Op, d: &str) -> Result<(), lode_client::Error> {
+    let f = format!("{d}/f");
+    match op {
+        Op::List => c.list(d).await.map(|_| ()),
+        Op::Stat => c.stat(&f, false).await.map(|_| ()),
+        Op::Read => {
+            let mut out = Vec::new();
+            c.get(&f, &mut out, &|_| {}).await.map(|_| ())
+        }
+        Op::Create => c
+            .put(
+                &b"x"[..],
+                &format!("{d}/new"),
+                &PutOptions::default(),
+                &|_| {},
+            )
+            .await
+            .map(|_| ()),
+        Op::Mkdir => c.mkdir(&format!("{d}/sub"), false).await,
+        Op::Delete => c.delete(&f, false).await,
+        Op::Rename => c.rename(&f, &format!("{d}/g")).await,
+        Op::Overwrite => {
+            let opts = PutOptions {
+                overwrite: true,
+                ..PutOptions::default()
+            };
+            c.put(&b"x"[..], &f, &opts, &|_| {}).await.map(|_| ())
+        }
+        Op::Chmod => c.set_mode(&f, ModeChange::Set(0o600), false).await,
+    }
+}
+
+/// Runs `cmd` in `dir` as `who` (no capabilities: a uid other than 0 drops them).
+fn local_op(who: &Actor, dir: &Path, cmd: &str) -> bool {
+    let mut setpriv = Command::new("setpriv");
+    setpriv
+        .arg(format!("--reuid={}", who.uid))
+        .arg(format!("--regid={}", who.gid));
+    if who.groups.is_empty() {
+        setpriv.arg("--clear-groups");
+    } else {
+        setpriv.arg(format!("--groups={}", who.groups));
+    }
+    let out = setpriv
+        .args(["sh", "-c", cmd])
+        .current_dir(dir)
+        .output()
+        .expect("run setpriv");
+    out.status.success()
+}
+
+fn connect(rt: &tokio::runtime::Runtime, config: &Path) -> Client {
+    rt.block_on(Client::connect(ClientConfig::load(config).unwrap()))
+        .unwrap()
+}
+
+/// The modes tried: for each class, none, r, w, x and rwx of it alone (so the owner also meets
+/// modes that grant the group and other more than itself).
+fn modes() -> Vec<(u16, u16)> {
+    let mut out = vec![];
+    for shift in [6u16, 3, 0] {
+        for bits in [4u16, 2, 1, 7] {
+            out.push((bits << shift, shift));
+        }
+    }
+    out.push((0, 0));
+    out
+}
+
+/// The bits of `mode` that apply to `who` (who is in alice's group, as local checks have it).
+fn class_bits(who: &Actor, mode: u16) -> u16 {
+    let shift = match who.name {
+        "alice" => 6,
+        "bob" => 3,
+        _ => 0,
+    };
+    (mode >> shift) & 7
+}
+
+#[test]
+fn the_permission_matrix_agrees_with_a_local_disk() {
+    // SAFETY: geteuid has no arguments.
+    if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        eprintln!("SKIPPED: the local oracle needs root and setpriv to act as other users");
+        return;
+    }
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 1,
+        replication: 1,
+        namenode_extra: GROUPS.into(),
+        ..ClusterSpec::default()
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let admin = connect(&rt, &c.client_config());
+    let users: Vec<Client> = ACTORS
+        .iter()
+        .map(|a| connect(&rt, &c.client_config_for(a.name, "")))
+        .collect();
+    let local_root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(local_root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ops_on = |on: On| -> Vec<Op> {
+        match on {
+            On::Dir => vec![
+                Op::List,
+                Op::Stat,
+                Op::Read,
+                Op::Create,
+                Op::Mkdir,
+                Op::Delete,
+                Op::Rename,
+            ],
+            On::File => vec![Op::Read, Op::Overwrite, Op::Delete, Op::Chmod],
+        }
+    };
+    let mut mismatches = vec![];
+    let (mut allowed, mut denied, mut case) = (0, 0, 0);
+    rt.block_on(admin.mkdir("/m", false)).unwrap();
+    for on in [On::Dir, On::File] {
+        for (mode, _) in modes() {
+            for (who, user) in ACTORS.iter().zip(&users) {
+                for op in ops_on(on) {
+                    case += 1;
+                    let (dir_mode, file_mode) = match on {
+                        On::Dir => (mode, 0o666),
+                        On::File => (0o777, mode),
+                    };
+                    // A fresh tree for every case: Lode's /m/N/d/f and the local N/d/f, both
+                    // alice's and staff's.
+                    let d = format!("/m/{case}/d");
+                    rt.block_on(async {
+                        admin.mkdir(&d, true).await?;
+                        admin
+                            .put(
+                                &b"data"[..],
+                                &format!("{d}/f"),
+                                &PutOptions::default(),
+                                &|_| {},
+                            )
+                            .await?;
+                        admin
+                            .set_owner(&d, Some("alice"), Some("staff"), true)
+                            .await?;
+                        admin
+                            .set_mode(&format!("{d}/f"), ModeChange::Set(file_mode), false)
+                            .await?;
+                        admin.set_mode(&d, ModeChange::Set(dir_mode), false).await
+                    })
+                    .unwrap();
+                    let here = local_root.path().join(case.to_string());
+                    std::fs::create_dir_all(here.join("d")).unwrap();
+                    std::fs::write(here.join("d/f"), b"data").unwrap();
+                    for p in [here.join("d"), here.join("d/f")] {
+                        std::os::unix::fs::chown(&p, Some(20001), Some(STAFF)).unwrap();
+                    }
+                    std::fs::set_permissions(
+                        here.join("d/f"),
+                        std::fs::Permissions::from_mode(u32::from(file_mode)),
+                    )
+                    .unwrap();
+                    std::fs::set_permissions(
+                        here.join("d"),
+                        std::fs::Permissions::from_mode(u32::from(dir_mode)),
+                    )
+                    .unwrap();
+
+                    let local = local_op(who, &here, op.local());
+                    let lode = match rt.block_on(lode_op(user, op, &d)) {
+                        Ok(()) => true,
+                        Err(e) if e.code() == Some(ErrorCode::PermissionDenied) => false,
+                        Err(e) => panic!("{op:?} by {} on {on:?} mode {mode:o}: {e}", who.name),
+                    };
+                    if lode {
+                        allowed += 1;
+                    } else {
+                        denied += 1;
+                    }
+                    if lode != local && !op.may_differ(on, class_bits(who, mode)) {
+                        mismatches.push(format!(
+                            "{op:?} by {} with {on:?} mode {mode:04o}: lode {}, local disk {}",
+                            who.name,
+                            if lode { "allows" } else { "denies" },
+                            if local { "allows" } else { "denies" }
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {case} cases disagree:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+    assert!(
+        allowed > 50 && denied > 100,
+        "the matrix allowed {allowed} and denied {denied} of {case}"
+    );
+}
+
+/// Runs `lode` with `config` and returns (success, stdout, stderr).
+fn lode_as(c: &Cluster, config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = c.lode_with(config, args, None);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn denied(c: &Cluster, config: &Path, args: &[&str]) {
+    let out = c.lode_with(config, args, None);
+    lode_tests::assert_one_line_error(&out, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied"), "{args:?}: {err}");
+}
+
+/// Every way a user certificate could harm another's data before owners existed is refused, the
+/// data is intact afterwards, and the user works freely in its own home and in the sticky /tmp.
+#[test]
+fn a_user_certificate_cannot_harm_what_others_own() {
+    let c = Cluster::start(ClusterSpec {
+        namenode_extra: "[groups]\nstaff = [\"alice\"]\n".into(),
+        ..ClusterSpec::default()
+    });
+    let data = lode_tests::random_bytes(200_000, 8);
+    c.ok(&["mkdir", "-p", "/data", "/tmp"]);
+    c.ok(&["chmod", "1777", "/tmp"]);
+    c.put_bytes("/data/f", &data, &[]);
+    let home = c.user_home();
+    let user = c.dir().join("client-user.toml");
+    let local = c.dir().join("upload");
+    std::fs::write(&local, b"mine").unwrap();
+    let l = local.to_str().unwrap();
+    for args in [
+        vec!["rm", "-r", "/data"],
+        vec!["rm", "/data/f"],
+        vec!["put", "-f", l, "/data/f"],
+        vec!["setrep", "1", "/"],
+        vec!["setrep", "1", "/data/f"],
+        vec!["chmod", "777", "/data"],
+        vec!["chmod", "-R", "777", "/"],
+        vec!["chown", "user", "/data/f"],
+        vec!["chgrp", "staff", "/data/f"],
+        vec!["mv", "/data", "/user/user/taken"],
+        vec!["mv", "/data/f", "/tmp/f"],
+        vec!["mkdir", "/elsewhere"],
+    ] {
+        denied(&c, &user, &args);
+    }
+    assert_eq!(c.get_bytes("/data/f"), data, "the admin's file is intact");
+    assert_eq!(c.stat("/data/f")["replication"], 3);
+
+    // At home the user does as it likes; new entries are its own, in the parent's group, 0644.
+    for args in [
+        vec!["mkdir", "/user/user/d"],
+        vec!["put", l, "/user/user/d/f"],
+        vec!["mv", "/user/user/d/f", "/user/user/g"],
+        vec!["chmod", "g+w", "/user/user/g"],
+        vec!["setrep", "1", "/user/user/g"],
+        vec!["rm", "-r", "/user/user/d"],
+    ] {
+        let (ok, _, err) = lode_as(&c, &user, &args);
+        assert!(ok, "{args:?}: {err}");
+    }
+    let (_, out, _) = lode_as(&c, &user, &["stat", "--json", &format!("{home}/g")]);
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            st["owner"].as_str(),
+            st["group"].as_str(),
+            st["mode"].as_str()
+        ),
+        (Some("user"), Some("supergroup"), Some("0664")),
+        "{st}"
+    );
+    let (_, ls, _) = lode_as(&c, &user, &["ls", "-l", &home]);
+    assert!(ls.contains("-rw-rw-r--") && ls.contains(" user "), "{ls}");
+    let (_, out, _) = lode_as(&c, &user, &["ls", "--json", "/"]);
+    let root: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tmp = root
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == "/tmp")
+        .unwrap();
+    assert_eq!(tmp["mode"], "1777", "{tmp}");
+
+    // The sticky /tmp: everyone writes, only an entry's owner removes or moves it. A client's
+    // umask shapes its new entries.
+    let alice = c.client_config_for("alice", "umask = \"077\"");
+    let (ok, _, err) = lode_as(&c, &user, &["put", l, "/tmp/u"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = lode_as(&c, &alice, &["put", l, "/tmp/a"]);
+    assert!(ok, "{err}");
+    denied(&c, &alice, &["rm", "/tmp/u"]);
+    denied(&c, &alice, &["mv", "/tmp/u", "/tmp/mine"]);
+    denied(&c, &user, &["cat", "/tmp/a"]);
+    assert_eq!(c.stat("/tmp/a")["mode"], "0600");
+    let (ok, _, err) = lode_as(&c, &user, &["rm", "/tmp/u"]);
+    assert!(ok, "{err}");
+
+    // Groups come from the namenode's config and are read again on request.
+    c.put_bytes("/data/team", b"for the team", &[]);
+    c.ok(&["chgrp", "staff", "/data/team"]);
+    c.ok(&["chmod", "640", "/data/team"]);
+    let bob = c.client_config_for("bob", "");
+    let (ok, out, _) = lode_as(&c, &alice, &["cat", "/data/team"]);
+    assert!(ok && out == "for the team");
+    denied(&c, &bob, &["cat", "/data/team"]);
+    let out = c.lode_with(&user, &["admin", "refresh-groups"], None);
+    lode_tests::assert_one_line_error(&out, &["admin refresh-groups as a user"]);
+    let config = c.dir().join("namenode.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("staff = [\"alice\"]", "staff = [\"alice\", \"bob\"]"),
+    )
+    .unwrap();
+    c.ok(&["admin", "refresh-groups"]);
+    let (ok, out, err) = lode_as(&c, &bob, &["cat", "/data/team"]);
+    assert!(ok && out == "for the team", "{err}");
+    // A member may give its own file to its group; nobody else's.
+    denied(&c, &alice, &["chgrp", "staff", "/data/f"]);
+}
