@@ -140,6 +140,8 @@ pub async fn run(
         http_addr,
         stream_idle: Duration::from_millis(config.stream_idle_ms.max(1)),
         keys: std::sync::Mutex::new(Default::default()),
+        keys_learned: tokio::sync::Notify::new(),
+        key_wake_ms: std::sync::atomic::AtomicU64::new(0),
     });
     let web = http_listener.map(|l| {
         tokio::spawn(http::serve(

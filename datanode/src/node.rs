@@ -43,7 +43,17 @@ pub struct Node {
     pub stream_idle: std::time::Duration,
     /// The namenode's block token keys, learned from its replies.
     pub keys: Mutex<KeyRing>,
+    /// Woken whenever keys are learned.
+    pub keys_learned: Notify,
+    /// When a token with an unknown key last asked for an early heartbeat (ms since the epoch).
+    pub key_wake_ms: std::sync::atomic::AtomicU64,
 }
+
+/// How long a request whose token names a key not yet learned waits for it (a restarted
+/// namenode's first keys reach a datanode with its next heartbeat reply).
+const KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Tokens with unknown keys ask for an early heartbeat at most this often.
+const KEY_WAKE_EVERY_MS: u64 = 500;
 
 /// Milliseconds since the epoch (token expiry is wall-clock time).
 pub fn now_ms() -> u64 {
@@ -57,6 +67,40 @@ impl Node {
     pub fn learn_keys(&self, keys: &[TokenKey]) {
         if let Ok(mut ring) = self.keys.lock() {
             ring.learn(keys, now_ms());
+        }
+        self.keys_learned.notify_waiters();
+    }
+
+    /// [`Node::authorise`], but a token signed with a key this datanode has not learned yet waits
+    /// (up to [`KEY_WAIT`]) for the next heartbeat reply, which it asks for at once: a namenode
+    /// that restarted signs with keys made after the datanodes last heard from it.
+    pub async fn authorise_waiting(
+        &self,
+        peer: &Identity,
+        token: Option<&BlockToken>,
+        block: BlockId,
+        ops: u8,
+    ) -> Result<Grant, Error> {
+        let deadline = tokio::time::Instant::now() + KEY_WAIT;
+        loop {
+            let learned = self.keys_learned.notified();
+            tokio::pin!(learned);
+            learned.as_mut().enable();
+            match self.authorise(peer, token, block, ops) {
+                Err(Error::Token(token::TokenError::UnknownKey)) => {
+                    let now = now_ms();
+                    let last = self.key_wake_ms.load(std::sync::atomic::Ordering::Relaxed);
+                    if now.saturating_sub(last) >= KEY_WAKE_EVERY_MS {
+                        self.key_wake_ms
+                            .store(now, std::sync::atomic::Ordering::Relaxed);
+                        self.reports.wake();
+                    }
+                    if tokio::time::timeout_at(deadline, learned).await.is_err() {
+                        return self.authorise(peer, token, block, ops);
+                    }
+                }
+                other => return other,
+            }
         }
     }
 

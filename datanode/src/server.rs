@@ -78,7 +78,8 @@ async fn serve_stream(
         } => {
             // The block goes only where the namenode sent it: the token's pipeline from here on.
             let allowed = shared
-                .authorise(peer, token.as_ref(), block, token::WRITE | token::COPY)
+                .authorise_waiting(peer, token.as_ref(), block, token::WRITE | token::COPY)
+                .await
                 .and_then(|grant| {
                     let rest: Vec<&str> = downstream.iter().map(|t| t.name.as_str()).collect();
                     token::check_pipeline(&grant, &shared.name, &rest).map_err(Error::Token)
@@ -105,7 +106,10 @@ async fn serve_stream(
             len,
             token,
         } => {
-            if let Err(e) = shared.authorise(peer, token.as_ref(), block, token::READ) {
+            if let Err(e) = shared
+                .authorise_waiting(peer, token.as_ref(), block, token::READ)
+                .await
+            {
                 return refuse(send, &e).await;
             }
             return read_block(shared, send, block, offset, len).await;
@@ -128,7 +132,10 @@ async fn serve_stream(
             r.map(DatanodeReply::TaskDone)
         }
         DatanodeRequest::BlockChecksums { block, token } => {
-            match shared.authorise(peer, token.as_ref(), block, token::READ) {
+            match shared
+                .authorise_waiting(peer, token.as_ref(), block, token::READ)
+                .await
+            {
                 Ok(_) => {
                     let store = shared.store.clone();
                     blocking(move || store.sidecar(block))

@@ -31,7 +31,11 @@ const STALL: Duration = Duration::from_secs(10);
 /// tokens (a scan runs as the user, over what the user may read).
 pub async fn run(shared: &Node, peer: &Identity, req: TaskRequest) -> Result<TaskResult, Error> {
     let started = Instant::now();
-    for b in std::iter::once(&req.block).chain(&req.following) {
+    shared
+        .authorise_waiting(peer, req.block.token.as_ref(), req.block.id, token::READ)
+        .await?;
+    // Signed with the same keys as the first: no waiting for each.
+    for b in &req.following {
         shared.authorise(peer, b.token.as_ref(), b.id, token::READ)?;
     }
     if !shared.sandbox_missing.is_empty() {

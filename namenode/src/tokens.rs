@@ -5,9 +5,11 @@
 use lode_protocol::token::{self, BlockToken, Grant, TokenKey};
 use lode_protocol::BlockId;
 
-/// Signs tokens and rotates the keys.
+/// Signs tokens and rotates the keys. Each key signs for one rotation period, and the next key is
+/// made (and sent to datanodes) a period before it starts signing, so that a rotation never hands
+/// out a token a datanode cannot check yet.
 pub struct Signer {
-    /// Keys still alive, newest last, each with the time it was made.
+    /// Keys still alive, each with the time it starts signing, in that order.
     keys: Vec<(u64, TokenKey)>,
     lifetime_ms: u64,
     rotate_ms: u64,
@@ -21,8 +23,8 @@ pub fn now_ms() -> u64 {
 }
 
 impl Signer {
-    /// Tokens live `lifetime_ms`; a new key signs them every `lifetime_ms / 2`. A key outlives
-    /// the last token it signed.
+    /// Tokens live `lifetime_ms`; a key signs for `lifetime_ms / 2` and outlives the last token it
+    /// signed.
     pub fn new(lifetime_ms: u64) -> Signer {
         Signer {
             keys: vec![],
@@ -31,23 +33,36 @@ impl Signer {
         }
     }
 
-    fn current(&mut self, now: u64) -> &TokenKey {
-        let due = self
-            .keys
-            .last()
-            .is_none_or(|(made, _)| now.saturating_sub(*made) >= self.rotate_ms);
-        if due {
-            let key = TokenKey {
-                id: rand::random(),
-                secret: rand::random(),
-                expires_ms: now + self.rotate_ms + self.lifetime_ms,
-            };
-            tracing::debug!(key = key.id, "new block token key");
-            self.keys.push((now, key));
-        }
+    fn make(&mut self, from: u64) {
+        let key = TokenKey {
+            id: rand::random(),
+            secret: rand::random(),
+            expires_ms: from + self.rotate_ms + self.lifetime_ms,
+        };
+        tracing::debug!(key = key.id, from, "new block token key");
+        self.keys.push((from, key));
+    }
+
+    /// The key that signs at `now`, with the next one made ahead.
+    fn current(&mut self, now: u64) -> TokenKey {
         self.keys.retain(|(_, k)| k.expires_ms > now);
-        // Just pushed or still current.
-        &self.keys[self.keys.len() - 1].1
+        let rotate = self.rotate_ms;
+        let signing = |keys: &[(u64, TokenKey)]| {
+            keys.iter()
+                .rposition(|(from, _)| *from <= now && now < from + rotate)
+        };
+        let at = match signing(&self.keys) {
+            Some(i) => i,
+            None => {
+                self.make(now);
+                self.keys.len() - 1
+            }
+        };
+        let (from, key) = self.keys[at].clone();
+        if !self.keys.iter().any(|(f, _)| *f == from + rotate) {
+            self.make(from + rotate);
+        }
+        key
     }
 
     /// A token for `block` allowing `ops` to `user`, along `pipeline` for writes and copies.
@@ -60,7 +75,7 @@ impl Signer {
     ) -> BlockToken {
         let now = now_ms();
         let expires_ms = now + self.lifetime_ms;
-        let key = self.current(now).clone();
+        let key = self.current(now);
         token::sign(
             &key,
             Grant {
@@ -86,7 +101,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn issued_tokens_verify_with_the_keys_sent_and_keys_rotate() {
+    fn issued_tokens_verify_with_the_keys_sent_and_the_next_key_is_sent_ahead() {
         let mut signer = Signer::new(60_000);
         let t = signer.issue(BlockId(3), token::READ, "alice", vec![]);
         let mut ring = token::KeyRing::default();
@@ -98,11 +113,23 @@ mod tests {
         assert!(ring
             .verify(Some(&t), BlockId(4), token::READ, now_ms())
             .is_err());
-        // A key made long ago is replaced; the old one stays while its tokens may live.
-        signer.keys[0].0 -= 30_000;
-        let keys = signer.keys();
-        assert_eq!(keys.len(), 2);
+        assert_eq!(signer.keys().len(), 2, "the one signing and the next");
+        // A period later the next key signs, and the datanodes already hold it.
+        for (from, _) in &mut signer.keys {
+            *from -= 30_000;
+        }
         let t2 = signer.issue(BlockId(3), token::READ, "alice", vec![]);
         assert_ne!(t.key_id, t2.key_id);
+        assert!(ring
+            .verify(Some(&t2), BlockId(3), token::READ, now_ms())
+            .is_ok());
+        assert!(ring
+            .verify(Some(&t), BlockId(3), token::READ, now_ms())
+            .is_ok());
+        assert_eq!(
+            signer.keys().len(),
+            3,
+            "the old one lives while its tokens may"
+        );
     }
 }

@@ -126,12 +126,13 @@ pub enum TokenError {
     Pipeline,
 }
 
-fn op_name(op: u8) -> &'static str {
-    match op {
-        READ => "reading",
-        WRITE => "writing",
-        COPY => "copying",
-        _ => "this",
+fn op_name(ops: u8) -> &'static str {
+    if ops & WRITE != 0 {
+        "writing"
+    } else if ops & READ != 0 {
+        "reading"
+    } else {
+        "copying"
     }
 }
 

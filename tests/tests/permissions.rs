@@ -419,3 +419,192 @@ fn a_user_certificate_cannot_harm_what_others_own() {
     // A member may give its own file to its group; nobody else's.
     denied(&c, &alice, &["chgrp", "staff", "/data/f"]);
 }
+
+mod tokens {
+    use std::time::Duration;
+
+    use lode_protocol::frame::kind;
+    use lode_protocol::messages::{
+        ClientToNamenode, DatanodeReply, DatanodeRequest, LocatedBlock, NamenodeReply, TaskRequest,
+    };
+    use lode_protocol::net::{self, RangeRead, RpcError};
+    use lode_protocol::ErrorCode;
+    use lode_tests::{Cluster, ClusterSpec};
+
+    async fn stat(conn: &quinn::Connection, path: &str) -> Result<Vec<LocatedBlock>, RpcError> {
+        let r = net::call::<_, NamenodeReply>(
+            conn,
+            kind::CLIENT_TO_NAMENODE,
+            kind::NAMENODE_REPLY,
+            &ClientToNamenode::Stat {
+                path: path.into(),
+                blocks: true,
+            },
+        )
+        .await?;
+        match r {
+            NamenodeReply::Status(s) => Ok(s.blocks),
+            other => panic!("stat {path}: {other:?}"),
+        }
+    }
+
+    async fn ask(
+        conn: &quinn::Connection,
+        req: &DatanodeRequest,
+    ) -> Result<DatanodeReply, RpcError> {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(RpcError::from)?;
+        net::write_frame(&mut send, kind::DATANODE_REQUEST, req).await?;
+        // A refused write ends before its pieces; one that was let in waits for them.
+        let _ = send.finish();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            net::read_frame::<DatanodeReply>(&mut recv, kind::DATANODE_REPLY),
+        )
+        .await
+        .map_err(|_| RpcError::Stream("no reply within 20 s".into()))?
+    }
+
+    fn refused_token(r: &Result<DatanodeReply, RpcError>, why: &str, what: &str) {
+        assert!(
+            matches!(r, Err(RpcError::Remote(w)) if w.code == ErrorCode::InvalidToken && w.message.contains(why)),
+            "{what}: {r:?}"
+        );
+    }
+
+    /// Raw requests with the user certificate to every datanode endpoint: with no token, with the
+    /// token of another block, of another user, for another operation, forged, and expired. None
+    /// reads, writes, checksums or scans a block the user may not read, and the admin's file is
+    /// intact after all of them.
+    #[test]
+    fn a_block_opens_only_with_a_valid_token_of_its_own() {
+        let c = Cluster::start(ClusterSpec {
+            namenode_extra: "token_lifetime_ms = 3000\n".into(),
+            ..ClusterSpec::default()
+        });
+        let secret = lode_tests::random_bytes(60_000, 1);
+        let open = lode_tests::random_bytes(60_000, 2);
+        c.put_bytes("/secret", &secret, &[]);
+        c.ok(&["chmod", "600", "/secret"]);
+        c.put_bytes("/open", &open, &[]);
+        let home = c.user_home();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let user_nn = c.connect("user", c.namenode_port, "namenode").await.unwrap();
+            let admin_nn = c.connect("admin", c.namenode_port, "namenode").await.unwrap();
+            let denied = stat(&user_nn, "/secret").await;
+            assert!(
+                matches!(&denied, Err(RpcError::Remote(w)) if w.code == ErrorCode::PermissionDenied),
+                "the user asks for the secret's blocks: {denied:?}"
+            );
+            let theirs = stat(&admin_nn, "/secret").await.unwrap().remove(0);
+            let mine = stat(&user_nn, "/open").await.unwrap().remove(0);
+            let own_write = c.allocate_block("user", &format!("{home}/w"), &[1]).await;
+            let mut forged = mine.token.clone().unwrap();
+            forged.grant.block = theirs.id;
+            let read = |token| DatanodeRequest::ReadBlock {
+                block: theirs.id,
+                offset: 0,
+                len: 100,
+                token,
+            };
+            let write = |token| DatanodeRequest::WriteBlock {
+                block: theirs.id,
+                file_offset: 0,
+                block_size: 65536,
+                downstream: vec![],
+                token,
+            };
+            let task = |token| {
+                let mut block = theirs.clone();
+                block.token = token;
+                DatanodeRequest::RunTask(Box::new(TaskRequest {
+                    plugin: lode_protocol::Blake3Cv([1; 32]),
+                    plugin_path: "/.lode/plugins/x".into(),
+                    args_json: "{}".into(),
+                    path: "/secret".into(),
+                    start: 0,
+                    end: block.len,
+                    block,
+                    following: vec![],
+                }))
+            };
+            for dn in 0..3 {
+                let name = format!("dn-{}", dn + 1);
+                let conn = c.connect("user", c.datanode_ports[dn], &name).await.unwrap();
+                let cases = [
+                    ("no token", read(None), "no block access token"),
+                    ("another block's token", read(mine.token.clone()), "not block"),
+                    ("another user's token", read(theirs.token.clone()), "issued to admin"),
+                    ("a forged token", read(Some(forged.clone())), "bad signature"),
+                    (
+                        "checksums with another block's token",
+                        DatanodeRequest::BlockChecksums {
+                            block: theirs.id,
+                            token: mine.token.clone(),
+                        },
+                        "not block",
+                    ),
+                    ("an overwrite with no token", write(None), "no block access token"),
+                    ("an overwrite with a read token", write(mine.token.clone()), "not block"),
+                    (
+                        "an overwrite with the user's own write token",
+                        write(own_write.token.clone()),
+                        "not block",
+                    ),
+                    (
+                        "a write of a readable block with its read token",
+                        DatanodeRequest::WriteBlock {
+                            block: mine.id,
+                            file_offset: 0,
+                            block_size: 65536,
+                            downstream: vec![],
+                            token: mine.token.clone(),
+                        },
+                        "does not allow writing",
+                    ),
+                    ("a scan with another block's token", task(mine.token.clone()), "not block"),
+                    ("a scan with no token", task(None), "no block access token"),
+                ];
+                for (what, req, why) in cases {
+                    refused_token(&ask(&conn, &req).await, why, &format!("{name}: {what}"));
+                }
+            }
+            // The user's own token reads its block, until it expires.
+            let holder = &mine.locations[0];
+            let port = c.datanode_ports[holder.name[3..].parse::<usize>().unwrap() - 1];
+            let conn = c.connect("user", port, &holder.name).await.unwrap();
+            let range = RangeRead {
+                block: mine.id,
+                block_offset_in_file: 0,
+                committed: mine.cv,
+                offset: 0,
+                len: mine.len,
+            };
+            let got = net::read_verified_range(&conn, range, mine.token.as_ref(), Duration::from_secs(10))
+                .await
+                .unwrap();
+            assert_eq!(got, open);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let r = ask(&conn, &DatanodeRequest::BlockChecksums {
+                    block: mine.id,
+                    token: mine.token.clone(),
+                })
+                .await;
+                if matches!(&r, Err(RpcError::Remote(w)) if w.code == ErrorCode::InvalidToken) {
+                    refused_token(&r, "expired", "an expired token");
+                    break;
+                }
+                assert!(matches!(r, Ok(DatanodeReply::Checksums { .. })), "{r:?}");
+                assert!(std::time::Instant::now() < deadline, "the token never expired");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        // Nothing the user sent changed the admin's file, and a new token reads the open one.
+        assert_eq!(c.get_bytes("/secret"), secret);
+        assert_eq!(c.get_bytes("/open"), open);
+        let fsck: serde_json::Value =
+            serde_json::from_slice(&c.ok(&["fsck", "--json", "/"])).unwrap();
+        assert_eq!(fsck["status"], "healthy", "{fsck}");
+    }
+}
