@@ -21,6 +21,25 @@ use crate::error::Error;
 /// How long to wait for a connection to be set up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What a tree holds, against its quotas (`None`: no quota set).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Count {
+    /// Directories, the tree's root included.
+    pub dirs: u64,
+    /// Files.
+    pub files: u64,
+    /// Bytes of the files.
+    pub bytes: u64,
+    /// Most files and directories.
+    pub name_quota: Option<u64>,
+    /// Most bytes times replication.
+    pub space_quota: Option<u64>,
+    /// Files and directories counted against the name quota.
+    pub names_used: u64,
+    /// Bytes times replication counted against the space quota (a block being written counts whole).
+    pub space_used: u64,
+}
+
 /// Space used under a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Usage {
@@ -184,6 +203,51 @@ impl Client {
             recursive,
         })
         .await
+    }
+
+    /// Sets a directory's name and/or space quota (a limit not given keeps its value), or with
+    /// `clear` removes both (admins only).
+    pub async fn set_quota(
+        &self,
+        path: &str,
+        names: Option<u64>,
+        bytes: Option<u64>,
+        clear: bool,
+    ) -> Result<(), Error> {
+        self.nn_ok(&ClientToNamenode::SetQuota {
+            path: path.into(),
+            names,
+            bytes,
+            clear,
+        })
+        .await
+    }
+
+    /// What the tree at `path` holds, against its quotas.
+    pub async fn count(&self, path: &str) -> Result<Count, Error> {
+        match self
+            .nn(&ClientToNamenode::Count { path: path.into() })
+            .await?
+        {
+            NamenodeReply::Count {
+                dirs,
+                files,
+                bytes,
+                name_quota,
+                space_quota,
+                names_used,
+                space_used,
+            } => Ok(Count {
+                dirs,
+                files,
+                bytes,
+                name_quota,
+                space_quota,
+                names_used,
+                space_used,
+            }),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Makes the namenode read its groups from its config again (admins only).

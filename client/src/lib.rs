@@ -15,6 +15,6 @@ pub mod scan;
 
 pub use config::ClientConfig;
 pub use error::Error;
-pub use fs::{Client, Usage};
+pub use fs::{Client, Count, Usage};
 pub use put::PutOptions;
 pub use scan::{ScanOutcome, ScanStats};

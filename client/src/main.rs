@@ -146,6 +146,17 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<String>,
     },
+    /// Count the directories, files and bytes under a path; with -q, its quotas and their use.
+    Count {
+        /// Show quotas.
+        #[arg(short = 'q')]
+        quotas: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Path in Lode.
+        path: String,
+    },
     /// Change the target replica count of a file or of every file under a directory.
     Setrep {
         /// Replica count (1..=7).
@@ -314,6 +325,31 @@ enum AdminCommand {
     },
     /// Make the namenode read the groups from its config file again.
     RefreshGroups,
+    /// Directory quotas: the most names (files and directories) and bytes (times replication).
+    Quota {
+        #[command(subcommand)]
+        command: QuotaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuotaCommand {
+    /// Set a directory's quotas (a limit not given keeps its value).
+    Set {
+        /// Most files and directories under it, itself included.
+        #[arg(long)]
+        names: Option<u64>,
+        /// Most bytes stored under it, counting every replica (e.g. 10G).
+        #[arg(long, value_parser = human::parse_size)]
+        bytes: Option<u64>,
+        /// The directory.
+        path: String,
+    },
+    /// Remove a directory's quotas.
+    Clear {
+        /// The directory.
+        path: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -455,6 +491,34 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
                     c.set_owner(&p, None, Some(&group), recursive).await?;
                 }
                 Ok(())
+            })
+            .await,
+        ),
+        Command::Count { quotas, json, path } => (
+            "count",
+            with_client(config, |c| count(c, quotas, json, path)).await,
+        ),
+        Command::Admin {
+            command:
+                AdminCommand::Quota {
+                    command: QuotaCommand::Set { names, bytes, path },
+                },
+        } => (
+            "admin quota set",
+            with_client(config, |c| async move {
+                c.set_quota(&path, names, bytes, false).await
+            })
+            .await,
+        ),
+        Command::Admin {
+            command:
+                AdminCommand::Quota {
+                    command: QuotaCommand::Clear { path },
+                },
+        } => (
+            "admin quota clear",
+            with_client(config, |c| async move {
+                c.set_quota(&path, None, None, true).await
             })
             .await,
         ),
@@ -945,6 +1009,45 @@ async fn du(c: Client, summary: bool, path: Option<String>) -> Result<(), Error>
             human::size(u.stored_bytes)
         );
     }
+    Ok(())
+}
+
+async fn count(c: Client, quotas: bool, json: bool, path: String) -> Result<(), Error> {
+    let n = c.count(&path).await?;
+    let path = lode_protocol::path::normalize(&path).unwrap_or(path);
+    if json {
+        println!(
+            "{}",
+            json!({
+                "path": path,
+                "dirs": n.dirs,
+                "files": n.files,
+                "bytes": n.bytes,
+                "name_quota": n.name_quota,
+                "space_quota": n.space_quota,
+                "names_used": n.names_used,
+                "space_used": n.space_used,
+            })
+        );
+        return Ok(());
+    }
+    // The columns `hdfs dfs -count [-q]` prints.
+    if quotas {
+        let limit = |q: Option<u64>| q.map_or("none".to_string(), |v| v.to_string());
+        let left = |q: Option<u64>, used: u64| {
+            q.map_or("inf".to_string(), |v| {
+                (v as i128 - used as i128).to_string()
+            })
+        };
+        print!(
+            "{:>12} {:>12} {:>16} {:>16} ",
+            limit(n.name_quota),
+            left(n.name_quota, n.names_used),
+            limit(n.space_quota),
+            left(n.space_quota, n.space_used)
+        );
+    }
+    println!("{:>12} {:>12} {:>16} {path}", n.dirs, n.files, n.bytes);
     Ok(())
 }
 

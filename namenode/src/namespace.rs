@@ -34,6 +34,21 @@ const FORMAT_V1: u8 = 1;
 pub const ROOT: InodeId = InodeId(1);
 const LAST_APPLIED_KEY: &[u8] = b"mlast_applied";
 const NEXT_IDS_KEY: &[u8] = b"mnext_ids";
+/// How many directories have a quota (none: no edit walks up the tree to charge one).
+const QUOTAS_KEY: &[u8] = b"mquotas";
+
+/// A directory's quotas, as HDFS has them, and what the tree under it (itself included) uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Most files and directories, the directory itself included.
+    pub names: Option<u64>,
+    /// Most bytes stored, times replication; a block being written counts as a whole block.
+    pub bytes: Option<u64>,
+    /// Files and directories now.
+    pub names_used: u64,
+    /// Bytes times replication now.
+    pub space_used: u64,
+}
 
 /// A block of a file as the namespace records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,6 +217,12 @@ pub enum MetaOp {
         group: Option<String>,
         mode: Option<ModeChange>,
     },
+    /// Set a directory's quotas (both `None`: it has none).
+    SetQuota {
+        inode: InodeId,
+        names: Option<u64>,
+        bytes: Option<u64>,
+    },
 }
 
 /// The two edits whose fields changed in edit format 2 (owners), as format 1 had them.
@@ -328,6 +349,16 @@ fn dirent_key(parent: InodeId, name: &str) -> Vec<u8> {
     k.extend_from_slice(name.as_bytes());
     k
 }
+
+fn quota_key(id: InodeId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(b'q');
+    k.extend_from_slice(&id.0.to_be_bytes());
+    k
+}
+
+/// A change in what a tree uses, charged to the quotas above `dir` (inclusive).
+type Charge = (InodeId, i128, i128);
 
 fn decommission_key(name: &str) -> Vec<u8> {
     let mut k = vec![b'x'];
@@ -894,6 +925,286 @@ impl<S: MetaStore> Namespace<S> {
         Ok(out)
     }
 
+    fn quota_count(&self) -> Result<u64, Error> {
+        self.store
+            .get(QUOTAS_KEY)?
+            .map(|v| u64_value(&v))
+            .transpose()
+            .map(|v| v.unwrap_or(0))
+    }
+
+    /// A directory's quotas and use, if it has quotas.
+    pub fn quota(&self, dir: InodeId) -> Result<Option<Quota>, Error> {
+        self.store
+            .get(&quota_key(dir))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// What one replica of a file is charged: committed blocks by their length, a block being
+    /// written as a whole block.
+    fn file_charge(&self, node: &Inode) -> Result<u64, Error> {
+        Ok(match &node.kind {
+            InodeKind::File { block_size, .. } => self
+                .blocks(node.id)?
+                .iter()
+                .map(|b| if b.cv.is_some() { b.len } else { *block_size })
+                .sum(),
+            InodeKind::Directory => 0,
+        })
+    }
+
+    /// (names, bytes times replication) of the tree at `id`, itself included.
+    fn tree_usage(&self, id: InodeId) -> Result<(u64, u64), Error> {
+        let (mut names, mut space) = (0, 0);
+        let mut stack = vec![self.must_get(id)?];
+        while let Some(n) = stack.pop() {
+            names += 1;
+            match &n.kind {
+                InodeKind::Directory => {
+                    for (_, c) in self.children(n.id)? {
+                        stack.push(self.must_get(c)?);
+                    }
+                }
+                InodeKind::File { replication, .. } => {
+                    space += self.file_charge(&n)? * u64::from(*replication);
+                }
+            }
+        }
+        Ok((names, space))
+    }
+
+    /// The path of an inode, walked up from it.
+    pub fn path_of(&self, id: InodeId) -> Result<String, Error> {
+        let mut names = vec![];
+        let mut cur = self.must_get(id)?;
+        while cur.id != ROOT {
+            names.push(cur.name.clone());
+            cur = self.must_get(cur.parent)?;
+        }
+        names.reverse();
+        Ok(format!("/{}", names.join("/")))
+    }
+
+    /// Each directory with a quota at or above the charged ones, with its record and the sum of
+    /// the charges under it. Empty (and cheap) while no directory has a quota.
+    fn charged(&self, charges: &[Charge]) -> Result<BTreeMap<InodeId, (Quota, i128, i128)>, Error> {
+        let mut out: BTreeMap<InodeId, (Quota, i128, i128)> = BTreeMap::new();
+        if charges.is_empty() || self.quota_count()? == 0 {
+            return Ok(out);
+        }
+        for (dir, names, space) in charges {
+            let mut cur = *dir;
+            loop {
+                if let Some(q) = self.quota(cur)? {
+                    let e = out.entry(cur).or_insert((q, 0, 0));
+                    e.1 += names;
+                    e.2 += space;
+                }
+                if cur == ROOT {
+                    break;
+                }
+                match self.get(cur)? {
+                    Some(n) => cur = n.parent,
+                    None => break,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Refuses a change that would take a quota past its limit (what only shrinks use passes).
+    fn check_quotas(&self, charges: &[Charge]) -> Result<(), Error> {
+        for (dir, (q, names, space)) in self.charged(charges)? {
+            if let Some(limit) = q
+                .names
+                .filter(|l| names > 0 && i128::from(q.names_used) + names > i128::from(*l))
+            {
+                return Err(refused(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "{}: the name quota of {limit} would be exceeded ({} used, {names} more)",
+                        self.path_of(dir)?,
+                        q.names_used
+                    ),
+                ));
+            }
+            if let Some(limit) = q
+                .bytes
+                .filter(|l| space > 0 && i128::from(q.space_used) + space > i128::from(*l))
+            {
+                return Err(refused(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "{}: the space quota of {limit} bytes would be exceeded ({} used, {space} more, \
+                         counting every replica)",
+                        self.path_of(dir)?,
+                        q.space_used
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What applying `op` charges the quotas above the entries it changes.
+    fn charges_of(&self, op: &MetaOp) -> Result<Vec<Charge>, Error> {
+        if self.quota_count()? == 0 {
+            return Ok(vec![]);
+        }
+        let removed = |id: InodeId| -> Result<Option<Charge>, Error> {
+            let Some(node) = self.get(id)? else {
+                return Ok(None);
+            };
+            let (n, sp) = self.tree_usage(id)?;
+            Ok(Some((node.parent, -i128::from(n), -i128::from(sp))))
+        };
+        // A commit changes the last block's charge from a whole block to its length.
+        let commit = |node: &Inode, c: &Option<CommittedBlock>| -> Result<i128, Error> {
+            let (
+                Some(c),
+                InodeKind::File {
+                    block_size,
+                    block_count,
+                    replication,
+                    ..
+                },
+            ) = (c, &node.kind)
+            else {
+                return Ok(0);
+            };
+            Ok(match self.last_block(node.id, *block_count)? {
+                Some(b) if b.id == c.id && b.cv.is_none() => {
+                    (i128::from(c.len) - i128::from(*block_size)) * i128::from(*replication)
+                }
+                _ => 0,
+            })
+        };
+        let mut out = vec![];
+        match op {
+            MetaOp::Mkdir { parent, .. } => out.push((*parent, 1, 0)),
+            MetaOp::Create {
+                parent, replaces, ..
+            } => {
+                out.push((*parent, 1, 0));
+                if let Some(old) = replaces {
+                    out.extend(removed(*old)?);
+                }
+            }
+            MetaOp::AddBlock {
+                inode, previous, ..
+            } => {
+                let node = self.must_get(*inode)?;
+                if let InodeKind::File {
+                    block_size,
+                    replication,
+                    ..
+                } = &node.kind
+                {
+                    let whole = i128::from(*block_size) * i128::from(*replication);
+                    out.push((node.parent, 0, whole + commit(&node, previous)?));
+                }
+            }
+            MetaOp::AbandonBlock { inode, block } => {
+                let node = self.must_get(*inode)?;
+                if let InodeKind::File {
+                    block_size,
+                    replication,
+                    block_count,
+                    ..
+                } = &node.kind
+                {
+                    if self
+                        .last_block(*inode, *block_count)?
+                        .is_some_and(|b| b.id == *block && b.cv.is_none())
+                    {
+                        out.push((
+                            node.parent,
+                            0,
+                            -i128::from(*block_size) * i128::from(*replication),
+                        ));
+                    }
+                }
+            }
+            MetaOp::Complete {
+                inode,
+                last,
+                rename,
+                ..
+            } => {
+                let node = self.must_get(*inode)?;
+                out.push((node.parent, 0, commit(&node, last)?));
+                if let Some((_, Some(old))) = rename {
+                    out.extend(removed(*old)?);
+                }
+            }
+            MetaOp::Delete { inode } => out.extend(removed(*inode)?),
+            MetaOp::SetReplication { files, replication } => {
+                for id in files {
+                    let Some(node) = self.get(*id)? else { continue };
+                    if let InodeKind::File {
+                        replication: old, ..
+                    } = &node.kind
+                    {
+                        let per = i128::from(self.file_charge(&node)?);
+                        out.push((
+                            node.parent,
+                            0,
+                            per * (i128::from(*replication) - i128::from(*old)),
+                        ));
+                    }
+                }
+            }
+            MetaOp::Rename {
+                inode, dst_parent, ..
+            } => {
+                let node = self.must_get(*inode)?;
+                let (n, sp) = self.tree_usage(*inode)?;
+                out.push((node.parent, -i128::from(n), -i128::from(sp)));
+                out.push((*dst_parent, i128::from(n), i128::from(sp)));
+            }
+            _ => {}
+        }
+        Ok(out)
+    }
+
+    /// Validates setting (or with `clear`, removing) a directory's quotas; a limit not given
+    /// keeps its value.
+    pub fn prepare_set_quota(
+        &self,
+        p: &str,
+        names: Option<u64>,
+        bytes: Option<u64>,
+        clear: bool,
+    ) -> Result<MetaOp, Error> {
+        let node = self.resolve_existing(p)?;
+        if !node.is_dir() {
+            return Err(refused(
+                ErrorCode::NotADirectory,
+                format!("{p}: quotas are set on directories"),
+            ));
+        }
+        if clear {
+            return Ok(MetaOp::SetQuota {
+                inode: node.id,
+                names: None,
+                bytes: None,
+            });
+        }
+        if names.is_none() && bytes.is_none() {
+            return Err(refused(
+                ErrorCode::InvalidArgument,
+                "give a name quota, a space quota or both",
+            ));
+        }
+        let old = self.quota(node.id)?.unwrap_or_default();
+        Ok(MetaOp::SetQuota {
+            inode: node.id,
+            names: names.or(old.names),
+            bytes: bytes.or(old.bytes),
+        })
+    }
+
     /// Validates a mkdir by `caller`; returns the edits (one per missing directory with
     /// `parents`). A directory made on the way gets `mode` with owner write and search added, so
     /// that the caller can make the next one in it (as HDFS does).
@@ -921,6 +1232,7 @@ impl<S: MetaStore> Namespace<S> {
         }
         if !parents {
             let (dir, name) = self.parent_dir_of(caller, p)?;
+            self.check_quotas(&[(dir.id, 1, 0)])?;
             return Ok(vec![MetaOp::Mkdir {
                 parent: dir.id,
                 name,
@@ -984,6 +1296,10 @@ impl<S: MetaStore> Namespace<S> {
                 perm: perm.clone(),
             };
             creating = Some(perm);
+        }
+        // Every new directory is under the first one's parent, which exists.
+        if let Some(MetaOp::Mkdir { parent, .. }) = ops.first() {
+            self.check_quotas(&[(*parent, ops.len() as i128, 0)])?;
         }
         Ok(ops)
     }
@@ -1062,6 +1378,9 @@ impl<S: MetaStore> Namespace<S> {
                     }
                 }
             }
+        }
+        if replaces.is_none() {
+            self.check_quotas(&[(dir.id, 1, 0)])?;
         }
         Ok(MetaOp::Create {
             parent: dir.id,
@@ -1147,8 +1466,13 @@ impl<S: MetaStore> Namespace<S> {
         previous: Option<CommittedBlock>,
         ids: &mut IdAlloc,
     ) -> Result<MetaOp, Error> {
-        let (block_size, last, _, _) = self.writing_inode(inode, session)?;
+        let (block_size, last, _, parent) = self.writing_inode(inode, session)?;
         Self::check_commit(last.as_ref(), previous, Some(block_size))?;
+        // The new block is charged whole (the previous one, committed full, is already).
+        if let Some(InodeKind::File { replication, .. }) = self.get(inode)?.map(|n| n.kind) {
+            let whole = i128::from(block_size) * i128::from(replication);
+            self.check_quotas(&[(parent, 0, whole)])?;
+        }
         Ok(MetaOp::AddBlock {
             inode,
             block: ids.block()?,
@@ -1247,13 +1571,19 @@ impl<S: MetaStore> Namespace<S> {
         if files.is_empty() {
             return Ok(vec![]);
         }
-        Ok(files
+        let ops: Vec<MetaOp> = files
             .chunks(SETREP_FILES_PER_EDIT)
             .map(|chunk| MetaOp::SetReplication {
                 files: chunk.to_vec(),
                 replication,
             })
-            .collect())
+            .collect();
+        let mut charges = vec![];
+        for op in &ops {
+            charges.extend(self.charges_of(op)?);
+        }
+        self.check_quotas(&charges)?;
+        Ok(ops)
     }
 
     /// Validates `chown`/`chgrp`/`chmod` by `caller` of an entry, or of everything under it with
@@ -1393,12 +1723,14 @@ impl<S: MetaStore> Namespace<S> {
             }
             cur = self.must_get(cur.parent)?;
         }
-        Ok(MetaOp::Rename {
+        let op = MetaOp::Rename {
             inode: node.id,
             dst_parent: dst_dir.id,
             dst_name,
             mtime_ms: now_ms,
-        })
+        };
+        self.check_quotas(&self.charges_of(&op)?)?;
+        Ok(op)
     }
 
     /// Applies one edit (already validated, or replayed from the log) as an atomic batch that also
@@ -1406,6 +1738,13 @@ impl<S: MetaStore> Namespace<S> {
     pub fn apply(&self, seq: u64, op: &MetaOp) -> Result<Applied, Error> {
         let mut batch: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut applied = Applied::default();
+        // Quotas first: what the edit adds or frees, read before it changes anything (a quota
+        // record the edit deletes is deleted after, and stays deleted).
+        for (dir, (mut q, names, space)) in self.charged(&self.charges_of(op)?)? {
+            q.names_used = (i128::from(q.names_used) + names).max(0) as u64;
+            q.space_used = (i128::from(q.space_used) + space).max(0) as u64;
+            batch.push((quota_key(dir), Some(encode(&q)?)));
+        }
         match op {
             MetaOp::Mkdir {
                 parent,
@@ -1594,6 +1933,29 @@ impl<S: MetaStore> Namespace<S> {
                     Some(inode.0.to_be_bytes().to_vec()),
                 ));
             }
+            MetaOp::SetQuota {
+                inode,
+                names,
+                bytes,
+            } => {
+                let had = self.quota(*inode)?.is_some();
+                let count = self.quota_count()?;
+                let count = if names.is_none() && bytes.is_none() {
+                    batch.push((quota_key(*inode), None));
+                    count.saturating_sub(u64::from(had))
+                } else {
+                    let (names_used, space_used) = self.tree_usage(*inode)?;
+                    let q = Quota {
+                        names: *names,
+                        bytes: *bytes,
+                        names_used,
+                        space_used,
+                    };
+                    batch.push((quota_key(*inode), Some(encode(&q)?)));
+                    count + u64::from(!had)
+                };
+                batch.push((QUOTAS_KEY.to_vec(), Some(count.to_be_bytes().to_vec())));
+            }
             MetaOp::SetAttributes {
                 inodes,
                 owner,
@@ -1678,11 +2040,17 @@ impl<S: MetaStore> Namespace<S> {
     ) -> Result<(), Error> {
         let top = self.must_get(root)?;
         batch.push((dirent_key(top.parent, &top.name), None));
+        let quotas = self.quota_count()?;
+        let mut gone = 0;
         let mut stack = vec![top];
         while let Some(node) = stack.pop() {
             batch.push((inode_key(node.id), None));
             match node.kind {
                 InodeKind::Directory => {
+                    if quotas > 0 && self.quota(node.id)?.is_some() {
+                        batch.push((quota_key(node.id), None));
+                        gone += 1;
+                    }
                     for (name, child) in self.children(node.id)? {
                         batch.push((dirent_key(node.id, &name), None));
                         stack.push(self.must_get(child)?);
@@ -1698,6 +2066,10 @@ impl<S: MetaStore> Namespace<S> {
                     }
                 }
             }
+        }
+        if gone > 0 {
+            let left = quotas.saturating_sub(gone);
+            batch.push((QUOTAS_KEY.to_vec(), Some(left.to_be_bytes().to_vec())));
         }
         Ok(())
     }
@@ -2157,6 +2529,146 @@ mod tests {
         run(&ns, &mut seq, lock);
         assert!(ns.prepare_delete(&eve, "/tmp/e", true).is_err());
         assert!(ns.prepare_delete(&su(), "/tmp/e", true).is_ok());
+    }
+
+    #[test]
+    fn quotas_count_names_and_replicated_bytes_and_refuse_what_would_pass_them() {
+        let (ns, mut ids, mut seq) = setup();
+        let su = su();
+        for p in ["/q", "/s", "/out"] {
+            let op = ns.prepare_mkdir(&su, p, false, 0o755, &mut ids, 1).unwrap();
+            run(&ns, &mut seq, op);
+        }
+        let q = ns.prepare_set_quota("/q", Some(4), None, false).unwrap();
+        run(&ns, &mut seq, vec![q]);
+        let used = |p: &str| {
+            let id = ns.resolve_existing(p).unwrap().id;
+            ns.quota(id).unwrap().unwrap()
+        };
+        assert_eq!(used("/q").names_used, 1, "the directory counts itself");
+        let op = ns
+            .prepare_mkdir(&su, "/q/a", false, 0o755, &mut ids, 1)
+            .unwrap();
+        run(&ns, &mut seq, op);
+        let f = ns
+            .prepare_create(
+                &su,
+                "/q/f",
+                false,
+                1,
+                65536,
+                0o644,
+                SessionId(1),
+                &mut ids,
+                1,
+            )
+            .unwrap();
+        run(&ns, &mut seq, vec![f]);
+        let e = ns
+            .prepare_mkdir(&su, "/q/b/c", true, 0o755, &mut ids, 1)
+            .unwrap_err();
+        assert!(e.to_string().contains("/q: the name quota of 4"), "{e}");
+        let op = ns
+            .prepare_mkdir(&su, "/q/b", false, 0o755, &mut ids, 1)
+            .unwrap();
+        run(&ns, &mut seq, op);
+        assert_eq!(used("/q").names_used, 4);
+        assert!(ns
+            .prepare_create(
+                &su,
+                "/q/g",
+                false,
+                1,
+                65536,
+                0o644,
+                SessionId(2),
+                &mut ids,
+                1
+            )
+            .is_err());
+        run(
+            &ns,
+            &mut seq,
+            vec![ns.prepare_delete(&su, "/q/a", false).unwrap()],
+        );
+        assert_eq!(used("/q").names_used, 3);
+
+        // Space: three 64 KiB blocks at replication 2 fit in 6 x 64 KiB; a block being written
+        // counts whole, a committed one by its length.
+        let q = ns
+            .prepare_set_quota("/s", None, Some(6 * 65536), false)
+            .unwrap();
+        run(&ns, &mut seq, vec![q]);
+        let s1 = SessionId(3);
+        let create = ns
+            .prepare_create(&su, "/s/f", false, 2, 65536, 0o644, s1, &mut ids, 1)
+            .unwrap();
+        let MetaOp::Create { inode, .. } = create else {
+            panic!()
+        };
+        run(&ns, &mut seq, vec![create]);
+        let mut previous = None;
+        for i in 0..3u8 {
+            let add = ns.prepare_add_block(inode, s1, previous, &mut ids).unwrap();
+            let MetaOp::AddBlock { block, .. } = add else {
+                panic!()
+            };
+            run(&ns, &mut seq, vec![add]);
+            previous = Some(CommittedBlock {
+                id: block,
+                len: 65536,
+                cv: Blake3Cv([i; 32]),
+            });
+        }
+        assert_eq!(used("/s").space_used, 6 * 65536);
+        let e = ns
+            .prepare_add_block(inode, s1, previous, &mut ids)
+            .unwrap_err();
+        assert!(e.to_string().contains("/s: the space quota"), "{e}");
+        let last = CommittedBlock {
+            len: 10,
+            ..previous.unwrap()
+        };
+        let done = ns
+            .prepare_complete(inode, s1, Some(last), 2 * 65536 + 10, 2)
+            .unwrap();
+        run(&ns, &mut seq, vec![done]);
+        assert_eq!(used("/s").space_used, 2 * (2 * 65536 + 10));
+        assert!(
+            ns.prepare_setrep(&su, "/s/f", 3).is_err(),
+            "a third replica does not fit"
+        );
+        let ops = ns.prepare_setrep(&su, "/s/f", 1).unwrap();
+        run(&ns, &mut seq, ops);
+        assert_eq!(used("/s").space_used, 2 * 65536 + 10);
+        // Moving the file out frees its charge; moving it back in is checked.
+        run(
+            &ns,
+            &mut seq,
+            vec![ns.prepare_rename(&su, "/s/f", "/out/f", 3).unwrap()],
+        );
+        assert_eq!(used("/s").space_used, 0);
+        let q = ns
+            .prepare_set_quota("/s", None, Some(65536), false)
+            .unwrap();
+        run(&ns, &mut seq, vec![q]);
+        assert!(ns.prepare_rename(&su, "/out/f", "/s/f", 3).is_err());
+        // Clearing and deleting remove the records; nothing is charged then.
+        run(
+            &ns,
+            &mut seq,
+            vec![ns.prepare_set_quota("/s", None, None, true).unwrap()],
+        );
+        assert!(ns
+            .quota(ns.resolve_existing("/s").unwrap().id)
+            .unwrap()
+            .is_none());
+        run(
+            &ns,
+            &mut seq,
+            vec![ns.prepare_delete(&su, "/q", true).unwrap()],
+        );
+        assert_eq!(ns.quota_count().unwrap(), 0);
     }
 
     #[test]

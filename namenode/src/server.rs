@@ -255,6 +255,8 @@ fn audited(req: &ClientToNamenode) -> Option<(&'static str, Option<String>, Opti
         SetOwner { path, .. } => ("setOwner", p(path), None),
         SetMode { path, .. } => ("setPermission", p(path), None),
         RefreshGroups => ("refreshUserToGroupsMappings", None, None),
+        SetQuota { path, .. } => ("setQuota", p(path), None),
+        Count { path } => ("contentSummary", p(path), None),
         ApprovePlugin { hash } => ("approvePlugin", Some(hash.to_hex()), None),
         SafeMode { action } if *action != SafeModeAction::Get => ("safemode", None, None),
         Decommission { .. } => ("decommission", None, None),
@@ -307,6 +309,7 @@ fn admin_only(req: &ClientToNamenode) -> Option<&'static str> {
         ClientToNamenode::Decommission { .. } => Some("only an admin can decommission datanodes"),
         ClientToNamenode::ApprovePlugin { .. } => Some("only an admin can approve plugins"),
         ClientToNamenode::RefreshGroups => Some("only an admin can reload the groups"),
+        ClientToNamenode::SetQuota { .. } => Some("only an admin can set quotas"),
         _ => None,
     }
 }
@@ -405,6 +408,20 @@ fn validate(
             path: normalize(&path)?,
             change,
             recursive,
+        },
+        SetQuota {
+            path,
+            names,
+            bytes,
+            clear,
+        } => SetQuota {
+            path: normalize(&path)?,
+            names,
+            bytes,
+            clear,
+        },
+        Count { path } => Count {
+            path: normalize(&path)?,
         },
         List { path } => List {
             path: normalize(&path)?,
@@ -532,6 +549,7 @@ fn changes_namespace(req: &ClientToNamenode) -> bool {
             | ClientToNamenode::ApprovePlugin { .. }
             | ClientToNamenode::SetOwner { .. }
             | ClientToNamenode::SetMode { .. }
+            | ClientToNamenode::SetQuota { .. }
     )
 }
 
@@ -581,6 +599,8 @@ impl RequestKind for ClientToNamenode {
             ClientToNamenode::SetOwner { .. } => "SetOwner",
             ClientToNamenode::SetMode { .. } => "SetMode",
             ClientToNamenode::RefreshGroups => "RefreshGroups",
+            ClientToNamenode::SetQuota { .. } => "SetQuota",
+            ClientToNamenode::Count { .. } => "Count",
         }
     }
 }
@@ -794,6 +814,44 @@ async fn route(
                     recursive,
                 })
                 .await
+        }
+        ClientToNamenode::SetQuota {
+            path,
+            names,
+            bytes,
+            clear,
+        } => {
+            shared
+                .writer
+                .submit(Mutation::SetQuota {
+                    path,
+                    names,
+                    bytes,
+                    clear,
+                })
+                .await
+        }
+        ClientToNamenode::Count { path: p } => {
+            let ns = shared.ns.clone();
+            let caller = caller.clone();
+            blocking(move || {
+                let node = ns.resolve_existing_as(&caller, &p)?;
+                if node.is_dir() {
+                    caller.check(&p, &node.perm, true, READ | EXECUTE)?;
+                }
+                let (files, dirs, bytes, stored) = ns.usage(&node)?;
+                let quota = ns.quota(node.id)?;
+                Ok(NamenodeReply::Count {
+                    dirs,
+                    files,
+                    bytes,
+                    name_quota: quota.as_ref().and_then(|q| q.names),
+                    space_quota: quota.as_ref().and_then(|q| q.bytes),
+                    names_used: quota.as_ref().map_or(files + dirs, |q| q.names_used),
+                    space_used: quota.as_ref().map_or(stored, |q| q.space_used),
+                })
+            })
+            .await
         }
         ClientToNamenode::RefreshGroups => {
             let users = shared.refresh_groups()?;

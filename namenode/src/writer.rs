@@ -79,6 +79,13 @@ pub enum Mutation {
         path: String,
         replication: u8,
     },
+    /// Set or clear a directory's quotas.
+    SetQuota {
+        path: String,
+        names: Option<u64>,
+        bytes: Option<u64>,
+        clear: bool,
+    },
     /// chown, chgrp, chmod.
     SetAttributes {
         caller: Caller,
@@ -373,6 +380,12 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
                 path,
                 replication,
             } => ns.prepare_setrep(&caller, &path, replication)?,
+            Mutation::SetQuota {
+                path,
+                names,
+                bytes,
+                clear,
+            } => vec![ns.prepare_set_quota(&path, names, bytes, clear)?],
             Mutation::SetAttributes {
                 caller,
                 path,

@@ -49,6 +49,8 @@ pub enum ErrorCode {
     /// A datanode refused the request's block access token (missing, expired, for another block,
     /// user or operation); the client asks the namenode for a new one.
     InvalidToken = 21,
+    /// The change would take a directory past its name or space quota; the message names it.
+    QuotaExceeded = 22,
 }
 
 /// An error as it crosses the wire: a code and a short message without server internals.

@@ -191,6 +191,16 @@ pub enum ClientToNamenode {
     },
     /// Read the groups from the namenode's config again (admins only).
     RefreshGroups,
+    /// Set a directory's name and/or space quota, keeping a limit not given; with `clear`, remove
+    /// both (admins only).
+    SetQuota {
+        path: String,
+        names: Option<u64>,
+        bytes: Option<u64>,
+        clear: bool,
+    },
+    /// What the tree at a path holds, against its quotas (`count -q`).
+    Count { path: String },
 }
 
 /// What to do with safe mode.
@@ -281,6 +291,18 @@ pub enum NamenodeReply {
     BlocksMore(Vec<LocatedBlock>),
     /// More problems of the `Fsck` report that opened this reply.
     FsckMore(Vec<FsckProblem>),
+    /// The answer to `Count`: the tree's directories (itself included) and files, bytes, and
+    /// its quotas (`None`: none set) with what it uses against them (bytes times replication, a
+    /// block being written counted whole).
+    Count {
+        dirs: u64,
+        files: u64,
+        bytes: u64,
+        name_quota: Option<u64>,
+        space_quota: Option<u64>,
+        names_used: u64,
+        space_used: u64,
+    },
 }
 
 /// A registered plugin.

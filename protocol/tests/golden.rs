@@ -232,6 +232,30 @@ fn every_message_matches_its_golden_bytes() {
     );
     check("c2n_refresh_groups", c, C::RefreshGroups);
     check(
+        "c2n_set_quota",
+        c,
+        C::SetQuota {
+            path: "/q".into(),
+            names: Some(1000),
+            bytes: None,
+            clear: false,
+        },
+    );
+    check("c2n_count", c, C::Count { path: "/q".into() });
+    check(
+        "n2c_count",
+        kind::NAMENODE_REPLY,
+        NamenodeReply::Count {
+            dirs: 2,
+            files: 3,
+            bytes: 4096,
+            name_quota: Some(1000),
+            space_quota: None,
+            names_used: 5,
+            space_used: 12288,
+        },
+    );
+    check(
         "c2n_safemode",
         c,
         C::SafeMode {

@@ -608,3 +608,117 @@ mod tokens {
         assert_eq!(fsck["status"], "healthy", "{fsck}");
     }
 }
+
+/// Quotas as HDFS has them: a name quota and a space quota (bytes times replication) per
+/// directory, held against eight writers at once, shown by `count -q`, set only by an admin.
+#[test]
+fn quotas_hold_against_eight_concurrent_writers() {
+    let c = Cluster::start(ClusterSpec {
+        replication: 2,
+        ..ClusterSpec::default()
+    });
+    const BLOCK: u64 = 65536;
+    c.ok(&["mkdir", "/limited", "/named"]);
+    // Room for five one-block files at replication 2.
+    let quota = 10 * BLOCK;
+    c.ok(&[
+        "admin",
+        "quota",
+        "set",
+        "--bytes",
+        &quota.to_string(),
+        "/limited",
+    ]);
+    c.ok(&["admin", "quota", "set", "--names", "5", "/named"]);
+    let user = c.dir().join("client-user.toml");
+    let out = c.lode_with(
+        &user,
+        &["admin", "quota", "set", "--names", "1", "/named"],
+        None,
+    );
+    lode_tests::assert_one_line_error(&out, &["admin quota set as a user"]);
+    let local = c.dir().join("block");
+    std::fs::write(&local, lode_tests::random_bytes(BLOCK as usize, 3)).unwrap();
+    let local = local.to_str().unwrap().to_string();
+    let outcomes: Vec<(bool, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|w| {
+                let (c, local) = (&c, &local);
+                s.spawn(move || {
+                    let mut out = vec![];
+                    for i in 0..3 {
+                        let put = c.lode(&["put", local, &format!("/limited/w{w}-{i}")]);
+                        out.push((
+                            put.status.success(),
+                            String::from_utf8_lossy(&put.stderr).to_string(),
+                        ));
+                        let mkdir = c.lode(&["mkdir", &format!("/named/w{w}-{i}")]);
+                        out.push((
+                            mkdir.status.success(),
+                            String::from_utf8_lossy(&mkdir.stderr).to_string(),
+                        ));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let failures: Vec<&String> = outcomes.iter().filter(|o| !o.0).map(|o| &o.1).collect();
+    for f in &failures {
+        assert!(
+            f.contains("/limited: the space quota") || f.contains("/named: the name quota"),
+            "a write refused for another reason: {f}"
+        );
+    }
+    let count = |p: &str| -> serde_json::Value {
+        serde_json::from_slice(&c.ok(&["count", "-q", "--json", p])).unwrap()
+    };
+    let limited = count("/limited");
+    assert_eq!(limited["space_quota"], quota, "{limited}");
+    assert_eq!(limited["name_quota"], serde_json::Value::Null);
+    assert!(
+        limited["space_used"].as_u64().unwrap() <= quota,
+        "{limited}"
+    );
+    assert_eq!(limited["files"], 5, "exactly five files fit: {limited}");
+    assert_eq!(limited["space_used"], quota, "{limited}");
+    let named = count("/named");
+    assert_eq!(named["name_quota"], 5);
+    assert_eq!(named["dirs"], 5, "the directory and four more: {named}");
+    assert_eq!(named["names_used"], 5);
+    assert_eq!(failures.len(), 48 - 5 - 4, "{failures:?}");
+    let mut keys: Vec<String> = named.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "bytes",
+            "dirs",
+            "files",
+            "name_quota",
+            "names_used",
+            "path",
+            "space_quota",
+            "space_used"
+        ]
+    );
+    // Deleting frees room; clearing lifts the limit.
+    let listed: serde_json::Value =
+        serde_json::from_slice(&c.ok(&["ls", "--json", "/limited"])).unwrap();
+    let first = listed[0]["path"].as_str().unwrap().to_string();
+    c.ok(&["rm", &first]);
+    c.ok(&["put", &local, "/limited/again"]);
+    let text = String::from_utf8_lossy(&c.ok(&["count", "-q", "/named"])).to_string();
+    assert!(
+        text.split_whitespace().next() == Some("5") && text.contains("/named"),
+        "{text}"
+    );
+    c.ok(&["admin", "quota", "clear", "/named"]);
+    c.ok(&["mkdir", "/named/more"]);
+    assert_eq!(count("/named")["name_quota"], serde_json::Value::Null);
+    assert_eq!(count("/limited")["files"], 5);
+}
