@@ -299,6 +299,27 @@ impl Client {
         .await
     }
 
+    /// `rm`: moves an entry into the caller's trash (`/user/<name>/.Trash/Current/<path>`) and
+    /// returns where it went; `None` if it was deleted (the trash is off, or it was in the
+    /// trash already).
+    pub async fn trash(&self, path: &str, recursive: bool) -> Result<Option<String>, Error> {
+        match self
+            .nn(&ClientToNamenode::Trash {
+                path: path.into(),
+                recursive,
+            })
+            .await?
+        {
+            NamenodeReply::Trashed { to } => Ok(to),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Empties the caller's trash.
+    pub async fn expunge(&self) -> Result<(), Error> {
+        self.nn_ok(&ClientToNamenode::Expunge).await
+    }
+
     /// Renames; into `dst` if it is a directory.
     pub async fn rename(&self, src: &str, dst: &str) -> Result<(), Error> {
         self.nn_ok(&ClientToNamenode::Rename {

@@ -78,11 +78,15 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<String>,
     },
-    /// Delete files or directories.
+    /// Delete files or directories: into the trash (`/user/<name>/.Trash/Current/<path>`) unless
+    /// --skip-trash.
     Rm {
         /// Delete directories and everything under them.
         #[arg(short, long)]
         recursive: bool,
+        /// Delete at once instead of moving to the trash.
+        #[arg(long)]
+        skip_trash: bool,
         /// Paths to delete.
         #[arg(required = true)]
         paths: Vec<String>,
@@ -113,6 +117,8 @@ enum Command {
         /// Path in Lode (default /).
         path: Option<String>,
     },
+    /// Empty your trash.
+    Expunge,
     /// Change the mode of entries: octal (640) or symbolic (g+w, u=rwx,go=rx, +t).
     Chmod {
         /// Change everything under directories too.
@@ -537,9 +543,18 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
             "mkdir",
             with_client(config, |c| mkdir(c, parents, paths)).await,
         ),
-        Command::Rm { recursive, paths } => {
-            ("rm", with_client(config, |c| rm(c, recursive, paths)).await)
-        }
+        Command::Rm {
+            recursive,
+            skip_trash,
+            paths,
+        } => (
+            "rm",
+            with_client(config, |c| rm(c, recursive, skip_trash, paths)).await,
+        ),
+        Command::Expunge => (
+            "expunge",
+            with_client(config, |c| async move { c.expunge().await }).await,
+        ),
         Command::Mv { src, dst } => ("mv", with_client(config, |c| mv(c, src, dst)).await),
         Command::Stat { json, blocks, path } => (
             "stat",
@@ -895,9 +910,13 @@ async fn mkdir(c: Client, parents: bool, paths: Vec<String>) -> Result<(), Error
     Ok(())
 }
 
-async fn rm(c: Client, recursive: bool, paths: Vec<String>) -> Result<(), Error> {
+async fn rm(c: Client, recursive: bool, skip_trash: bool, paths: Vec<String>) -> Result<(), Error> {
     for p in paths {
-        c.delete(&p, recursive).await?;
+        if skip_trash {
+            c.delete(&p, recursive).await?;
+        } else {
+            c.trash(&p, recursive).await?;
+        }
     }
     Ok(())
 }

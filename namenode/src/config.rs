@@ -80,9 +80,18 @@ pub struct Config {
     /// it). Default 3600000 (an hour); at least 1000.
     #[serde(default = "d_token_lifetime")]
     pub token_lifetime_ms: u64,
+    /// How long what `rm` moves to a user's trash stays there, in ms: the trash is checkpointed
+    /// this often, and checkpoints older than this are deleted. 0 turns the trash off (`rm`
+    /// deletes at once). Default 86400000 (a day).
+    #[serde(default = "d_trash")]
+    pub trash_interval_ms: u64,
     /// The file this config was read from (to reload the groups).
     #[serde(skip)]
     pub path: Option<PathBuf>,
+}
+
+fn d_trash() -> u64 {
+    86_400_000
 }
 
 fn d_token_lifetime() -> u64 {

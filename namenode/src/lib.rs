@@ -120,6 +120,11 @@ pub async fn run(
         Duration::from_millis(shared.config.stale_after_ms),
         shutdown.clone(),
     ));
+    let trash = tokio::spawn(empty_trash(
+        writer.clone(),
+        shared.config.trash_interval_ms,
+        shutdown.clone(),
+    ));
     let leases = tokio::spawn(expire_leases(state, writer, shutdown.clone()));
     let result = tokio::select! {
         _ = lode_protocol::service::serve(endpoint, server::LIMITS, shutdown, shared.clone()) => Ok(()),
@@ -129,6 +134,7 @@ pub async fn run(
         },
     };
     leases.abort();
+    trash.abort();
     repairs.abort();
     if let Some(w) = web {
         w.abort();
@@ -236,6 +242,27 @@ async fn repair_loop(
         match state.lock() {
             Ok(mut s) => s.plan_repairs(Instant::now()),
             Err(_) => return,
+        }
+    }
+}
+
+/// Checkpoints every user's trash once per interval and deletes checkpoints older than it.
+async fn empty_trash(writer: writer::WriterHandle, interval_ms: u64, mut shutdown: ShutdownSignal) {
+    if interval_ms == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = writer
+            .submit(Mutation::TrashCheckpoint { interval_ms })
+            .await
+        {
+            tracing::warn!("trash checkpoint: {e}");
         }
     }
 }

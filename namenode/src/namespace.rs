@@ -1205,6 +1205,75 @@ impl<S: MetaStore> Namespace<S> {
         })
     }
 
+    /// Where `user`'s trash is: `/user/<user>/.Trash`.
+    pub fn trash_root(user: &str) -> String {
+        format!("/user/{user}/{TRASH_DIR}")
+    }
+
+    /// Where `caller` moving `p` to its trash puts it: `/user/<name>/.Trash/Current<p>`, with the
+    /// time appended if that is taken (as HDFS does). `None` when `p` is in the caller's trash
+    /// already (removing it from there deletes it).
+    pub fn trash_destination(
+        &self,
+        caller: &Caller,
+        p: &str,
+        now_ms: u64,
+    ) -> Result<Option<String>, Error> {
+        let root = Self::trash_root(&caller.user);
+        if p == root || p.starts_with(&format!("{root}/")) {
+            return Ok(None);
+        }
+        let base = format!("{root}/{TRASH_CURRENT}{p}");
+        let mut dst = base.clone();
+        let mut n = 0u32;
+        while self.resolve(&dst)?.is_some() {
+            n += 1;
+            dst = format!(
+                "{base}{now_ms}{}",
+                if n > 1 {
+                    format!("-{n}")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        Ok(Some(dst))
+    }
+
+    /// The trash's periodic work at `now_ms`: in every `/user/*/.Trash`, `Current` becomes a
+    /// checkpoint named by the time, and checkpoints older than `interval_ms` are deleted.
+    pub fn prepare_trash_checkpoint(
+        &self,
+        interval_ms: u64,
+        now_ms: u64,
+    ) -> Result<Vec<MetaOp>, Error> {
+        let Some(users) = self.resolve("/user")? else {
+            return Ok(vec![]);
+        };
+        let mut ops = vec![];
+        for (_, home) in self.children(users.id)? {
+            let Some(trash) = self.lookup(home, TRASH_DIR)? else {
+                continue;
+            };
+            for (name, id) in self.children(trash)? {
+                if name == TRASH_CURRENT {
+                    ops.push(MetaOp::Rename {
+                        inode: id,
+                        dst_parent: trash,
+                        dst_name: now_ms.to_string(),
+                        mtime_ms: now_ms,
+                    });
+                } else if name
+                    .parse::<u64>()
+                    .is_ok_and(|t| t.saturating_add(interval_ms) <= now_ms)
+                {
+                    ops.push(MetaOp::Delete { inode: id });
+                }
+            }
+        }
+        Ok(ops)
+    }
+
     /// Validates a mkdir by `caller`; returns the edits (one per missing directory with
     /// `parents`). A directory made on the way gets `mode` with owner write and search added, so
     /// that the caller can make the next one in it (as HDFS does).
@@ -2088,6 +2157,11 @@ pub fn read_last_applied<S: MetaStore>(store: &S) -> Result<u64, Error> {
 /// [`crate::editlog::RECORD_BYTES_MAX`] (an inode id takes at most 10 bytes): a setrep over more
 /// files is logged as several edits, in path order, all in one group before the reply.
 pub const SETREP_FILES_PER_EDIT: usize = 65_536;
+
+/// The trash directory in a user's home.
+pub const TRASH_DIR: &str = ".Trash";
+/// Where deleted entries go until the next checkpoint.
+pub const TRASH_CURRENT: &str = "Current";
 
 /// The hidden name a file is written under while it replaces `name`.
 pub fn replacing_name(name: &str) -> String {

@@ -257,6 +257,8 @@ fn audited(req: &ClientToNamenode) -> Option<(&'static str, Option<String>, Opti
         RefreshGroups => ("refreshUserToGroupsMappings", None, None),
         SetQuota { path, .. } => ("setQuota", p(path), None),
         Count { path } => ("contentSummary", p(path), None),
+        Trash { path, .. } => ("delete", p(path), None),
+        Expunge => ("expunge", None, None),
         ApprovePlugin { hash } => ("approvePlugin", Some(hash.to_hex()), None),
         SafeMode { action } if *action != SafeModeAction::Get => ("safemode", None, None),
         Decommission { .. } => ("decommission", None, None),
@@ -350,6 +352,7 @@ fn guard_system_tree(req: &ClientToNamenode, identity: &Identity) -> Result<bool
         } if in_system_tree(path) && (*overwrite || !new_library(path)) => denied(path),
         Create { path, .. } if in_system_tree(path) => Ok(true),
         Delete { path, .. }
+        | Trash { path, .. }
         | SetReplication { path, .. }
         | SetOwner { path, .. }
         | SetMode { path, .. }
@@ -422,6 +425,10 @@ fn validate(
         },
         Count { path } => Count {
             path: normalize(&path)?,
+        },
+        Trash { path, recursive } => Trash {
+            path: normalize(&path)?,
+            recursive,
         },
         List { path } => List {
             path: normalize(&path)?,
@@ -550,6 +557,8 @@ fn changes_namespace(req: &ClientToNamenode) -> bool {
             | ClientToNamenode::SetOwner { .. }
             | ClientToNamenode::SetMode { .. }
             | ClientToNamenode::SetQuota { .. }
+            | ClientToNamenode::Trash { .. }
+            | ClientToNamenode::Expunge
     )
 }
 
@@ -601,6 +610,8 @@ impl RequestKind for ClientToNamenode {
             ClientToNamenode::RefreshGroups => "RefreshGroups",
             ClientToNamenode::SetQuota { .. } => "SetQuota",
             ClientToNamenode::Count { .. } => "Count",
+            ClientToNamenode::Trash { .. } => "Trash",
+            ClientToNamenode::Expunge => "Expunge",
         }
     }
 }
@@ -828,6 +839,35 @@ async fn route(
                     names,
                     bytes,
                     clear,
+                })
+                .await
+        }
+        ClientToNamenode::Trash { path, recursive } => {
+            if shared.config.trash_interval_ms == 0 {
+                shared
+                    .writer
+                    .submit(Mutation::Delete {
+                        caller: caller.clone(),
+                        path,
+                        recursive,
+                    })
+                    .await?;
+                return Ok(NamenodeReply::Trashed { to: None });
+            }
+            shared
+                .writer
+                .submit(Mutation::Trash {
+                    caller: caller.clone(),
+                    path,
+                    recursive,
+                })
+                .await
+        }
+        ClientToNamenode::Expunge => {
+            shared
+                .writer
+                .submit(Mutation::Expunge {
+                    caller: caller.clone(),
                 })
                 .await
         }

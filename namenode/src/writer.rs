@@ -79,6 +79,17 @@ pub enum Mutation {
         path: String,
         replication: u8,
     },
+    /// rm into the trash: make the caller's trash directories as needed, then move the entry
+    /// there (or delete it, if it is in the trash already).
+    Trash {
+        caller: Caller,
+        path: String,
+        recursive: bool,
+    },
+    /// The trash's periodic checkpoint (namenode's own work).
+    TrashCheckpoint { interval_ms: u64 },
+    /// Empty the caller's trash.
+    Expunge { caller: Caller },
     /// Set or clear a directory's quotas.
     SetQuota {
         path: String,
@@ -386,6 +397,53 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
                 bytes,
                 clear,
             } => vec![ns.prepare_set_quota(&path, names, bytes, clear)?],
+            Mutation::Trash {
+                caller,
+                path,
+                recursive,
+            } => {
+                let Some(dst) = ns.trash_destination(&caller, &path, now_ms)? else {
+                    reply = NamenodeReply::Trashed { to: None };
+                    let op = ns.prepare_delete(&caller, &path, recursive)?;
+                    return self.log(vec![op], effects).map(|()| reply);
+                };
+                let node = ns.resolve_existing_as(&caller, &path)?;
+                if node.is_dir() && !recursive && !ns.children(node.id)?.is_empty() {
+                    return Err(Error::refused(
+                        ErrorCode::NotEmpty,
+                        format!("{path}: directory not empty (use -r)"),
+                    ));
+                }
+                // The trash's directories first (the caller's own, 0700), then the move, which
+                // is checked as any rename is.
+                let parent = lode_protocol::path::split_parent(&dst)
+                    .map_or("/".to_string(), |(p, _)| p.to_string());
+                let made = ns
+                    .prepare_mkdir(&caller, &parent, true, 0o700, &mut self.ids, now_ms)
+                    .map_err(|e| match e {
+                        Error::Refused { code, message } => Error::refused(
+                            code,
+                            format!(
+                                "{path}: cannot move it to the trash ({message}); rm --skip-trash deletes at once"
+                            ),
+                        ),
+                        other => other,
+                    })?;
+                self.log(made, effects)?;
+                let op = self.ns.prepare_rename(&caller, &path, &dst, now_ms)?;
+                self.log(vec![op], effects)?;
+                return Ok(NamenodeReply::Trashed { to: Some(dst) });
+            }
+            Mutation::TrashCheckpoint { interval_ms } => {
+                ns.prepare_trash_checkpoint(interval_ms, now_ms)?
+            }
+            Mutation::Expunge { caller } => {
+                let root = Namespace::<Overlay<S>>::trash_root(&caller.user);
+                match ns.resolve_as(&caller, &root)? {
+                    Some(_) => vec![ns.prepare_delete(&caller, &root, true)?],
+                    None => vec![],
+                }
+            }
             Mutation::SetAttributes {
                 caller,
                 path,
@@ -436,8 +494,13 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
                 _ => return Err(Error::refused(ErrorCode::NotFound, "nothing to expire")),
             },
         };
-        // Every edit of the mutation is checked against the bound before any is appended, so a
-        // mutation is logged whole or refused whole.
+        self.log(ops, effects)?;
+        Ok(reply)
+    }
+
+    /// Appends and applies a mutation's edits. Every edit is checked against the bound before any
+    /// is appended, so the edits are logged whole or refused whole.
+    fn log(&mut self, ops: Vec<MetaOp>, effects: &mut Vec<Applied>) -> Result<(), Error> {
         for op in &ops {
             crate::editlog::check_edit_size(op)?;
         }
@@ -445,6 +508,6 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
             let seq = self.journal.append(&op)?;
             effects.push(self.ns.apply(seq, &op)?);
         }
-        Ok(reply)
+        Ok(())
     }
 }

@@ -201,6 +201,11 @@ pub enum ClientToNamenode {
     },
     /// What the tree at a path holds, against its quotas (`count -q`).
     Count { path: String },
+    /// `rm`: move an entry into the caller's trash (`/user/<name>/.Trash/Current/<path>`), or
+    /// delete it where the trash is off or it is in the trash already. Answered with `Trashed`.
+    Trash { path: String, recursive: bool },
+    /// Empty the caller's trash.
+    Expunge,
 }
 
 /// What to do with safe mode.
@@ -303,6 +308,8 @@ pub enum NamenodeReply {
         names_used: u64,
         space_used: u64,
     },
+    /// The answer to `Trash`: where the entry went (`None`: it was deleted).
+    Trashed { to: Option<String> },
 }
 
 /// A registered plugin.

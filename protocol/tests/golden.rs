@@ -243,6 +243,22 @@ fn every_message_matches_its_golden_bytes() {
     );
     check("c2n_count", c, C::Count { path: "/q".into() });
     check(
+        "c2n_trash",
+        c,
+        C::Trash {
+            path: "/a".into(),
+            recursive: true,
+        },
+    );
+    check("c2n_expunge", c, C::Expunge);
+    check(
+        "n2c_trashed",
+        kind::NAMENODE_REPLY,
+        NamenodeReply::Trashed {
+            to: Some("/user/alice/.Trash/Current/a".into()),
+        },
+    );
+    check(
         "n2c_count",
         kind::NAMENODE_REPLY,
         NamenodeReply::Count {

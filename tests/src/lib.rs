@@ -33,6 +33,9 @@ pub struct ClusterSpec {
     pub datanode_failpoints: Option<String>,
     /// The datanodes' `stream_idle_ms` (else their default).
     pub stream_idle_ms: Option<u64>,
+    /// The namenode's `trash_interval_ms`: 0 (the trash off, so `rm` frees blocks at once, as
+    /// most tests expect) unless a test turns it on.
+    pub trash_interval_ms: u64,
     /// More top-level lines of the namenode's config (`token_lifetime_ms = 2000`), and tables
     /// after them (`[groups]`).
     pub namenode_extra: String,
@@ -51,6 +54,7 @@ impl Default for ClusterSpec {
             datanode_failpoints: None,
             stream_idle_ms: None,
             namenode_extra: String::new(),
+            trash_interval_ms: 0,
         }
     }
 }
@@ -214,10 +218,12 @@ impl Cluster {
             format!(
                 "listen = \"127.0.0.1:{namenode_port}\"\nmeta_dir = \"meta\"\nheartbeat_interval_ms = 200\n\
                  stale_after_ms = 2000\ndead_after_ms = 5000\nlease_expiry_ms = {}\nreplication_default = {}\n\
-                 block_size_default = {}\nhttp_listen = \"127.0.0.1:0\"\naudit_log = \"audit.log\"\n{}{}\n{}",
+                 block_size_default = {}\nhttp_listen = \"127.0.0.1:0\"\naudit_log = \"audit.log\"\n\
+                 trash_interval_ms = {}\n{}{}\n{}",
                 spec.lease_expiry_ms,
                 spec.replication,
                 spec.block_size,
+                spec.trash_interval_ms,
                 spec.edit_log_roll_bytes
                     .map(|b| format!("edit_log_roll_bytes = {b}\n"))
                     .unwrap_or_default(),

@@ -722,3 +722,101 @@ fn quotas_hold_against_eight_concurrent_writers() {
     assert_eq!(count("/named")["name_quota"], serde_json::Value::Null);
     assert_eq!(count("/limited")["files"], 5);
 }
+
+/// The trash: `rm` moves into `/user/<name>/.Trash/Current/<path>`, `--skip-trash` deletes at
+/// once, removing from the trash deletes, `expunge` empties it, and checkpoints older than the
+/// interval go by themselves.
+#[test]
+fn rm_moves_to_the_trash_until_it_is_emptied_or_expires() {
+    let mut c = Cluster::start(ClusterSpec {
+        trash_interval_ms: 600_000,
+        ..ClusterSpec::default()
+    });
+    let home = c.user_home();
+    let user = c.dir().join("client-user.toml");
+    let run = |args: &[&str]| {
+        let (ok, out, err) = lode_as(&c, &user, args);
+        assert!(ok, "{args:?}: {err}");
+        out
+    };
+    let exists = |p: &str| {
+        let (ok, _, _) = lode_as(&c, &user, &["stat", "--json", p]);
+        ok
+    };
+    let local = c.dir().join("f");
+    std::fs::write(&local, b"keep me").unwrap();
+    let l = local.to_str().unwrap();
+    let trash = format!("{home}/.Trash/Current{home}");
+    run(&["put", l, &format!("{home}/a")]);
+    run(&["mkdir", &format!("{home}/d")]);
+    run(&["put", l, &format!("{home}/d/f")]);
+    run(&["rm", &format!("{home}/a")]);
+    assert!(!exists(&format!("{home}/a")));
+    assert_eq!(run(&["cat", &format!("{trash}/a")]), "keep me");
+    let (ok, _, err) = lode_as(&c, &user, &["rm", &format!("{home}/d")]);
+    assert!(!ok && err.contains("not empty"), "{err}");
+    run(&["rm", "-r", &format!("{home}/d")]);
+    assert!(exists(&format!("{trash}/d/f")));
+    // A name already in the trash: the newcomer gets the time appended.
+    run(&["put", l, &format!("{home}/a")]);
+    run(&["rm", &format!("{home}/a")]);
+    let listed: serde_json::Value = serde_json::from_str(&run(&["ls", "--json", &trash])).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap().rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(
+        names.iter().any(|n| n.len() > 1
+            && n.starts_with('a')
+            && n[1..].bytes().all(|b| b.is_ascii_digit())),
+        "{names:?}"
+    );
+    // --skip-trash, and rm inside the trash, delete at once.
+    run(&["put", l, &format!("{home}/b")]);
+    run(&["rm", "--skip-trash", &format!("{home}/b")]);
+    assert!(!exists(&format!("{trash}/b")) && !exists(&format!("{home}/b")));
+    run(&["rm", "-r", &format!("{trash}/d")]);
+    assert!(!exists(&format!("{trash}/d")));
+    run(&["expunge"]);
+    assert!(!exists(&format!("{home}/.Trash")));
+    // Checkpoints: with a short interval, Current becomes a checkpoint within an interval, and
+    // the checkpoint is gone an interval later.
+    c.kill_namenode();
+    let config = c.dir().join("namenode.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("trash_interval_ms = 600000", "trash_interval_ms = 1500"),
+    )
+    .unwrap();
+    c.start_namenode();
+    c.wait_live(3);
+    let run = |args: &[&str]| {
+        let (ok, out, err) = lode_as(&c, &user, args);
+        assert!(ok, "{args:?}: {err}");
+        out
+    };
+    run(&["put", l, &format!("{home}/c")]);
+    run(&["rm", &format!("{home}/c")]);
+    lode_tests::wait_until(
+        "the trash to empty itself",
+        std::time::Duration::from_secs(20),
+        || {
+            let (_, out, _) = lode_as(
+                &c,
+                &user,
+                &["ls", "-R", "--json", &format!("{home}/.Trash")],
+            );
+            !out.contains("/c\"")
+        },
+    );
+    // The trash keeps the permission rules: a move out of someone else's sticky directory is
+    // still refused.
+    c.ok(&["mkdir", "/tmp"]);
+    c.ok(&["chmod", "1777", "/tmp"]);
+    c.put_bytes("/tmp/admins", b"x", &[]);
+    denied(&c, &user, &["rm", "/tmp/admins"]);
+}
