@@ -86,6 +86,39 @@ fn dev_cluster_script_subcommands() {
             .any(|l| l.contains(r#""op":"create""#) && l.contains(r#""path":"/hello""#))
     });
 
+    // Both client configs work at once: the user has /user/user and the sticky /tmp.
+    let user = dir.path().join("client-user.toml");
+    let user = user.to_str().unwrap();
+    let hello = dir.path().join("certs/ca.pem");
+    let hello = hello.to_str().unwrap();
+    assert!(lode(user, &["put", hello, "/user/user/ca.pem"])
+        .status
+        .success());
+    assert!(lode(user, &["put", hello, "/tmp/ca.pem"]).status.success());
+    assert!(!lode(user, &["put", hello, "/elsewhere"]).status.success());
+    let root: serde_json::Value =
+        serde_json::from_slice(&lode(user, &["ls", "--json", "/"]).stdout).unwrap();
+    let modes: Vec<(String, String)> = root
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["path"].as_str().unwrap().into(),
+                e["mode"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(modes.contains(&("/tmp".into(), "1777".into())), "{modes:?}");
+    // rm moves into the trash of the one removing.
+    assert!(lode(user, &["rm", "/user/user/ca.pem"]).status.success());
+    assert!(lode(
+        user,
+        &["stat", "/user/user/.Trash/Current/user/user/ca.pem"]
+    )
+    .status
+    .success());
+
     let status = script(dir.path(), port, &["status"]);
     let text = String::from_utf8_lossy(&status.stdout).to_string();
     assert!(
