@@ -763,10 +763,15 @@ async fn route(
             })
             .await?;
             let now = Instant::now();
-            let state = shared.state()?;
+            {
+                let state = shared.state()?;
+                for b in &mut status.blocks {
+                    b.locations = state.locations(b.id, now);
+                }
+            }
+            // Signed outside the state lock (a file may have many blocks).
             let mut signer = shared.signer()?;
             for b in &mut status.blocks {
-                b.locations = state.locations(b.id, now);
                 b.token = Some(signer.issue(b.id, token::READ, &caller.user, vec![]));
             }
             Ok(NamenodeReply::Status(status))
