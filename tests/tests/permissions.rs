@@ -820,3 +820,25 @@ fn rm_moves_to_the_trash_until_it_is_emptied_or_expires() {
     c.put_bytes("/tmp/admins", b"x", &[]);
     denied(&c, &user, &["rm", "/tmp/admins"]);
 }
+
+/// A scan runs as the user: it plans only files the user may read, and its tasks open blocks with
+/// the user's read tokens.
+#[test]
+fn scans_run_as_the_user() {
+    let c = Cluster::start(ClusterSpec::default());
+    let wc = lode_tests::plugin_lib("wc");
+    c.ok(&["plugin", "add", wc.to_str().unwrap()]);
+    c.put_bytes("/open.txt", b"one\ntwo\nthree\n", &[]);
+    c.put_bytes("/secret.txt", b"a\nb\n", &[]);
+    c.ok(&["chmod", "600", "/secret.txt"]);
+    let user = c.dir().join("client-user.toml");
+    let (ok, out, err) = lode_as(&c, &user, &["scan", "--plugin", "wc", "/open.txt"]);
+    assert!(ok && out.contains('3'), "{out} {err}");
+    denied(&c, &user, &["scan", "--plugin", "wc", "/secret.txt"]);
+    let (ok, out, _) = lode_as(
+        &c,
+        &c.client_config(),
+        &["scan", "--plugin", "wc", "/secret.txt"],
+    );
+    assert!(ok && out.contains('2'), "{out}");
+}
