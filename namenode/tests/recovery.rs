@@ -158,3 +158,117 @@ fn ids_are_durable_across_deletes_and_restarts() {
         );
     }
 }
+
+/// A metadata dir written before owners existed: inode records of format 2 and edits of edit
+/// format 1 in the log. It opens, replays, and everything in it is the superuser's, 0755 for
+/// directories and 0644 for files; a user can read it but not change it.
+#[test]
+fn a_metadata_dir_from_before_owners_opens_and_replays_as_the_superusers() {
+    use lode_namenode::namespace::{InodeKind, ROOT};
+    use lode_protocol::InodeId;
+    use std::io::Write;
+
+    #[derive(serde::Serialize)]
+    struct InodeV2 {
+        id: InodeId,
+        parent: InodeId,
+        name: String,
+        mtime_ms: u64,
+        kind: InodeKind,
+    }
+    #[derive(serde::Serialize)]
+    struct MkdirV1 {
+        parent: InodeId,
+        name: String,
+        inode: InodeId,
+        mtime_ms: u64,
+    }
+    let meta = tempfile::tempdir().unwrap();
+    mkdirs(meta.path(), 0, 1, None);
+    // An inode of format 2 in the store, as the store of that time had it.
+    {
+        let (ns, _, _, _) = recover(meta.path()).unwrap();
+        let old = InodeV2 {
+            id: InodeId(1000),
+            parent: ROOT,
+            name: "legacy".into(),
+            mtime_ms: 5,
+            kind: InodeKind::File {
+                replication: 1,
+                block_size: 65536,
+                size: 0,
+                block_count: 0,
+                writer: None,
+                target_name: None,
+            },
+        };
+        let mut value = vec![2u8];
+        value.extend(postcard::to_stdvec(&old).unwrap());
+        let mut inode_key = vec![b'i'];
+        inode_key.extend_from_slice(&1000u64.to_be_bytes());
+        let mut dirent = vec![b'd'];
+        dirent.extend_from_slice(&ROOT.0.to_be_bytes());
+        dirent.extend_from_slice(b"legacy");
+        ns.store()
+            .apply_batch(vec![
+                (inode_key, Some(value)),
+                (dirent, Some(1000u64.to_be_bytes().to_vec())),
+            ])
+            .unwrap();
+        ns.store().flush().unwrap();
+    }
+    // An edit of format 1 at the end of the log, not yet in the store: replayed at the next start.
+    let mut body = vec![1u8, 0u8];
+    body.extend(
+        postcard::to_stdvec(&MkdirV1 {
+            parent: ROOT,
+            name: "old".into(),
+            inode: InodeId(1001),
+            mtime_ms: 6,
+        })
+        .unwrap(),
+    );
+    let seq = 2u64;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&seq.to_le_bytes());
+    h.update(&body);
+    let mut rec = vec![];
+    rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    rec.extend_from_slice(&h.finalize().to_le_bytes());
+    rec.extend_from_slice(&seq.to_le_bytes());
+    rec.extend_from_slice(&body);
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(meta.path().join("edits.log"))
+        .unwrap();
+    log.write_all(&rec).unwrap();
+    log.sync_all().unwrap();
+    drop(log);
+
+    let (ns, log, mut ids, _) = recover(meta.path()).unwrap();
+    assert_eq!(log.last_seq(), 2);
+    let old = ns.resolve_existing("/old").unwrap();
+    let legacy = ns.resolve_existing("/legacy").unwrap();
+    let new = ns.resolve_existing("/d0").unwrap();
+    assert_eq!(
+        (
+            old.perm.owner.as_str(),
+            old.perm.group.as_str(),
+            old.perm.mode
+        ),
+        ("admin", "supergroup", 0o755)
+    );
+    assert_eq!(
+        (legacy.perm.owner.as_str(), legacy.perm.mode),
+        ("admin", 0o644)
+    );
+    assert_eq!(new.perm.owner, "admin");
+    let alice = lode_namenode::perm::Groups::default().caller("alice", false);
+    assert!(ns
+        .accessible(&alice, "/legacy", lode_protocol::perm::READ)
+        .is_ok());
+    let e = ns
+        .prepare_mkdir(&alice, "/old/mine", false, 0o755, &mut ids, 7)
+        .unwrap_err();
+    assert!(e.to_string().contains("permission denied"), "{e}");
+}
