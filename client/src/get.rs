@@ -58,7 +58,9 @@ impl Client {
 
     /// Reads the file `st` describes (with blocks) into `out`. Each segment is read by its own task,
     /// so verifying and copying spread over the cores while the output is written in order.
-    pub(crate) async fn get_status<W: AsyncWrite + Unpin>(
+    /// A read that outlives its block tokens asks the namenode for new ones and goes on where it
+    /// stopped, as long as the file is still the one it was reading.
+    pub async fn get_status<W: AsyncWrite + Unpin>(
         &self,
         st: &FileStatus,
         out: &mut W,
@@ -67,11 +69,51 @@ impl Client {
         if st.kind == EntryKind::Directory {
             return Err(Error::Invalid(format!("{}: is a directory", st.path)));
         }
+        let mut current = st.clone();
+        let mut written = 0u64;
+        let mut renewals = 0;
+        loop {
+            match self.read_from(&current, written, out, progress).await {
+                Ok(n) => return Ok(n),
+                Err((e, at)) if e.code() == Some(ErrorCode::InvalidToken) && renewals < 3 => {
+                    renewals += 1;
+                    written = at;
+                    let fresh = self.stat(&st.path, true).await?;
+                    let same = |a: &FileStatus| -> Vec<_> {
+                        a.blocks.iter().map(|b| (b.id, b.len, b.cv)).collect()
+                    };
+                    if same(&fresh) != same(st) {
+                        return Err(Error::Invalid(format!(
+                            "{}: the file changed while it was read",
+                            st.path
+                        )));
+                    }
+                    tracing::info!(path = %st.path, at, "block tokens expired; reading on with new ones");
+                    current = fresh;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads the file from byte `skip` (a segment boundary) on; on failure, the error and how far
+    /// the output got.
+    async fn read_from<W: AsyncWrite + Unpin>(
+        &self,
+        st: &FileStatus,
+        skip: u64,
+        out: &mut W,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, (Error, u64)> {
         let mut segments = vec![];
         for b in &st.blocks {
             let mut off = 0;
             while off < b.len {
                 let len = SEGMENT_BYTES.min(b.len - off);
+                if b.offset + off + len <= skip {
+                    off += len;
+                    continue;
+                }
                 segments.push(Segment {
                     block: b.id,
                     block_offset_in_file: b.offset,
@@ -98,23 +140,25 @@ impl Client {
             }
         });
         let mut results = stream::iter(tasks).buffered(self.config.reads_in_flight);
-        let mut written = 0u64;
+        let mut written = skip;
         while let Some(fetched) = results.next().await {
             let (bytes, corrupt) = match fetched {
                 Ok(f) => f,
                 Err((e, corrupt)) => {
                     self.report_corrupt(corrupt).await;
-                    return Err(e);
+                    return Err((e, written));
                 }
             };
             self.report_corrupt(corrupt).await;
             out.write_all(&bytes)
                 .await
-                .map_err(|e| Error::local("output", e))?;
+                .map_err(|e| (Error::local("output", e), written))?;
             written += bytes.len() as u64;
             progress(written);
         }
-        out.flush().await.map_err(|e| Error::local("output", e))?;
+        out.flush()
+            .await
+            .map_err(|e| (Error::local("output", e), written))?;
         Ok(written)
     }
 
@@ -147,6 +191,7 @@ impl Fetcher {
             .collect();
         order.sort_by_key(|t| self.suspects.contains(&t.name));
         let mut last = None;
+        let mut refused_tokens = 0;
         for t in order {
             match self.read_segment(t, &seg).await {
                 Ok(bytes) => {
@@ -156,7 +201,9 @@ impl Fetcher {
                 Err(e) => {
                     let is_corrupt = matches!(&e, Error::Corrupt(_))
                         || matches!(&e, Error::Rpc { source: RpcError::Reset(c), .. } if *c == ErrorCode::Corrupt as u64);
-                    if is_corrupt {
+                    if e.code() == Some(ErrorCode::InvalidToken) {
+                        refused_tokens += 1;
+                    } else if is_corrupt {
                         corrupt.push((seg.block, t.name.clone()));
                     } else {
                         tracing::debug!(block = %seg.block, datanode = %t.name, "read failed: {e}");
@@ -165,6 +212,12 @@ impl Fetcher {
                     }
                     last = Some(e);
                 }
+            }
+        }
+        if refused_tokens == n {
+            // Every replica refused the token (it expired): the caller asks for new ones.
+            if let Some(e) = last {
+                return Err((e, corrupt));
             }
         }
         let e = Error::Invalid(format!(

@@ -77,7 +77,7 @@ pub struct Config {
     #[serde(default)]
     pub groups: std::collections::BTreeMap<String, Vec<String>>,
     /// How long a block access token lives, in ms (a new signing key is made every half of
-    /// it). Default 3600000 (an hour); at least 1000.
+    /// it). Default 36000000 (ten hours, as HDFS has it); at least 1000.
     #[serde(default = "d_token_lifetime")]
     pub token_lifetime_ms: u64,
     /// How long what `rm` moves to a user's trash stays there, in ms: the trash is checkpointed
@@ -95,7 +95,7 @@ fn d_trash() -> u64 {
 }
 
 fn d_token_lifetime() -> u64 {
-    3_600_000
+    36_000_000
 }
 
 fn d_audit_max() -> u64 {

@@ -423,6 +423,50 @@ fn a_user_certificate_cannot_harm_what_others_own() {
 mod tokens {
     use std::time::Duration;
 
+    /// A read that outlives its tokens asks for new ones and reads on.
+    #[test]
+    fn a_read_whose_tokens_expire_gets_new_ones() {
+        let c = Cluster::start(ClusterSpec {
+            namenode_extra: "token_lifetime_ms = 2000\n".into(),
+            ..ClusterSpec::default()
+        });
+        let data = lode_tests::random_bytes(5 * 65536 + 7, 4);
+        c.put_bytes("/long-read", &data, &[]);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let config = lode_client::ClientConfig::load(&c.client_config()).unwrap();
+            let client = lode_client::Client::connect(config).await.unwrap();
+            let st = client.stat("/long-read", true).await.unwrap();
+            let first = st.blocks[0].clone();
+            let holder = &first.locations[0];
+            let port = c.datanode_ports[holder.name[3..].parse::<usize>().unwrap() - 1];
+            let conn = c.connect("admin", port, &holder.name).await.unwrap();
+            // Until the datanodes refuse the tokens this status carries.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let r = ask(
+                    &conn,
+                    &DatanodeRequest::BlockChecksums {
+                        block: first.id,
+                        token: first.token.clone(),
+                    },
+                )
+                .await;
+                if r.is_err() {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the token never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut out = Vec::new();
+            client.get_status(&st, &mut out, &|_| {}).await.unwrap();
+            assert_eq!(out, data);
+        });
+    }
+
     use lode_protocol::frame::kind;
     use lode_protocol::messages::{
         ClientToNamenode, DatanodeReply, DatanodeRequest, LocatedBlock, NamenodeReply, TaskRequest,
