@@ -4,6 +4,7 @@
 //!
 //! Read [`fs`] first, then [`put`] and [`get`].
 
+pub mod bulk;
 pub mod certs;
 pub mod config;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod human;
 pub mod put;
 pub mod scan;
 
+pub use bulk::{Outcome, Transfer};
 pub use config::ClientConfig;
 pub use error::Error;
 pub use fs::{Client, Count, Usage};

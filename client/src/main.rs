@@ -1,7 +1,7 @@
 //! The `lode` command: turns arguments into `lode_client::Client` calls and prints the results.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -23,31 +23,43 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Copy a local file (or - for stdin) into Lode.
+    /// Copy local files (or - for stdin) into Lode: LOCAL... REMOTE.
     Put {
-        /// Overwrite an existing file.
+        /// Overwrite existing files.
         #[arg(short, long)]
         force: bool,
-        /// Replica count for the new file.
+        /// Copy directories and everything under them.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        /// Files in flight at once.
+        #[arg(short = 't', long, default_value_t = 4)]
+        threads: usize,
+        /// Replica count for the new files.
         #[arg(long)]
         replication: Option<u8>,
         /// Block size: a power of two from 64K to 1G (e.g. 128M).
         #[arg(long, value_parser = human::parse_size)]
         block_size: Option<u64>,
-        /// Local file, or - for stdin.
-        local: String,
-        /// Destination path (an existing directory receives the file under its own name).
-        remote: String,
+        /// Local files (or - for stdin), then the destination (an existing directory receives
+        /// each under its own name; with several sources it must be one).
+        #[arg(required = true, num_args = 2..)]
+        paths: Vec<String>,
     },
-    /// Copy a file out of Lode to a local file (or - for stdout).
+    /// Copy files out of Lode: REMOTE... LOCAL (or - for stdout).
     Get {
-        /// Overwrite an existing local file.
+        /// Overwrite existing local files.
         #[arg(short, long)]
         force: bool,
-        /// Path in Lode.
-        remote: String,
-        /// Local file or directory, or - for stdout.
-        local: String,
+        /// Copy directories and everything under them.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        /// Files in flight at once.
+        #[arg(short = 't', long, default_value_t = 4)]
+        threads: usize,
+        /// Paths in Lode, then the local destination (an existing directory receives each under
+        /// its own name; with several sources it must be one).
+        #[arg(required = true, num_args = 2..)]
+        paths: Vec<String>,
     },
     /// Print files to stdout.
     Cat {
@@ -418,24 +430,44 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
         }),
         Command::Put {
             force,
+            recursive,
+            threads,
             replication,
             block_size,
-            local,
-            remote,
+            mut paths,
         } => (
             "put",
-            with_client(config, |c| {
-                put(c, force, replication, block_size, local, remote)
+            with_client(config, |c| async move {
+                let remote = paths.pop().unwrap_or_default();
+                let opts = PutOptions {
+                    overwrite: force,
+                    replication,
+                    block_size,
+                };
+                if paths.len() == 1 && !recursive {
+                    let local = paths.remove(0);
+                    return put(c, opts, local, remote).await;
+                }
+                put_many(c, opts, recursive, threads, paths, remote).await
             })
             .await,
         ),
         Command::Get {
             force,
-            remote,
-            local,
+            recursive,
+            threads,
+            mut paths,
         } => (
             "get",
-            with_client(config, |c| get(c, force, remote, local)).await,
+            with_client(config, |c| async move {
+                let local = paths.pop().unwrap_or_default();
+                if paths.len() == 1 && !recursive {
+                    let remote = paths.remove(0);
+                    return get(c, force, remote, local).await;
+                }
+                get_many(c, force, recursive, threads, paths, local).await
+            })
+            .await,
         ),
         Command::Cat { paths } => ("cat", with_client(config, |c| cat(c, paths)).await),
         Command::Ls {
@@ -688,14 +720,7 @@ fn base_name(p: &str) -> &str {
     p.trim_end_matches('/').rsplit('/').next().unwrap_or(p)
 }
 
-async fn put(
-    c: Client,
-    force: bool,
-    replication: Option<u8>,
-    block_size: Option<u64>,
-    local: String,
-    remote: String,
-) -> Result<(), Error> {
+async fn put(c: Client, opts: PutOptions, local: String, remote: String) -> Result<(), Error> {
     let mut target = remote.clone();
     if let Some(st) = c.try_stat(&remote).await? {
         if st.kind == EntryKind::Directory {
@@ -707,11 +732,6 @@ async fn put(
             target = lode_protocol::path::join(&st.path, base_name(&local));
         }
     }
-    let opts = PutOptions {
-        overwrite: force,
-        replication,
-        block_size,
-    };
     let bar;
     let written = if local == "-" {
         bar = progress_bar(None);
@@ -792,12 +812,216 @@ async fn get(c: Client, force: bool, remote: String, local: String) -> Result<()
     Ok(())
 }
 
-fn temp_beside(dest: &Path) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    dest.with_file_name(format!(".{name}.lode-{:08x}.part", rand::random::<u32>()))
+use lode_client::bulk::temp_beside;
+
+/// Prints each failed file on a line of its own and a summary line, both on stderr; an error
+/// (and so exit 1) if any file failed.
+fn summarise(
+    what: &str,
+    outcomes: Vec<lode_client::Outcome>,
+    planned_failures: usize,
+    started: std::time::Instant,
+) -> Result<(), Error> {
+    let mut bytes = 0u64;
+    let mut failed = planned_failures;
+    let total = outcomes.len() + planned_failures;
+    for o in &outcomes {
+        match &o.result {
+            Ok(n) => bytes += n,
+            Err(e) => {
+                failed += 1;
+                let name = if what == "put" {
+                    o.transfer.local.display().to_string()
+                } else {
+                    o.transfer.remote.clone()
+                };
+                eprintln!("lode: {what}: {name}: {}", e.to_string().replace('\n', " "));
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    eprintln!(
+        "{what}: {} of {total} files, {} in {secs:.1} s ({}/s)",
+        total - failed,
+        human::size(bytes),
+        human::size((bytes as f64 / secs) as u64)
+    );
+    if failed > 0 {
+        return Err(Error::Invalid(format!("{failed} of {total} files failed")));
+    }
+    Ok(())
+}
+
+/// Local files and trees into Lode (`put [-r] [-t N] LOCAL... REMOTE`).
+async fn put_many(
+    c: Client,
+    opts: PutOptions,
+    recursive: bool,
+    threads: usize,
+    sources: Vec<String>,
+    remote: String,
+) -> Result<(), Error> {
+    let started = std::time::Instant::now();
+    let dest = c.try_stat(&remote).await?;
+    let dest_is_dir = dest
+        .as_ref()
+        .is_some_and(|s| s.kind == EntryKind::Directory);
+    if sources.len() > 1 && !dest_is_dir {
+        return Err(Error::Invalid(format!(
+            "{remote}: not a directory (several sources need one)"
+        )));
+    }
+    let remote = dest.map_or(remote, |s| s.path);
+    let mut transfers = vec![];
+    let mut dirs = vec![];
+    let mut planned_failures = 0;
+    for src in &sources {
+        let meta = match std::fs::metadata(src) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("lode: put: {src}: {e}");
+                planned_failures += 1;
+                continue;
+            }
+        };
+        let top = if dest_is_dir {
+            lode_protocol::path::join(&remote, base_name(src))
+        } else {
+            remote.clone()
+        };
+        if !meta.is_dir() {
+            transfers.push(lode_client::Transfer {
+                local: PathBuf::from(src),
+                remote: top,
+            });
+            continue;
+        }
+        if !recursive {
+            eprintln!("lode: put: {src}: is a directory (use -r)");
+            planned_failures += 1;
+            continue;
+        }
+        let mut stack = vec![(PathBuf::from(src), top)];
+        while let Some((local, at)) = stack.pop() {
+            dirs.push(at.clone());
+            let entries = std::fs::read_dir(&local).map_err(|e| Error::local(&local, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::local(&local, e))?;
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().to_string();
+                let there = lode_protocol::path::join(&at, &name);
+                if path.is_dir() {
+                    stack.push((path, there));
+                } else {
+                    transfers.push(lode_client::Transfer {
+                        local: path,
+                        remote: there,
+                    });
+                }
+            }
+        }
+    }
+    for d in &dirs {
+        c.mkdir(d, true).await?;
+    }
+    let total: u64 = transfers
+        .iter()
+        .filter_map(|t| std::fs::metadata(&t.local).ok())
+        .map(|m| m.len())
+        .sum();
+    let bar = progress_bar(Some(total));
+    let b = bar.clone();
+    let outcomes = c
+        .put_many(transfers, &opts, threads, &move |n| {
+            if let Some(b) = &b {
+                b.set_position(n)
+            }
+        })
+        .await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    summarise("put", outcomes, planned_failures, started)
+}
+
+/// Files and trees out of Lode (`get [-r] [-t N] REMOTE... LOCAL`).
+async fn get_many(
+    c: Client,
+    force: bool,
+    recursive: bool,
+    threads: usize,
+    sources: Vec<String>,
+    local: String,
+) -> Result<(), Error> {
+    let started = std::time::Instant::now();
+    let dest = PathBuf::from(&local);
+    let dest_is_dir = dest.is_dir();
+    if sources.len() > 1 && !dest_is_dir {
+        return Err(Error::Invalid(format!(
+            "{local}: not a directory (several sources need one)"
+        )));
+    }
+    let mut transfers = vec![];
+    let mut planned_failures = 0;
+    let mut total = 0u64;
+    for src in &sources {
+        let st = match c.stat(src, false).await {
+            Ok(st) => st,
+            Err(e) => {
+                eprintln!("lode: get: {src}: {e}");
+                planned_failures += 1;
+                continue;
+            }
+        };
+        let top = if dest_is_dir {
+            dest.join(base_name(&st.path))
+        } else {
+            dest.clone()
+        };
+        if st.kind == EntryKind::File {
+            total += st.size;
+            transfers.push(lode_client::Transfer {
+                local: top,
+                remote: st.path,
+            });
+            continue;
+        }
+        if !recursive {
+            eprintln!("lode: get: {}: is a directory (use -r)", st.path);
+            planned_failures += 1;
+            continue;
+        }
+        let mut stack = vec![(st.path.clone(), top)];
+        while let Some((remote, here)) = stack.pop() {
+            std::fs::create_dir_all(&here).map_err(|e| Error::local(&here, e))?;
+            for e in c.list(&remote).await? {
+                let there = here.join(base_name(&e.path));
+                match e.kind {
+                    EntryKind::Directory => stack.push((e.path, there)),
+                    EntryKind::File => {
+                        total += e.size;
+                        transfers.push(lode_client::Transfer {
+                            local: there,
+                            remote: e.path,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let bar = progress_bar(Some(total));
+    let b = bar.clone();
+    let outcomes = c
+        .get_many(transfers, force, threads, &move |n| {
+            if let Some(b) = &b {
+                b.set_position(n)
+            }
+        })
+        .await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    summarise("get", outcomes, planned_failures, started)
 }
 
 async fn cat(c: Client, paths: Vec<String>) -> Result<(), Error> {

@@ -1,0 +1,76 @@
+//! Bulk transfers in one process: `put`/`get` with many sources and trees (`-r`), N files in
+//! flight (`-t`), one summary line, and per-file errors that name the file without stopping the
+//! rest.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use lode_tests::{random_bytes, Cluster, ClusterSpec};
+
+fn write(p: &Path, bytes: &[u8]) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, bytes).unwrap();
+}
+
+#[test]
+fn trees_and_many_files_go_both_ways_in_one_command() {
+    let c = Cluster::start(ClusterSpec::default());
+    let local = c.dir().join("local");
+    let a = random_bytes(300_000, 1);
+    write(&local.join("t/a"), &a);
+    write(&local.join("t/sub/b"), b"bee");
+    std::fs::create_dir_all(local.join("t/sub/empty")).unwrap();
+    write(&local.join("c"), b"sea");
+    c.ok(&["mkdir", "/dst"]);
+    let t = local.join("t");
+    let cc = local.join("c");
+    let (t, cc) = (t.to_str().unwrap(), cc.to_str().unwrap());
+    let out = c.lode(&["put", "-r", "-t", "3", t, cc, "/dst"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("put: 3 of 3 files"), "{err}");
+    assert_eq!(c.get_bytes("/dst/t/a"), a);
+    assert_eq!(c.get_bytes("/dst/t/sub/b"), b"bee");
+    assert_eq!(c.get_bytes("/dst/c"), b"sea");
+    assert_eq!(c.stat("/dst/t/sub/empty")["type"], "directory");
+
+    // Several sources need a directory; a missing source fails alone, named, and the rest land.
+    let out = c.lode(&["put", cc, cc, "/dst/c"]);
+    lode_tests::assert_one_line_error(&out, &["put of two files onto a file"]);
+    let missing = local.join("nope");
+    let out = c.lode(&["put", "-f", cc, missing.to_str().unwrap(), t, "/dst"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("nope") && err.contains("t: is a directory (use -r)"),
+        "{err}"
+    );
+    assert!(err.contains("put: 1 of 3 files"), "{err}");
+
+    // And back: a tree and a file into a local directory, then again without -f (each refused).
+    let back = c.dir().join("back");
+    std::fs::create_dir_all(&back).unwrap();
+    let b = back.to_str().unwrap();
+    let out = c.lode(&["get", "-r", "-t", "2", "/dst/t", "/dst/c", b]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("get: 3 of 3 files"), "{err}");
+    assert_eq!(std::fs::read(back.join("t/a")).unwrap(), a);
+    assert_eq!(std::fs::read(back.join("t/sub/b")).unwrap(), b"bee");
+    assert_eq!(std::fs::read(back.join("c")).unwrap(), b"sea");
+    assert!(back.join("t/sub/empty").is_dir());
+    let out = c.lode(&["get", "-r", "/dst/t", "/dst/c", b]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("exists (use -f to overwrite)") && err.contains("get: 0 of 3 files"),
+        "{err}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&back)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".part"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
