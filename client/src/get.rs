@@ -69,12 +69,26 @@ impl Client {
         if st.kind == EntryKind::Directory {
             return Err(Error::Invalid(format!("{}: is a directory", st.path)));
         }
+        self.get_range(st, 0, st.size, out, progress).await
+    }
+
+    /// Reads bytes `[start, end)` of the file `st` describes (with blocks) into `out`, asking for
+    /// new block tokens if the read outlives them.
+    pub async fn get_range<W: AsyncWrite + Unpin>(
+        &self,
+        st: &FileStatus,
+        start: u64,
+        end: u64,
+        out: &mut W,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, Error> {
+        let end = end.min(st.size);
         let mut current = st.clone();
-        let mut written = 0u64;
+        let mut written = start.min(end);
         let mut renewals = 0;
         loop {
-            match self.read_from(&current, written, out, progress).await {
-                Ok(n) => return Ok(n),
+            match self.read_from(&current, written, end, out, progress).await {
+                Ok(n) => return Ok(n - start.min(end)),
                 Err((e, at)) if e.code() == Some(ErrorCode::InvalidToken) && renewals < 3 => {
                     renewals += 1;
                     written = at;
@@ -96,12 +110,13 @@ impl Client {
         }
     }
 
-    /// Reads the file from byte `skip` (a segment boundary) on; on failure, the error and how far
-    /// the output got.
+    /// Reads the file's bytes `[skip, end)`; on success the offset reached (`end`), on failure the
+    /// error and the offset the output got to.
     async fn read_from<W: AsyncWrite + Unpin>(
         &self,
         st: &FileStatus,
         skip: u64,
+        end: u64,
         out: &mut W,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<u64, (Error, u64)> {
@@ -110,7 +125,8 @@ impl Client {
             let mut off = 0;
             while off < b.len {
                 let len = SEGMENT_BYTES.min(b.len - off);
-                if b.offset + off + len <= skip {
+                let at = b.offset + off;
+                if at + len <= skip || at >= end {
                     off += len;
                     continue;
                 }
@@ -127,6 +143,10 @@ impl Client {
                 off += len;
             }
         }
+        let starts: Vec<u64> = segments
+            .iter()
+            .map(|s| s.block_offset_in_file + s.offset)
+            .collect();
         let fetcher = Fetcher {
             pool: self.pool.clone(),
             suspects: self.suspects.clone(),
@@ -141,7 +161,9 @@ impl Client {
         });
         let mut results = stream::iter(tasks).buffered(self.config.reads_in_flight);
         let mut written = skip;
+        let mut starts = starts.into_iter();
         while let Some(fetched) = results.next().await {
+            let seg_start = starts.next().unwrap_or(written);
             let (bytes, corrupt) = match fetched {
                 Ok(f) => f,
                 Err((e, corrupt)) => {
@@ -150,10 +172,14 @@ impl Client {
                 }
             };
             self.report_corrupt(corrupt).await;
-            out.write_all(&bytes)
+            // Only what lies in [skip, end) of the segment goes out.
+            let from = written.saturating_sub(seg_start) as usize;
+            let to = (end.saturating_sub(seg_start) as usize).min(bytes.len());
+            let part = &bytes[from.min(to)..to];
+            out.write_all(part)
                 .await
                 .map_err(|e| (Error::local("output", e), written))?;
-            written += bytes.len() as u64;
+            written += part.len() as u64;
             progress(written);
         }
         out.flush()

@@ -61,6 +61,49 @@ enum Command {
         #[arg(required = true, num_args = 2..)]
         paths: Vec<String>,
     },
+    /// Print the first kilobyte of a file.
+    Head {
+        /// Path in Lode.
+        path: String,
+    },
+    /// Print the last kilobyte of a file; with -f, then whatever it grows by (checked every second).
+    Tail {
+        /// Keep printing what is added.
+        #[arg(short = 'f')]
+        follow: bool,
+        /// Path in Lode.
+        path: String,
+    },
+    /// Create an empty file where there is none.
+    Touch {
+        /// Paths in Lode.
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Exit 0 if the path exists (-e), is a directory (-d) or is a file (-f), else 1; prints nothing.
+    Test {
+        /// Exists.
+        #[arg(short = 'e', group = "what")]
+        exists: bool,
+        /// Is a directory.
+        #[arg(short = 'd', group = "what")]
+        dir: bool,
+        /// Is a file.
+        #[arg(short = 'f', group = "what")]
+        file: bool,
+        /// Path in Lode.
+        path: String,
+    },
+    /// Concatenate the files in a directory (in name order) into one local file.
+    Getmerge {
+        /// Add a newline after each file (`-nl`, as in HDFS, or `--nl`).
+        #[arg(long = "nl")]
+        nl: bool,
+        /// Directory in Lode.
+        remote: String,
+        /// Local file.
+        local: String,
+    },
     /// Print files to stdout.
     Cat {
         /// Paths in Lode.
@@ -371,7 +414,16 @@ enum QuotaCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `getmerge -nl`, as `hdfs dfs` spells it (clap's short flags are one letter).
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(at) = args.iter().position(|a| a == "getmerge") {
+        for a in &mut args[at + 1..] {
+            if a == "-nl" {
+                *a = "--nl".into();
+            }
+        }
+    }
+    let cli = Cli::parse_from(args);
     lode_protocol::service::init_logging("error");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -470,6 +522,66 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
             .await,
         ),
         Command::Cat { paths } => ("cat", with_client(config, |c| cat(c, paths)).await),
+        Command::Head { path } => (
+            "head",
+            with_client(config, |c| async move {
+                let st = c.stat(&path, true).await?;
+                let mut out = tokio::io::stdout();
+                c.get_range(&st, 0, 1024, &mut out, &|_| {})
+                    .await
+                    .map(|_| ())
+            })
+            .await,
+        ),
+        Command::Tail { follow, path } => {
+            ("tail", with_client(config, |c| tail(c, follow, path)).await)
+        }
+        Command::Touch { paths } => (
+            "touch",
+            with_client(config, |c| async move {
+                for p in paths {
+                    match c.try_stat(&p).await? {
+                        Some(st) if st.kind == EntryKind::Directory => {
+                            return Err(Error::Invalid(format!("{}: is a directory", st.path)))
+                        }
+                        Some(_) => {}
+                        None => {
+                            c.put(&b""[..], &p, &PutOptions::default(), &|_| {}).await?;
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await,
+        ),
+        Command::Test {
+            exists,
+            dir,
+            file,
+            path,
+        } => {
+            let held = with_client(config, |c| async move {
+                let st = c.try_stat(&path).await?;
+                let yes = match st {
+                    None => false,
+                    Some(st) if dir => st.kind == EntryKind::Directory,
+                    Some(st) if file => st.kind == EntryKind::File,
+                    Some(_) => exists || !(dir || file),
+                };
+                if yes {
+                    Ok(())
+                } else {
+                    Err(Error::Invalid(String::new()))
+                }
+            })
+            .await;
+            // Nothing printed: the exit status is the answer.
+            std::process::exit(i32::from(held.is_err()));
+        }
+        Command::Getmerge { nl, remote, local } => (
+            "getmerge",
+            with_client(config, |c| getmerge(c, nl, remote, local)).await,
+        ),
         Command::Ls {
             recursive,
             long,
@@ -1022,6 +1134,67 @@ async fn get_many(
         b.finish_and_clear();
     }
     summarise("get", outcomes, planned_failures, started)
+}
+
+async fn tail(c: Client, follow: bool, path: String) -> Result<(), Error> {
+    use tokio::io::AsyncWriteExt;
+    let mut out = tokio::io::stdout();
+    let st = c.stat(&path, true).await?;
+    let mut shown = st.size;
+    c.get_range(
+        &st,
+        st.size.saturating_sub(1024),
+        st.size,
+        &mut out,
+        &|_| {},
+    )
+    .await?;
+    out.flush().await.map_err(|e| Error::local("stdout", e))?;
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let st = c.stat(&path, true).await?;
+        if st.size > shown {
+            c.get_range(&st, shown, st.size, &mut out, &|_| {}).await?;
+            out.flush().await.map_err(|e| Error::local("stdout", e))?;
+        }
+        shown = st.size;
+    }
+}
+
+async fn getmerge(c: Client, nl: bool, remote: String, local: String) -> Result<(), Error> {
+    use tokio::io::AsyncWriteExt;
+    let mut files: Vec<_> = c
+        .list(&remote)
+        .await?
+        .into_iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let dest = PathBuf::from(&local);
+    let tmp = temp_beside(&dest);
+    let result = async {
+        let mut out = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| Error::local(&tmp, e))?;
+        for f in &files {
+            c.get(&f.path, &mut out, &|_| {}).await?;
+            if nl {
+                out.write_all(b"\n")
+                    .await
+                    .map_err(|e| Error::local(&tmp, e))?;
+            }
+        }
+        out.flush().await.map_err(|e| Error::local(&tmp, e))?;
+        std::fs::rename(&tmp, &dest).map_err(|e| Error::local(&dest, e))
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 async fn cat(c: Client, paths: Vec<String>) -> Result<(), Error> {

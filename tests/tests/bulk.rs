@@ -74,3 +74,51 @@ fn trees_and_many_files_go_both_ways_in_one_command() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
+
+/// `head`, `tail`, `touch`, `test` and `getmerge`, as `hdfs dfs` has them.
+#[test]
+fn head_tail_touch_test_and_getmerge() {
+    let c = Cluster::start(ClusterSpec::default());
+    // Three blocks of 64 KiB and a bit: head and tail read only the ends.
+    let data = random_bytes(3 * 65536 + 100, 7);
+    c.put_bytes("/f", &data, &[]);
+    assert_eq!(c.ok(&["head", "/f"]), &data[..1024]);
+    assert_eq!(c.ok(&["tail", "/f"]), &data[data.len() - 1024..]);
+    c.put_bytes("/short", b"tiny", &[]);
+    assert_eq!(c.ok(&["head", "/short"]), b"tiny");
+    assert_eq!(c.ok(&["tail", "/short"]), b"tiny");
+
+    c.ok(&["touch", "/empty"]);
+    assert_eq!(c.stat("/empty")["size"], 0);
+    c.ok(&["touch", "/short"]);
+    assert_eq!(
+        c.get_bytes("/short"),
+        b"tiny",
+        "touch leaves a file's bytes alone"
+    );
+    c.ok(&["mkdir", "/d"]);
+    for (args, code) in [
+        (vec!["test", "-e", "/f"], 0),
+        (vec!["test", "-f", "/f"], 0),
+        (vec!["test", "-d", "/f"], 1),
+        (vec!["test", "-d", "/d"], 0),
+        (vec!["test", "-f", "/d"], 1),
+        (vec!["test", "-e", "/nothing"], 1),
+    ] {
+        let out = c.lode(&args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+        assert!(
+            out.stdout.is_empty() && out.stderr.is_empty(),
+            "{args:?} printed something"
+        );
+    }
+
+    c.put_bytes("/d/b", b"second", &[]);
+    c.put_bytes("/d/a", b"first", &[]);
+    let merged = c.dir().join("merged");
+    let m = merged.to_str().unwrap();
+    c.ok(&["getmerge", "/d", m]);
+    assert_eq!(std::fs::read(&merged).unwrap(), b"firstsecond");
+    c.ok(&["getmerge", "-nl", "/d", m]);
+    assert_eq!(std::fs::read(&merged).unwrap(), b"first\nsecond\n");
+}
