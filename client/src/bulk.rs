@@ -146,3 +146,150 @@ impl Client {
             .await
     }
 }
+
+/// Whether a path holds glob characters (`*`, `?`, `[`).
+pub fn is_glob(path: &str) -> bool {
+    path.contains(['*', '?', '['])
+}
+
+/// Matches one name against a glob: `*` (any run), `?` (one character), `[abc]`, `[a-z]`, and
+/// `[!a]` or `[^a]` (none of them). A `[` without its `]` matches itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    // Iterative matching with one backtrack point for the last `*`.
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        let step = match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ni));
+                pi += 1;
+                continue;
+            }
+            Some('?') => Some(1),
+            Some('[') => match class(&p[pi..], n[ni]) {
+                Some((true, len)) => Some(len),
+                Some((false, _)) => None,
+                None => (n[ni] == '[').then_some(1),
+            },
+            Some(c) => (*c == n[ni]).then_some(1),
+            None => None,
+        };
+        match (step, star) {
+            (Some(len), _) => {
+                pi += len;
+                ni += 1;
+            }
+            (None, Some((sp, sn))) => {
+                pi = sp + 1;
+                ni = sn + 1;
+                star = Some((sp, sn + 1));
+            }
+            (None, None) => return false,
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// A `[...]` class at the start of `p`: whether `c` is in it and the class's length; `None` if it
+/// has no closing `]`.
+fn class(p: &[char], c: char) -> Option<(bool, usize)> {
+    let mut i = 1;
+    let negate = matches!(p.get(1), Some('!' | '^'));
+    if negate {
+        i += 1;
+    }
+    let mut hit = false;
+    let mut first = true;
+    while let Some(&x) = p.get(i) {
+        if x == ']' && !first {
+            return Some((hit != negate, i + 1));
+        }
+        first = false;
+        if p.get(i + 1) == Some(&'-') && p.get(i + 2).is_some_and(|e| *e != ']') {
+            if (x..=p[i + 2]).contains(&c) {
+                hit = true;
+            }
+            i += 3;
+        } else {
+            if x == c {
+                hit = true;
+            }
+            i += 1;
+        }
+    }
+    None
+}
+
+impl Client {
+    /// The paths a remote glob names (`/logs/2026-*`), in order; a path without glob characters
+    /// as it is. No match is a not-found error naming the pattern.
+    pub async fn expand(&self, pattern: &str) -> Result<Vec<String>, Error> {
+        if !is_glob(pattern) {
+            return Ok(vec![pattern.to_string()]);
+        }
+        let norm = lode_protocol::path::normalize(pattern).map_err(Error::Invalid)?;
+        let names: Vec<&str> = lode_protocol::path::components(&norm).collect();
+        let mut at = vec!["/".to_string()];
+        for (i, name) in names.iter().enumerate() {
+            let last = i + 1 == names.len();
+            let mut next = vec![];
+            for dir in &at {
+                if !is_glob(name) {
+                    next.push(lode_protocol::path::join(dir, name));
+                    continue;
+                }
+                let entries = match self.list(dir).await {
+                    Ok(e) => e,
+                    Err(e) if e.code() == Some(lode_protocol::ErrorCode::NotFound) => continue,
+                    Err(e) => return Err(e),
+                };
+                for e in entries {
+                    let base = e.path.rsplit('/').next().unwrap_or_default().to_string();
+                    let is_dir = e.kind == lode_protocol::messages::EntryKind::Directory;
+                    if glob_match(name, &base) && (last || is_dir) {
+                        next.push(e.path);
+                    }
+                }
+            }
+            at = next;
+        }
+        at.sort();
+        if at.is_empty() {
+            return Err(Error::Remote(lode_protocol::WireError::new(
+                lode_protocol::ErrorCode::NotFound,
+                format!("{pattern}: no match"),
+            )));
+        }
+        Ok(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs_match_as_a_shell_does() {
+        for (p, n, want) in [
+            ("2026-*", "2026-01-02.log", true),
+            ("2026-*", "2025-01", false),
+            ("*.log", "a.log", true),
+            ("*.log", "a.log.gz", false),
+            ("a?c", "abc", true),
+            ("a?c", "ac", false),
+            ("[ab]x", "bx", true),
+            ("[a-c]x", "cx", true),
+            ("[!a-c]x", "cx", false),
+            ("[^a]x", "bx", true),
+            ("*a*b*", "xxaxxbxx", true),
+            ("*a*b*", "xxbxxaxx", false),
+            ("[x", "[x", true),
+            ("*", "", true),
+            ("", "", true),
+        ] {
+            assert_eq!(glob_match(p, n), want, "{p} vs {n}");
+        }
+    }
+}

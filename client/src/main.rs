@@ -513,11 +513,13 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
             "get",
             with_client(config, |c| async move {
                 let local = paths.pop().unwrap_or_default();
-                if paths.len() == 1 && !recursive {
+                let globbed = paths.iter().any(|p| lode_client::bulk::is_glob(p));
+                if paths.len() == 1 && !recursive && !globbed {
                     let remote = paths.remove(0);
                     return get(c, force, remote, local).await;
                 }
-                get_many(c, force, recursive, threads, paths, local).await
+                let sources = expand_all(&c, &paths).await?;
+                get_many(c, force, recursive, threads, sources, local).await
             })
             .await,
         ),
@@ -1199,7 +1201,7 @@ async fn getmerge(c: Client, nl: bool, remote: String, local: String) -> Result<
 
 async fn cat(c: Client, paths: Vec<String>) -> Result<(), Error> {
     let mut out = tokio::io::stdout();
-    for p in paths {
+    for p in expand_all(&c, &paths).await? {
         c.get(&p, &mut out, &|_| {}).await?;
     }
     Ok(())
@@ -1257,7 +1259,8 @@ async fn ls(
 ) -> Result<(), Error> {
     let root = path.unwrap_or_else(|| "/".into());
     let mut all = vec![];
-    let mut pending = vec![root];
+    let mut pending = c.expand(&root).await?;
+    pending.reverse();
     while let Some(p) = pending.pop() {
         let entries = c.list(&p).await?;
         for e in entries.iter().rev() {
@@ -1307,8 +1310,17 @@ async fn mkdir(c: Client, parents: bool, paths: Vec<String>) -> Result<(), Error
     Ok(())
 }
 
-async fn rm(c: Client, recursive: bool, skip_trash: bool, paths: Vec<String>) -> Result<(), Error> {
+/// Every path, with remote globs expanded.
+async fn expand_all(c: &Client, paths: &[String]) -> Result<Vec<String>, Error> {
+    let mut out = vec![];
     for p in paths {
+        out.extend(c.expand(p).await?);
+    }
+    Ok(out)
+}
+
+async fn rm(c: Client, recursive: bool, skip_trash: bool, paths: Vec<String>) -> Result<(), Error> {
+    for p in expand_all(&c, &paths).await? {
         if skip_trash {
             c.delete(&p, recursive).await?;
         } else {
@@ -1407,16 +1419,15 @@ async fn stat(c: Client, json: bool, blocks: bool, path: String) -> Result<(), E
 
 async fn du(c: Client, summary: bool, path: Option<String>) -> Result<(), Error> {
     let root = path.unwrap_or_else(|| "/".into());
-    let st = c.stat(&root, false).await?;
-    let targets: Vec<String> = if summary || st.kind == EntryKind::File {
-        vec![st.path.clone()]
-    } else {
-        c.list(&st.path)
-            .await?
-            .into_iter()
-            .map(|e| e.path)
-            .collect()
-    };
+    let mut targets: Vec<String> = vec![];
+    for p in c.expand(&root).await? {
+        let st = c.stat(&p, false).await?;
+        if summary || st.kind == EntryKind::File || lode_client::bulk::is_glob(&root) {
+            targets.push(st.path.clone());
+        } else {
+            targets.extend(c.list(&st.path).await?.into_iter().map(|e| e.path));
+        }
+    }
     for p in targets {
         let u = c.du(&p).await?;
         println!(
@@ -1428,7 +1439,14 @@ async fn du(c: Client, summary: bool, path: Option<String>) -> Result<(), Error>
     Ok(())
 }
 
-async fn count(c: Client, quotas: bool, json: bool, path: String) -> Result<(), Error> {
+async fn count(c: Client, quotas: bool, json: bool, pattern: String) -> Result<(), Error> {
+    for path in c.expand(&pattern).await? {
+        count_one(&c, quotas, json, path).await?;
+    }
+    Ok(())
+}
+
+async fn count_one(c: &Client, quotas: bool, json: bool, path: String) -> Result<(), Error> {
     let n = c.count(&path).await?;
     let path = lode_protocol::path::normalize(&path).unwrap_or(path);
     if json {

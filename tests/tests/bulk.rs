@@ -122,3 +122,54 @@ fn head_tail_touch_test_and_getmerge() {
     c.ok(&["getmerge", "-nl", "/d", m]);
     assert_eq!(std::fs::read(&merged).unwrap(), b"first\nsecond\n");
 }
+
+/// Remote globs, quoted so that the shell leaves them alone, in ls, cat, get, rm, du and count.
+#[test]
+fn remote_globs_name_many_paths() {
+    let c = Cluster::start(ClusterSpec::default());
+    c.ok(&["mkdir", "-p", "/logs/sub"]);
+    for (name, body) in [
+        ("2026-01-01.log", "a\n"),
+        ("2026-01-02.log", "b\n"),
+        ("2025-12-31.log", "old\n"),
+        ("2026-notes.txt", "n\n"),
+    ] {
+        c.put_bytes(&format!("/logs/{name}"), body.as_bytes(), &[]);
+    }
+    c.put_bytes("/logs/sub/2026-03.log", b"deep\n", &[]);
+    assert_eq!(c.ok(&["cat", "/logs/2026-0?-*.log"]), b"a\nb\n");
+    let ls: serde_json::Value =
+        serde_json::from_slice(&c.ok(&["ls", "--json", "/logs/2026-*"])).unwrap();
+    let paths: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/logs/2026-01-01.log",
+            "/logs/2026-01-02.log",
+            "/logs/2026-notes.txt"
+        ]
+    );
+    assert_eq!(c.ok(&["cat", "/l[o]gs/*/2026-*"]), b"deep\n");
+    let out = String::from_utf8(c.ok(&["count", "/logs/2025-*"])).unwrap();
+    assert!(out.contains("/logs/2025-12-31.log"), "{out}");
+    let du = String::from_utf8(c.ok(&["du", "/logs/*.txt"])).unwrap();
+    assert!(
+        du.contains("/logs/2026-notes.txt") && !du.contains(".log"),
+        "{du}"
+    );
+    let here = c.dir().join("logs-back");
+    std::fs::create_dir_all(&here).unwrap();
+    c.ok(&["get", "/logs/2026-01-*", here.to_str().unwrap()]);
+    assert_eq!(std::fs::read(here.join("2026-01-02.log")).unwrap(), b"b\n");
+    c.ok(&["rm", "/logs/2026-01-*"]);
+    let left: serde_json::Value =
+        serde_json::from_slice(&c.ok(&["ls", "--json", "/logs"])).unwrap();
+    assert_eq!(left.as_array().unwrap().len(), 3, "{left}");
+    let err = c.fails(&["cat", "/logs/1999-*"]);
+    assert!(err.contains("no match"), "{err}");
+}
