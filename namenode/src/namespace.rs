@@ -735,6 +735,16 @@ impl<S: MetaStore> Namespace<S> {
         self.resolve(p)?.ok_or_else(|| not_found(p))
     }
 
+    /// Resolves an existing path for reading what is under it (list, du, count, fsck): search on
+    /// every ancestor, and read and search on it if it is a directory.
+    pub fn readable(&self, caller: &Caller, p: &str) -> Result<Inode, Error> {
+        let node = self.resolve_existing_as(caller, p)?;
+        if node.is_dir() {
+            caller.check(p, &node.perm, true, READ | EXECUTE)?;
+        }
+        Ok(node)
+    }
+
     /// Resolves an existing path as `caller` and checks `want` on what it names.
     pub fn accessible(&self, caller: &Caller, p: &str, want: u16) -> Result<Inode, Error> {
         let node = self.resolve_existing_as(caller, p)?;

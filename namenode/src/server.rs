@@ -11,7 +11,7 @@ use lode_protocol::messages::{
     NamenodeToDatanode, PluginRecord,
 };
 use lode_protocol::net::{self, Identity, Role, RpcError};
-use lode_protocol::perm::{EXECUTE, READ};
+use lode_protocol::perm::READ;
 use lode_protocol::service;
 use lode_protocol::token;
 use lode_protocol::{checksum, path, ErrorCode, WireError};
@@ -734,12 +734,11 @@ async fn route(
             let ns = shared.ns.clone();
             let caller = caller.clone();
             blocking(move || {
-                let node = ns.resolve_existing_as(&caller, &p)?;
+                let node = ns.readable(&caller, &p)?;
                 let status = ns.status(&p, &node, false)?;
                 if status.kind == EntryKind::File {
                     return Ok(NamenodeReply::Listing(vec![status]));
                 }
-                caller.check(&p, &node.perm, true, READ | EXECUTE)?;
                 let mut out = vec![];
                 for (name, id) in ns.children(node.id)? {
                     if let Some(child) = ns.get(id)? {
@@ -880,10 +879,7 @@ async fn route(
             let ns = shared.ns.clone();
             let caller = caller.clone();
             blocking(move || {
-                let node = ns.resolve_existing_as(&caller, &p)?;
-                if node.is_dir() {
-                    caller.check(&p, &node.perm, true, READ | EXECUTE)?;
-                }
+                let node = ns.readable(&caller, &p)?;
                 let (files, dirs, bytes, stored) = ns.usage(&node)?;
                 let quota = ns.quota(node.id)?;
                 Ok(NamenodeReply::Count {
@@ -1037,10 +1033,7 @@ async fn route(
             let ns = shared.ns.clone();
             let caller = caller.clone();
             blocking(move || {
-                let node = ns.resolve_existing_as(&caller, &p)?;
-                if node.is_dir() {
-                    caller.check(&p, &node.perm, true, READ | EXECUTE)?;
-                }
+                let node = ns.readable(&caller, &p)?;
                 let (files, directories, bytes, stored_bytes) = ns.usage(&node)?;
                 Ok(NamenodeReply::Usage {
                     files,
@@ -1095,10 +1088,7 @@ async fn route(
             let ns = shared.ns.clone();
             let caller = caller.clone();
             let files = blocking(move || {
-                let top = ns.resolve_existing_as(&caller, &p)?;
-                if top.is_dir() {
-                    caller.check(&p, &top.perm, true, READ | EXECUTE)?;
-                }
+                let top = ns.readable(&caller, &p)?;
                 ns.files_under(&p, top)?
                     .into_iter()
                     .filter_map(|(path, inode)| match inode.kind {
