@@ -70,7 +70,7 @@ trap stop_all EXIT
 for i in 1 2 3; do
   "$WEED" volume -ip=127.0.0.1 -port="$((SW_BASE + i))" -dir="$SW/v$i" -mserver="127.0.0.1:$MPORT" -max=30 -preStopSeconds=0 >"$SW/volume$i.log" 2>&1 & PIDS+=($!)
 done
-"$WEED" filer -ip=127.0.0.1 -port="$FPORT" -master="127.0.0.1:$MPORT" -defaultReplicaPlacement=002 >"$SW/filer.log" 2>&1 & PIDS+=($!)
+"$WEED" filer -ip=127.0.0.1 -port="$FPORT" -master="127.0.0.1:$MPORT" -defaultReplicaPlacement=002 -defaultStoreDir="$SW/f" >"$SW/filer.log" 2>&1 & PIDS+=($!)
 FILER="http://127.0.0.1:$FPORT"
 # Ready when a write with 3 copies goes through (the master has seen all three volume servers).
 deadline=$(( $(date +%s) + 60 ))

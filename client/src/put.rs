@@ -42,6 +42,16 @@ struct ReadBlock {
     pieces: Vec<Blake3Cv>,
 }
 
+/// A file being written.
+struct Writing {
+    inode: InodeId,
+    replication: u8,
+    block_size: u64,
+}
+
+/// What a block's buffer starts at: a small file does not get a whole block's worth.
+const FIRST_READ: u64 = 1 << 20;
+
 impl Client {
     /// Writes everything `input` yields to `remote`. `progress` is told the bytes written so far.
     pub async fn put<R>(
@@ -58,6 +68,16 @@ impl Client {
         if let Some(b) = block_size {
             checksum::validate_block_size(b).map_err(Error::Invalid)?;
         }
+        // A first look at the input (one read: whatever is there, so a stream that trickles in
+        // is created at once): a file with data gets its first block with the create, in the
+        // same round trip.
+        let mut input = input;
+        let mut head = vec![0u8; PIECE_BYTES as usize];
+        let n = input
+            .read(&mut head)
+            .await
+            .map_err(|e| Error::local("input", e))?;
+        head.truncate(n);
         let create = ClientToNamenode::Create {
             path: remote.to_string(),
             overwrite: opts.overwrite,
@@ -65,21 +85,35 @@ impl Client {
             block_size,
             session: self.session,
             mode: self.config.new_mode(false),
+            first_block: !head.is_empty(),
         };
-        let (inode, replication, block_size, lease_ms) = match self.nn(&create).await? {
+        let (inode, replication, block_size, lease_ms, located) = match self.nn(&create).await? {
             NamenodeReply::Created {
                 inode,
                 replication,
                 block_size,
                 lease_ms,
-            } => (inode, replication, block_size, lease_ms),
+                first,
+            } => (inode, replication, block_size, lease_ms, first),
             other => return Err(unexpected(other)),
         };
+        let (tx, rx) = mpsc::channel::<Result<ReadBlock, Error>>(1);
+        let mut reader = tokio::spawn(read_blocks(
+            std::io::Cursor::new(head).chain(input),
+            block_size,
+            tx,
+        ));
         let renew = self.spawn_lease_renewal(lease_ms);
+        let file = Writing {
+            inode,
+            replication,
+            block_size,
+        };
         let result = self
-            .write_blocks(input, inode, replication, block_size, progress)
+            .write_blocks(&file, located, (rx, &mut reader), progress)
             .await;
         renew.abort();
+        reader.abort();
         if result.is_err() {
             let _ = self
                 .nn(&ClientToNamenode::AbandonFile {
@@ -112,39 +146,42 @@ impl Client {
         })
     }
 
-    async fn write_blocks<R>(
+    async fn write_blocks(
         &self,
-        input: R,
-        inode: InodeId,
-        replication: u8,
-        block_size: u64,
+        file: &Writing,
+        mut first: Option<LocatedBlock>,
+        (mut rx, reader): (
+            mpsc::Receiver<Result<ReadBlock, Error>>,
+            &mut tokio::task::JoinHandle<()>,
+        ),
         progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<u64, Error>
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-    {
-        let (tx, mut rx) = mpsc::channel::<Result<ReadBlock, Error>>(1);
-        let reader = tokio::spawn(read_blocks(input, block_size, tx));
-        let required = usize::from(replication.min(2));
+    ) -> Result<u64, Error> {
+        let required = usize::from(file.replication.min(2));
         let mut previous: Option<CommittedBlock> = None;
         let mut offset = 0u64;
-        while let Some(block) = rx.recv().await {
+        loop {
+            let Some(block) = rx.recv().await else {
+                break;
+            };
             let block = block?;
+            // The first block may have come with the create.
+            let located = first.take();
             let len = block.data.len() as u64;
             let cv = checksum::block_cv(&block.pieces)
                 .ok_or_else(|| Error::Invalid("empty block".into()))?;
             let id = self
-                .write_one_block(inode, previous, offset, block_size, required, &block)
+                .write_one_block(file, previous, offset, required, &block, located)
                 .await?;
             previous = Some(CommittedBlock { id, len, cv });
             offset += len;
             progress(offset);
         }
+        // The input ended (not the reader): only then is the file complete.
         reader
             .await
             .map_err(|e| Error::Invalid(format!("input reader failed: {e}")))?;
         let done = ClientToNamenode::Complete {
-            inode,
+            inode: file.inode,
             session: self.session,
             last: previous,
             size: offset,
@@ -153,29 +190,39 @@ impl Client {
         Ok(offset)
     }
 
+    /// Writes one block: to `located` if the namenode already placed it, else (and after a failed
+    /// attempt) to a pipeline asked for with AddBlock.
     async fn write_one_block(
         &self,
-        inode: InodeId,
+        file: &Writing,
         previous: Option<CommittedBlock>,
         offset: u64,
-        block_size: u64,
         required: usize,
         block: &ReadBlock,
+        mut located: Option<LocatedBlock>,
     ) -> Result<BlockId, Error> {
         let mut exclude: Vec<String> = vec![];
         let mut last_err = None;
         for _ in 0..BLOCK_ATTEMPTS {
-            let add = ClientToNamenode::AddBlock {
-                inode,
-                session: self.session,
-                previous,
-                exclude: exclude.clone(),
+            let located = match located.take() {
+                Some(b) => b,
+                None => {
+                    let add = ClientToNamenode::AddBlock {
+                        inode: file.inode,
+                        session: self.session,
+                        previous,
+                        exclude: exclude.clone(),
+                    };
+                    match self.nn(&add).await? {
+                        NamenodeReply::Block(b) => b,
+                        other => return Err(unexpected(other)),
+                    }
+                }
             };
-            let located = match self.nn(&add).await? {
-                NamenodeReply::Block(b) => b,
-                other => return Err(unexpected(other)),
-            };
-            match self.send_block(&located, offset, block_size, block).await {
+            match self
+                .send_block(&located, offset, file.block_size, block)
+                .await
+            {
                 Ok((stored, _)) if stored.len() >= required => {
                     return Ok(located.id);
                 }
@@ -195,7 +242,7 @@ impl Client {
                 }
             }
             let abandon = ClientToNamenode::AbandonBlock {
-                inode,
+                inode: file.inode,
                 session: self.session,
                 block: located.id,
             };
@@ -280,9 +327,22 @@ async fn read_blocks<R: AsyncRead + Unpin>(
 ) {
     let mut offset = 0u64;
     loop {
-        let mut buf = Vec::with_capacity(block_size as usize);
-        let mut limited = (&mut input).take(block_size);
-        let n = match limited.read_to_end(&mut buf).await {
+        // Read a first piece of the block into a small buffer; only a block that fills it gets
+        // the whole block's room (one copy of the first MiB, instead of doubling as it grows).
+        let start = block_size.min(FIRST_READ);
+        let mut buf = Vec::with_capacity(start as usize);
+        let mut read = (&mut input).take(start).read_to_end(&mut buf).await;
+        if let Ok(n) = read {
+            if n as u64 == start && start < block_size {
+                buf.reserve_exact((block_size - start) as usize);
+                read = (&mut input)
+                    .take(block_size - start)
+                    .read_to_end(&mut buf)
+                    .await
+                    .map(|m| n + m);
+            }
+        }
+        let n = match read {
             Ok(n) => n,
             Err(e) => {
                 let _ = tx.send(Err(Error::local("input", e))).await;

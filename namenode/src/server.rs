@@ -7,14 +7,14 @@ use std::time::Instant;
 use lode_protocol::frame::kind;
 use lode_protocol::messages::SafeModeAction;
 use lode_protocol::messages::{
-    ClientToNamenode, CommittedBlock, DatanodeToNamenode, EntryKind, NamenodeReply,
-    NamenodeToDatanode, PluginRecord,
+    ClientToNamenode, CommittedBlock, DatanodeToNamenode, EntryKind, LocatedBlock, NamenodeReply,
+    NamenodeToDatanode, PluginRecord, Target,
 };
 use lode_protocol::net::{self, Identity, Role, RpcError};
 use lode_protocol::perm::READ;
 use lode_protocol::service;
 use lode_protocol::token;
-use lode_protocol::{checksum, path, ErrorCode, WireError};
+use lode_protocol::{checksum, path, ErrorCode, SessionId, WireError};
 
 use crate::config::Config;
 use crate::error::{to_wire, Error};
@@ -82,6 +82,38 @@ async fn confirmed(shared: &Shared, block: &CommittedBlock) -> Result<(), Error>
             ));
         }
     }
+}
+
+/// Chooses a new block's pipeline (renewing the writer's lease) and promises the room on it.
+fn place_block(
+    shared: &Shared,
+    session: SessionId,
+    replication: u8,
+    block_size: u64,
+    exclude: &[String],
+) -> Result<Vec<Target>, Error> {
+    let mut state = shared.state()?;
+    let now = Instant::now();
+    state.renew(session, now);
+    let chosen = placement::choose_targets(
+        &state.write_candidates(now),
+        usize::from(replication),
+        block_size,
+        exclude,
+        rand::random(),
+    )
+    .map_err(|e| Error::refused(ErrorCode::NoDatanodes, e.to_string()))?;
+    for n in &chosen {
+        state.promise(n, block_size);
+    }
+    Ok(chosen.iter().filter_map(|n| state.target(n)).collect())
+}
+
+/// Signs a new block's write token, which fixes the pipeline the namenode chose.
+fn sign_write(shared: &Shared, user: &str, b: &mut LocatedBlock) -> Result<(), Error> {
+    let pipeline = b.locations.iter().map(|t| t.name.clone()).collect();
+    b.token = Some(shared.signer()?.issue(b.id, token::WRITE, user, pipeline));
+    Ok(())
 }
 
 impl Shared {
@@ -458,6 +490,7 @@ fn validate(
             block_size,
             session,
             mode,
+            first_block,
         } => {
             let replication = replication.unwrap_or(config.replication_default);
             lode_protocol::validate_replication(replication).map_err(invalid)?;
@@ -470,6 +503,7 @@ fn validate(
                 block_size: Some(block_size),
                 session,
                 mode: mode & 0o777,
+                first_block,
             }
         }
         SetReplication { path, replication } => {
@@ -906,11 +940,18 @@ async fn route(
             block_size,
             session,
             mode,
+            first_block,
         } => {
             // Filled in by `validate`.
             let replication = replication.unwrap_or(shared.config.replication_default);
             let block_size = block_size.unwrap_or(shared.config.block_size_default);
-            shared
+            // A first block that cannot be placed now is left to AddBlock, which says why.
+            let first = if first_block {
+                place_block(shared, session, replication, block_size, &[]).ok()
+            } else {
+                None
+            };
+            let mut reply = shared
                 .writer
                 .submit(Mutation::Create {
                     caller: caller.clone(),
@@ -920,8 +961,13 @@ async fn route(
                     replication,
                     block_size,
                     session,
+                    first_block: first,
                 })
-                .await
+                .await?;
+            if let NamenodeReply::Created { first: Some(b), .. } = &mut reply {
+                sign_write(shared, &caller.user, b)?;
+            }
+            Ok(reply)
         }
         ClientToNamenode::AddBlock {
             inode,
@@ -955,23 +1001,7 @@ async fn route(
             if let Some(prev) = &previous {
                 confirmed(shared, prev).await?;
             }
-            let targets = {
-                let mut state = shared.state()?;
-                let now = Instant::now();
-                state.renew(session, now);
-                let chosen = placement::choose_targets(
-                    &state.write_candidates(now),
-                    usize::from(replication),
-                    block_size,
-                    &exclude,
-                    rand::random(),
-                )
-                .map_err(|e| Error::refused(ErrorCode::NoDatanodes, e.to_string()))?;
-                for n in &chosen {
-                    state.promise(n, block_size);
-                }
-                chosen.iter().filter_map(|n| state.target(n)).collect()
-            };
+            let targets = place_block(shared, session, replication, block_size, &exclude)?;
             let mut reply = shared
                 .writer
                 .submit(Mutation::AddBlock {
@@ -981,14 +1011,8 @@ async fn route(
                     targets,
                 })
                 .await?;
-            // The write token fixes the pipeline the namenode chose.
             if let NamenodeReply::Block(b) = &mut reply {
-                let pipeline = b.locations.iter().map(|t| t.name.clone()).collect();
-                b.token = Some(
-                    shared
-                        .signer()?
-                        .issue(b.id, token::WRITE, &caller.user, pipeline),
-                );
+                sign_write(shared, &caller.user, b)?;
             }
             Ok(reply)
         }
@@ -1363,6 +1387,7 @@ mod tests {
             block_size: None,
             session,
             mode: 0o644,
+            first_block: false,
         };
         let (v, _) = validate(create(SessionId(5)), &user, &cfg).unwrap();
         let ClientToNamenode::Create {
@@ -1409,6 +1434,7 @@ mod tests {
                 block_size: Some(1000),
                 session: SessionId(1),
                 mode: 0o644,
+                first_block: true,
             },
             ClientToNamenode::AddPlugin {
                 hash: lode_protocol::Blake3Cv([0; 32]),

@@ -40,6 +40,8 @@ pub enum Mutation {
         replication: u8,
         block_size: u64,
         session: SessionId,
+        /// Also add the first block, placed on these datanodes.
+        first_block: Option<Vec<Target>>,
     },
     /// Commit the previous block and add one placed on `targets`.
     AddBlock {
@@ -309,6 +311,7 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
                 replication,
                 block_size,
                 session,
+                first_block,
             } => {
                 let op = ns.prepare_create(
                     &caller,
@@ -321,15 +324,27 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
                     &mut self.ids,
                     now_ms,
                 )?;
-                if let MetaOp::Create { inode, .. } = &op {
-                    reply = NamenodeReply::Created {
-                        inode: *inode,
-                        replication,
-                        block_size,
-                        lease_ms: self.lease_ms,
-                    };
-                }
-                vec![op]
+                let MetaOp::Create { inode, .. } = op else {
+                    return Err(Error::Store("create prepared another edit".into()));
+                };
+                self.log(vec![op], effects)?;
+                // The create stands on its own: a first block that cannot be added now (a quota)
+                // is left to the client's AddBlock, which reports why.
+                let first = match first_block {
+                    Some(targets) => match self.add_block(inode, session, None, targets, effects) {
+                        Ok(b) => Some(b),
+                        Err(e) if e.is_fatal() || matches!(e, Error::Store(_)) => return Err(e),
+                        Err(_) => None,
+                    },
+                    None => None,
+                };
+                return Ok(NamenodeReply::Created {
+                    inode,
+                    replication,
+                    block_size,
+                    lease_ms: self.lease_ms,
+                    first,
+                });
             }
             Mutation::AddBlock {
                 inode,
@@ -337,33 +352,8 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
                 previous,
                 targets,
             } => {
-                let floor = self
-                    .state
-                    .lock()
-                    .map_err(|_| Error::Store("state lock poisoned".into()))?
-                    .max_reported_block;
-                self.ids.raise_block_floor(floor);
-                let op = ns.prepare_add_block(inode, session, previous, &mut self.ids)?;
-                if let MetaOp::AddBlock { block, .. } = &op {
-                    let offset = match ns.get(inode)?.map(|i| i.kind) {
-                        Some(InodeKind::File {
-                            block_count,
-                            block_size,
-                            ..
-                        }) => block_count.saturating_mul(block_size),
-                        _ => 0,
-                    };
-                    reply = NamenodeReply::Block(LocatedBlock {
-                        id: *block,
-                        offset,
-                        len: 0,
-                        cv: None,
-                        locations: targets,
-                        // Signed by the server once the block is logged.
-                        token: None,
-                    });
-                }
-                vec![op]
+                let block = self.add_block(inode, session, previous, targets, effects)?;
+                return Ok(NamenodeReply::Block(block));
             }
             Mutation::Abandon {
                 inode,
@@ -496,6 +486,47 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
         };
         self.log(ops, effects)?;
         Ok(reply)
+    }
+
+    /// Adds a block placed on `targets` (committing `previous`), logged and applied; the write
+    /// token is signed by the server once the block is durable.
+    fn add_block(
+        &mut self,
+        inode: InodeId,
+        session: SessionId,
+        previous: Option<CommittedBlock>,
+        targets: Vec<Target>,
+        effects: &mut Vec<Applied>,
+    ) -> Result<LocatedBlock, Error> {
+        let floor = self
+            .state
+            .lock()
+            .map_err(|_| Error::Store("state lock poisoned".into()))?
+            .max_reported_block;
+        self.ids.raise_block_floor(floor);
+        let op = self
+            .ns
+            .prepare_add_block(inode, session, previous, &mut self.ids)?;
+        let MetaOp::AddBlock { block, .. } = op else {
+            return Err(Error::Store("add block prepared another edit".into()));
+        };
+        let offset = match self.ns.get(inode)?.map(|i| i.kind) {
+            Some(InodeKind::File {
+                block_count,
+                block_size,
+                ..
+            }) => block_count.saturating_mul(block_size),
+            _ => 0,
+        };
+        self.log(vec![op], effects)?;
+        Ok(LocatedBlock {
+            id: block,
+            offset,
+            len: 0,
+            cv: None,
+            locations: targets,
+            token: None,
+        })
     }
 
     /// Appends and applies a mutation's edits. Every edit is checked against the bound before any

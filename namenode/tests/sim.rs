@@ -36,7 +36,7 @@ use lode_namenode::state::{NodeState, State, Timing};
 use lode_namenode::store::{MemStore, Overlay};
 use lode_namenode::writer::{Mutation, Writer};
 use lode_namenode::Error;
-use lode_protocol::messages::{CommittedBlock, NamenodeReply, ReportedBlock, Space};
+use lode_protocol::messages::{CommittedBlock, NamenodeReply, ReportedBlock, Space, Target};
 use lode_protocol::{Blake3Cv, BlockId, InodeId, SessionId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -245,6 +245,24 @@ impl Sim {
 
     // ----- client -----
 
+    /// A pipeline for a new block, its room promised (as the server does before AddBlock).
+    fn place(&mut self, replication: u8) -> Option<Vec<Target>> {
+        let mut st = self.state.lock().unwrap();
+        let now = self.now();
+        let chosen = choose_targets(
+            &st.write_candidates(now),
+            usize::from(replication),
+            BLOCK,
+            &[],
+            self.rng.random(),
+        )
+        .ok()?;
+        for n in &chosen {
+            st.promise(n, BLOCK);
+        }
+        Some(chosen.iter().filter_map(|n| st.target(n)).collect())
+    }
+
     fn write_file(&mut self, overwrite_of: Option<String>) {
         if self.safemode() {
             return;
@@ -255,6 +273,13 @@ impl Sim {
             .unwrap_or_else(|| format!("/f{}", self.next));
         let replication: u8 = self.rng.random_range(1..=3);
         let session = SessionId(self.rng.random());
+        let blocks = self.rng.random_range(0..4);
+        // Half the writers with data ask for the first block with the create.
+        let first_targets = if blocks > 0 && self.rng.random_bool(0.5) {
+            self.place(replication)
+        } else {
+            None
+        };
         let created = self.submit(Mutation::Create {
             caller: Caller::superuser(),
             mode: 0o644,
@@ -263,16 +288,21 @@ impl Sim {
             replication,
             block_size: BLOCK,
             session,
+            first_block: first_targets.clone(),
         });
-        let inode = match created {
-            Ok(NamenodeReply::Created { inode, .. }) => inode,
+        let (inode, mut first) = match created {
+            Ok(NamenodeReply::Created { inode, first, .. }) => (inode, first),
             Ok(other) => self.fail(format!("create replied {other:?}")),
             Err(_) => return,
         };
+        if first.is_some() != first_targets.is_some() {
+            self.fail(format!(
+                "create with first block targets {first_targets:?} gave {first:?}"
+            ));
+        }
         if !self.issued_inodes.insert(inode) {
             self.fail(format!("inode {inode} issued twice"));
         }
-        let blocks = self.rng.random_range(0..4);
         let abandon_at = if self.rng.random_bool(0.15) {
             Some(self.rng.random_range(0..=blocks))
         } else {
@@ -285,37 +315,23 @@ impl Sim {
             if abandon_at == Some(k) {
                 return; // the client dies: its lease expires later
             }
-            let targets = {
-                let mut st = self.state.lock().unwrap();
-                let now = self.now();
-                let chosen = choose_targets(
-                    &st.write_candidates(now),
-                    usize::from(replication),
-                    BLOCK,
-                    &[],
-                    self.rng.random(),
-                );
-                let Ok(chosen) = chosen else {
+            let (id, targets) = if let Some(b) = first.take() {
+                (b.id, b.locations)
+            } else {
+                let Some(targets) = self.place(replication) else {
                     return;
                 };
-                for n in &chosen {
-                    st.promise(n, BLOCK);
+                let reply = self.submit(Mutation::AddBlock {
+                    inode,
+                    session,
+                    previous,
+                    targets: targets.clone(),
+                });
+                match reply {
+                    Ok(NamenodeReply::Block(b)) => (b.id, targets),
+                    Ok(other) => self.fail(format!("add block replied {other:?}")),
+                    Err(_) => return,
                 }
-                chosen
-                    .iter()
-                    .filter_map(|n| st.target(n))
-                    .collect::<Vec<_>>()
-            };
-            let reply = self.submit(Mutation::AddBlock {
-                inode,
-                session,
-                previous,
-                targets: targets.clone(),
-            });
-            let id = match reply {
-                Ok(NamenodeReply::Block(b)) => b.id,
-                Ok(other) => self.fail(format!("add block replied {other:?}")),
-                Err(_) => return,
             };
             if !self.issued_blocks.insert(id) {
                 self.fail(format!("block {id} issued twice"));

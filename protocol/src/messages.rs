@@ -121,6 +121,10 @@ pub enum ClientToNamenode {
         session: SessionId,
         /// Permission bits, the umask already taken off.
         mode: u16,
+        /// Also allocate the first block (as `AddBlock` would), saving a round trip for a file
+        /// that has data; the reply's `first` holds it, or is empty if it could not be allocated
+        /// (the file is created all the same, and `AddBlock` says why).
+        first_block: bool,
     },
     /// Commit the previous block (if any) and allocate the next one with its pipeline.
     AddBlock {
@@ -264,6 +268,8 @@ pub enum NamenodeReply {
         replication: u8,
         block_size: u64,
         lease_ms: u64,
+        /// The first block, when asked for and allocated.
+        first: Option<LocatedBlock>,
     },
     /// A block was allocated.
     Block(LocatedBlock),

@@ -130,6 +130,7 @@ fn every_message_matches_its_golden_bytes() {
             block_size: Some(1 << 27),
             session: s,
             mode: 0o644,
+            first_block: true,
         },
     );
     check(
@@ -318,6 +319,7 @@ fn every_message_matches_its_golden_bytes() {
             replication: 3,
             block_size: 65536,
             lease_ms: 60_000,
+            first: Some(located()),
         },
     );
     check("n2c_block", r, NamenodeReply::Block(located()));

@@ -416,6 +416,7 @@ impl Cluster {
             block_size: Some(1 << 20),
             session,
             mode: 0o644,
+            first_block: false,
         })
         .await
         else {

@@ -255,6 +255,7 @@ async fn create_file(conn: &quinn::Connection, path: &str) -> (SessionId, lode_p
             block_size: None,
             session,
             mode: 0o644,
+            first_block: false,
         },
     )
     .await

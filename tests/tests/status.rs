@@ -55,6 +55,11 @@ fn status_page_and_metrics() {
         metrics.contains("lode_namenode_requests_total{kind=\"Create\"} 1"),
         "{metrics}"
     );
+    // Three 64 KiB blocks: the first came with the create, so only two AddBlocks.
+    assert!(
+        metrics.contains("lode_namenode_requests_total{kind=\"AddBlock\"} 2"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("lode_namenode_request_seconds_bucket"),
         "{metrics}"
