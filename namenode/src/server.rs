@@ -109,7 +109,9 @@ fn place_block(
     Ok(chosen.iter().filter_map(|n| state.target(n)).collect())
 }
 
-/// Signs a new block's write token, which fixes the pipeline the namenode chose.
+/// Signs a new block's write token, which fixes the pipeline the namenode chose, for the
+/// certificate that will present it (a plugin library stored by a user is created as the
+/// superuser, but written by the user).
 fn sign_write(shared: &Shared, user: &str, b: &mut LocatedBlock) -> Result<(), Error> {
     let pipeline = b.locations.iter().map(|t| t.name.clone()).collect();
     b.token = Some(shared.signer()?.issue(b.id, token::WRITE, user, pipeline));
@@ -965,7 +967,7 @@ async fn route(
                 })
                 .await?;
             if let NamenodeReply::Created { first: Some(b), .. } = &mut reply {
-                sign_write(shared, &caller.user, b)?;
+                sign_write(shared, &identity.name, b)?;
             }
             Ok(reply)
         }
@@ -1012,7 +1014,7 @@ async fn route(
                 })
                 .await?;
             if let NamenodeReply::Block(b) = &mut reply {
-                sign_write(shared, &caller.user, b)?;
+                sign_write(shared, &identity.name, b)?;
             }
             Ok(reply)
         }
