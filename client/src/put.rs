@@ -14,6 +14,7 @@ use lode_protocol::messages::{
     Target,
 };
 use lode_protocol::net;
+use lode_protocol::token::Receipt;
 use lode_protocol::{Blake3Cv, BlockId, InodeId};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
@@ -158,6 +159,7 @@ impl Client {
     ) -> Result<u64, Error> {
         let required = usize::from(file.replication.min(2));
         let mut previous: Option<CommittedBlock> = None;
+        let mut receipts: Vec<Receipt> = vec![];
         let mut offset = 0u64;
         loop {
             let Some(block) = rx.recv().await else {
@@ -169,10 +171,11 @@ impl Client {
             let len = block.data.len() as u64;
             let cv = checksum::block_cv(&block.pieces)
                 .ok_or_else(|| Error::Invalid("empty block".into()))?;
-            let id = self
-                .write_one_block(file, previous, offset, required, &block, located)
+            let (id, signed) = self
+                .write_one_block(file, (previous, receipts), offset, required, &block, located)
                 .await?;
             previous = Some(CommittedBlock { id, len, cv });
+            receipts = signed;
             offset += len;
             progress(offset);
         }
@@ -184,6 +187,7 @@ impl Client {
             inode: file.inode,
             session: self.session,
             last: previous,
+            receipts,
             size: offset,
         };
         self.nn_ok(&done).await?;
@@ -191,16 +195,17 @@ impl Client {
     }
 
     /// Writes one block: to `located` if the namenode already placed it, else (and after a failed
-    /// attempt) to a pipeline asked for with AddBlock.
+    /// attempt) to a pipeline asked for with AddBlock (which commits `previous` with the receipts
+    /// its datanodes signed). Returns the block's id and its datanodes' receipts.
     async fn write_one_block(
         &self,
         file: &Writing,
-        previous: Option<CommittedBlock>,
+        (previous, receipts): (Option<CommittedBlock>, Vec<Receipt>),
         offset: u64,
         required: usize,
         block: &ReadBlock,
         mut located: Option<LocatedBlock>,
-    ) -> Result<BlockId, Error> {
+    ) -> Result<(BlockId, Vec<Receipt>), Error> {
         let mut exclude: Vec<String> = vec![];
         let mut last_err = None;
         for _ in 0..BLOCK_ATTEMPTS {
@@ -211,6 +216,7 @@ impl Client {
                         inode: file.inode,
                         session: self.session,
                         previous,
+                        receipts: receipts.clone(),
                         exclude: exclude.clone(),
                     };
                     match self.nn(&add).await? {
@@ -223,10 +229,10 @@ impl Client {
                 .send_block(&located, offset, file.block_size, block)
                 .await
             {
-                Ok((stored, _)) if stored.len() >= required => {
-                    return Ok(located.id);
+                Ok((stored, _, signed)) if stored.len() >= required => {
+                    return Ok((located.id, signed));
                 }
-                Ok((stored, failed)) => {
+                Ok((stored, failed, _)) => {
                     exclude.extend(failed.iter().cloned());
                     last_err = Some(Error::Invalid(format!(
                         "block {} stored on {} of the {required} datanodes required (stored: [{}], failed: [{}])",
@@ -258,7 +264,7 @@ impl Client {
         offset: u64,
         block_size: u64,
         block: &ReadBlock,
-    ) -> Result<(Vec<String>, Vec<String>), (String, Error)> {
+    ) -> Result<(Vec<String>, Vec<String>, Vec<Receipt>), (String, Error)> {
         let Some(first) = located.locations.first() else {
             return Err((
                 String::new(),
@@ -303,11 +309,15 @@ impl Client {
             Ok::<_, net::RpcError>(reply)
         };
         match attempt.await {
-            Ok(DatanodeReply::WriteAck { stored, failed }) => {
+            Ok(DatanodeReply::WriteAck {
+                stored,
+                failed,
+                receipts,
+            }) => {
                 for f in &failed {
                     self.mark_suspect(f, true);
                 }
-                Ok((stored, failed))
+                Ok((stored, failed, receipts))
             }
             Ok(other) => Err((first.name.clone(), unexpected(other))),
             Err(e) => {

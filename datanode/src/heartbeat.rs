@@ -14,6 +14,10 @@ use tokio::sync::watch;
 use crate::error::Error;
 use crate::node::Node;
 
+/// How long a heartbeat woken early (a new replica, a full disk, a key asked for) waits for more
+/// news to carry with it.
+const REPORT_BATCH: Duration = Duration::from_millis(50);
+
 /// Runs until shutdown: register, then heartbeat every `interval` (or sooner when a replica is new).
 pub async fn run(
     shared: Arc<Node>,
@@ -43,10 +47,18 @@ pub async fn run(
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shared.reports.notify.notified() => {}
+        let woken = tokio::select! {
+            _ = tokio::time::sleep(interval) => false,
+            _ = shared.reports.notify.notified() => true,
             _ = shutdown.changed() => return,
+        };
+        if woken {
+            // Whatever else finishes meanwhile goes in the same report: writers hand the
+            // namenode this node's receipts, so it need not hear of each replica at once.
+            tokio::select! {
+                _ = tokio::time::sleep(REPORT_BATCH) => {}
+                _ = shutdown.changed() => return,
+            }
         }
         match heartbeat(&shared, &namenode).await {
             Ok(true) => {}

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use lode_plugin_host::{Host, PluginInfo};
 use lode_protocol::messages::ReportedBlock;
 use lode_protocol::net::{Identity, Pool, Role};
-use lode_protocol::token::{self, BlockToken, Grant, KeyRing, TokenKey};
+use lode_protocol::token::{self, BlockToken, Grant, KeyRing, Receipt, TokenKey};
 use lode_protocol::{paging, Blake3Cv, BlockId};
 use tokio::sync::{Notify, Semaphore};
 
@@ -69,6 +69,12 @@ impl Node {
             ring.learn(keys, now_ms());
         }
         self.keys_learned.notify_waiters();
+    }
+
+    /// This datanode's signed receipt for a replica it just finalized (None before it holds a key).
+    pub fn receipt(&self, block: BlockId, len: u64, cv: Blake3Cv) -> Option<Receipt> {
+        let ring = self.keys.lock().ok()?;
+        ring.receipt(&self.name, block, len, cv, now_ms())
     }
 
     /// [`Node::authorise`], but a token signed with a key this datanode has not learned yet waits

@@ -10,7 +10,7 @@ use lode_protocol::checksum::{self, PIECE_BYTES};
 use lode_protocol::frame::{kind, PieceHeader};
 use lode_protocol::messages::{DatanodeReply, DatanodeRequest, ReportedBlock, Target};
 use lode_protocol::net::{self, RpcError};
-use lode_protocol::token::BlockToken;
+use lode_protocol::token::{BlockToken, Receipt};
 use lode_protocol::{Blake3Cv, BlockId, ErrorCode, REPLICATION_MAX};
 use tokio::sync::mpsc;
 
@@ -175,11 +175,15 @@ pub(crate) async fn write_block(
     shared.metrics.bytes_written.inc_by(len);
 
     let mut stored = vec![shared.name.clone()];
+    let mut receipts: Vec<Receipt> = shared.receipt(block, len, cv).into_iter().collect();
     if let Some(mut d) = downstream {
         match finish_downstream(&mut d).await {
-            Ok((s, f)) => {
+            Ok((s, f, r)) => {
                 failed.extend(f);
                 stored.extend(s);
+                // A peer's receipts pass through unread (the namenode checks them), as many as
+                // a pipeline can hold.
+                receipts.extend(r.into_iter().take(usize::from(REPLICATION_MAX) - 1));
             }
             Err(e) => {
                 tracing::warn!(%block, next = %d.targets[0].name, "pipeline: downstream did not acknowledge: {e}");
@@ -189,7 +193,11 @@ pub(crate) async fn write_block(
     }
     failed.sort();
     failed.dedup();
-    Ok(DatanodeReply::WriteAck { stored, failed })
+    Ok(DatanodeReply::WriteAck {
+        stored,
+        failed,
+        receipts,
+    })
 }
 
 /// The rest of a write pipeline as a peer sent it: at most [`REPLICATION_MAX`] - 1 other datanodes,
@@ -218,7 +226,10 @@ fn validate_pipeline(me: &str, targets: &[Target]) -> Result<(), Error> {
     Ok(())
 }
 
-async fn finish_downstream(d: &mut Downstream) -> Result<(Vec<String>, Vec<String>), RpcError> {
+/// The downstream datanodes' acknowledgement: stored, failed, and their receipts.
+type Ack = (Vec<String>, Vec<String>, Vec<Receipt>);
+
+async fn finish_downstream(d: &mut Downstream) -> Result<Ack, RpcError> {
     net::write_piece(&mut d.send, &PieceHeader::END, &[]).await?;
     d.send.finish()?;
     let reply = tokio::time::timeout(
@@ -228,7 +239,11 @@ async fn finish_downstream(d: &mut Downstream) -> Result<(Vec<String>, Vec<Strin
     .await
     .map_err(|_| RpcError::Stream("timed out".into()))??;
     match reply {
-        DatanodeReply::WriteAck { stored, failed } => Ok((stored, failed)),
+        DatanodeReply::WriteAck {
+            stored,
+            failed,
+            receipts,
+        } => Ok((stored, failed, receipts)),
         other => Err(RpcError::Stream(format!("unexpected reply {other:?}"))),
     }
 }

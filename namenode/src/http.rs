@@ -43,6 +43,8 @@ pub struct Metrics {
     pub editlog_group: Histogram,
     /// Edit-log segments rolled (after the metadata store flushed them).
     pub editlog_rolls: Counter,
+    /// Replica receipts writers handed in, by outcome (`accepted`, `refused`).
+    pub receipts: Family<KindLabel, Counter>,
     datanodes: Family<KindLabel, Gauge>,
     heartbeat_age: Family<KindLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     blocks: Gauge,
@@ -63,6 +65,7 @@ impl Default for Metrics {
         let editlog_syncs = Counter::default();
         let editlog_group = Histogram::new(exponential_buckets(1.0, 2.0, 10));
         let editlog_rolls = Counter::default();
+        let receipts = Family::<KindLabel, Counter>::default();
         let datanodes = Family::<KindLabel, Gauge>::default();
         let heartbeat_age =
             Family::<KindLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -98,6 +101,11 @@ impl Default for Metrics {
             "editlog_rolls",
             "Edit-log segments rolled once the metadata store held them",
             editlog_rolls.clone(),
+        );
+        registry.register(
+            "replica_receipts",
+            "Datanodes' replica receipts handed in by writers, by outcome (accepted: signed by a datanode for the block committed; refused)",
+            receipts.clone(),
         );
         registry.register("datanodes", "Datanodes by state", datanodes.clone());
         registry.register(
@@ -138,6 +146,7 @@ impl Default for Metrics {
             editlog_syncs,
             editlog_group,
             editlog_rolls,
+            receipts,
             datanodes,
             heartbeat_age,
             blocks,

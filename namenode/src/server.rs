@@ -8,12 +8,12 @@ use lode_protocol::frame::kind;
 use lode_protocol::messages::SafeModeAction;
 use lode_protocol::messages::{
     ClientToNamenode, CommittedBlock, DatanodeToNamenode, EntryKind, LocatedBlock, NamenodeReply,
-    NamenodeToDatanode, PluginRecord, Target,
+    NamenodeToDatanode, PluginRecord, ReportedBlock, Target,
 };
 use lode_protocol::net::{self, Identity, Role, RpcError};
 use lode_protocol::perm::READ;
 use lode_protocol::service;
-use lode_protocol::token;
+use lode_protocol::token::{self, Receipt};
 use lode_protocol::{checksum, path, ErrorCode, SessionId, WireError};
 
 use crate::config::Config;
@@ -82,6 +82,44 @@ async fn confirmed(shared: &Shared, block: &CommittedBlock) -> Result<(), Error>
             ));
         }
     }
+}
+
+/// Counts the replicas of `block` whose datanodes signed receipts for them (carried by the writer
+/// from the pipeline's acknowledgement), as those datanodes' reports; receipts that do not check
+/// out, or name another block, length or value, are passed over (the heartbeats still come).
+fn take_receipts(shared: &Shared, block: &CommittedBlock, receipts: &[Receipt]) -> Result<(), Error> {
+    if receipts.is_empty() {
+        return Ok(());
+    }
+    let good: Vec<&Receipt> = {
+        let signer = shared.signer()?;
+        receipts
+            .iter()
+            .take(usize::from(lode_protocol::REPLICATION_MAX))
+            .filter(|r| r.block == block.id && r.len == block.len && r.cv == block.cv)
+            .filter(|r| signer.check_receipt(r))
+            .collect()
+    };
+    let outcome = |kind: &str, n: usize| {
+        shared
+            .metrics
+            .receipts
+            .get_or_create(&crate::http::KindLabel { kind: kind.into() })
+            .inc_by(n as u64);
+    };
+    outcome("accepted", good.len());
+    outcome("refused", receipts.len() - good.len());
+    let mut state = shared.state()?;
+    let now = Instant::now();
+    for r in good {
+        let replica = ReportedBlock {
+            id: r.block,
+            len: r.len,
+            cv: r.cv,
+        };
+        state.receipt(&r.datanode, replica, now);
+    }
+    Ok(())
 }
 
 /// Chooses a new block's pipeline (renewing the writer's lease) and promises the room on it.
@@ -975,6 +1013,7 @@ async fn route(
             inode,
             session,
             previous,
+            receipts,
             exclude,
         } => {
             let ns = shared.ns.clone();
@@ -1001,6 +1040,7 @@ async fn route(
                 ));
             }
             if let Some(prev) = &previous {
+                take_receipts(shared, prev, &receipts)?;
                 confirmed(shared, prev).await?;
             }
             let targets = place_block(shared, session, replication, block_size, &exclude)?;
@@ -1036,9 +1076,11 @@ async fn route(
             inode,
             session,
             last,
+            receipts,
             size,
         } => {
             if let Some(last) = &last {
+                take_receipts(shared, last, &receipts)?;
                 confirmed(shared, last).await?;
             }
             shared

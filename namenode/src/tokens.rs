@@ -2,7 +2,7 @@
 //! rotated, tokens signed for the blocks the namenode hands out, and the keys alive now, which
 //! every heartbeat reply and registration carries to the datanodes.
 
-use lode_protocol::token::{self, BlockToken, Grant, TokenKey};
+use lode_protocol::token::{self, BlockToken, Grant, Receipt, TokenKey};
 use lode_protocol::BlockId;
 
 /// Signs tokens and rotates the keys. Each key signs for one rotation period, and the next key is
@@ -86,6 +86,14 @@ impl Signer {
                 pipeline,
             },
         )
+    }
+
+    /// Whether a datanode's receipt is signed by a key alive now.
+    pub fn check_receipt(&self, receipt: &Receipt) -> bool {
+        let now = now_ms();
+        self.keys
+            .iter()
+            .any(|(_, k)| k.id == receipt.key_id && receipt.verify(k, now))
     }
 
     /// The keys datanodes need now (a new one first if it is due).

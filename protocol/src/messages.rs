@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Blake3Cv, BlockId, InodeId, SessionId};
-use crate::token::{BlockToken, TokenKey};
+use crate::token::{BlockToken, Receipt, TokenKey};
 
 /// A datanode as clients and peers reach it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +131,8 @@ pub enum ClientToNamenode {
         inode: InodeId,
         session: SessionId,
         previous: Option<CommittedBlock>,
+        /// The datanodes' receipts for `previous` from the pipeline's acknowledgement.
+        receipts: Vec<Receipt>,
         exclude: Vec<String>,
     },
     /// Give up a block whose pipeline failed.
@@ -144,6 +146,8 @@ pub enum ClientToNamenode {
         inode: InodeId,
         session: SessionId,
         last: Option<CommittedBlock>,
+        /// The datanodes' receipts for `last` from the pipeline's acknowledgement.
+        receipts: Vec<Receipt>,
         size: u64,
     },
     /// Keep this session's leases alive.
@@ -536,6 +540,8 @@ pub enum DatanodeReply {
     WriteAck {
         stored: Vec<String>,
         failed: Vec<String>,
+        /// A signed receipt from each datanode that stored the block and held a key to sign with.
+        receipts: Vec<Receipt>,
     },
     /// Pieces follow, the first one starting at `first_piece_offset` in the block. `pieces` holds
     /// the values of every piece of the block, so the reader can check that they merge to the block

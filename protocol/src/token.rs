@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::BlockId;
+use crate::ids::{Blake3Cv, BlockId};
 
 /// Read the block's bytes or its checksums (also what a scan task needs).
 pub const READ: u8 = 1;
@@ -176,6 +176,24 @@ impl KeyRing {
         self.keys.is_empty()
     }
 
+    /// Signs a receipt for this datanode's replica with the held key that lives longest (None
+    /// before the namenode sent any).
+    pub fn receipt(
+        &self,
+        datanode: &str,
+        block: BlockId,
+        len: u64,
+        cv: Blake3Cv,
+        now_ms: u64,
+    ) -> Option<Receipt> {
+        let key = self
+            .keys
+            .values()
+            .filter(|k| k.expires_ms > now_ms)
+            .max_by_key(|k| k.expires_ms)?;
+        Some(Receipt::sign(key, datanode, block, len, cv))
+    }
+
     /// Checks that `token` is signed by a held key, unexpired at `now_ms`, for `block`, and
     /// allows one of the operations in `ops`. The caller checks the user and pipeline with
     /// [`check_user`] and [`check_pipeline`].
@@ -209,6 +227,63 @@ impl KeyRing {
             return Err(TokenError::Operation(op_name(ops)));
         }
         Ok(g)
+    }
+}
+
+/// A datanode's signed word that it holds a finalized, fsynced replica of a block: it goes back
+/// up the write pipeline in the acknowledgement, and the writer hands it to the namenode with the
+/// commit of the block (`AddBlock`, `Complete`), so that the namenode counts the replica at once
+/// instead of waiting for the datanode's next heartbeat. It is signed with a block token key, which
+/// only the namenode and the datanodes hold, so a writer can carry it but not make or alter one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The datanode that holds the replica.
+    pub datanode: String,
+    /// The block.
+    pub block: BlockId,
+    /// The replica's length.
+    pub len: u64,
+    /// The replica's block value.
+    pub cv: Blake3Cv,
+    /// The key it was signed with.
+    pub key_id: u64,
+    /// HMAC-SHA256 of the fields above.
+    pub mac: [u8; 32],
+}
+
+fn receipt_bytes(key_id: u64, datanode: &str, block: BlockId, len: u64, cv: &Blake3Cv) -> Vec<u8> {
+    let mut bytes = b"lode 1 replica receipt\0".to_vec();
+    bytes.extend_from_slice(&key_id.to_le_bytes());
+    // postcard of plain values cannot fail.
+    bytes.extend(postcard::to_stdvec(&(datanode, block, len, cv)).unwrap_or_default());
+    bytes
+}
+
+impl Receipt {
+    /// Datanode `datanode` signs for its replica of `block` with `key`.
+    pub fn sign(key: &TokenKey, datanode: &str, block: BlockId, len: u64, cv: Blake3Cv) -> Receipt {
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key.secret);
+        let tag = ring::hmac::sign(&k, &receipt_bytes(key.id, datanode, block, len, &cv));
+        let mut mac = [0u8; 32];
+        mac.copy_from_slice(tag.as_ref());
+        Receipt {
+            datanode: datanode.to_string(),
+            block,
+            len,
+            cv,
+            key_id: key.id,
+            mac,
+        }
+    }
+
+    /// Whether `key` (the one the receipt names, unexpired at `now_ms`) signed exactly this.
+    pub fn verify(&self, key: &TokenKey, now_ms: u64) -> bool {
+        if key.id != self.key_id || key.expires_ms <= now_ms {
+            return false;
+        }
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key.secret);
+        let bytes = receipt_bytes(self.key_id, &self.datanode, self.block, self.len, &self.cv);
+        ring::hmac::verify(&k, &bytes, &self.mac).is_ok()
     }
 }
 
@@ -316,6 +391,32 @@ mod tests {
         // Keys expire out of the ring.
         ring.learn(&[], 5_000);
         assert!(ring.is_empty());
+    }
+
+    #[test]
+    fn a_receipt_verifies_only_unchanged_with_its_unexpired_key() {
+        let mut ring = KeyRing::default();
+        assert!(ring.receipt("dn-1", BlockId(7), 10, Blake3Cv([1; 32]), 0).is_none());
+        ring.learn(&[key(1, 1_000), key(2, 2_000)], 0);
+        let r = ring.receipt("dn-1", BlockId(7), 10, Blake3Cv([1; 32]), 500).unwrap();
+        assert_eq!(r.key_id, 2, "signed with the key that lives longest");
+        assert!(r.verify(&key(2, 2_000), 500));
+        assert!(!r.verify(&key(2, 2_000), 2_000), "expired");
+        assert!(!r.verify(&key(1, 2_000), 500), "another key");
+        let changed = [
+            Receipt { datanode: "dn-2".into(), ..r.clone() },
+            Receipt { block: BlockId(8), ..r.clone() },
+            Receipt { len: 11, ..r.clone() },
+            Receipt { cv: Blake3Cv([2; 32]), ..r.clone() },
+            Receipt { key_id: 1, ..r.clone() },
+        ];
+        for c in changed {
+            assert!(!c.verify(&key(2, 2_000), 500), "{c:?}");
+            assert!(!c.verify(&key(1, 2_000), 500), "{c:?}");
+        }
+        let mut forged = r.clone();
+        forged.mac[0] ^= 1;
+        assert!(!forged.verify(&key(2, 2_000), 500));
     }
 
     #[test]

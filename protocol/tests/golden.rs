@@ -47,6 +47,17 @@ fn token(ops: u8, pipeline: &[&str]) -> Option<lode_protocol::token::BlockToken>
     ))
 }
 
+fn receipt() -> lode_protocol::token::Receipt {
+    lode_protocol::token::Receipt {
+        datanode: "dn-1".into(),
+        block: BlockId(7),
+        len: 65536,
+        cv: Blake3Cv([9; 32]),
+        key_id: 3,
+        mac: [5; 32],
+    }
+}
+
 fn committed() -> CommittedBlock {
     CommittedBlock {
         id: BlockId(7),
@@ -140,6 +151,7 @@ fn every_message_matches_its_golden_bytes() {
             inode: InodeId(5),
             session: s,
             previous: Some(committed()),
+            receipts: vec![receipt()],
             exclude: vec!["dn-3".into()],
         },
     );
@@ -159,6 +171,7 @@ fn every_message_matches_its_golden_bytes() {
             inode: InodeId(5),
             session: s,
             last: Some(committed()),
+            receipts: vec![receipt()],
             size: 65536,
         },
     );
@@ -549,6 +562,7 @@ fn every_message_matches_its_golden_bytes() {
         DatanodeReply::WriteAck {
             stored: vec!["dn-1".into()],
             failed: vec!["dn-2".into()],
+            receipts: vec![receipt()],
         },
     );
     check(

@@ -433,6 +433,7 @@ impl Cluster {
                 inode,
                 session,
                 previous: None,
+                receipts: vec![],
                 exclude: exclude.clone(),
             })
             .await

@@ -212,7 +212,7 @@ fn a_datanode_whose_disk_fills_up_gets_no_new_blocks_and_nothing_is_corrupted() 
     );
     let piped = rt.block_on(write_block_raw(&c, &after_dn1, 1, &[4]));
     assert!(
-        matches!(piped, Ok(DatanodeReply::WriteAck { ref stored, ref failed })
+        matches!(piped, Ok(DatanodeReply::WriteAck { ref stored, ref failed, .. })
             if stored == &["dn-1"] && failed == &["dn-4"]),
         "the pipeline names the full node as the failed one: {piped:?}"
     );

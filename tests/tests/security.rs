@@ -279,6 +279,7 @@ fn a_write_session_is_bound_to_the_certificate_that_opened_it() {
             inode,
             session,
             last: None,
+            receipts: vec![],
             size: 0,
         };
         for req in [
@@ -286,6 +287,7 @@ fn a_write_session_is_bound_to_the_certificate_that_opened_it() {
                 inode,
                 session,
                 previous: None,
+                receipts: vec![],
                 exclude: vec![],
             },
             complete.clone(),
@@ -546,6 +548,7 @@ fn a_block_no_datanode_confirms_is_never_committed() {
                 inode,
                 session,
                 previous: None,
+                receipts: vec![],
                 exclude: vec![],
             },
         )
@@ -560,16 +563,28 @@ fn a_block_no_datanode_confirms_is_never_committed() {
             len: 1_000_000,
             cv: lode_protocol::Blake3Cv([7; 32]),
         };
+        // With receipts of its own making: a made-up signature, and the key id of none.
+        let forged = |datanode: &str, key_id: u64| lode_protocol::token::Receipt {
+            datanode: datanode.into(),
+            block: claim.id,
+            len: claim.len,
+            cv: claim.cv,
+            key_id,
+            mac: [1; 32],
+        };
+        let receipts = vec![forged("dn-1", 0), forged("dn-2", u64::MAX), forged("dn-3", 1)];
         let add = ClientToNamenode::AddBlock {
             inode,
             session,
             previous: Some(claim),
+            receipts: receipts.clone(),
             exclude: vec![],
         };
         let complete = ClientToNamenode::Complete {
             inode,
             session,
             last: Some(claim),
+            receipts,
             size: claim.len,
         };
         // Both at once: each waits for confirmations that never come (longer than the lease).
@@ -582,6 +597,16 @@ fn a_block_no_datanode_confirms_is_never_committed() {
             );
         }
     });
+    let nn = c.report().unwrap()["namenode"]["http_addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, metrics) = lode_tests::http_get(&nn, "/metrics").unwrap();
+    assert!(
+        metrics.contains("lode_namenode_replica_receipts_total{kind=\"refused\"} 6")
+            && metrics.contains("lode_namenode_replica_receipts_total{kind=\"accepted\"} 0"),
+        "the six forged receipts refused: {metrics}"
+    );
     // Never committed: still under construction, or gone with its lease.
     let out = c.lode(&["stat", "--json", "/made-up"]);
     if out.status.success() {

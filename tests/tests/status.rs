@@ -60,6 +60,15 @@ fn status_page_and_metrics() {
         metrics.contains("lode_namenode_requests_total{kind=\"AddBlock\"} 2"),
         "{metrics}"
     );
+    // Each block's two datanodes signed receipts, and the commits counted them.
+    assert!(
+        metrics.contains("lode_namenode_replica_receipts_total{kind=\"accepted\"} 6"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lode_namenode_replica_receipts_total{kind=\"refused\"} 0"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("lode_namenode_request_seconds_bucket"),
         "{metrics}"

@@ -404,6 +404,11 @@ impl State {
         live
     }
 
+    /// Whether `block` is known and not committed yet.
+    pub(super) fn being_written(&self, block: BlockId) -> bool {
+        self.blocks.get(&block).is_some_and(|e| e.committed.is_none())
+    }
+
     /// How many datanodes have reported a finalized replica of `block` holding exactly its length
     /// and value (provisional replicas while it is written, counted ones once it is committed),
     /// and how many a commit needs: min(2, the block's replication).

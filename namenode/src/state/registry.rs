@@ -175,6 +175,22 @@ impl State {
         delete
     }
 
+    /// A replica a datanode signed for in a writer's pipeline acknowledgement (a checked
+    /// [`lode_protocol::token::Receipt`]): counted as that node's report of it, but only for a
+    /// block still being written and a node in service. Once a block is committed, its replicas
+    /// are heard of from the datanodes alone, so a receipt cannot bring back a replica deleted
+    /// after the write (a replica lost with a failed data dir during the write stays counted
+    /// until the node's next full report, as if its heartbeats had come in the other order).
+    pub fn receipt(&mut self, name: &str, replica: ReportedBlock, now: Instant) {
+        let in_service = self
+            .datanodes
+            .get(name)
+            .is_some_and(|dn| !dn.needs_report && self.node_state(dn, now) != NodeState::Dead);
+        if in_service && self.being_written(replica.id) {
+            let _ = self.add_replica(name, replica, Some(now));
+        }
+    }
+
     /// A heartbeat; `None` means the node is unknown (or was dead) and must register again.
     #[allow(clippy::too_many_arguments)]
     pub fn heartbeat(
