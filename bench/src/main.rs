@@ -3,7 +3,8 @@
 //! - `hash FILE`: BLAKE3 of a file on one core, in MB/s.
 //! - `transport-serve` / `transport-send`: one QUIC + mutual TLS stream between two processes with the
 //!   project's own transport settings (protocol::net), in MB/s: the ceiling for put and get.
-//! - `mkdirs`: durable mkdirs per second from several concurrent clients (group commit at work).
+//! - `mkdirs`: durable mkdirs (or empty-file creates) per second from several concurrent clients,
+//!   each with some requests outstanding (group commit at work).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -47,7 +48,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Concurrent durable mkdirs.
+    /// Concurrent durable mkdirs (or creates of empty files), each client on its connection with
+    /// `in_flight` requests outstanding.
     Mkdirs {
         #[arg(long)]
         config: PathBuf,
@@ -55,6 +57,11 @@ enum Cmd {
         clients: usize,
         #[arg(long, default_value_t = 250)]
         ops_per_client: usize,
+        #[arg(long, default_value_t = 1)]
+        in_flight: usize,
+        /// Create empty files (a create and a complete each) instead of making directories.
+        #[arg(long)]
+        files: bool,
     },
 }
 
@@ -180,21 +187,43 @@ async fn main() -> anyhow::Result<()> {
             config,
             clients,
             ops_per_client,
+            in_flight,
+            files,
         } => {
             let cfg = lode_client::ClientConfig::load(&config)?;
             let mut handles = vec![];
             let mut conns = vec![];
             for _ in 0..clients {
-                conns.push(lode_client::Client::connect(cfg.clone()).await?);
+                conns.push(std::sync::Arc::new(
+                    lode_client::Client::connect(cfg.clone()).await?,
+                ));
             }
             let run = format!("/bench-mkdirs-{}", std::process::id());
             conns[0].mkdir(&run, true).await?;
             let start = Instant::now();
+            let in_flight = in_flight.max(1);
             for (i, c) in conns.into_iter().enumerate() {
                 let run = run.clone();
                 handles.push(tokio::spawn(async move {
-                    for k in 0..ops_per_client {
-                        c.mkdir(&format!("{run}/c{i}-{k}"), false).await?;
+                    // `in_flight` workers share the client's connection and its ops.
+                    let mut workers = tokio::task::JoinSet::new();
+                    for w in 0..in_flight {
+                        let (c, run) = (c.clone(), run.clone());
+                        workers.spawn(async move {
+                            for k in (w..ops_per_client).step_by(in_flight) {
+                                let path = format!("{run}/c{i}-{k}");
+                                if files {
+                                    let opts = lode_client::PutOptions::default();
+                                    c.put(tokio::io::empty(), &path, &opts, &|_| {}).await?;
+                                } else {
+                                    c.mkdir(&path, false).await?;
+                                }
+                            }
+                            Ok::<_, lode_client::Error>(())
+                        });
+                    }
+                    while let Some(r) = workers.join_next().await {
+                        r.map_err(|e| lode_client::Error::Invalid(e.to_string()))??;
                     }
                     Ok::<_, lode_client::Error>(c)
                 }));

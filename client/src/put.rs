@@ -172,7 +172,14 @@ impl Client {
             let cv = checksum::block_cv(&block.pieces)
                 .ok_or_else(|| Error::Invalid("empty block".into()))?;
             let (id, signed) = self
-                .write_one_block(file, (previous, receipts), offset, required, &block, located)
+                .write_one_block(
+                    file,
+                    (previous, receipts),
+                    offset,
+                    required,
+                    &block,
+                    located,
+                )
                 .await?;
             previous = Some(CommittedBlock { id, len, cv });
             receipts = signed;

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub corrupt_found: Counter,
     /// Blocks refused (or cut short) because no data dir had room.
     pub no_space_refusals: Counter,
+    /// Directory fsyncs that finalized blocks (brought up to the store's count when scraped).
+    dir_syncs: Counter,
     blocks: Gauge,
     used_bytes: Gauge,
     remaining_bytes: Gauge,
@@ -57,6 +59,7 @@ impl Default for Metrics {
             scanned_bytes: Counter::default(),
             corrupt_found: Counter::default(),
             no_space_refusals: Counter::default(),
+            dir_syncs: Counter::default(),
             blocks: Gauge::default(),
             used_bytes: Gauge::default(),
             remaining_bytes: Gauge::default(),
@@ -101,6 +104,12 @@ impl Default for Metrics {
             m.no_space_refusals.clone(),
         );
         registry.register(
+            "finalize_dir_syncs",
+            "Fsyncs of a data dir's current/ that made finished blocks durable (one for all the \
+             blocks finished at the same time)",
+            m.dir_syncs.clone(),
+        );
+        registry.register(
             "remaining_bytes",
             "Bytes new blocks may still use on healthy data dirs",
             m.remaining_bytes.clone(),
@@ -121,6 +130,9 @@ impl Metrics {
         self.used_bytes.set(space.used as i64);
         self.remaining_bytes.set(space.remaining as i64);
         self.failed_dirs.set(i64::from(space.failed_volumes));
+        self.dir_syncs
+            .inner()
+            .fetch_max(store.dir_syncs(), std::sync::atomic::Ordering::Relaxed);
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

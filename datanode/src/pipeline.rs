@@ -27,6 +27,104 @@ enum ToDisk {
     Done,
 }
 
+/// Pieces held before a block gets a disk thread of its own (a small block never does).
+const HOLD_BYTES: u64 = 4 * PIECE_BYTES;
+
+/// Where a block's pieces go: held in memory at first, then to a disk thread.
+enum Disk {
+    Holding(Vec<(Blake3Cv, Bytes)>, u64),
+    Thread(
+        mpsc::Sender<ToDisk>,
+        tokio::task::JoinHandle<Result<(u64, Blake3Cv), Error>>,
+    ),
+}
+
+/// A block being written: its id, offset in its file and the file's block size.
+type Placed = (BlockId, u64, u64);
+
+impl Disk {
+    /// Takes one piece; false if the disk thread has stopped (its error comes from `finish`).
+    async fn take(&mut self, shared: &Node, placed: Placed, cv: Blake3Cv, data: Bytes) -> bool {
+        if let Disk::Holding(held, bytes) = self {
+            if *bytes + data.len() as u64 <= HOLD_BYTES {
+                *bytes += data.len() as u64;
+                held.push((cv, data));
+                return true;
+            }
+            let (tx, rx) = mpsc::channel::<ToDisk>(PIECES_IN_FLIGHT);
+            let held = std::mem::take(held);
+            let store = shared.store.clone();
+            let thread =
+                tokio::task::spawn_blocking(move || write_pieces(&store, placed, held, Some(rx)));
+            *self = Disk::Thread(tx, thread);
+        }
+        match self {
+            Disk::Thread(tx, _) => tx.send(ToDisk::Piece(cv, data)).await.is_ok(),
+            Disk::Holding(..) => true,
+        }
+    }
+
+    /// The stream failed: the disk thread, if any, removes what it wrote before this returns.
+    async fn abandon(self) {
+        if let Disk::Thread(tx, thread) = self {
+            // Its sender gone without Done, the thread gives the write up.
+            drop(tx);
+            let _ = thread.await;
+        }
+    }
+
+    /// The stream ended well: the block is written, fsynced and finalized.
+    async fn finish(self, shared: &Node, placed: Placed) -> Result<(u64, Blake3Cv), Error> {
+        let thread = match self {
+            Disk::Holding(held, _) => {
+                let store = shared.store.clone();
+                tokio::task::spawn_blocking(move || write_pieces(&store, placed, held, None))
+            }
+            Disk::Thread(tx, thread) => {
+                let _ = tx.send(ToDisk::Done).await;
+                thread
+            }
+        };
+        thread
+            .await
+            .map_err(|e| Error::Invalid(format!("disk task failed: {e}")))?
+    }
+}
+
+/// Writes a block on a blocking thread: the pieces `held`, then those `more` brings until Done.
+fn write_pieces(
+    store: &std::sync::Arc<crate::store::BlockStore>,
+    (block, file_offset, block_size): Placed,
+    held: Vec<(Blake3Cv, Bytes)>,
+    more: Option<mpsc::Receiver<ToDisk>>,
+) -> Result<(u64, Blake3Cv), Error> {
+    let mut w = store.create(block, file_offset, block_size)?;
+    let mut write = |cv: Blake3Cv, data: &[u8]| {
+        if w.len() + data.len() as u64 > block_size {
+            return Err(Error::Invalid(format!(
+                "block {block} is larger than {block_size} bytes"
+            )));
+        }
+        w.write_piece(cv, data)
+    };
+    for (cv, data) in held {
+        write(cv, &data)?;
+    }
+    let Some(mut rx) = more else {
+        return w.finish();
+    };
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            ToDisk::Piece(cv, data) => write(cv, &data)?,
+            ToDisk::Done => return w.finish(),
+        }
+    }
+    // The sender went away without Done: the write was abandoned; dropping `w` removes the temp file.
+    Err(Error::Invalid(format!(
+        "write of block {block} was abandoned"
+    )))
+}
+
 /// A downstream datanode in the pipeline while it is still healthy.
 struct Downstream {
     targets: Vec<Target>,
@@ -90,29 +188,9 @@ pub(crate) async fn write_block(
         }
     };
 
-    let (tx, mut rx) = mpsc::channel::<ToDisk>(PIECES_IN_FLIGHT);
-    let store = shared.store.clone();
-    let disk = tokio::task::spawn_blocking(move || {
-        let mut w = store.create(block, file_offset, block_size)?;
-        while let Some(msg) = rx.blocking_recv() {
-            match msg {
-                ToDisk::Piece(cv, data) => {
-                    if w.len() + data.len() as u64 > block_size {
-                        return Err(Error::Invalid(format!(
-                            "block {block} is larger than {block_size} bytes"
-                        )));
-                    }
-                    w.write_piece(cv, &data)?;
-                }
-                ToDisk::Done => return w.finish(),
-            }
-        }
-        // The sender went away without Done: the write was abandoned; dropping `w` removes the temp file.
-        Err(Error::Invalid(format!(
-            "write of block {block} was abandoned"
-        )))
-    });
-
+    // The first pieces are held here; a block that ends within them is written with one
+    // blocking call, and a longer one gets a disk thread fed piece by piece.
+    let mut disk = Disk::Holding(vec![], 0);
     let mut received: u64 = 0;
     let outcome: Result<(), Error> = async {
         loop {
@@ -140,21 +218,20 @@ pub(crate) async fn write_block(
                     downstream = None;
                 }
             }
-            if tx.send(ToDisk::Piece(header.cv, data)).await.is_err() {
+            if !disk.take(shared, (block, file_offset, block_size), header.cv, data).await {
                 break; // the disk thread stopped; its error is reported below
             }
         }
         Ok(())
     }
     .await;
-    if outcome.is_ok() {
-        let _ = tx.send(ToDisk::Done).await;
-    }
-    drop(tx);
-    let local = disk
-        .await
-        .map_err(|e| Error::Invalid(format!("disk task failed: {e}")))?;
-    let local = outcome.and(local);
+    let local = match outcome {
+        Ok(()) => disk.finish(shared, (block, file_offset, block_size)).await,
+        Err(e) => {
+            disk.abandon().await;
+            Err(e)
+        }
+    };
     let (len, cv) = match local {
         Ok(v) => v,
         Err(e) => {

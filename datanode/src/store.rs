@@ -84,6 +84,74 @@ struct DataDir {
     inflight: AtomicU64,
     /// Taken out of service: a disk error, confirmed by a failed probe.
     failed: AtomicBool,
+    /// Group commit of the renames into `current/`.
+    sync: DirSync,
+}
+
+/// Group commit of a directory's entries: blocks finished at the same time share one fsync of
+/// `current/`. Each rename into it is counted; a thread that needs its rename durable takes the
+/// lock, and either finds it covered by an fsync that began after it (done), or fsyncs the
+/// directory itself for every rename counted so far. An fsync that fails fails every rename it
+/// was to cover, even if a later one succeeds (after a failed fsync the kernel may have dropped
+/// what it could not write, and the next fsync need not say so).
+#[derive(Default)]
+struct DirSync {
+    /// Renames into the directory so far.
+    renamed: AtomicU64,
+    /// What the fsyncs so far covered.
+    synced: Mutex<Synced>,
+    /// Directory fsyncs made.
+    syncs: AtomicU64,
+}
+
+#[derive(Default)]
+struct Synced {
+    /// Renames counted before the last fsync began, whether it succeeded or not.
+    covered: u64,
+    /// The ranges `(after, upto]` of renames whose fsync failed (a few; merged when many).
+    failed: Vec<(u64, u64)>,
+}
+
+/// Failed ranges kept apart; beyond that the oldest two merge (failing the renames between).
+const FAILED_RANGES_MAX: usize = 16;
+
+impl DirSync {
+    /// Counts a rename just made; the number to pass to [`DirSync::sync`].
+    fn renamed(&self) -> u64 {
+        self.renamed.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Returns once rename number `mine` in `dir` is durable (or an fsync that covered it failed).
+    fn sync(&self, dir: &Path, mine: u64) -> std::io::Result<()> {
+        let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        if synced
+            .failed
+            .iter()
+            .any(|(after, upto)| *after < mine && mine <= *upto)
+        {
+            return Err(std::io::Error::other(format!(
+                "an fsync of {} failed",
+                dir.display()
+            )));
+        }
+        if synced.covered >= mine {
+            return Ok(());
+        }
+        // Every rename counted by now is complete, so this fsync covers it.
+        let upto = self.renamed.load(Ordering::SeqCst);
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        let result = File::open(dir).and_then(|d| d.sync_all());
+        if result.is_err() {
+            let after = synced.covered;
+            synced.failed.push((after, upto));
+            if synced.failed.len() > FAILED_RANGES_MAX {
+                let (a, _) = synced.failed.remove(0);
+                synced.failed[0].0 = a;
+            }
+        }
+        synced.covered = upto;
+        result
+    }
 }
 
 /// Where a finalized block is, with its length and block value (from its sidecar).
@@ -235,6 +303,7 @@ impl BlockStore {
                 tmp,
                 inflight: AtomicU64::new(0),
                 failed: AtomicBool::new(false),
+                sync: DirSync::default(),
             });
         }
         Ok(BlockStore {
@@ -275,6 +344,14 @@ impl BlockStore {
     /// Whether a finalized replica of `id` is here.
     pub fn contains(&self, id: BlockId) -> bool {
         self.index().contains_key(&id)
+    }
+
+    /// Directory fsyncs made to finalize blocks, over all data dirs.
+    pub fn dir_syncs(&self) -> u64 {
+        self.dirs
+            .iter()
+            .map(|d| d.sync.syncs.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Finalized replicas here.
@@ -624,8 +701,8 @@ impl BlockWriter {
         self.len == 0
     }
 
-    /// Fsyncs data and sidecar, renames both into `current/`, fsyncs the directory, and indexes the
-    /// block. Returns the block's length and value.
+    /// Fsyncs data and sidecar, renames both into `current/`, fsyncs the directory (one fsync for
+    /// the blocks finished at the same time, [`DirSync`]), and indexes the block. Returns the block's length and value.
     pub fn finish(mut self) -> Result<(u64, Blake3Cv), Error> {
         let cv = checksum::block_cv(&self.pieces)
             .ok_or_else(|| Error::Invalid(format!("block {} is empty", self.id)))?;
@@ -658,9 +735,10 @@ impl BlockWriter {
         fs::rename(&meta_tmp, &meta_final).map_err(|e| fail(&meta_final, e))?;
         crate::failpoint!("datanode.block.between_renames");
         fs::rename(&self.data_path, &data_final).map_err(|e| fail(&data_final, e))?;
+        let mine = dir.sync.renamed();
         crate::failpoint!("datanode.block.before_dir_sync");
-        File::open(&dir.current)
-            .and_then(|d| d.sync_all())
+        dir.sync
+            .sync(&dir.current, mine)
             .map_err(|e| fail(&dir.current, e))?;
         crate::failpoint!("datanode.block.after_dir_sync");
         self.store.index().insert(
@@ -714,6 +792,66 @@ fn statvfs(path: &Path) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renames_made_before_a_directory_fsync_share_it_and_a_failed_one_fails_them_all() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sync = DirSync::default();
+        let mine: Vec<u64> = (0..3).map(|_| sync.renamed()).collect();
+        assert_eq!(mine, [1, 2, 3]);
+        for m in &mine {
+            sync.sync(tmp.path(), *m).unwrap();
+        }
+        assert_eq!(
+            sync.syncs.load(Ordering::Relaxed),
+            1,
+            "one fsync covered all three"
+        );
+        let fourth = sync.renamed();
+        sync.sync(tmp.path(), fourth).unwrap();
+        assert_eq!(
+            sync.syncs.load(Ordering::Relaxed),
+            2,
+            "a rename after it needs its own"
+        );
+
+        // A failed fsync fails every rename it was to cover, and a later success does not undo it.
+        let gone = tmp.path().join("gone");
+        let (fifth, sixth) = (sync.renamed(), sync.renamed());
+        assert!(sync.sync(&gone, fifth).is_err());
+        assert!(
+            sync.sync(tmp.path(), sixth).is_err(),
+            "covered by the failed fsync"
+        );
+        let seventh = sync.renamed();
+        sync.sync(tmp.path(), seventh).unwrap();
+        assert!(sync.sync(tmp.path(), fifth).is_err());
+        assert!(
+            sync.sync(tmp.path(), fourth).is_ok(),
+            "made durable before the failure"
+        );
+    }
+
+    #[test]
+    fn blocks_finished_at_once_are_all_indexed_with_at_most_one_directory_fsync_each() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlockStore::open(&[tmp.path().to_path_buf()], 0).unwrap());
+        let threads: Vec<_> = (0..16u64)
+            .map(|i| {
+                let store = store.clone();
+                std::thread::spawn(move || write_block(&store, i + 1, 0, &[i as u8; 4096]))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        assert_eq!(store.block_count(), 16);
+        let syncs = store.dir_syncs();
+        assert!(
+            (1..=16).contains(&syncs),
+            "{syncs} directory fsyncs for 16 blocks"
+        );
+    }
 
     fn write_block(
         store: &Arc<BlockStore>,

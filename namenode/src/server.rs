@@ -87,7 +87,11 @@ async fn confirmed(shared: &Shared, block: &CommittedBlock) -> Result<(), Error>
 /// Counts the replicas of `block` whose datanodes signed receipts for them (carried by the writer
 /// from the pipeline's acknowledgement), as those datanodes' reports; receipts that do not check
 /// out, or name another block, length or value, are passed over (the heartbeats still come).
-fn take_receipts(shared: &Shared, block: &CommittedBlock, receipts: &[Receipt]) -> Result<(), Error> {
+fn take_receipts(
+    shared: &Shared,
+    block: &CommittedBlock,
+    receipts: &[Receipt],
+) -> Result<(), Error> {
     if receipts.is_empty() {
         return Ok(());
     }

@@ -396,19 +396,38 @@ mod tests {
     #[test]
     fn a_receipt_verifies_only_unchanged_with_its_unexpired_key() {
         let mut ring = KeyRing::default();
-        assert!(ring.receipt("dn-1", BlockId(7), 10, Blake3Cv([1; 32]), 0).is_none());
+        assert!(ring
+            .receipt("dn-1", BlockId(7), 10, Blake3Cv([1; 32]), 0)
+            .is_none());
         ring.learn(&[key(1, 1_000), key(2, 2_000)], 0);
-        let r = ring.receipt("dn-1", BlockId(7), 10, Blake3Cv([1; 32]), 500).unwrap();
+        let r = ring
+            .receipt("dn-1", BlockId(7), 10, Blake3Cv([1; 32]), 500)
+            .unwrap();
         assert_eq!(r.key_id, 2, "signed with the key that lives longest");
         assert!(r.verify(&key(2, 2_000), 500));
         assert!(!r.verify(&key(2, 2_000), 2_000), "expired");
         assert!(!r.verify(&key(1, 2_000), 500), "another key");
         let changed = [
-            Receipt { datanode: "dn-2".into(), ..r.clone() },
-            Receipt { block: BlockId(8), ..r.clone() },
-            Receipt { len: 11, ..r.clone() },
-            Receipt { cv: Blake3Cv([2; 32]), ..r.clone() },
-            Receipt { key_id: 1, ..r.clone() },
+            Receipt {
+                datanode: "dn-2".into(),
+                ..r.clone()
+            },
+            Receipt {
+                block: BlockId(8),
+                ..r.clone()
+            },
+            Receipt {
+                len: 11,
+                ..r.clone()
+            },
+            Receipt {
+                cv: Blake3Cv([2; 32]),
+                ..r.clone()
+            },
+            Receipt {
+                key_id: 1,
+                ..r.clone()
+            },
         ];
         for c in changed {
             assert!(!c.verify(&key(2, 2_000), 500), "{c:?}");

@@ -572,7 +572,11 @@ fn a_block_no_datanode_confirms_is_never_committed() {
             key_id,
             mac: [1; 32],
         };
-        let receipts = vec![forged("dn-1", 0), forged("dn-2", u64::MAX), forged("dn-3", 1)];
+        let receipts = vec![
+            forged("dn-1", 0),
+            forged("dn-2", u64::MAX),
+            forged("dn-3", 1),
+        ];
         let add = ClientToNamenode::AddBlock {
             inode,
             session,

@@ -406,7 +406,9 @@ impl State {
 
     /// Whether `block` is known and not committed yet.
     pub(super) fn being_written(&self, block: BlockId) -> bool {
-        self.blocks.get(&block).is_some_and(|e| e.committed.is_none())
+        self.blocks
+            .get(&block)
+            .is_some_and(|e| e.committed.is_none())
     }
 
     /// How many datanodes have reported a finalized replica of `block` holding exactly its length
