@@ -3,11 +3,13 @@
 # in one run, alternating, so that a change's cost (such as permission and block token checks) is
 # a ratio measured on the same machine at the same time.
 #
-#   bench/before-after.sh REF [--files N] [--size-mib N] [--rounds N] [--no-build]
+#   bench/before-after.sh REF [--files N] [--size-mib N] [--rounds N] [--bulk] [--no-build]
 #
 # REF is built in a worktree (bench/out/before, sharing target/ for dependencies) and its binaries
 # kept apart. Workloads: N small files (4 KiB) put with 8 commands in flight, then read back the
-# same way; a file of SIZE MiB read to /dev/null. Prints each version's rates and after/before.
+# same way (with --bulk: one `lode put -r -t 8` and one `lode get -r -t 8` of the whole tree, for
+# REFs that have them); a file of SIZE MiB read to /dev/null. Prints each version's rates and
+# after/before.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REF=${1:?usage: $0 REF [--files N] [--size-mib N] [--rounds N]}
@@ -16,13 +18,15 @@ FILES=400
 SIZE_MIB=512
 ROUNDS=2
 BUILD=1
+BULK=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) BUILD=0; shift ;;
+    --bulk) BULK=1; shift ;;
     --files) FILES=$2; shift 2 ;;
     --size-mib) SIZE_MIB=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
-    *) echo "usage: $0 REF [--files N] [--size-mib N] [--rounds N]" >&2; exit 2 ;;
+    *) echo "usage: $0 REF [--files N] [--size-mib N] [--rounds N] [--bulk] [--no-build]" >&2; exit 2 ;;
   esac
 done
 OUT="$ROOT/bench/out"
@@ -68,13 +72,23 @@ run() {
   env=$(LODE_DEV_SKIP_BUILD=1 LODE_DEV_BASE_PORT=7700 "$tree/deploy/dev-cluster.sh" up --datanodes 3 --dir "$dir") \
     || { echo "bench: the $2 cluster did not come up" >&2; exit 1; }
   eval "$env"
-  "$bin/lode" mkdir /small || exit 1
   local t0 t1 t2 t3 t4
-  t0=$(now)
-  seq 1 "$FILES" | xargs -P 8 -I{} "$bin/lode" put "$OUT/small/f{}" /small/f{} || exit 1
-  t1=$(now)
-  seq 1 "$FILES" | xargs -P 8 -I{} sh -c "\"$bin/lode\" get /small/f{} - > /dev/null" || exit 1
-  t2=$(now)
+  if [ "$BULK" = 1 ]; then
+    rm -rf "$OUT/small-back"
+    t0=$(now)
+    "$bin/lode" put -r -t 8 "$OUT/small" /small >/dev/null || exit 1
+    t1=$(now)
+    "$bin/lode" get -r -t 8 /small "$OUT/small-back" >/dev/null || exit 1
+    t2=$(now)
+    diff -r "$OUT/small" "$OUT/small-back" >/dev/null || { echo "bench: get -r returned other bytes" >&2; exit 1; }
+  else
+    "$bin/lode" mkdir /small || exit 1
+    t0=$(now)
+    seq 1 "$FILES" | xargs -P 8 -I{} "$bin/lode" put "$OUT/small/f{}" /small/f{} || exit 1
+    t1=$(now)
+    seq 1 "$FILES" | xargs -P 8 -I{} sh -c "\"$bin/lode\" get /small/f{} - > /dev/null" || exit 1
+    t2=$(now)
+  fi
   "$bin/lode" put "$OUT/big.bin" /big.bin || exit 1
   sync
   t3=$(now)

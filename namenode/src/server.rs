@@ -121,7 +121,7 @@ fn take_receipts(
             len: r.len,
             cv: r.cv,
         };
-        state.receipt(&r.datanode, replica, now);
+        let _ = state.receipt(&r.datanode, replica, now);
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! soft state), block map, repair planner, placement, safe mode and leases, with simulated
 //! datanodes, an in-memory journal and store, and a virtual clock. No I/O, no threads.
 //!
-//! Each run drives random client writes (some abandoned mid-way), overwrites, deletes, setrep,
+//! Each run drives random client writes (some abandoned mid-way, some handing in the datanodes'
+//! replica receipts with their commits, and old receipts replayed, which must count for nothing), overwrites, deletes, setrep,
 //! datanode deaths and returns, disks replaced, replicas going bad (found by the scanner), stale
 //! replicas planted under live ids, and namenode restarts (soft state dropped, the journal
 //! replayed). After every step it checks:
@@ -125,6 +126,8 @@ struct Sim {
     issued_inodes: BTreeSet<InodeId>,
     /// Complete files by path: their blocks as written.
     files: BTreeMap<String, Vec<CommittedBlock>>,
+    /// Receipts handed in so far, by datanode, for replays.
+    receipts: Vec<(String, ReportedBlock)>,
     next: u64,
     steps: usize,
 }
@@ -175,6 +178,7 @@ impl Sim {
             issued_blocks: BTreeSet::new(),
             issued_inodes: BTreeSet::new(),
             files: BTreeMap::new(),
+            receipts: vec![],
             next: 0,
             steps: 0,
         }
@@ -310,6 +314,7 @@ impl Sim {
         };
         let mut previous: Option<CommittedBlock> = None;
         let mut written = vec![];
+        let mut handed = vec![];
         let mut size = 0;
         for k in 0..blocks {
             if abandon_at == Some(k) {
@@ -355,6 +360,23 @@ impl Sim {
                     stored += 1;
                 }
             }
+            // The writer hands in some of the datanodes' receipts with the commit (the rest are
+            // heard of by heartbeat).
+            let replica = ReportedBlock { id, len, cv };
+            for t in &targets {
+                if !self.dns[&t.name].alive || !self.rng.random_bool(0.5) {
+                    continue;
+                }
+                let now = self.now();
+                if self.state.lock().unwrap().receipt(&t.name, replica, now) {
+                    self.dns
+                        .get_mut(&t.name)
+                        .unwrap()
+                        .reported
+                        .insert(id, (len, cv));
+                }
+                handed.push((t.name.clone(), replica));
+            }
             if stored < usize::from(replication).min(2) {
                 let _ = self.submit(Mutation::Abandon {
                     inode,
@@ -379,8 +401,21 @@ impl Sim {
         }) {
             Ok(_) => {
                 self.files.insert(path, written);
+                self.receipts.extend(handed);
             }
             Err(e) => self.fail(format!("complete refused: {e}")),
+        }
+        // A writer replays a receipt of a block it finished earlier: it must count for nothing
+        // (the replica may be gone since).
+        if !self.receipts.is_empty() && self.rng.random_bool(0.3) {
+            let (name, r) = self.receipts[self.rng.random_range(0..self.receipts.len())].clone();
+            let now = self.now();
+            if self.state.lock().unwrap().receipt(&name, r, now) {
+                self.fail(format!(
+                    "a replayed receipt of block {} from {name} counted",
+                    r.id
+                ));
+            }
         }
     }
 

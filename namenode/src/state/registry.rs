@@ -181,14 +181,15 @@ impl State {
     /// are heard of from the datanodes alone, so a receipt cannot bring back a replica deleted
     /// after the write (a replica lost with a failed data dir during the write stays counted
     /// until the node's next full report, as if its heartbeats had come in the other order).
-    pub fn receipt(&mut self, name: &str, replica: ReportedBlock, now: Instant) {
+    /// Returns whether it counted.
+    pub fn receipt(&mut self, name: &str, replica: ReportedBlock, now: Instant) -> bool {
         let in_service = self
             .datanodes
             .get(name)
             .is_some_and(|dn| !dn.needs_report && self.node_state(dn, now) != NodeState::Dead);
-        if in_service && self.being_written(replica.id) {
-            let _ = self.add_replica(name, replica, Some(now));
-        }
+        in_service
+            && self.being_written(replica.id)
+            && self.add_replica(name, replica, Some(now)).is_none()
     }
 
     /// A heartbeat; `None` means the node is unknown (or was dead) and must register again.
