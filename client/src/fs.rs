@@ -205,6 +205,15 @@ impl Client {
         .await
     }
 
+    /// Sets an entry's modification time to `mtime_ms`, or to the namenode's clock (`touch`).
+    pub async fn set_times(&self, path: &str, mtime_ms: Option<u64>) -> Result<(), Error> {
+        self.nn_ok(&ClientToNamenode::SetTimes {
+            path: path.into(),
+            mtime_ms,
+        })
+        .await
+    }
+
     /// Sets a directory's name and/or space quota (a limit not given keeps its value), or with
     /// `clear` removes both (admins only).
     pub async fn set_quota(

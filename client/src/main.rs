@@ -74,7 +74,7 @@ enum Command {
         /// Path in Lode.
         path: String,
     },
-    /// Create an empty file where there is none.
+    /// Set a file's modification time to now, creating it empty where there is none.
     Touch {
         /// Paths in Lode.
         #[arg(required = true)]
@@ -546,7 +546,7 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
                         Some(st) if st.kind == EntryKind::Directory => {
                             return Err(Error::Invalid(format!("{}: is a directory", st.path)))
                         }
-                        Some(_) => {}
+                        Some(st) => c.set_times(&st.path, None).await?,
                         None => {
                             c.put(&b""[..], &p, &PutOptions::default(), &|_| {}).await?;
                         }

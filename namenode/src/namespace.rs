@@ -223,6 +223,8 @@ pub enum MetaOp {
         names: Option<u64>,
         bytes: Option<u64>,
     },
+    /// Set an entry's modification time.
+    SetTimes { inode: InodeId, mtime_ms: u64 },
 }
 
 /// The two edits whose fields changed in edit format 2 (owners), as format 1 had them.
@@ -1724,6 +1726,24 @@ impl<S: MetaStore> Namespace<S> {
             .collect())
     }
 
+    /// Validates `touch` of an existing entry by `caller`: its owner, a superuser, or anyone with
+    /// write permission on it (as POSIX `utimes` to now, and HDFS's `setTimes`, which asks write).
+    pub fn prepare_set_times(
+        &self,
+        caller: &Caller,
+        p: &str,
+        mtime_ms: u64,
+    ) -> Result<MetaOp, Error> {
+        let node = self.resolve_existing_as(caller, p)?;
+        if caller.check_owner(p, &node.perm).is_err() {
+            caller.check(p, &node.perm, node.is_dir(), WRITE)?;
+        }
+        Ok(MetaOp::SetTimes {
+            inode: node.id,
+            mtime_ms,
+        })
+    }
+
     /// Validates a delete by `caller`: write and search on the directory, the sticky rule, and
     /// for a directory with entries what [`Self::check_removable`] asks.
     pub fn prepare_delete(
@@ -2055,6 +2075,12 @@ impl<S: MetaStore> Namespace<S> {
                         node.perm.mode = m.apply(node.perm.mode, node.is_dir());
                     }
                     batch.push((inode_key(*id), Some(encode(&node)?)));
+                }
+            }
+            MetaOp::SetTimes { inode, mtime_ms } => {
+                if let Some(mut node) = self.get(*inode)? {
+                    node.mtime_ms = *mtime_ms;
+                    batch.push((inode_key(*inode), Some(encode(&node)?)));
                 }
             }
         }

@@ -330,6 +330,7 @@ fn audited(req: &ClientToNamenode) -> Option<(&'static str, Option<String>, Opti
         AddPlugin { path, .. } => ("addPlugin", p(path), None),
         SetOwner { path, .. } => ("setOwner", p(path), None),
         SetMode { path, .. } => ("setPermission", p(path), None),
+        SetTimes { path, .. } => ("setTimes", p(path), None),
         RefreshGroups => ("refreshUserToGroupsMappings", None, None),
         SetQuota { path, .. } => ("setQuota", p(path), None),
         Count { path } => ("contentSummary", p(path), None),
@@ -432,6 +433,7 @@ fn guard_system_tree(req: &ClientToNamenode, identity: &Identity) -> Result<bool
         | SetReplication { path, .. }
         | SetOwner { path, .. }
         | SetMode { path, .. }
+        | SetTimes { path, .. }
             if in_system_tree(path) || path == "/" =>
         {
             denied(path)
@@ -501,6 +503,10 @@ fn validate(
         },
         Count { path } => Count {
             path: normalize(&path)?,
+        },
+        SetTimes { path, mtime_ms } => SetTimes {
+            path: normalize(&path)?,
+            mtime_ms,
         },
         Trash { path, recursive } => Trash {
             path: normalize(&path)?,
@@ -634,6 +640,7 @@ fn changes_namespace(req: &ClientToNamenode) -> bool {
             | ClientToNamenode::ApprovePlugin { .. }
             | ClientToNamenode::SetOwner { .. }
             | ClientToNamenode::SetMode { .. }
+            | ClientToNamenode::SetTimes { .. }
             | ClientToNamenode::SetQuota { .. }
             | ClientToNamenode::Trash { .. }
             | ClientToNamenode::Expunge
@@ -685,6 +692,7 @@ impl RequestKind for ClientToNamenode {
             ClientToNamenode::Decommission { .. } => "Decommission",
             ClientToNamenode::SetOwner { .. } => "SetOwner",
             ClientToNamenode::SetMode { .. } => "SetMode",
+            ClientToNamenode::SetTimes { .. } => "SetTimes",
             ClientToNamenode::RefreshGroups => "RefreshGroups",
             ClientToNamenode::SetQuota { .. } => "SetQuota",
             ClientToNamenode::Count { .. } => "Count",
@@ -905,6 +913,16 @@ async fn route(
                     group: None,
                     mode: Some(change),
                     recursive,
+                })
+                .await
+        }
+        ClientToNamenode::SetTimes { path, mtime_ms } => {
+            shared
+                .writer
+                .submit(Mutation::SetTimes {
+                    caller: caller.clone(),
+                    path,
+                    mtime_ms,
                 })
                 .await
         }

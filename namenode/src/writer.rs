@@ -108,6 +108,12 @@ pub enum Mutation {
         mode: Option<lode_protocol::perm::ModeChange>,
         recursive: bool,
     },
+    /// `touch`: set an entry's modification time (to the writer's clock if `None`).
+    SetTimes {
+        caller: Caller,
+        path: String,
+        mtime_ms: Option<u64>,
+    },
     /// Start or stop draining a datanode.
     Decommission { datanode: String, on: bool },
     /// Dump the metadata store (consistent: no change runs meanwhile); the bytes go to `out`.
@@ -442,6 +448,11 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
                 mode,
                 recursive,
             } => ns.prepare_set_attributes(&caller, &path, owner, group, mode, recursive)?,
+            Mutation::SetTimes {
+                caller,
+                path,
+                mtime_ms,
+            } => vec![ns.prepare_set_times(&caller, &path, mtime_ms.unwrap_or(now_ms))?],
             Mutation::Decommission { datanode, on } => {
                 vec![MetaOp::SetDecommission { datanode, on }]
             }

@@ -214,6 +214,8 @@ pub enum ClientToNamenode {
     Trash { path: String, recursive: bool },
     /// Empty the caller's trash.
     Expunge,
+    /// Set an entry's modification time (`touch`): to `mtime_ms`, or to the namenode's clock.
+    SetTimes { path: String, mtime_ms: Option<u64> },
 }
 
 /// What to do with safe mode.

@@ -266,6 +266,14 @@ fn every_message_matches_its_golden_bytes() {
     );
     check("c2n_expunge", c, C::Expunge);
     check(
+        "c2n_set_times",
+        c,
+        C::SetTimes {
+            path: "/a".into(),
+            mtime_ms: Some(1_700_000_000_000),
+        },
+    );
+    check(
         "n2c_trashed",
         kind::NAMENODE_REPLY,
         NamenodeReply::Trashed {

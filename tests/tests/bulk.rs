@@ -90,12 +90,26 @@ fn head_tail_touch_test_and_getmerge() {
 
     c.ok(&["touch", "/empty"]);
     assert_eq!(c.stat("/empty")["size"], 0);
+    let before = c.stat("/short")["mtime_ms"].as_u64().unwrap();
     c.ok(&["touch", "/short"]);
     assert_eq!(
         c.get_bytes("/short"),
         b"tiny",
         "touch leaves a file's bytes alone"
     );
+    let after = c.stat("/short")["mtime_ms"].as_u64().unwrap();
+    assert!(
+        after > before,
+        "touch sets the modification time: {before} then {after}"
+    );
+    // Someone who may not write the file (nor owns it) cannot touch it.
+    let bob = c.client_config_for("bob", "");
+    let out = c.lode_with(&bob, &["touch", "/short"], None);
+    lode_tests::assert_one_line_error(&out, &["touch of another's file"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("permission denied"));
+    assert_eq!(c.stat("/short")["mtime_ms"].as_u64().unwrap(), after);
+    let out = c.lode(&["touch", "/"]);
+    assert!(!out.status.success(), "a directory is refused");
     c.ok(&["mkdir", "/d"]);
     for (args, code) in [
         (vec!["test", "-e", "/f"], 0),
