@@ -35,20 +35,50 @@ struct Total<'a> {
     report: &'a (dyn Fn(u64) + Sync),
 }
 
-impl Total<'_> {
-    fn add(&self, delta: u64) {
-        let now = self.bytes.fetch_add(delta, Ordering::Relaxed) + delta;
-        (self.report)(now);
+/// One file's progress, passed on to the total as deltas.
+struct FileProgress<'a> {
+    total: &'a Total<'a>,
+    seen: AtomicU64,
+}
+
+impl FileProgress<'_> {
+    fn report(&self, n: u64) {
+        let before = self.seen.swap(n, Ordering::Relaxed);
+        let delta = n.saturating_sub(before);
+        let now = self.total.bytes.fetch_add(delta, Ordering::Relaxed) + delta;
+        (self.total.report)(now);
     }
 }
 
-/// A callback for one file that passes its progress on to the total as deltas.
-fn per_file<'a>(total: &'a Total<'a>) -> impl Fn(u64) + Sync + 'a {
-    let seen = AtomicU64::new(0);
-    move |n| {
-        let before = seen.swap(n, Ordering::Relaxed);
-        total.add(n.saturating_sub(before));
-    }
+/// Runs `one` on every transfer, `in_flight` at a time, each with its progress counted into
+/// `total`; the outcomes come in the order the transfers finish.
+async fn each<'a, F, Fut>(
+    items: Vec<Transfer>,
+    in_flight: usize,
+    total: &'a Total<'a>,
+    one: F,
+) -> Vec<Outcome>
+where
+    F: Fn(&Transfer, FileProgress<'a>) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, Error>>,
+{
+    stream::iter(items)
+        .map(|transfer| {
+            let progress = FileProgress {
+                total,
+                seen: AtomicU64::new(0),
+            };
+            let work = one(&transfer, progress);
+            async move {
+                Outcome {
+                    result: work.await,
+                    transfer,
+                }
+            }
+        })
+        .buffer_unordered(in_flight.max(1))
+        .collect()
+        .await
 }
 
 /// A name beside `dest` for a file being written, renamed onto `dest` when complete.
@@ -74,24 +104,16 @@ impl Client {
             bytes: AtomicU64::new(0),
             report: progress,
         };
-        let total = &total;
-        stream::iter(items)
-            .map(|t| async move {
-                let result = async {
-                    let file = tokio::fs::File::open(&t.local)
-                        .await
-                        .map_err(|e| Error::local(&t.local, e))?;
-                    self.put(file, &t.remote, opts, &per_file(total)).await
-                }
-                .await;
-                Outcome {
-                    transfer: t,
-                    result,
-                }
-            })
-            .buffer_unordered(in_flight.max(1))
-            .collect()
-            .await
+        each(items, in_flight, &total, |t, p| {
+            let (local, remote) = (t.local.clone(), t.remote.clone());
+            async move {
+                let file = tokio::fs::File::open(&local)
+                    .await
+                    .map_err(|e| Error::local(&local, e))?;
+                self.put(file, &remote, opts, &|n| p.report(n)).await
+            }
+        })
+        .await
     }
 
     /// Reads every remote file into its local path (through a temporary name, renamed when
@@ -107,43 +129,34 @@ impl Client {
             bytes: AtomicU64::new(0),
             report: progress,
         };
-        let total = &total;
-        stream::iter(items)
-            .map(|t| async move {
-                let result = async {
-                    if !overwrite && t.local.exists() {
-                        return Err(Error::Invalid(format!(
-                            "{}: exists (use -f to overwrite)",
-                            t.local.display()
-                        )));
+        each(items, in_flight, &total, |t, p| {
+            let (local, remote) = (t.local.clone(), t.remote.clone());
+            async move {
+                if !overwrite && local.exists() {
+                    return Err(Error::Invalid(format!(
+                        "{}: exists (use -f to overwrite)",
+                        local.display()
+                    )));
+                }
+                let tmp = temp_beside(&local);
+                let mut file = tokio::fs::File::create(&tmp)
+                    .await
+                    .map_err(|e| Error::local(&tmp, e))?;
+                let got = self.get(&remote, &mut file, &|n| p.report(n)).await;
+                drop(file);
+                match got {
+                    Ok(n) => {
+                        std::fs::rename(&tmp, &local).map_err(|e| Error::local(&local, e))?;
+                        Ok(n)
                     }
-                    let tmp = temp_beside(&t.local);
-                    let mut file = tokio::fs::File::create(&tmp)
-                        .await
-                        .map_err(|e| Error::local(&tmp, e))?;
-                    let got = self.get(&t.remote, &mut file, &per_file(total)).await;
-                    drop(file);
-                    match got {
-                        Ok(n) => {
-                            std::fs::rename(&tmp, &t.local)
-                                .map_err(|e| Error::local(&t.local, e))?;
-                            Ok(n)
-                        }
-                        Err(e) => {
-                            let _ = std::fs::remove_file(&tmp);
-                            Err(e)
-                        }
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        Err(e)
                     }
                 }
-                .await;
-                Outcome {
-                    transfer: t,
-                    result,
-                }
-            })
-            .buffer_unordered(in_flight.max(1))
-            .collect()
-            .await
+            }
+        })
+        .await
     }
 }
 
