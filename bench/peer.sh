@@ -19,7 +19,6 @@
 # fsync a write by default. The cold-cache get drops the page cache when /proc/sys/vm/drop_caches
 # is writable (root) and says so when it is not.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SIZE_MIB=1024
 FILES=2000
 ONLY=all
@@ -31,16 +30,8 @@ while [ $# -gt 0 ]; do
     *) echo "usage: $0 [--size-mib N] [--files N] [--only small|big]" >&2; exit 2 ;;
   esac
 done
-OUT="$ROOT/bench/out"
-BIN="$ROOT/target/release"
-mkdir -p "$OUT"
-cd "$ROOT"
-cargo build --release -q --workspace
-BYTES=$((SIZE_MIB * 1024 * 1024))
-now() { date +%s.%N; }
-mbps() { python3 -c "print(f'{$1/($3-$2)/1e6:.1f}')"; }
-rate() { python3 -c "print(f'{$1/($3-$2):.0f}')"; }
-ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+BENCH_OWN_ARGS=1
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cold() {
   sync
   if [ -w /proc/sys/vm/drop_caches ]; then echo 3 > /proc/sys/vm/drop_caches; else COLD="(warm: drop_caches not writable)"; fi
