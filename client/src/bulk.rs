@@ -81,6 +81,40 @@ where
         .await
 }
 
+/// Local files up to this size are read whole by one blocking call (a file read through
+/// `tokio::fs` costs a hand-off to a blocking thread per read).
+const READ_WHOLE_BYTES: u64 = 1 << 20;
+
+/// A local file to put: its bytes, if it is small, or what was read of it and the open file.
+enum Local {
+    Read(Vec<u8>),
+    Open(Vec<u8>, tokio::fs::File),
+}
+
+async fn open_local(path: PathBuf) -> Result<Local, Error> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = std::fs::File::open(&path).map_err(|e| Error::local(&path, e))?;
+        let len = file.metadata().map_err(|e| Error::local(&path, e))?.len();
+        if len > READ_WHOLE_BYTES {
+            return Ok(Local::Open(vec![], tokio::fs::File::from_std(file)));
+        }
+        // Read to the end, not `len` bytes: the file may be growing or be something else.
+        let mut bytes = Vec::with_capacity(len as usize + 1);
+        (&mut file)
+            .take(READ_WHOLE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::local(&path, e))?;
+        if bytes.len() as u64 > READ_WHOLE_BYTES {
+            // It grew past the bound meanwhile: the rest comes from the file itself.
+            return Ok(Local::Open(bytes, tokio::fs::File::from_std(file)));
+        }
+        Ok(Local::Read(bytes))
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("reading a local file failed: {e}")))?
+}
+
 /// A name beside `dest` for a file being written, renamed onto `dest` when complete.
 pub fn temp_beside(dest: &Path) -> PathBuf {
     let name = dest
@@ -107,10 +141,18 @@ impl Client {
         each(items, in_flight, &total, |t, p| {
             let (local, remote) = (t.local.clone(), t.remote.clone());
             async move {
-                let file = tokio::fs::File::open(&local)
-                    .await
-                    .map_err(|e| Error::local(&local, e))?;
-                self.put(file, &remote, opts, &|n| p.report(n)).await
+                let p = &|n| p.report(n);
+                match open_local(local.clone()).await? {
+                    Local::Read(bytes) => {
+                        self.put(std::io::Cursor::new(bytes), &remote, opts, p)
+                            .await
+                    }
+                    Local::Open(head, file) => {
+                        use tokio::io::AsyncReadExt;
+                        let input = std::io::Cursor::new(head).chain(file);
+                        self.put(input, &remote, opts, p).await
+                    }
+                }
             }
         })
         .await
