@@ -36,6 +36,8 @@ pub struct ClusterSpec {
     /// The namenode's `trash_interval_ms`: 0 (the trash off, so `rm` frees blocks at once, as
     /// most tests expect) unless a test turns it on.
     pub trash_interval_ms: u64,
+    /// The namenode's `stale_after_ms` and `dead_after_ms` (else 2 s and 5 s).
+    pub liveness_ms: Option<(u64, u64)>,
     /// More top-level lines of the namenode's config (`token_lifetime_ms = 2000`), and tables
     /// after them (`[groups]`).
     pub namenode_extra: String,
@@ -55,6 +57,7 @@ impl Default for ClusterSpec {
             stream_idle_ms: None,
             namenode_extra: String::new(),
             trash_interval_ms: 0,
+            liveness_ms: None,
         }
     }
 }
@@ -217,9 +220,11 @@ impl Cluster {
             path.join("namenode.toml"),
             format!(
                 "listen = \"127.0.0.1:{namenode_port}\"\nmeta_dir = \"meta\"\nheartbeat_interval_ms = 200\n\
-                 stale_after_ms = 2000\ndead_after_ms = 5000\nlease_expiry_ms = {}\nreplication_default = {}\n\
+                 stale_after_ms = {}\ndead_after_ms = {}\nlease_expiry_ms = {}\nreplication_default = {}\n\
                  block_size_default = {}\nhttp_listen = \"127.0.0.1:0\"\naudit_log = \"audit.log\"\n\
                  trash_interval_ms = {}\n{}{}\n{}",
+                spec.liveness_ms.map_or(2000, |l| l.0),
+                spec.liveness_ms.map_or(5000, |l| l.1),
                 spec.lease_expiry_ms,
                 spec.replication,
                 spec.block_size,

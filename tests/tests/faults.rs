@@ -446,3 +446,39 @@ fn a_restarted_datanode_rejoins_and_drops_replicas_deleted_while_it_was_down() {
     c.kill_datanode(2);
     assert_eq!(c.get_bytes("/keep"), keep);
 }
+
+/// The datanodes' receipts commit a write on their own: with every heartbeat lost after the
+/// datanodes registered, a put of several blocks still completes (without receipts its commits
+/// would wait for replica reports that never come, and fail after 20 s), and the file reads back
+/// from the replicas the receipts named.
+#[test]
+fn a_put_commits_on_receipts_while_every_heartbeat_is_lost() {
+    let c = Cluster::start(ClusterSpec {
+        datanodes: 2,
+        replication: 2,
+        // Heartbeats never arrive, so the datanodes must stay live on their registration alone.
+        liveness_ms: Some((120_000, 240_000)),
+        datanode_failpoints: Some("datanode.heartbeat.lose_request=return".into()),
+        ..Default::default()
+    });
+    c.wait_live(2);
+    let data = random_bytes(3 * 65536 + 5, 21);
+    c.put_bytes("/on-receipts", &data, &[]);
+    let st = c.stat("/on-receipts");
+    assert_eq!(st["complete"], true, "{st}");
+    assert_eq!(c.get_bytes("/on-receipts"), data);
+    let report = c.report().unwrap();
+    let nn = report["namenode"]["http_addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, metrics) = lode_tests::http_get(&nn, "/metrics").unwrap();
+    assert!(
+        metrics.contains("lode_namenode_replica_receipts_total{kind=\"accepted\"} 8"),
+        "four blocks, two receipts each: {metrics}"
+    );
+    assert!(
+        !metrics.contains("lode_namenode_requests_total{kind=\"Heartbeat\"}"),
+        "no heartbeat reached the namenode: {metrics}"
+    );
+}
