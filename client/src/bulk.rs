@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::stream::{self, StreamExt};
+use lode_protocol::messages::EntryKind;
 
 use crate::error::Error;
 use crate::fs::Client;
@@ -81,8 +82,8 @@ where
         .await
 }
 
-/// Local files up to this size are read whole by one blocking call (a file read through
-/// `tokio::fs` costs a hand-off to a blocking thread per read).
+/// Local files up to this size are read (put) or written (get) whole by one blocking call (a file
+/// read or written through `tokio::fs` costs a hand-off to a blocking thread per call).
 const READ_WHOLE_BYTES: u64 = 1 << 20;
 
 /// A local file to put: its bytes, if it is small, or what was read of it and the open file.
@@ -180,11 +181,30 @@ impl Client {
                         local.display()
                     )));
                 }
+                let st = self.stat(&remote, true).await?;
                 let tmp = temp_beside(&local);
+                if st.kind == EntryKind::File && st.size <= READ_WHOLE_BYTES {
+                    // A small file comes into memory and goes out with one blocking call.
+                    let mut bytes = Vec::with_capacity(st.size as usize);
+                    let n = self.get_status(&st, &mut bytes, &|n| p.report(n)).await?;
+                    return tokio::task::spawn_blocking(move || {
+                        let written = std::fs::write(&tmp, &bytes)
+                            .map_err(|e| Error::local(&tmp, e))
+                            .and_then(|()| {
+                                std::fs::rename(&tmp, &local).map_err(|e| Error::local(&local, e))
+                            });
+                        if written.is_err() {
+                            let _ = std::fs::remove_file(&tmp);
+                        }
+                        written.map(|()| n)
+                    })
+                    .await
+                    .map_err(|e| Error::Invalid(format!("writing a local file failed: {e}")))?;
+                }
                 let mut file = tokio::fs::File::create(&tmp)
                     .await
                     .map_err(|e| Error::local(&tmp, e))?;
-                let got = self.get(&remote, &mut file, &|n| p.report(n)).await;
+                let got = self.get_status(&st, &mut file, &|n| p.report(n)).await;
                 drop(file);
                 match got {
                     Ok(n) => {
