@@ -116,6 +116,20 @@ async fn open_local(path: PathBuf) -> Result<Local, Error> {
     .map_err(|e| Error::Invalid(format!("reading a local file failed: {e}")))?
 }
 
+/// A temporary file written with outcome `got`: renamed onto `dest` if it succeeded, else (or if
+/// the rename fails) removed.
+fn settle(tmp: &Path, dest: &Path, got: Result<u64, Error>) -> Result<u64, Error> {
+    let settled = got.and_then(|n| {
+        std::fs::rename(tmp, dest)
+            .map(|()| n)
+            .map_err(|e| Error::local(dest, e))
+    });
+    if settled.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    settled
+}
+
 /// A name beside `dest` for a file being written, renamed onto `dest` when complete.
 pub fn temp_beside(dest: &Path) -> PathBuf {
     let name = dest
@@ -189,14 +203,9 @@ impl Client {
                     let n = self.get_status(&st, &mut bytes, &|n| p.report(n)).await?;
                     return tokio::task::spawn_blocking(move || {
                         let written = std::fs::write(&tmp, &bytes)
-                            .map_err(|e| Error::local(&tmp, e))
-                            .and_then(|()| {
-                                std::fs::rename(&tmp, &local).map_err(|e| Error::local(&local, e))
-                            });
-                        if written.is_err() {
-                            let _ = std::fs::remove_file(&tmp);
-                        }
-                        written.map(|()| n)
+                            .map(|()| n)
+                            .map_err(|e| Error::local(&tmp, e));
+                        settle(&tmp, &local, written)
                     })
                     .await
                     .map_err(|e| Error::Invalid(format!("writing a local file failed: {e}")))?;
@@ -206,16 +215,7 @@ impl Client {
                     .map_err(|e| Error::local(&tmp, e))?;
                 let got = self.get_status(&st, &mut file, &|n| p.report(n)).await;
                 drop(file);
-                match got {
-                    Ok(n) => {
-                        std::fs::rename(&tmp, &local).map_err(|e| Error::local(&local, e))?;
-                        Ok(n)
-                    }
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        Err(e)
-                    }
-                }
+                settle(&tmp, &local, got)
             }
         })
         .await
