@@ -5,6 +5,9 @@
 //!   project's own transport settings (protocol::net), in MB/s: the ceiling for put and get.
 //! - `mkdirs`: durable mkdirs (or empty-file creates) per second from several concurrent clients,
 //!   each with some requests outstanding (group commit at work).
+//! - `synth` / `datanodes`: the namenode at scale (see `scale.rs`).
+
+mod scale;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -63,6 +66,15 @@ enum Cmd {
         #[arg(long)]
         files: bool,
     },
+    /// Write a synthetic namespace into a new metadata directory.
+    Synth {
+        #[arg(long)]
+        meta_dir: PathBuf,
+        #[command(flatten)]
+        layout: scale::Layout,
+    },
+    /// Simulated datanodes against a namenode started on a synthetic namespace.
+    Datanodes(scale::SimArgs),
 }
 
 fn tls(certs: &std::path::Path, name: &str) -> TlsFiles {
@@ -81,6 +93,8 @@ fn mbps(bytes: u64, secs: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::Synth { meta_dir, layout } => scale::synth(&meta_dir, &layout)?,
+        Cmd::Datanodes(args) => scale::datanodes(args).await?,
         Cmd::Hash { file } => {
             let mut f = std::fs::File::open(&file).with_context(|| file.display().to_string())?;
             let start = Instant::now();

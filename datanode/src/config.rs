@@ -32,6 +32,11 @@ pub struct Config {
     /// Heartbeat interval in ms. Default 3000.
     #[serde(default = "d_heartbeat")]
     pub heartbeat_interval_ms: u64,
+    /// A full block report goes to the namenode again this often (besides registration), so
+    /// that what it knows of this node cannot drift for long. 0: only at registration.
+    /// Default 3600.
+    #[serde(default = "d_full_report")]
+    pub full_report_interval_secs: u64,
     /// Scan tasks run at once; more wait. Default: the number of cores.
     #[serde(default)]
     pub task_slots: Option<usize>,
@@ -109,6 +114,10 @@ fn d_plugin_cpu() -> u64 {
 }
 fn d_plugin_wall() -> u64 {
     120
+}
+
+fn d_full_report() -> u64 {
+    3600
 }
 
 fn d_heartbeat() -> u64 {

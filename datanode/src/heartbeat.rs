@@ -18,21 +18,29 @@ use crate::node::Node;
 /// news to carry with it.
 const REPORT_BATCH: Duration = Duration::from_millis(50);
 
-/// Runs until shutdown: register, then heartbeat every `interval` (or sooner when a replica is new).
+/// Runs until shutdown: register, then heartbeat every `interval` (or sooner when a replica is
+/// new), and send the full report again every `full_report` (never if zero).
 pub async fn run(
     shared: Arc<Node>,
     namenode: String,
     advertise: String,
     interval: Duration,
+    full_report: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut registered = false;
+    let mut reported = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
+        if registered && !full_report.is_zero() && reported.elapsed() >= full_report {
+            tracing::info!("sending the periodic full block report");
+            registered = false;
+        }
         if !registered {
             match register(&shared, &namenode, &advertise).await {
                 Ok(()) => {
                     registered = true;
+                    reported = tokio::time::Instant::now();
                     backoff = Duration::from_millis(100);
                 }
                 Err(e) => {
@@ -92,19 +100,14 @@ async fn register(shared: &Node, namenode: &str, advertise: &str) -> Result<(), 
     // Whatever was pending (lost replicas too) is covered by the full report.
     let _ = shared.reports.take();
     let store = shared.store.clone();
-    let mut blocks = tokio::task::spawn_blocking(move || store.report())
+    let blocks = tokio::task::spawn_blocking(move || store.report())
         .await
         .unwrap_or_default();
     let conn = shared.pool.get(namenode, NAMENODE_SERVER_NAME).await?;
     let n = blocks.len();
     // The full report goes in pages: the registration holds the first, `ReportMore` the rest.
-    let mut req = DatanodeToNamenode::Register {
-        addr: advertise.to_string(),
-        space,
-        blocks: paging::take_page(&mut blocks, paging::PAGE_BYTES),
-    };
     let mut to_delete = 0;
-    loop {
+    for req in paging::report_requests(advertise.to_string(), space, blocks) {
         let reply: NamenodeToDatanode = net::call(
             &conn,
             kind::DATANODE_TO_NAMENODE,
@@ -117,12 +120,6 @@ async fn register(shared: &Node, namenode: &str, advertise: &str) -> Result<(), 
             to_delete += delete.len();
             delete_replicas(shared, delete).await;
         }
-        if blocks.is_empty() {
-            break;
-        }
-        req = DatanodeToNamenode::ReportMore {
-            blocks: paging::take_page(&mut blocks, paging::PAGE_BYTES),
-        };
     }
     tracing::info!(replicas = n, to_delete, "registered with the namenode");
     let sandbox = DatanodeToNamenode::Info {

@@ -157,6 +157,7 @@ pub async fn run(
         config.namenode.clone(),
         config.advertised(),
         Duration::from_millis(config.heartbeat_interval_ms),
+        Duration::from_secs(config.full_report_interval_secs),
         shutdown.clone(),
     ));
     let scanner = tokio::spawn(scanner::run(

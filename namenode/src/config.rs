@@ -62,6 +62,10 @@ pub struct Config {
     /// about twice this. Default 64 MiB; at least 4096.
     #[serde(default = "d_roll")]
     pub edit_log_roll_bytes: u64,
+    /// Bytes of the metadata store's pages kept in memory (sled's cache; the namespace itself
+    /// stays on disk). Default 256 MiB; at least 16 MiB.
+    #[serde(default = "d_meta_cache")]
+    pub meta_cache_bytes: u64,
     /// Where the audit log goes (one JSON line per namespace operation); none when absent.
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
@@ -108,6 +112,10 @@ fn d_audit_keep() -> u32 {
 
 fn d_roll() -> u64 {
     64 << 20
+}
+
+fn d_meta_cache() -> u64 {
+    crate::store::DEFAULT_CACHE_BYTES
 }
 
 fn d_safemode() -> f64 {
@@ -196,6 +204,9 @@ impl Config {
             .map_err(|e| format!("replication_default: {e}"))?;
         lode_protocol::checksum::validate_block_size(self.block_size_default)
             .map_err(|e| format!("block_size_default: {e}"))?;
+        if self.meta_cache_bytes < 16 << 20 {
+            return Err("meta_cache_bytes must be at least 16 MiB (16777216)".into());
+        }
         if self.heartbeat_interval_ms == 0 || self.stale_after_ms <= self.heartbeat_interval_ms {
             return Err("stale_after_ms must exceed heartbeat_interval_ms (> 0)".into());
         }

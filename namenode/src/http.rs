@@ -1,8 +1,9 @@
 //! The namenode's HTTP side: a status page (plain server-rendered HTML, no JavaScript) and
 //! Prometheus metrics, served through `lode_protocol::web` (request-head and connection deadlines,
 //! a connection limit). No request takes the state's lock: the page and the gauges that describe
-//! the cluster are a snapshot refreshed in the background every [`REFRESH`]; counters and
-//! histograms are updated where the work happens and read as they are.
+//! the cluster are a snapshot refreshed in the background every [`REFRESH`] (the block counts in
+//! it less often on a large block map: see `HEALTH_DUTY`); counters and histograms are updated
+//! where the work happens and read as they are.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use crate::state::State;
+use crate::state::{BlockHealth, State};
 
 /// A label set with one label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -172,9 +173,8 @@ impl Metrics {
     }
 
     /// Sets the gauges that describe the cluster from the soft state.
-    fn update_gauges(&self, state: &State) {
-        let now = Instant::now();
-        let report = state.report(now);
+    fn update_gauges(&self, state: &State, health: &BlockHealth, now: Instant) {
+        let report = state.report_with(now, health);
         self.datanodes.clear();
         for s in ["live", "stale", "dead", "decommissioning", "decommissioned"] {
             let n = report.datanodes.iter().filter(|d| d.state == s).count();
@@ -190,8 +190,7 @@ impl Metrics {
                 })
                 .set(d.last_heartbeat_ms as f64 / 1000.0);
         }
-        self.blocks
-            .set(state.blocks.values().filter(|e| e.complete).count() as i64);
+        self.blocks.set(health.total as i64);
         self.under_replicated.set(report.under_replicated as i64);
         self.missing.set(report.missing as i64);
         self.corrupt.set(report.corrupt as i64);
@@ -208,6 +207,10 @@ impl Metrics {
 
 /// How often the page and the cluster gauges are rebuilt from the soft state.
 pub const REFRESH: Duration = Duration::from_secs(1);
+
+/// The block counts of the page and the gauges are taken again once this many times as long as
+/// the last count took has passed (a count of every block takes seconds on a large map).
+const HEALTH_DUTY: u32 = 20;
 
 #[derive(Clone)]
 struct Web {
@@ -231,15 +234,30 @@ pub async fn serve(
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(REFRESH);
+            let mut health = BlockHealth::default();
+            let mut counted: Option<(Instant, Duration)> = None;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = shutdown.changed() => return,
                 }
+                // The block counts are taken chunk by chunk, the lock released in between, and
+                // no more than 1/HEALTH_DUTY of the time: on a large block map they are older
+                // than the rest of the page.
+                let now = Instant::now();
+                if counted.is_none_or(|(at, took)| {
+                    now.saturating_duration_since(at) >= took * HEALTH_DUTY
+                }) {
+                    let Some(h) = crate::state::health_pass(&state, now).await else {
+                        return;
+                    };
+                    health = h;
+                    counted = Some((now, now.elapsed()));
+                }
                 let html = match state.lock() {
                     Ok(s) => {
-                        web.metrics.update_gauges(&s);
-                        page(&s)
+                        web.metrics.update_gauges(&s, &health, now);
+                        page(&s, &health, now)
                     }
                     Err(_) => return,
                 };
@@ -296,10 +314,9 @@ async fn serve_page(AxumState(web): AxumState<Web>) -> Html<String> {
 }
 
 /// The status page, from the soft state.
-fn page(state: &State) -> String {
-    let now = Instant::now();
-    let r = state.report(now);
-    let (reported, total) = state.reported_blocks(now);
+fn page(state: &State, health: &BlockHealth, now: Instant) -> String {
+    let r = state.report_with(now, health);
+    let (reported, total) = (health.total - health.missing, health.total);
     let mut h = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Lode namenode</title>\
          <meta http-equiv=\"refresh\" content=\"5\"><style>\

@@ -36,6 +36,15 @@ use crate::writer::{Mutation, Writer};
 
 pub use lode_protocol::service::ShutdownSignal;
 
+/// Returns free heap memory to the system (glibc keeps what small allocations freed).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own heap.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Recovers the namespace (replaying edits the store has not applied), then serves on `endpoint`
 /// until `shutdown` fires or the namespace writer fails.
 pub async fn run(
@@ -44,9 +53,11 @@ pub async fn run(
     shutdown: ShutdownSignal,
 ) -> Result<(), Error> {
     let meta_dir = config.meta_dir.clone();
-    let (ns, mut log, ids, stored) = tokio::task::spawn_blocking(move || recover(&meta_dir))
-        .await
-        .map_err(|e| Error::Store(format!("recovery task: {e}")))??;
+    let cache_bytes = config.meta_cache_bytes;
+    let (ns, mut log, ids, stored) =
+        tokio::task::spawn_blocking(move || recover_cached(&meta_dir, cache_bytes))
+            .await
+            .map_err(|e| Error::Store(format!("recovery task: {e}")))??;
     let timing = Timing {
         stale_after: Duration::from_millis(config.stale_after_ms),
         dead_after: Duration::from_millis(config.dead_after_ms),
@@ -54,6 +65,12 @@ pub async fn run(
     };
     let decommissioned = ns.decommissioned()?;
     let mut initial = State::new(timing, &stored, Instant::now());
+    let entries = stored.inodes.len();
+    // The namespace stays on disk; what the soft state needs of it is in `initial` now. The
+    // allocator is asked to hand the freed heap back (a namespace of millions of files passes
+    // through it once at start).
+    drop(stored);
+    trim_heap();
     initial.safemode_threshold = config.safemode_threshold;
     initial.full_below = config.block_size_default;
     initial.decommission = decommissioned.into_iter().collect();
@@ -102,7 +119,7 @@ pub async fn run(
     let token_lifetime_ms = config.token_lifetime_ms;
     let groups =
         perm::Groups::new(&config.groups).map_err(|e| Error::Store(format!("groups: {e}")))?;
-    tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = stored.inodes.len(), "namenode serving");
+    tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = entries, "namenode serving");
     let shared = Arc::new(server::Shared {
         ns,
         state: state.clone(),
@@ -110,6 +127,7 @@ pub async fn run(
         config,
         metrics,
         replica_reports: tokio::sync::Notify::new(),
+        report_slots: tokio::sync::Semaphore::new(server::REPORTS_AT_ONCE),
         audit,
         groups: std::sync::RwLock::new(groups),
         signer: Mutex::new(tokens::Signer::new(token_lifetime_ms)),
@@ -149,6 +167,11 @@ type Recovered = (Namespace<SledStore>, EditLog, IdAlloc, namespace::Stored);
 /// up to the log's last edit. It refuses to guess: a store missing edits that neither the log nor
 /// the checkpoint holds, or a store ahead of a log that has edits, is an error naming both.
 pub fn recover(meta_dir: &std::path::Path) -> Result<Recovered, Error> {
+    recover_cached(meta_dir, store::DEFAULT_CACHE_BYTES)
+}
+
+/// [`recover`], with at most about `cache_bytes` of the store's pages cached.
+pub fn recover_cached(meta_dir: &std::path::Path, cache_bytes: u64) -> Result<Recovered, Error> {
     std::fs::create_dir_all(meta_dir).map_err(|source| Error::EditLog {
         path: meta_dir.to_path_buf(),
         source,
@@ -161,7 +184,7 @@ pub fn recover(meta_dir: &std::path::Path) -> Result<Recovered, Error> {
     let (mut log, records) = EditLog::open(meta_dir)?;
     let checkpoint = editlog::read_checkpoint(meta_dir)?;
     let sled_dir = meta_dir.join("sled");
-    let mut store = Arc::new(SledStore::open(&sled_dir)?);
+    let mut store = Arc::new(SledStore::open_cached(&sled_dir, cache_bytes)?);
     let mut applied = namespace::read_last_applied(&*store)?;
     // The first edit the log can still give.
     let log_from = records.first().map_or(log.last_seq() + 1, |r| r.0);
@@ -239,9 +262,18 @@ async fn repair_loop(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        match state.lock() {
-            Ok(mut s) => s.plan_repairs(Instant::now()),
+        // The tick's blocks are planned one chunk per hold of the lock.
+        let now = Instant::now();
+        let ids = match state.lock() {
+            Ok(mut s) => s.repair_tick(now),
             Err(_) => return,
+        };
+        for chunk in ids.chunks(state::SCAN_CHUNK) {
+            tokio::task::yield_now().await;
+            match state.lock() {
+                Ok(mut s) => s.plan_blocks(chunk, now),
+                Err(_) => return,
+            }
         }
     }
 }

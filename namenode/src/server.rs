@@ -21,7 +21,7 @@ use crate::error::{to_wire, Error};
 use crate::namespace::Namespace;
 use crate::perm::{Caller, Groups};
 use crate::placement;
-use crate::state::{SafeMode, State};
+use crate::state::{SafeMode, State, SCAN_CHUNK};
 use crate::store::SledStore;
 use crate::writer::{Mutation, WriterHandle};
 
@@ -47,6 +47,11 @@ pub struct Shared {
     pub metrics: Arc<crate::http::Metrics>,
     /// Woken whenever a datanode reports replicas (commits wait for their confirmations).
     pub replica_reports: tokio::sync::Notify,
+    /// Full block report pages counted at once ([`REPORTS_AT_ONCE`]; the others wait their turn,
+    /// as HDFS hands out block report leases): when every datanode of a large cluster registers
+    /// at once, counting all their pages together would starve the tasks that read requests and
+    /// drive the connections.
+    pub report_slots: tokio::sync::Semaphore,
     /// Where namespace operations are audited, when configured.
     pub audit: Option<crate::audit::AuditLog>,
     /// Group membership, from the config (reloaded by `RefreshGroups`).
@@ -273,7 +278,9 @@ async fn serve_stream(
     match request {
         Request::Datanode(req) => {
             let kind = request_kind(&req);
-            let reply = handle_datanode(req, &identity.name, shared).map_err(|e| to_wire(&e));
+            let reply = handle_datanode(req, &identity.name, shared)
+                .await
+                .map_err(|e| to_wire(&e));
             // Replicas reported: commits waiting for confirmations look again.
             shared.replica_reports.notify_waiters();
             shared.metrics.observe(kind, started);
@@ -1134,9 +1141,15 @@ async fn route(
             })
             .await
         }
-        ClientToNamenode::Report => Ok(NamenodeReply::Report(
-            shared.state()?.report(Instant::now()),
-        )),
+        ClientToNamenode::Report => {
+            let now = Instant::now();
+            let health = crate::state::health_pass(&shared.state, now)
+                .await
+                .ok_or_else(|| Error::Store("state lock poisoned".into()))?;
+            Ok(NamenodeReply::Report(
+                shared.state()?.report_with(now, &health),
+            ))
+        }
         ClientToNamenode::AddPlugin { hash, name, path } => {
             let ns = shared.ns.clone();
             let p = path.clone();
@@ -1291,32 +1304,89 @@ async fn route(
     }
 }
 
-fn handle_datanode(
+/// Block report pages counted at once.
+pub const REPORTS_AT_ONCE: usize = 2;
+
+/// Counts the replicas of a block report page after the first `done`, one [`SCAN_CHUNK`] per
+/// hold of the state lock (yielding in between, so that heartbeats and clients are not stalled
+/// behind a large report); returns the replicas to delete.
+async fn report_rest(
+    name: &str,
+    blocks: &[ReportedBlock],
+    done: usize,
+    shared: &Shared,
+) -> Result<Vec<ReportedBlock>, Error> {
+    let mut delete = vec![];
+    for chunk in blocks.get(done..).unwrap_or_default().chunks(SCAN_CHUNK) {
+        tokio::task::yield_now().await;
+        delete.extend(shared.state()?.report_more(name, chunk, Instant::now()));
+    }
+    Ok(delete)
+}
+
+async fn handle_datanode(
     req: DatanodeToNamenode,
     name: &str,
     shared: &Shared,
 ) -> Result<NamenodeToDatanode, Error> {
+    let _slot = match &req {
+        DatanodeToNamenode::Register { .. } | DatanodeToNamenode::ReportMore { .. } => Some(
+            shared
+                .report_slots
+                .acquire()
+                .await
+                .map_err(|_| Error::Store("report slots closed".into()))?,
+        ),
+        _ => None,
+    };
     let now = Instant::now();
-    let mut state = shared.state()?;
     match req {
         DatanodeToNamenode::Register {
             addr,
             space,
             blocks,
+            last,
         } => {
-            let delete = state.register(name, addr.clone(), space, &blocks, now);
+            let first = blocks.len().min(SCAN_CHUNK);
+            let mut delete =
+                shared
+                    .state()?
+                    .register(name, addr.clone(), space, &blocks[..first], now);
+            delete.extend(report_rest(name, &blocks, first, shared).await?);
+            if last {
+                shared.state()?.end_report(name);
+            }
             tracing::info!(datanode = name, %addr, replicas = blocks.len(), unknown = delete.len(), "datanode registered");
             Ok(NamenodeToDatanode::Registered {
                 delete,
                 keys: shared.signer()?.keys(),
             })
         }
-        DatanodeToNamenode::ReportMore { blocks } => {
-            let delete = state.report_more(name, &blocks, now);
+        DatanodeToNamenode::ReportMore { blocks, last } => {
+            let delete = report_rest(name, &blocks, 0, shared).await?;
+            if last {
+                shared.state()?.end_report(name);
+            }
             Ok(NamenodeToDatanode::Registered {
                 delete,
                 keys: shared.signer()?.keys(),
             })
+        }
+        other => handle_datanode_small(other, name, shared, now),
+    }
+}
+
+/// The datanode requests that take one short hold of the state lock.
+fn handle_datanode_small(
+    req: DatanodeToNamenode,
+    name: &str,
+    shared: &Shared,
+    now: Instant,
+) -> Result<NamenodeToDatanode, Error> {
+    let mut state = shared.state()?;
+    match req {
+        DatanodeToNamenode::Register { .. } | DatanodeToNamenode::ReportMore { .. } => {
+            Err(Error::Store("block reports are handled in chunks".into()))
         }
         DatanodeToNamenode::CorruptReplicas { blocks } => {
             for block in blocks {

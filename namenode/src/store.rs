@@ -32,15 +32,24 @@ pub struct SledStore {
     tree: sled::Db,
 }
 
+/// sled's page cache unless the config sets `meta_cache_bytes`.
+pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+
 impl SledStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir` with the default page cache.
     pub fn open(dir: &Path) -> Result<SledStore, Error> {
+        SledStore::open_cached(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store in `dir`, caching at most about `cache_bytes` of its pages.
+    pub fn open_cached(dir: &Path, cache_bytes: u64) -> Result<SledStore, Error> {
         // A store closed a moment ago in this process may still hold its file lock while sled's
         // flusher thread winds down: wait for it, briefly, rather than fail the open.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         loop {
             match sled::Config::new()
                 .path(dir)
+                .cache_capacity(cache_bytes)
                 .mode(sled::Mode::HighThroughput)
                 .open()
             {

@@ -199,6 +199,8 @@ impl Sim {
         let ids = IdAlloc::recover(&ns, &stored).unwrap();
         let mut st = State::new(timing(), &stored, now);
         st.safemode_threshold = 0.999;
+        // No sweep: the events alone must mark every block that needs repair planning.
+        st.sweep_chunk = 0;
         st.check_safemode(now);
         let state = Arc::new(Mutex::new(st));
         let writer = Writer {
@@ -553,13 +555,12 @@ impl Sim {
                         cv: r.1,
                     })
                     .collect();
-                let delete = self.state.lock().unwrap().register(
-                    &name,
-                    format!("{name}:1"),
-                    space(),
-                    &report,
-                    now,
-                );
+                let delete = {
+                    let mut st = self.state.lock().unwrap();
+                    let delete = st.register(&name, format!("{name}:1"), space(), &report, now);
+                    st.end_report(&name);
+                    delete
+                };
                 let dn = self.dns.get_mut(&name).unwrap();
                 dn.received.clear();
                 dn.deleted.clear();
@@ -812,6 +813,29 @@ impl Sim {
         dn.registered = false;
     }
 
+    /// A replica vanishes from a live datanode without a word (a file removed behind its back),
+    /// and the node's next periodic full report leaves it out.
+    fn silent_loss(&mut self) {
+        let Some(name) = self.pick_dn(true) else {
+            return;
+        };
+        let held: Vec<BlockId> = self.dns[&name].replicas.keys().copied().collect();
+        if held.is_empty() {
+            return;
+        }
+        let id = held[self.rng.random_range(0..held.len())];
+        if !self.good_elsewhere(id, &name) || self.faulty(id, Some(&name)) >= self.target(id) {
+            return;
+        }
+        self.trace(format!(
+            "replica {id} vanishes from {name}; a full report follows"
+        ));
+        let dn = self.dns.get_mut(&name).unwrap();
+        dn.replicas.remove(&id);
+        dn.bad.remove(&id);
+        dn.registered = false;
+    }
+
     fn restart_namenode(&mut self) {
         self.trace("namenode restart".into());
         let (w, s) = Self::start_namenode(&self.journal, self.now());
@@ -833,7 +857,8 @@ impl Sim {
                 .iter()
                 .map(|(n, d)| (n.clone(), d.pending_delete.len()))
                 .collect();
-            st.plan_repairs(now);
+            let due = st.repair_tick(now);
+            st.plan_blocks(&due, now);
             st.datanodes
                 .iter()
                 .flat_map(|(n, d)| {
@@ -939,6 +964,18 @@ impl Sim {
         }
         self.trace(format!("heal: {lost} is lost for good"));
         self.dns.get_mut(&lost).unwrap().alive = false;
+        // Replication is lowered once the namenode counts the machine dead. Before that it cannot
+        // know the machine is gone (as in HDFS, a replica on a node that died a moment ago may be
+        // the one kept), so a file lowered to one replica could keep only that one.
+        while {
+            let st = self.state.lock().unwrap();
+            let now = self.now();
+            st.datanodes
+                .get(&lost)
+                .is_some_and(|d| st.node_state(d, now) != NodeState::Dead)
+        } {
+            self.tick();
+        }
         let paths: Vec<String> = self.files.keys().cloned().collect();
         for path in paths {
             let r = self.rng.random_range(1..=DATANODES as u8 - 1);
@@ -1053,6 +1090,7 @@ impl Sim {
             68..=70 => self.stale_replica(),
             71..=73 => self.restart_namenode(),
             74..=75 => self.client_reports_bad_replica(),
+            76..=78 => self.silent_loss(),
             _ => {
                 for _ in 0..self.rng.random_range(1..8) {
                     self.tick();

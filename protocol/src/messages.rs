@@ -442,11 +442,15 @@ pub struct Space {
 /// Messages from a datanode to the namenode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DatanodeToNamenode {
-    /// Join (or rejoin) with a full block report.
+    /// Join (or rejoin) with a full block report: its first page, `last` when no `ReportMore`
+    /// follows. A node registered and alive sends one again every `full_report_interval_secs`;
+    /// the namenode then compares it with what it knew of the node and forgets, after the last
+    /// page, only the replicas the report left out.
     Register {
         addr: String,
         space: Space,
         blocks: Vec<ReportedBlock>,
+        last: bool,
     },
     /// Periodic liveness, with replicas finalized or deleted since the last one.
     Heartbeat {
@@ -466,7 +470,10 @@ pub enum DatanodeToNamenode {
     CorruptReplicas { blocks: Vec<BlockId> },
     /// More of the full block report that the last `Register` opened (a report is sent in pages
     /// of at most [`crate::paging::PAGE_BYTES`]); answered with `Registered`.
-    ReportMore { blocks: Vec<ReportedBlock> },
+    ReportMore {
+        blocks: Vec<ReportedBlock>,
+        last: bool,
+    },
 }
 
 /// Replies from the namenode to a datanode.

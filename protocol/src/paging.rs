@@ -11,7 +11,7 @@
 
 use serde::Serialize;
 
-use crate::messages::NamenodeReply;
+use crate::messages::{DatanodeToNamenode, NamenodeReply, ReportedBlock, Space};
 
 /// Encoded bytes of items in one page at most (a single larger item travels alone).
 pub const PAGE_BYTES: usize = 1 << 20;
@@ -45,6 +45,34 @@ pub fn take_page<T: Serialize>(items: &mut Vec<T>, budget: usize) -> Vec<T> {
     }
     let rest = items.split_off(n);
     std::mem::replace(items, rest)
+}
+
+/// A full block report as the requests that carry it: `Register` with the first page, then a
+/// `ReportMore` per further page, `last` set on the final one.
+pub fn report_requests(
+    addr: String,
+    space: Space,
+    blocks: Vec<ReportedBlock>,
+) -> Vec<DatanodeToNamenode> {
+    let pages = pages(blocks, PAGE_BYTES);
+    let n = pages.len();
+    pages
+        .into_iter()
+        .enumerate()
+        .map(|(i, blocks)| {
+            let last = i + 1 == n;
+            if i == 0 {
+                DatanodeToNamenode::Register {
+                    addr: addr.clone(),
+                    space,
+                    blocks,
+                    last,
+                }
+            } else {
+                DatanodeToNamenode::ReportMore { blocks, last }
+            }
+        })
+        .collect()
 }
 
 /// Whether `items` fill a page (so the sender likely has more): within 1 KiB of [`PAGE_BYTES`].

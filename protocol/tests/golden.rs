@@ -447,6 +447,7 @@ fn every_message_matches_its_golden_bytes() {
                 failed_volumes: 1,
             },
             blocks: vec![rb],
+            last: true,
         },
     );
     check(
@@ -483,7 +484,10 @@ fn every_message_matches_its_golden_bytes() {
     check(
         "d2n_report_more",
         d,
-        DatanodeToNamenode::ReportMore { blocks: vec![rb] },
+        DatanodeToNamenode::ReportMore {
+            blocks: vec![rb],
+            last: true,
+        },
     );
     let n = kind::NAMENODE_TO_DATANODE;
     check("n2d_ack", n, NamenodeToDatanode::Ack);

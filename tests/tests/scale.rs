@@ -51,6 +51,7 @@ fn a_datanode_with_two_million_replicas_registers_and_hears_every_delete() {
                 failed_volumes: 0,
             },
             blocks: paging::take_page(&mut all, PAGE_BYTES),
+            last: false,
         };
         let mut pages = 0;
         let mut deletes = 0u64;
@@ -75,8 +76,10 @@ fn a_datanode_with_two_million_replicas_registers_and_hears_every_delete() {
             if all.is_empty() {
                 break;
             }
+            let blocks = paging::take_page(&mut all, PAGE_BYTES);
             req = DatanodeToNamenode::ReportMore {
-                blocks: paging::take_page(&mut all, PAGE_BYTES),
+                last: all.is_empty(),
+                blocks,
             };
         }
         assert!(pages > 50, "{pages} pages");

@@ -5,6 +5,11 @@
 
 use super::*;
 
+/// Whether a block has more counted replicas than its replication (an excess one to remove).
+fn entry_over(e: Option<&BlockEntry>) -> bool {
+    e.is_some_and(|e| e.locations.len() > usize::from(e.replication))
+}
+
 /// A re-replication copy under way.
 #[derive(Clone, Debug)]
 pub struct PendingCopy {
@@ -59,6 +64,9 @@ pub struct BlockEntry {
     pub verified: BTreeMap<String, Instant>,
     /// Length of the block (committed, or the largest provisional replica).
     pub len: u64,
+    /// Whether a replica of it has counted since the state was built (see
+    /// [`State::startup_seen`]).
+    pub seen: bool,
 }
 
 impl BlockEntry {
@@ -78,6 +86,7 @@ impl BlockEntry {
             provisional: BTreeMap::new(),
             verified: BTreeMap::new(),
             len: committed.map_or(0, |c| c.0),
+            seen: false,
         }
     }
 
@@ -98,6 +107,7 @@ impl State {
     }
 
     pub(super) fn forget_block(&mut self, block: BlockId) {
+        self.repair_due.remove(&block);
         if let Some(entry) = self.blocks.remove(&block) {
             if let Some(replica) = entry.committed_replica(block) {
                 for name in &entry.locations {
@@ -145,14 +155,18 @@ impl State {
         proved: Option<Instant>,
     ) -> Option<ReportedBlock> {
         self.max_reported_block = self.max_reported_block.max(replica.id);
-        let key = (replica.id, name.to_string());
-        if self.corrupt.contains(&key) {
-            if proved.is_none() {
-                // The bad replica reported again (a registration): it still does not count.
-                return Some(replica);
+        // (Most reports find no corrupt replica at all: no key is made for them.)
+        if !self.corrupt.is_empty() {
+            let key = (replica.id, name.to_string());
+            if self.corrupt.contains(&key) {
+                if proved.is_none() {
+                    // The bad replica reported again (a registration): it still does not count.
+                    return Some(replica);
+                }
+                // A replica written, copied or verified since: its bytes were checked on the way
+                // in.
+                self.corrupt.remove(&key);
             }
-            // A replica written, copied or verified since: its bytes were checked on the way in.
-            self.corrupt.remove(&key);
         }
         let Some(entry) = self.blocks.get_mut(&replica.id) else {
             return Some(replica);
@@ -164,26 +178,38 @@ impl State {
             }
             Some((len, cv)) if replica.len == len && replica.cv == cv => {
                 entry.locations.insert(name.to_string());
+                if entry.complete && !entry.seen {
+                    entry.seen = true;
+                    self.startup_seen += 1;
+                }
                 if let Some(t) = proved {
                     entry.verified.insert(name.to_string(), t);
                 }
                 // Corrupt replicas kept only because nothing better existed can go now.
-                let kept: Vec<String> = self
-                    .corrupt
-                    .iter()
-                    .filter(|(b, n)| *b == replica.id && n != name)
-                    .map(|(_, n)| n.clone())
-                    .collect();
+                let kept: Vec<String> = if self.corrupt.is_empty() {
+                    vec![]
+                } else {
+                    self.corrupt
+                        .range((replica.id, String::new())..)
+                        .take_while(|(b, _)| *b == replica.id)
+                        .filter(|(_, n)| n != name)
+                        .map(|(_, n)| n.clone())
+                        .collect()
+                };
                 for n in kept {
                     self.corrupt.remove(&(replica.id, n.clone()));
                     self.delete_on(&n, replica);
                 }
                 self.copies
                     .retain(|c| !(c.block == replica.id && c.target == name));
+                if entry_over(self.blocks.get(&replica.id)) {
+                    self.repair_due.insert(replica.id);
+                }
             }
             Some(_) => {
                 entry.locations.remove(name);
                 entry.verified.remove(name);
+                self.repair_due.insert(replica.id);
                 self.stale_replicas += 1;
                 self.cancel_copies_from(name, replica.id);
                 tracing::warn!(block = %replica.id, datanode = name, len = replica.len,
@@ -213,16 +239,84 @@ impl State {
     /// Forgets that `name` holds a replica of `block` (it was deleted or lost).
     pub(super) fn drop_location(&mut self, name: &str, block: BlockId) {
         if let Some(e) = self.blocks.get_mut(&block) {
-            e.locations.remove(name);
+            if e.locations.remove(name) {
+                self.repair_due.insert(block);
+            }
             e.provisional.remove(name);
             e.verified.remove(name);
         }
         self.cancel_copies_from(name, block);
     }
 
-    /// Plans re-replication and excess-replica removal for complete files (see `repair.rs`) and
-    /// queues the commands for the datanodes' next heartbeats.
+    /// Plans re-replication and excess-replica removal for every complete file in one go (see
+    /// [`State::plan_blocks`]).
     pub fn plan_repairs(&mut self, now: Instant) {
+        let ids: Vec<BlockId> = self.blocks.keys().copied().collect();
+        for chunk in ids.chunks(SCAN_CHUNK) {
+            self.plan_blocks(chunk, now);
+        }
+    }
+
+    /// Starts a repair tick and returns the blocks it plans (the server plans them a
+    /// [`SCAN_CHUNK`] per hold of the lock, with [`State::plan_blocks`]): every block for the
+    /// first tick out of safe mode; after that the blocks marked due since (a replica lost,
+    /// deleted, found stale or corrupt, or one too many; a file completed or its replication
+    /// changed; a copy timed out; every block of a datanode that died, came back or started or
+    /// stopped draining, which this notes here), those that were not healthy at the last tick,
+    /// and the next chunk of a slow sweep over all blocks, a safety net for anything no event
+    /// marks. A block map of at most a chunk is thus planned whole at every tick.
+    pub fn repair_tick(&mut self, now: Instant) -> Vec<BlockId> {
+        self.check_safemode(now);
+        if self.safemode != SafeMode::Off {
+            self.repair_full = true;
+            return vec![];
+        }
+        if std::mem::take(&mut self.repair_full) {
+            self.repair_due.clear();
+            return self.blocks.keys().copied().collect();
+        }
+        let mut due = std::mem::take(&mut self.repair_due);
+        let marks: Vec<(String, (bool, bool))> = self
+            .datanodes
+            .iter()
+            .map(|(n, dn)| {
+                let mark = (
+                    self.node_state(dn, now) == NodeState::Dead || dn.needs_report,
+                    self.decommission.contains(n),
+                );
+                (n.clone(), mark)
+            })
+            .collect();
+        for (name, mark) in marks {
+            if let Some(dn) = self.datanodes.get_mut(&name) {
+                if dn.repair_mark != Some(mark) {
+                    // A node seen for the first time is marked by its replicas as they come.
+                    if dn.repair_mark.is_some() {
+                        due.extend(dn.blocks.iter().copied());
+                    }
+                    dn.repair_mark = Some(mark);
+                }
+            }
+        }
+        for c in self.copies.iter().filter(|c| c.deadline <= now) {
+            due.insert(c.block);
+        }
+        let mut sweep = self.blocks.range(self.repair_sweep..);
+        let taken: Vec<BlockId> = sweep
+            .by_ref()
+            .take(self.sweep_chunk)
+            .map(|(id, _)| *id)
+            .collect();
+        self.repair_sweep = sweep.next().map_or(BlockId(0), |(id, _)| *id);
+        due.extend(taken);
+        due.into_iter().collect()
+    }
+
+    /// Plans re-replication and excess-replica removal for the complete blocks among `ids` (see
+    /// `repair.rs`) and queues the commands for the datanodes' next heartbeats. A block that is
+    /// not healthy afterwards (fewer or more counted replicas than its replication) stays due for
+    /// the next tick.
+    pub fn plan_blocks(&mut self, ids: &[BlockId], now: Instant) {
         self.check_safemode(now);
         if self.safemode != SafeMode::Off {
             return;
@@ -240,9 +334,9 @@ impl State {
             *pending.entry(c.block).or_default() += 1;
             *copies_out.entry(c.source.as_str()).or_default() += 1;
         }
-        let blocks: Vec<crate::repair::BlockView> = self
-            .blocks
+        let blocks: Vec<crate::repair::BlockView> = ids
             .iter()
+            .filter_map(|id| self.blocks.get_key_value(id))
             .filter(|(_, e)| e.complete)
             .map(|(id, e)| crate::repair::BlockView {
                 id: *id,
@@ -369,6 +463,11 @@ impl State {
                 }
             }
         }
+        for b in &blocks {
+            if b.holders.len() != b.target {
+                self.repair_due.insert(b.id);
+            }
+        }
     }
 
     /// Live replica holders of a block, live before stale, dead and corrupt ones left out. The order
@@ -477,6 +576,7 @@ impl State {
         // Counted or not (a replica asked to verify before its delete was resent is not), a bad
         // replica goes once a good one is counted elsewhere; until then it stays, marked corrupt.
         entry.locations.remove(name);
+        self.repair_due.insert(block);
         entry.verified.remove(name);
         let others = !entry.locations.is_empty();
         let replica = entry.committed_replica(block);
@@ -495,6 +595,44 @@ impl State {
 mod tests {
     use super::super::testing::*;
     use super::*;
+
+    #[test]
+    fn after_the_first_pass_a_repair_tick_plans_the_blocks_events_made_due() {
+        let t0 = Instant::now();
+        let mut s = state(3, 2, true, t0);
+        s.safemode_threshold = 0.0;
+        s.sweep_chunk = 0;
+        let all = [replica(1), replica(2), replica(3)];
+        s.register("dn-1", "a:1".into(), space(), &all, t0);
+        s.register("dn-2", "a:2".into(), space(), &all, t0);
+        s.register("dn-3", "a:3".into(), space(), &[replica(1)], t0);
+        // The first tick plans every block (and forgets what was marked before it).
+        assert_eq!(s.repair_tick(t0).len(), 3);
+        assert!(s.repair_tick(t0).is_empty(), "nothing happened since");
+        // A lost replica, a completed file and a replication change each mark their block.
+        s.drop_location("dn-2", BlockId(2));
+        assert_eq!(s.repair_tick(t0), [BlockId(2)]);
+        s.on_applied(
+            &Applied {
+                replication: vec![(BlockId(3), 3)],
+                ..Applied::default()
+            },
+            t0,
+        );
+        assert_eq!(s.repair_tick(t0), [BlockId(3)]);
+        // A datanode that dies makes all of its blocks due once.
+        let ts = t0 + timing().dead_after / 2;
+        s.heartbeat("dn-2", space(), &[], &[], ts);
+        s.heartbeat("dn-3", space(), &[], &[], ts);
+        let t1 = t0 + timing().dead_after;
+        assert_eq!(s.repair_tick(t1), [BlockId(1), BlockId(2), BlockId(3)]);
+        assert!(s.repair_tick(t1).is_empty());
+        // With the sweep, a chunk of every block is planned at each tick as well.
+        s.sweep_chunk = 2;
+        assert_eq!(s.repair_tick(t1), [BlockId(1), BlockId(2)]);
+        assert_eq!(s.repair_tick(t1), [BlockId(3)]);
+        assert_eq!(s.repair_tick(t1), [BlockId(1), BlockId(2)]);
+    }
 
     #[test]
     fn only_replicas_matching_the_committed_block_count() {

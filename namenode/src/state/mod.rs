@@ -34,6 +34,34 @@ pub struct Timing {
     pub lease_expiry: Duration,
 }
 
+/// Blocks one hold of the state lock covers in a pass over the whole block map (health counts,
+/// repair planning) or in a block report: a pass over millions of blocks in one hold would stall
+/// every heartbeat and client request behind it.
+pub const SCAN_CHUNK: usize = 4096;
+
+/// Block counts of one pass over the block map (complete blocks only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockHealth {
+    /// Complete blocks.
+    pub total: u64,
+    /// Without any replica on a datanode that is not dead.
+    pub missing: u64,
+    /// With fewer such replicas than their replication.
+    pub under: u64,
+}
+
+/// Counts the health of every block, one [`SCAN_CHUNK`] per hold of `state`'s lock, yielding
+/// between chunks; `None` if the lock is poisoned.
+pub async fn health_pass(state: &std::sync::Mutex<State>, now: Instant) -> Option<BlockHealth> {
+    let mut health = BlockHealth::default();
+    let mut from = Some(BlockId(0));
+    while let Some(f) = from {
+        from = state.lock().ok()?.block_health(f, now, &mut health);
+        tokio::task::yield_now().await;
+    }
+    Some(health)
+}
+
 /// All soft state, behind one mutex in the server.
 #[derive(Debug)]
 pub struct State {
@@ -59,10 +87,26 @@ pub struct State {
     /// by a verified read after it was asked: a replica gone bad unnoticed must never be the one
     /// kept while good ones are deleted.
     pub verifying: BTreeMap<(BlockId, String), Instant>,
+    /// Blocks the next repair tick plans besides its sweep (see [`State::repair_tick`]).
+    pub repair_due: BTreeSet<BlockId>,
+    /// Whether the next repair tick plans every block.
+    pub repair_full: bool,
+    /// Where the repair sweep goes on.
+    pub repair_sweep: BlockId,
+    /// Blocks the sweep adds to each repair tick ([`SCAN_CHUNK`]; the simulation turns it off to
+    /// prove that the events alone mark every block that needs planning).
+    pub sweep_chunk: usize,
     /// Whether namespace changes are refused.
     pub safemode: SafeMode,
     /// Fraction of blocks that must have a reported replica before start-up safe mode lifts.
     pub safemode_threshold: f64,
+    /// Blocks complete when the state was built.
+    pub complete_at_start: u64,
+    /// Complete blocks that have had a counted replica reported since (each once): safe mode
+    /// counts exactly only once this reaches its threshold.
+    pub startup_seen: u64,
+    /// When an exact count last kept safe mode on.
+    pub safemode_retry: Option<Instant>,
     /// Datanodes being drained (decommissioning, or decommissioned once drained).
     pub decommission: BTreeSet<String>,
     /// Recent events for the status page, oldest first.
@@ -89,8 +133,15 @@ impl State {
             max_reported_block: BlockId(0),
             copies: vec![],
             verifying: BTreeMap::new(),
+            repair_due: BTreeSet::new(),
+            repair_full: true,
+            repair_sweep: BlockId(0),
+            sweep_chunk: SCAN_CHUNK,
             safemode: SafeMode::Startup,
             safemode_threshold: 0.999,
+            complete_at_start: 0,
+            startup_seen: 0,
+            safemode_retry: None,
             decommission: BTreeSet::new(),
             events: std::collections::VecDeque::new(),
             http_addr: None,
@@ -126,6 +177,7 @@ impl State {
                 }
             }
         }
+        s.complete_at_start = s.blocks.values().filter(|e| e.complete).count() as u64;
         s
     }
 
@@ -181,11 +233,13 @@ impl State {
         for (block, replication) in &applied.replication {
             if let Some(e) = self.blocks.get_mut(block) {
                 e.replication = *replication;
+                self.repair_due.insert(*block);
             }
         }
         for block in &applied.completed {
             if let Some(e) = self.blocks.get_mut(block) {
                 e.complete = true;
+                self.repair_due.insert(*block);
             }
         }
     }
@@ -237,9 +291,30 @@ impl State {
 
     /// The cluster overview.
     pub fn report(&self, now: Instant) -> ClusterReport {
-        let mut under = 0;
-        let mut missing = 0;
-        for entry in self.blocks.values().filter(|e| e.complete) {
+        let mut health = BlockHealth::default();
+        let mut from = Some(BlockId(0));
+        while let Some(f) = from {
+            from = self.block_health(f, now, &mut health);
+        }
+        self.report_with(now, &health)
+    }
+
+    /// Adds the health of up to [`SCAN_CHUNK`] blocks from `from` on to `health`; returns where
+    /// the next chunk starts, or `None` once every block is counted. A pass over a large block map
+    /// goes chunk by chunk, each under its own hold of the state lock, so that heartbeats, reports
+    /// and clients get in between.
+    pub fn block_health(
+        &self,
+        from: BlockId,
+        now: Instant,
+        health: &mut BlockHealth,
+    ) -> Option<BlockId> {
+        let mut chunk = self.blocks.range(from..);
+        for (_, entry) in chunk.by_ref().take(SCAN_CHUNK) {
+            if !entry.complete {
+                continue;
+            }
+            health.total += 1;
             let live = entry
                 .locations
                 .iter()
@@ -250,11 +325,17 @@ impl State {
                 })
                 .count();
             if live == 0 {
-                missing += 1;
+                health.missing += 1;
             } else if live < usize::from(entry.replication) {
-                under += 1;
+                health.under += 1;
             }
         }
+        chunk.next().map(|(id, _)| *id)
+    }
+
+    /// The cluster report, with the block counts of a pass of [`State::block_health`].
+    pub fn report_with(&self, now: Instant, health: &BlockHealth) -> ClusterReport {
+        let (under, missing) = (health.under, health.missing);
         let mut datanodes: Vec<DatanodeReport> = self
             .datanodes
             .iter()

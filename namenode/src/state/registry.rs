@@ -55,6 +55,12 @@ pub struct Datanode {
     pub pending_copy: Vec<CopyCommand>,
     /// Its metrics address.
     pub http_addr: Option<String>,
+    /// (dead or to report again, draining) as the last repair tick saw it: a change makes all of
+    /// its blocks due for planning.
+    pub repair_mark: Option<(bool, bool)>,
+    /// While a full report of a node already known is under way: the replicas it was known to
+    /// hold that the report has not named yet.
+    pub reporting: Option<BTreeSet<BlockId>>,
 }
 
 impl State {
@@ -112,8 +118,14 @@ impl State {
         }
     }
 
-    /// A datanode joins with a full block report; returns replicas it should delete.
-    #[allow(clippy::too_many_arguments)]
+    /// A datanode joins with a full block report (this is its first page); returns replicas it
+    /// should delete.
+    ///
+    /// A node that registers again while registered and alive (its periodic full report, or a
+    /// quick restart) keeps what it was known to hold (its queued commands go, as for any
+    /// registration): the report is compared with it, and the replicas it leaves out are
+    /// forgotten at [`State::end_report`]. So a full report never
+    /// makes a block look under-replicated while its pages arrive. Any other node starts afresh.
     pub fn register(
         &mut self,
         name: &str,
@@ -123,41 +135,60 @@ impl State {
         now: Instant,
     ) -> Vec<ReportedBlock> {
         let before = self.datanodes.get(name).map(|dn| dn.space);
-        if let Some(old) = self.datanodes.remove(name) {
-            for b in old.blocks {
-                self.drop_location(name, b);
+        let alive = self
+            .datanodes
+            .get(name)
+            .is_some_and(|dn| !dn.needs_report && self.node_state(dn, now) != NodeState::Dead);
+        match self.datanodes.get_mut(name) {
+            Some(dn) if alive => {
+                dn.addr = addr;
+                dn.space = space;
+                dn.promised = 0;
+                dn.last_seen = now;
+                dn.reporting = Some(dn.blocks.clone());
+                // The report says what the node holds now: commands decided before it are
+                // dropped, as for a node that starts afresh, and decided again from it.
+                dn.pending_delete.clear();
+                dn.sent_deletes.clear();
+                dn.pending_copy.clear();
+            }
+            _ => {
+                if let Some(old) = self.datanodes.remove(name) {
+                    for b in old.blocks {
+                        self.drop_location(name, b);
+                    }
+                }
+                self.datanodes.insert(
+                    name.to_string(),
+                    Datanode {
+                        addr,
+                        space,
+                        promised: 0,
+                        last_seen: now,
+                        blocks: BTreeSet::new(),
+                        pending_delete: vec![],
+                        sent_deletes: BTreeMap::new(),
+                        needs_report: false,
+                        sandbox: vec![],
+                        sandbox_missing: vec![],
+                        pending_copy: vec![],
+                        http_addr: None,
+                        repair_mark: None,
+                        reporting: None,
+                    },
+                );
             }
         }
-        self.datanodes.insert(
-            name.to_string(),
-            Datanode {
-                addr,
-                space,
-                promised: 0,
-                last_seen: now,
-                blocks: BTreeSet::new(),
-                pending_delete: vec![],
-                sent_deletes: BTreeMap::new(),
-                needs_report: false,
-                sandbox: vec![],
-                sandbox_missing: vec![],
-                pending_copy: vec![],
-                http_addr: None,
-            },
-        );
-        let delete: Vec<ReportedBlock> = report
-            .iter()
-            .filter_map(|b| self.add_replica(name, *b, None))
-            .collect();
-        self.event(format!("{name} registered with {} replicas", report.len()));
+        let delete = self.count_report(name, report);
+        self.event(format!("{name} registered"));
         self.space_events(name, before, space);
         self.check_safemode(now);
         delete
     }
 
-    /// A further page of the full block report a `register` opened; returns replicas to delete.
-    /// A node that is not registered (the namenode restarted between pages) is ignored: its next
-    /// heartbeat makes it register again.
+    /// A further page (or part of one) of the full block report a `register` opened; returns
+    /// replicas to delete. A node that is not registered (the namenode restarted between pages)
+    /// is ignored: its next heartbeat makes it register again.
     pub fn report_more(
         &mut self,
         name: &str,
@@ -167,12 +198,56 @@ impl State {
         if !self.datanodes.contains_key(name) {
             return vec![];
         }
-        let delete = report
-            .iter()
-            .filter_map(|b| self.add_replica(name, *b, None))
-            .collect();
+        let delete = self.count_report(name, report);
         self.check_safemode(now);
         delete
+    }
+
+    /// The last page of a full report is counted: the replicas the node was known to hold and
+    /// did not report are forgotten (lost or deleted behind the namenode's back); their blocks
+    /// are due for repair planning.
+    pub fn end_report(&mut self, name: &str) {
+        let Some(left) = self
+            .datanodes
+            .get_mut(name)
+            .and_then(|dn| dn.reporting.take())
+        else {
+            return;
+        };
+        if !left.is_empty() {
+            tracing::warn!(
+                datanode = name,
+                replicas = left.len(),
+                "a full report leaves out replicas the node was known to hold; forgetting them"
+            );
+            self.event(format!(
+                "{name}'s full report leaves out {} replicas it held",
+                left.len()
+            ));
+        }
+        for b in left {
+            if let Some(dn) = self.datanodes.get_mut(name) {
+                dn.blocks.remove(&b);
+            }
+            self.drop_location(name, b);
+        }
+    }
+
+    /// Counts a report's replicas for `name`; returns those to delete.
+    fn count_report(&mut self, name: &str, report: &[ReportedBlock]) -> Vec<ReportedBlock> {
+        if let Some(left) = self
+            .datanodes
+            .get_mut(name)
+            .and_then(|dn| dn.reporting.as_mut())
+        {
+            for b in report {
+                left.remove(&b.id);
+            }
+        }
+        report
+            .iter()
+            .filter_map(|b| self.add_replica(name, *b, None))
+            .collect()
     }
 
     /// A replica a datanode signed for in a writer's pipeline acknowledgement (a checked
@@ -330,6 +405,41 @@ impl State {
 mod tests {
     use super::super::testing::*;
     use super::*;
+
+    #[test]
+    fn a_full_report_of_a_live_node_forgets_only_what_it_left_out_after_its_last_page() {
+        let t0 = Instant::now();
+        let mut s = state(3, 2, true, t0);
+        s.safemode_threshold = 0.0;
+        let all = [replica(1), replica(2), replica(3)];
+        s.register("dn-1", "a:1".into(), space(), &all, t0);
+        s.end_report("dn-1");
+        s.register("dn-2", "a:2".into(), space(), &all, t0);
+        s.end_report("dn-2");
+        // dn-1 reports again, in two pages, without block 2 (lost behind the namenode's back).
+        s.repair_due.clear();
+        s.register("dn-1", "a:1".into(), space(), &[replica(1)], t0);
+        let counted = |s: &State| -> Vec<usize> {
+            (1..=3)
+                .map(|i| s.blocks[&BlockId(i)].locations.len())
+                .collect()
+        };
+        assert_eq!(counted(&s), [2, 2, 2], "nothing is forgotten between pages");
+        assert!(s.repair_due.is_empty());
+        s.report_more("dn-1", &[replica(3)], t0);
+        assert_eq!(counted(&s), [2, 2, 2]);
+        s.end_report("dn-1");
+        assert_eq!(counted(&s), [2, 1, 2], "the replica left out is forgotten");
+        assert!(!s.datanodes["dn-1"].blocks.contains(&BlockId(2)));
+        assert_eq!(
+            s.repair_due.iter().copied().collect::<Vec<_>>(),
+            [BlockId(2)]
+        );
+        // A node that was dead starts afresh: its old replicas no longer count at all.
+        let late = t0 + timing().dead_after;
+        s.register("dn-2", "a:2".into(), space(), &[replica(1)], late);
+        assert_eq!(counted(&s), [2, 0, 1]);
+    }
 
     #[test]
     fn liveness_follows_silence_and_a_dead_node_must_register_again() {

@@ -16,23 +16,31 @@ pub enum SafeMode {
 impl State {
     /// (complete blocks with at least one reported replica, complete blocks).
     pub fn reported_blocks(&self, now: Instant) -> (u64, u64) {
-        let mut reported = 0;
-        let mut total = 0;
-        for e in self.blocks.values().filter(|e| e.complete) {
-            total += 1;
-            let any = e.locations.iter().any(|n| {
-                self.datanodes
-                    .get(n)
-                    .is_some_and(|dn| self.node_state(dn, now) != NodeState::Dead)
-            });
-            reported += u64::from(any);
+        let mut health = BlockHealth::default();
+        let mut from = Some(BlockId(0));
+        while let Some(f) = from {
+            from = self.block_health(f, now, &mut health);
         }
-        (reported, total)
+        (health.total - health.missing, health.total)
     }
 
     /// Lifts start-up safe mode once the threshold of blocks has a reported replica.
+    ///
+    /// It is asked after every chunk of a block report, so it must not count every block each
+    /// time: blocks that were complete at start and have had a replica reported since are counted
+    /// as they come ([`State::startup_seen`]), and only once that count reaches the threshold are
+    /// the blocks counted exactly (replicas on datanodes that died since do not count). A count
+    /// that falls short is tried again a second later at the earliest.
     pub fn check_safemode(&mut self, now: Instant) {
         if self.safemode != SafeMode::Startup {
+            return;
+        }
+        let need = self.safemode_threshold * self.complete_at_start as f64;
+        if (self.startup_seen as f64) < need
+            || self
+                .safemode_retry
+                .is_some_and(|t| now.saturating_duration_since(t) < SAFEMODE_RETRY)
+        {
             return;
         }
         let (reported, total) = self.reported_blocks(now);
@@ -46,9 +54,14 @@ impl State {
             self.event(format!(
                 "left safe mode: {reported} of {total} blocks reported"
             ));
+        } else {
+            self.safemode_retry = Some(now);
         }
     }
 }
+
+/// How soon an exact count that kept safe mode on is made again.
+const SAFEMODE_RETRY: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
@@ -67,6 +80,22 @@ mod tests {
         assert_eq!(s.safemode, SafeMode::Startup);
         s.report_more("dn-1", &[replica(3)], t0);
         assert_eq!(s.safemode, SafeMode::Off);
+        // The count of blocks seen gates the exact count: replicas of a node that died since do
+        // not count, and a count that fell short is made again a second later at the earliest.
+        let mut s = state(4, 1, true, t0);
+        s.safemode_threshold = 0.75;
+        s.register("dn-1", "a:1".into(), space(), &[replica(1)], t0);
+        let t1 = t0 + timing().dead_after;
+        s.register("dn-2", "a:2".into(), space(), &[replica(2), replica(3)], t1);
+        assert_eq!(s.startup_seen, 3);
+        assert_eq!(s.safemode, SafeMode::Startup, "dn-1 is dead by now");
+        s.report_more("dn-2", &[replica(4)], t1);
+        assert_eq!(s.safemode, SafeMode::Startup, "tried again within a second");
+        s.check_safemode(t1 + SAFEMODE_RETRY);
+        assert_eq!(s.safemode, SafeMode::Off);
+        assert_eq!(s.reported_blocks(t1), (3, 4));
+        let mut s = state(4, 1, true, t0);
+        s.safemode = SafeMode::Startup;
         // A manual safe mode never lifts by itself.
         s.safemode = SafeMode::Manual;
         s.check_safemode(t0);
