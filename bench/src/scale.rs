@@ -286,6 +286,7 @@ struct Figures {
     mkdirs: Samples,
     commands: std::sync::atomic::AtomicU64,
     errors: std::sync::atomic::AtomicU64,
+    refused: std::sync::atomic::AtomicU64,
 }
 
 fn space() -> Space {
@@ -342,7 +343,25 @@ async fn node(
     clock: Arc<tokio::sync::OnceCell<Instant>>,
 ) -> anyhow::Result<()> {
     let replicas = args.layout.replicas_of(dn);
-    let deletes = full_report(&conn, dn, replicas.clone(), &figures).await?;
+    // A registration the namenode refuses (it could not read every request in time while the
+    // whole fleet registered at once) is tried again after a pause that doubles, as a datanode
+    // does.
+    let mut backoff = Duration::from_millis(100);
+    let mut tries = 0;
+    let deletes = loop {
+        tries += 1;
+        match full_report(&conn, dn, replicas.clone(), &figures).await {
+            Ok(d) => break d,
+            Err(_) if tries < 20 => {
+                figures
+                    .refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(args.heartbeat_ms));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     anyhow::ensure!(
         deletes == 0,
         "dn-{}: the namenode asked to delete {deletes} replicas of its registration (is the \
@@ -476,8 +495,10 @@ pub async fn datanodes(args: SimArgs) -> anyhow::Result<()> {
     }
     let replicas = n * args.layout.blocks() * args.layout.replication.min(n) / n.max(1);
     println!(
-        "registration: {n} datanodes, {replicas} replicas in {:.1} s; full reports: {}",
+        "registration: {n} datanodes, {replicas} replicas in {:.1} s ({} refused and sent \
+         again); full reports: {}",
         start.elapsed().as_secs_f64(),
+        figures.refused.load(std::sync::atomic::Ordering::Relaxed),
         figures.reports.summary(start, "s")
     );
     let t0 = *clock.get_or_init(|| async { Instant::now() }).await;
