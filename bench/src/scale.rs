@@ -493,7 +493,7 @@ pub async fn datanodes(args: SimArgs) -> anyhow::Result<()> {
         _ = registered.wait() => {}
         Some(r) = tasks.join_next() => { r??; anyhow::bail!("a node ended before registering"); }
     }
-    let replicas = n * args.layout.blocks() * args.layout.replication.min(n) / n.max(1);
+    let replicas = args.layout.blocks() * args.layout.replication.min(n);
     println!(
         "registration: {n} datanodes, {replicas} replicas in {:.1} s ({} refused and sent \
          again); full reports: {}",

@@ -1307,17 +1307,16 @@ async fn route(
 /// Block report pages counted at once.
 pub const REPORTS_AT_ONCE: usize = 2;
 
-/// Counts the replicas of a block report page after the first `done`, one [`SCAN_CHUNK`] per
-/// hold of the state lock (yielding in between, so that heartbeats and clients are not stalled
-/// behind a large report); returns the replicas to delete.
-async fn report_rest(
+/// Counts the replicas of a block report page, one [`SCAN_CHUNK`] per hold of the state lock
+/// (yielding in between, so that heartbeats and clients are not stalled behind a large report);
+/// returns the replicas to delete.
+async fn count_page(
     name: &str,
     blocks: &[ReportedBlock],
-    done: usize,
     shared: &Shared,
 ) -> Result<Vec<ReportedBlock>, Error> {
     let mut delete = vec![];
-    for chunk in blocks.get(done..).unwrap_or_default().chunks(SCAN_CHUNK) {
+    for chunk in blocks.chunks(SCAN_CHUNK) {
         tokio::task::yield_now().await;
         delete.extend(shared.state()?.report_more(name, chunk, Instant::now()));
     }
@@ -1347,12 +1346,10 @@ async fn handle_datanode(
             blocks,
             last,
         } => {
-            let first = blocks.len().min(SCAN_CHUNK);
-            let mut delete =
-                shared
-                    .state()?
-                    .register(name, addr.clone(), space, &blocks[..first], now);
-            delete.extend(report_rest(name, &blocks, first, shared).await?);
+            let mut delete = shared
+                .state()?
+                .register(name, addr.clone(), space, &[], now);
+            delete.extend(count_page(name, &blocks, shared).await?);
             if last {
                 shared.state()?.end_report(name);
             }
@@ -1363,7 +1360,7 @@ async fn handle_datanode(
             })
         }
         DatanodeToNamenode::ReportMore { blocks, last } => {
-            let delete = report_rest(name, &blocks, 0, shared).await?;
+            let delete = count_page(name, &blocks, shared).await?;
             if last {
                 shared.state()?.end_report(name);
             }

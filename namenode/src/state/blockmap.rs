@@ -5,11 +5,6 @@
 
 use super::*;
 
-/// Whether a block has more counted replicas than its replication (an excess one to remove).
-fn entry_over(e: Option<&BlockEntry>) -> bool {
-    e.is_some_and(|e| e.locations.len() > usize::from(e.replication))
-}
-
 /// A re-replication copy under way.
 #[derive(Clone, Debug)]
 pub struct PendingCopy {
@@ -178,6 +173,8 @@ impl State {
             }
             Some((len, cv)) if replica.len == len && replica.cv == cv => {
                 entry.locations.insert(name.to_string());
+                // One replica too many: an excess one to remove.
+                let over = entry.locations.len() > usize::from(entry.replication);
                 if entry.complete && !entry.seen {
                     entry.seen = true;
                     self.startup_seen += 1;
@@ -202,7 +199,7 @@ impl State {
                 }
                 self.copies
                     .retain(|c| !(c.block == replica.id && c.target == name));
-                if entry_over(self.blocks.get(&replica.id)) {
+                if over {
                     self.repair_due.insert(replica.id);
                 }
             }
@@ -250,7 +247,8 @@ impl State {
 
     /// Plans re-replication and excess-replica removal for every complete file in one go (see
     /// [`State::plan_blocks`]).
-    pub fn plan_repairs(&mut self, now: Instant) {
+    #[cfg(test)]
+    pub(crate) fn plan_repairs(&mut self, now: Instant) {
         let ids: Vec<BlockId> = self.blocks.keys().copied().collect();
         for chunk in ids.chunks(SCAN_CHUNK) {
             self.plan_blocks(chunk, now);

@@ -291,12 +291,17 @@ impl State {
 
     /// The cluster overview.
     pub fn report(&self, now: Instant) -> ClusterReport {
+        self.report_with(now, &self.full_health(now))
+    }
+
+    /// The health of every block, in one go (see [`health_pass`] for a pass that lets others in).
+    pub fn full_health(&self, now: Instant) -> BlockHealth {
         let mut health = BlockHealth::default();
         let mut from = Some(BlockId(0));
         while let Some(f) = from {
             from = self.block_health(f, now, &mut health);
         }
-        self.report_with(now, &health)
+        health
     }
 
     /// Adds the health of up to [`SCAN_CHUNK`] blocks from `from` on to `health`; returns where

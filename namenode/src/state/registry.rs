@@ -118,8 +118,9 @@ impl State {
         }
     }
 
-    /// A datanode joins with a full block report (this is its first page); returns replicas it
-    /// should delete.
+    /// A datanode joins with a full block report (`report` is its first page, or a part of it:
+    /// the server counts pages with `report_more`, a chunk at a time); returns replicas it should
+    /// delete.
     ///
     /// A node that registers again while registered and alive (its periodic full report, or a
     /// quick restart) keeps what it was known to hold (its queued commands go, as for any

@@ -16,11 +16,7 @@ pub enum SafeMode {
 impl State {
     /// (complete blocks with at least one reported replica, complete blocks).
     pub fn reported_blocks(&self, now: Instant) -> (u64, u64) {
-        let mut health = BlockHealth::default();
-        let mut from = Some(BlockId(0));
-        while let Some(f) = from {
-            from = self.block_health(f, now, &mut health);
-        }
+        let health = self.full_health(now);
         (health.total - health.missing, health.total)
     }
 
