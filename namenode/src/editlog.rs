@@ -198,15 +198,7 @@ impl EditLog {
     pub fn append(&mut self, op: &MetaOp) -> Result<u64, Error> {
         let seq = self.last_seq + 1;
         let body = encode_edit(op)?;
-        let len = u32::try_from(body.len()).map_err(|_| Error::Store("edit too large".into()))?;
-        let mut h = crc32fast::Hasher::new();
-        h.update(&seq.to_le_bytes());
-        h.update(&body);
-        let mut rec = Vec::with_capacity(body.len() + RECORD_HEADER_BYTES as usize);
-        rec.extend_from_slice(&len.to_le_bytes());
-        rec.extend_from_slice(&h.finalize().to_le_bytes());
-        rec.extend_from_slice(&seq.to_le_bytes());
-        rec.extend_from_slice(&body);
+        let rec = frame_record(seq, &body)?;
         self.file.write_all(&rec).map_err(|source| Error::EditLog {
             path: self.path.clone(),
             source,
@@ -277,32 +269,11 @@ pub fn decode_segment(
     path: &Path,
     torn_tail_allowed: bool,
 ) -> Result<(Vec<(u64, MetaOp)>, u64), Error> {
-    let mut records: Vec<(u64, MetaOp)> = Vec::new();
-    let mut offset = 0usize;
-    while offset < bytes.len() {
-        let (seq, body, end) = match intact_record(bytes, offset) {
-            Ok(r) => r,
-            Err(why) => {
-                let last = records.last().map_or(0, |r| r.0);
-                let later = (offset + 1..bytes.len())
-                    .find(|o| intact_record(bytes, *o).is_ok_and(|(seq, _, _)| seq > last));
-                if let Some(later) = later {
-                    return Err(Error::Corrupt(format!(
-                        "edit log {}: {why} at offset {offset}, but intact edits follow at offset                          {later}; refusing to drop acknowledged edits (restore from a backup, or                          move the log aside to accept the loss)",
-                        path.display()
-                    )));
-                }
-                if !torn_tail_allowed {
-                    return Err(Error::Corrupt(format!(
-                        "edit log {}: {why} at offset {offset} of a segment that was synced whole",
-                        path.display()
-                    )));
-                }
-                tracing::warn!(path = %path.display(), offset, "edit log ends in a torn record ({why}); cutting it off");
-                break;
-            }
-        };
-        let op: MetaOp = match body.split_first() {
+    let (raw, end) = split_records("edit log", bytes, path, torn_tail_allowed)?;
+    let mut records: Vec<(u64, MetaOp)> = Vec::with_capacity(raw.len());
+    for r in raw {
+        let seq = r.seq;
+        let op: MetaOp = match r.body.split_first() {
             Some((&EDIT_FORMAT, rest)) => postcard::from_bytes(rest)
                 .map_err(|e| Error::Corrupt(format!("edit {seq} does not decode: {e}")))?,
             Some((&EDIT_FORMAT_V1, rest)) => {
@@ -325,6 +296,76 @@ pub fn decode_segment(
             }
         }
         records.push((seq, op));
+    }
+    Ok((records, end))
+}
+
+/// One intact record of a log file: its sequence number, body, and where it starts.
+pub(crate) struct RawRecord<'a> {
+    pub seq: u64,
+    pub body: &'a [u8],
+    pub offset: u64,
+}
+
+/// Frames `body` as a record numbered `seq` (the format every log of the namenode shares).
+pub(crate) fn frame_record(seq: u64, body: &[u8]) -> Result<Vec<u8>, Error> {
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|l| *l <= RECORD_BYTES_MAX)
+        .ok_or_else(|| Error::Store(format!("a record of {} bytes is too large", body.len())))?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&seq.to_le_bytes());
+    h.update(body);
+    let mut rec = Vec::with_capacity(body.len() + RECORD_HEADER_BYTES as usize);
+    rec.extend_from_slice(&len.to_le_bytes());
+    rec.extend_from_slice(&h.finalize().to_le_bytes());
+    rec.extend_from_slice(&seq.to_le_bytes());
+    rec.extend_from_slice(body);
+    Ok(rec)
+}
+
+/// The intact records of a log file's bytes, and the end of the last one. A bad record ends the
+/// file only if `torn_tail_allowed` and no intact record with a greater number follows it
+/// anywhere after (a crash mid-append, never acknowledged); otherwise it is damage in the middle
+/// of acknowledged records, and the error names its offset.
+pub(crate) fn split_records<'a>(
+    what: &str,
+    bytes: &'a [u8],
+    path: &Path,
+    torn_tail_allowed: bool,
+) -> Result<(Vec<RawRecord<'a>>, u64), Error> {
+    let mut records: Vec<RawRecord<'a>> = Vec::new();
+    let mut offset = 0usize;
+    while offset < bytes.len() {
+        let (seq, body, end) = match intact_record(bytes, offset) {
+            Ok(r) => r,
+            Err(why) => {
+                let last = records.last().map_or(0, |r| r.seq);
+                let later = (offset + 1..bytes.len())
+                    .find(|o| intact_record(bytes, *o).is_ok_and(|(seq, _, _)| seq > last));
+                if let Some(later) = later {
+                    return Err(Error::Corrupt(format!(
+                        "{what} {}: {why} at offset {offset}, but intact edits follow at offset \
+                         {later}; refusing to drop acknowledged edits (restore from a backup, or \
+                         move the log aside to accept the loss)",
+                        path.display()
+                    )));
+                }
+                if !torn_tail_allowed {
+                    return Err(Error::Corrupt(format!(
+                        "{what} {}: {why} at offset {offset} of a segment that was synced whole",
+                        path.display()
+                    )));
+                }
+                tracing::warn!(path = %path.display(), offset, "log ends in a torn record ({why}); cutting it off");
+                break;
+            }
+        };
+        records.push(RawRecord {
+            seq,
+            body,
+            offset: offset as u64,
+        });
         offset = end;
     }
     Ok((records, offset.min(bytes.len()) as u64))

@@ -15,6 +15,7 @@ pub mod http;
 pub mod namespace;
 pub mod perm;
 pub mod placement;
+pub mod raft;
 pub mod repair;
 pub mod server;
 pub mod state;

@@ -34,6 +34,10 @@ pub mod kind {
     pub const DATANODE_REQUEST: u16 = 5;
     /// `DatanodeReply`.
     pub const DATANODE_REPLY: u16 = 6;
+    /// `PeerPart` of a request from one member of the namenode group to another.
+    pub const NAMENODE_PEER: u16 = 7;
+    /// `PeerPart` of the reply to a `NAMENODE_PEER` request.
+    pub const NAMENODE_PEER_REPLY: u16 = 8;
     /// `WireError`, in place of any reply.
     pub const ERROR: u16 = 15;
 }

@@ -568,3 +568,32 @@ pub enum DatanodeReply {
     /// A scan task finished.
     TaskDone(TaskResult),
 }
+
+/// Which call of the namenode group's consensus a [`PeerPart`] belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRpc {
+    /// Log entries (or a heartbeat) from the leader.
+    AppendEntries,
+    /// A candidate asks for a vote.
+    Vote,
+    /// A chunk of a snapshot from the leader.
+    InstallSnapshot,
+}
+
+/// One frame of a message between members of the namenode group. The message is the consensus
+/// library's own request or reply, encoded with postcard and cut into parts of at most
+/// [`PEER_PART_BYTES`]; the receiver joins them up to [`PEER_MESSAGE_MAX`] and no further.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerPart {
+    /// The call.
+    pub rpc: PeerRpc,
+    /// These bytes of the message.
+    pub bytes: Vec<u8>,
+    /// Whether this is the message's last part.
+    pub last: bool,
+}
+
+/// Most bytes in one [`PeerPart`] (below the frame limit, with room for the rest of the frame).
+pub const PEER_PART_BYTES: usize = 3 << 20;
+/// Most bytes of one message between members of the namenode group, summed over its parts.
+pub const PEER_MESSAGE_MAX: usize = 64 << 20;

@@ -639,6 +639,94 @@ pub async fn call_namenode(
     )))
 }
 
+/// Writes a message between members of the namenode group as frames of `kind`, each at most
+/// [`crate::messages::PEER_PART_BYTES`] of it.
+pub async fn write_peer_message(
+    send: &mut quinn::SendStream,
+    kind: u16,
+    rpc: crate::messages::PeerRpc,
+    bytes: &[u8],
+) -> Result<(), RpcError> {
+    if bytes.len() > crate::messages::PEER_MESSAGE_MAX {
+        return Err(RpcError::Stream(format!(
+            "a message of {} bytes is larger than the {} a member accepts",
+            bytes.len(),
+            crate::messages::PEER_MESSAGE_MAX
+        )));
+    }
+    let mut chunks = bytes.chunks(crate::messages::PEER_PART_BYTES).peekable();
+    if chunks.peek().is_none() {
+        let part = crate::messages::PeerPart {
+            rpc,
+            bytes: vec![],
+            last: true,
+        };
+        return write_frame(send, kind, &part).await;
+    }
+    while let Some(c) = chunks.next() {
+        let part = crate::messages::PeerPart {
+            rpc,
+            bytes: c.to_vec(),
+            last: chunks.peek().is_none(),
+        };
+        write_frame(send, kind, &part).await?;
+    }
+    Ok(())
+}
+
+/// Reads the rest of a message between members of the namenode group, `first` being its first
+/// part: parts of kind `kind` for the same call, joined up to
+/// [`crate::messages::PEER_MESSAGE_MAX`] bytes (a longer message is refused before it is held).
+pub async fn read_peer_message(
+    recv: &mut quinn::RecvStream,
+    kind: u16,
+    first: crate::messages::PeerPart,
+) -> Result<(crate::messages::PeerRpc, Vec<u8>), RpcError> {
+    let rpc = first.rpc;
+    let mut bytes = first.bytes;
+    let mut last = first.last;
+    while !last {
+        let part: crate::messages::PeerPart = read_frame(recv, kind).await?;
+        if part.rpc != rpc {
+            return Err(RpcError::Stream(format!(
+                "a part of {:?} inside a message of {rpc:?}",
+                part.rpc
+            )));
+        }
+        if bytes.len() + part.bytes.len() > crate::messages::PEER_MESSAGE_MAX {
+            return Err(RpcError::Stream(format!(
+                "message runs over {} bytes",
+                crate::messages::PEER_MESSAGE_MAX
+            )));
+        }
+        bytes.extend_from_slice(&part.bytes);
+        last = part.last;
+    }
+    Ok((rpc, bytes))
+}
+
+/// One call to another member of the namenode group on a fresh stream: the request's parts,
+/// then the reply's.
+pub async fn call_peer(
+    conn: &quinn::Connection,
+    rpc: crate::messages::PeerRpc,
+    request: &[u8],
+) -> Result<Vec<u8>, RpcError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_peer_message(&mut send, frame::kind::NAMENODE_PEER, rpc, request).await?;
+    send.finish()?;
+    let first: crate::messages::PeerPart =
+        read_frame(&mut recv, frame::kind::NAMENODE_PEER_REPLY).await?;
+    let (got, reply) =
+        read_peer_message(&mut recv, frame::kind::NAMENODE_PEER_REPLY, first).await?;
+    if got != rpc {
+        return Err(RpcError::Stream(format!(
+            "the reply to {rpc:?} is one to {got:?}"
+        )));
+    }
+    Ok(reply)
+}
+
 /// Reads a piece header and its data into `buf` (cleared first). `None` at the end marker.
 pub async fn read_piece(
     recv: &mut quinn::RecvStream,
@@ -706,6 +794,26 @@ impl Pool {
 
     /// A live connection to `addr`, whose certificate must be valid for `server_name`.
     pub async fn get(&self, addr: &str, server_name: &str) -> Result<quinn::Connection, RpcError> {
+        let role = if server_name == NAMENODE_SERVER_NAME {
+            Role::Namenode
+        } else {
+            Role::Datanode
+        };
+        self.get_as(addr, server_name, role).await
+    }
+
+    /// A live connection to the namenode group's member `name` at `addr`: its certificate must
+    /// be valid for `name` and have the namenode role.
+    pub async fn get_member(&self, addr: &str, name: &str) -> Result<quinn::Connection, RpcError> {
+        self.get_as(addr, name, Role::Namenode).await
+    }
+
+    async fn get_as(
+        &self,
+        addr: &str,
+        server_name: &str,
+        role: Role,
+    ) -> Result<quinn::Connection, RpcError> {
         let sock: SocketAddr = match addr.parse() {
             Ok(a) => a,
             Err(_) => tokio::net::lookup_host(addr)
@@ -735,11 +843,6 @@ impl Pool {
             .map_err(|e| RpcError::Connect(format!("{server_name} at {addr}: {e}")))?;
         // The certificate must be valid for the name (TLS checked that) and be the right role's:
         // a datanode certificate that names itself "namenode" is no namenode.
-        let role = if server_name == NAMENODE_SERVER_NAME {
-            Role::Namenode
-        } else {
-            Role::Datanode
-        };
         match peer_identity(&conn) {
             Some(id) if id.role == role && id.name == server_name => {}
             other => {

@@ -602,6 +602,34 @@ fn every_message_matches_its_golden_bytes() {
     };
     check("dn_task_done", p, DatanodeReply::TaskDone(result));
 
+    use lode_protocol::messages::{PeerPart, PeerRpc};
+    check(
+        "nn_peer_append",
+        kind::NAMENODE_PEER,
+        PeerPart {
+            rpc: PeerRpc::AppendEntries,
+            bytes: vec![1, 2, 3],
+            last: false,
+        },
+    );
+    check(
+        "nn_peer_vote_reply",
+        kind::NAMENODE_PEER_REPLY,
+        PeerPart {
+            rpc: PeerRpc::Vote,
+            bytes: vec![],
+            last: true,
+        },
+    );
+    check(
+        "nn_peer_snapshot",
+        kind::NAMENODE_PEER,
+        PeerPart {
+            rpc: PeerRpc::InstallSnapshot,
+            bytes: vec![9],
+            last: true,
+        },
+    );
     check(
         "error",
         kind::ERROR,
@@ -642,6 +670,8 @@ fn decoders_survive_arbitrary_bytes() {
         let _ = frame::decode_body::<DatanodeRequest>(h, kind::DATANODE_REQUEST, &bytes);
         let _ = frame::decode_body::<DatanodeReply>(h, kind::DATANODE_REPLY, &bytes);
         let _ = frame::decode_body::<NamenodeReply>(h, kind::NAMENODE_REPLY, &bytes);
+        let _ =
+            frame::decode_body::<lode_protocol::messages::PeerPart>(h, kind::NAMENODE_PEER, &bytes);
         let mut ph = [0u8; frame::PIECE_HEADER_BYTES];
         for (i, b) in ph.iter_mut().enumerate() {
             *b = bytes.get(i).copied().unwrap_or(0);

@@ -181,6 +181,30 @@ impl State {
         s
     }
 
+    /// Follows a namespace that was replaced whole (a snapshot installed): blocks and leases are
+    /// rebuilt from `stored`, and a block that is still there with the same committed length and
+    /// value keeps the replicas counted for it. Every block is planned again on the next repair
+    /// tick. Datanodes and their reports stay as they are.
+    pub fn rebase(&mut self, stored: &Stored, now: Instant) {
+        let fresh = State::new(self.timing, stored, now);
+        let mut blocks = fresh.blocks;
+        for (id, entry) in blocks.iter_mut() {
+            if let Some(old) = self.blocks.remove(id) {
+                if old.committed == entry.committed && old.inode == entry.inode {
+                    entry.locations = old.locations;
+                    entry.provisional = old.provisional;
+                    entry.verified = old.verified;
+                    entry.len = old.len.max(entry.len);
+                    entry.seen = old.seen;
+                }
+            }
+        }
+        self.blocks = blocks;
+        self.leases = fresh.leases;
+        self.corrupt.retain(|(b, _)| self.blocks.contains_key(b));
+        self.repair_full = true;
+    }
+
     /// Records an event for the status page.
     pub fn event(&mut self, what: String) {
         if self.events.len() >= EVENTS_MAX {
