@@ -158,11 +158,16 @@ fn leaf(dir: &Path, issuer: &Issuer<'_, KeyPair>, name: &str, role: Role) -> Res
     let tls = |e: rcgen::Error| Error::Invalid(format!("certificate generation: {e}"));
     let key = KeyPair::generate().map_err(tls)?;
     let server = role == Role::Namenode || role == Role::Datanode;
-    let hosts = if server {
+    let mut hosts = if server {
         vec![name.to_string()]
     } else {
         vec![]
     };
+    // Every member of a namenode group answers to the name clients ask for, as well as its own
+    // (which the other members ask for).
+    if role == Role::Namenode && name != NAMENODE_SERVER_NAME {
+        hosts.push(NAMENODE_SERVER_NAME.to_string());
+    }
     let mut params = CertificateParams::new(hosts).map_err(tls)?;
     if server {
         params

@@ -14,8 +14,13 @@ pub const READS_IN_FLIGHT_DEFAULT: usize = 8;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
-    /// The namenode's address (`127.0.0.1:7400`).
-    pub namenode: String,
+    /// The namenode's address (`127.0.0.1:7400`), for a namenode that runs alone.
+    #[serde(default)]
+    pub namenode: Option<String>,
+    /// Every member of a namenode group (`["10.0.0.1:7400", "10.0.0.2:7400", ...]`): requests
+    /// go to the leader, and the client follows it when it changes.
+    #[serde(default)]
+    pub namenodes: Vec<String>,
     /// Certificate files (relative paths are taken from the config file's directory).
     pub tls: TlsFiles,
     /// Transport tuning.
@@ -80,6 +85,13 @@ impl ClientConfig {
             lode_protocol::checksum::validate_block_size(b).map_err(err)?;
         }
         lode_protocol::perm::parse_umask(&cfg.umask).map_err(err)?;
+        if cfg.namenode.is_some() != cfg.namenodes.is_empty() {
+            return Err(err(
+                "name the namenode with either `namenode = \"host:port\"` or, for a group, \
+                 `namenodes = [\"host:port\", ...]`"
+                    .into(),
+            ));
+        }
         if cfg.reads_in_flight == 0 || cfg.reads_in_flight > 256 {
             return Err(err(format!(
                 "reads_in_flight must be 1..=256, got {}",
@@ -87,6 +99,14 @@ impl ClientConfig {
             )));
         }
         Ok(cfg)
+    }
+
+    /// The namenodes to ask: every member of the group, or the one namenode.
+    pub fn namenode_addrs(&self) -> Vec<String> {
+        match &self.namenode {
+            Some(n) => vec![n.clone()],
+            None => self.namenodes.clone(),
+        }
     }
 
     /// The umask as bits (checked when the config was loaded).

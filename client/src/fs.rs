@@ -20,6 +20,11 @@ use crate::error::Error;
 
 /// How long to wait for a connection to be set up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request looks for the leader of a namenode group (an election takes a few seconds
+/// at most with the default timings).
+const FAILOVER_WAIT: Duration = Duration::from_secs(15);
+/// How long a connection to a member of a namenode group may take before the next is tried.
+const MEMBER_CONNECT_TIMEOUT: Duration = Duration::from_millis(750);
 
 /// What a tree holds, against its quotas (`None`: no quota set).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,7 +61,10 @@ pub struct Usage {
 /// A connection to a Lode cluster.
 pub struct Client {
     pub(crate) pool: Arc<Pool>,
-    pub(crate) namenode: String,
+    /// The namenode requests go to: the one namenode, or the group's leader as last seen.
+    pub(crate) namenode: Arc<Mutex<String>>,
+    /// Every namenode the config names.
+    members: Vec<String>,
     pub(crate) session: SessionId,
     pub(crate) config: ClientConfig,
     /// Datanodes that failed a request lately; tried last.
@@ -88,7 +96,11 @@ impl Suspects {
 impl Client {
     /// Sets up the QUIC endpoint and checks that the namenode answers.
     pub async fn connect(config: ClientConfig) -> Result<Client, Error> {
-        let addr = resolve(&config.namenode).await?;
+        let members = config.namenode_addrs();
+        let first = members
+            .first()
+            .ok_or_else(|| Error::Invalid("the client config names no namenode".into()))?;
+        let addr = resolve(first).await?;
         let bind: SocketAddr = if addr.is_ipv4() {
             "0.0.0.0:0"
         } else {
@@ -100,22 +112,73 @@ impl Client {
         let endpoint = net::endpoint(bind, None, client_cfg, &config.transport)?;
         let client = Client {
             pool: Arc::new(Pool::new(endpoint, CONNECT_TIMEOUT)),
-            namenode: addr.to_string(),
+            namenode: Arc::new(Mutex::new(first.clone())),
+            members,
             session: SessionId(rand::random()),
             config,
             suspects: Suspects::default(),
         };
-        client
-            .pool
-            .get(&client.namenode, NAMENODE_SERVER_NAME)
-            .await
-            .map_err(|e| {
-                Error::rpc(
-                    format!("cannot reach the namenode at {}", client.config.namenode),
-                    e,
-                )
-            })?;
-        Ok(client)
+        // Any member that answers will do; requests then find the leader.
+        let mut last = None;
+        for m in &client.members {
+            match client.member_conn(m).await {
+                Ok(_) => {
+                    client.follow(m);
+                    return Ok(client);
+                }
+                Err(e) => last = Some((m.clone(), e)),
+            }
+        }
+        let (m, e) = last.ok_or_else(|| Error::Invalid("no namenode to connect to".into()))?;
+        Err(Error::rpc(format!("cannot reach the namenode at {m}"), e))
+    }
+
+    /// A connection to namenode `addr`. A member of a group that does not answer within
+    /// [`MEMBER_CONNECT_TIMEOUT`] is given up for the next (it may be the leader just lost).
+    async fn member_conn(&self, addr: &str) -> Result<quinn::Connection, net::RpcError> {
+        if self.members.len() < 2 {
+            return self.pool.get(addr, NAMENODE_SERVER_NAME).await;
+        }
+        tokio::time::timeout(
+            MEMBER_CONNECT_TIMEOUT,
+            self.pool.get(addr, NAMENODE_SERVER_NAME),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(net::RpcError::Connect(format!(
+                "{addr}: no answer within {MEMBER_CONNECT_TIMEOUT:?}"
+            )))
+        })
+    }
+
+    /// The namenode requests go to now (the group's leader, as far as this client knows).
+    pub(crate) fn leader(&self) -> String {
+        self.namenode
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn follow(&self, addr: &str) {
+        *self.namenode.lock().unwrap_or_else(|p| p.into_inner()) = addr.to_string();
+    }
+
+    /// After a refusal by a member that is not the leader: the leader it named, else the next
+    /// member in the config.
+    fn next_namenode(&self, refusal: Option<&str>) {
+        let named = refusal
+            .and_then(|m| m.rsplit_once(" at "))
+            .map(|(_, addr)| addr.trim().to_string())
+            .filter(|a| !a.is_empty());
+        let next = match named {
+            Some(a) => a,
+            None => {
+                let now = self.leader();
+                let i = self.members.iter().position(|m| *m == now).unwrap_or(0);
+                self.members[(i + 1) % self.members.len()].clone()
+            }
+        };
+        self.follow(&next);
     }
 
     /// Closes every connection of this client now, so that servers free them at once rather than
@@ -132,28 +195,54 @@ impl Client {
     }
 
     fn namenode_ctx(&self) -> String {
-        format!("namenode at {}", self.namenode)
+        format!("namenode at {}", self.leader())
     }
 
     async fn namenode_conn(&self) -> Result<quinn::Connection, Error> {
         self.pool
-            .get(&self.namenode, NAMENODE_SERVER_NAME)
+            .get(&self.leader(), NAMENODE_SERVER_NAME)
             .await
             .map_err(|e| Error::rpc(self.namenode_ctx(), e))
     }
 
-    /// One request to the namenode.
+    /// One request to the namenode. With a group, a member that is not the leader refuses the
+    /// request untouched, and a member that cannot be reached never got it: both are asked of
+    /// the next member (the leader named, else the next in the config) until [`FAILOVER_WAIT`]
+    /// runs out, as an election takes a moment.
     pub(crate) async fn nn(&self, req: &ClientToNamenode) -> Result<NamenodeReply, Error> {
-        let ctx = || self.namenode_ctx();
-        let conn = self.namenode_conn().await?;
-        match net::call_namenode(&conn, req).await {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                if !matches!(e, net::RpcError::Remote(_)) {
-                    self.pool.forget(&self.namenode, NAMENODE_SERVER_NAME).await;
+        let group = self.members.len() > 1;
+        let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
+        let mut pause = Duration::from_millis(25);
+        loop {
+            let addr = self.leader();
+            let ctx = || format!("namenode at {addr}");
+            let refusal = match self.member_conn(&addr).await {
+                Ok(conn) => match net::call_namenode(&conn, req).await {
+                    Ok(r) => return Ok(r),
+                    Err(net::RpcError::Remote(e))
+                        if group && e.code == lode_protocol::ErrorCode::NotLeader =>
+                    {
+                        if tokio::time::Instant::now() >= deadline {
+                            return Err(Error::rpc(ctx(), net::RpcError::Remote(e)));
+                        }
+                        Some(e.message)
+                    }
+                    Err(e) => {
+                        if !matches!(e, net::RpcError::Remote(_)) {
+                            self.pool.forget(&addr, NAMENODE_SERVER_NAME).await;
+                        }
+                        return Err(Error::rpc(ctx(), e));
+                    }
+                },
+                Err(e) if group && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("{}: {e}", ctx());
+                    None
                 }
-                Err(Error::rpc(ctx(), e))
-            }
+                Err(e) => return Err(Error::rpc(ctx(), e)),
+            };
+            self.next_namenode(refusal.as_deref());
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(400));
         }
     }
 

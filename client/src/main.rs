@@ -312,11 +312,11 @@ enum CertsCommand {
         /// Directory holding ca.pem and ca-key.pem (from `certs init`); the new files go there too.
         #[arg(long)]
         dir: PathBuf,
-        /// Name (CN): the datanode's name (dn-4) or the user's.
+        /// Name (CN): the datanode's name (dn-4), the namenode group member's (nn-2) or the user's.
         #[arg(long)]
         name: String,
-        /// Role: datanode, user or admin.
-        #[arg(long, value_parser = ["datanode", "user", "admin"])]
+        /// Role: datanode, user, admin, or namenode (a member of a namenode group, nn-2).
+        #[arg(long, value_parser = ["datanode", "user", "admin", "namenode"])]
         role: String,
     },
     /// Renew a certificate before it expires (they last a year): a fresh key and certificate for

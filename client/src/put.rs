@@ -131,10 +131,11 @@ impl Client {
     fn spawn_lease_renewal(&self, lease_ms: u64) -> tokio::task::JoinHandle<()> {
         let every = Duration::from_millis((lease_ms / 3).max(200));
         let session = self.session;
-        let (pool, namenode) = (self.pool.clone(), self.namenode.clone());
+        let (pool, leader) = (self.pool.clone(), self.namenode.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
+                let namenode = leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 if let Ok(conn) = pool.get(&namenode, net::NAMENODE_SERVER_NAME).await {
                     let renew = ClientToNamenode::RenewLease { session };
                     let _ = net::call::<_, NamenodeReply>(

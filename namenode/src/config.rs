@@ -89,9 +89,104 @@ pub struct Config {
     /// deletes at once). Default 86400000 (a day).
     #[serde(default = "d_trash")]
     pub trash_interval_ms: u64,
+    /// The namenode group this namenode is a member of (see `[group]` in
+    /// `deploy/config/namenode.toml`); without it the namenode runs alone on its edit log.
+    #[serde(default)]
+    pub group: Option<GroupConfig>,
     /// The file this config was read from (to reload the groups).
     #[serde(skip)]
     pub path: Option<PathBuf>,
+}
+
+/// Membership of a namenode group and its timings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// This member's id (one of `members`).
+    pub id: u64,
+    /// Every member at the group's start: id, certificate name and QUIC address. Later changes of
+    /// membership are made through the group and kept in its log; this list only starts it.
+    pub members: Vec<GroupMember>,
+    /// How often the leader sends heartbeats, in ms. Default 250.
+    #[serde(default = "d_group_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// A follower that hears nothing from a leader for a random time between these two stands
+    /// for election, in ms. Defaults 1000 and 2000.
+    #[serde(default = "d_election_min")]
+    pub election_min_ms: u64,
+    /// See `election_min_ms`.
+    #[serde(default = "d_election_max")]
+    pub election_max_ms: u64,
+    /// A snapshot of the metadata is taken once this many log entries were applied since the
+    /// last one. Default 20000.
+    #[serde(default = "d_snapshot_every")]
+    pub snapshot_every: u64,
+}
+
+/// A member of the namenode group, as the config names it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupMember {
+    /// Member id, unique in the group and never reused.
+    pub id: u64,
+    /// The common name of its certificate (`nn-1`).
+    pub name: String,
+    /// `host:port` of its QUIC endpoint.
+    pub addr: String,
+}
+
+fn d_group_heartbeat() -> u64 {
+    250
+}
+fn d_election_min() -> u64 {
+    1000
+}
+fn d_election_max() -> u64 {
+    2000
+}
+fn d_snapshot_every() -> u64 {
+    20_000
+}
+
+impl GroupConfig {
+    /// The group's timings.
+    pub fn timing(&self) -> crate::raft::Timing {
+        crate::raft::Timing {
+            heartbeat: std::time::Duration::from_millis(self.heartbeat_ms),
+            election_min: std::time::Duration::from_millis(self.election_min_ms),
+            election_max: std::time::Duration::from_millis(self.election_max_ms),
+            snapshot_every: self.snapshot_every,
+        }
+    }
+
+    /// The members as the group names them.
+    pub fn members(&self) -> Vec<(crate::raft::NodeId, crate::raft::Member)> {
+        self.members
+            .iter()
+            .map(|m| {
+                (
+                    m.id,
+                    crate::raft::Member {
+                        name: m.name.clone(),
+                        addr: m.addr.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let ids: std::collections::BTreeSet<u64> = self.members.iter().map(|m| m.id).collect();
+        let names: std::collections::BTreeSet<&str> =
+            self.members.iter().map(|m| m.name.as_str()).collect();
+        if ids.len() != self.members.len() || names.len() != self.members.len() {
+            return Err("group.members: ids and names must be unique".into());
+        }
+        if !ids.contains(&self.id) {
+            return Err(format!("group.id {} is not one of group.members", self.id));
+        }
+        crate::raft::config(&self.timing()).map(|_| ())
+    }
 }
 
 fn d_trash() -> u64 {
@@ -238,6 +333,9 @@ impl Config {
             ));
         }
         crate::perm::Groups::new(&self.groups).map_err(|e| format!("groups: {e}"))?;
+        if let Some(g) = &self.group {
+            g.validate().map_err(|e| format!("group: {e}"))?;
+        }
         self.transport.validate()
     }
 }

@@ -54,6 +54,46 @@ pub trait Journal: Send + 'static {
     /// Stores `snapshot` (a [`crate::backup::dump`] as of [`Journal::last_seq`]) durably, then
     /// drops the edits it covers.
     fn checkpoint(&mut self, snapshot: &[u8]) -> Result<(), Error>;
+    /// Whether a sync also applies the edits to the metadata store and the soft state (a
+    /// replicated log applies what it commits on every member, this one included), so the
+    /// writer drops its overlay after a sync instead of moving it into the store.
+    fn applies(&self) -> bool {
+        false
+    }
+    /// Called before a group: a replicated log refuses changes on a member that is not the
+    /// leader, and picks up edit numbers that another leader used meanwhile.
+    fn begin_group(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    /// Forgets edits appended since the last sync (a sync that failed without being fatal).
+    fn discard(&mut self) {}
+}
+
+impl<J: Journal + ?Sized> Journal for Box<J> {
+    fn append(&mut self, op: &MetaOp) -> Result<u64, Error> {
+        (**self).append(op)
+    }
+    fn sync(&mut self) -> Result<(), Error> {
+        (**self).sync()
+    }
+    fn last_seq(&self) -> u64 {
+        (**self).last_seq()
+    }
+    fn wants_checkpoint(&self) -> bool {
+        (**self).wants_checkpoint()
+    }
+    fn checkpoint(&mut self, snapshot: &[u8]) -> Result<(), Error> {
+        (**self).checkpoint(snapshot)
+    }
+    fn applies(&self) -> bool {
+        (**self).applies()
+    }
+    fn begin_group(&mut self) -> Result<(), Error> {
+        (**self).begin_group()
+    }
+    fn discard(&mut self) {
+        (**self).discard()
+    }
 }
 
 /// Refuses an edit larger than [`RECORD_BYTES_MAX`] without encoding it (the writer checks every

@@ -54,6 +54,17 @@ pub struct Metrics {
     corrupt: Gauge,
     pending_copies: Gauge,
     safemode: Gauge,
+    /// The namenode group as this member sees it: term, last log index, applied index, and 1
+    /// while this member leads.
+    pub group_term: Gauge,
+    /// See `group_term`.
+    pub group_last_index: Gauge,
+    /// See `group_term`.
+    pub group_applied_index: Gauge,
+    /// See `group_term`.
+    pub group_leader: Gauge,
+    /// Times this member became the leader.
+    pub group_elections_won: Counter,
 }
 
 impl Default for Metrics {
@@ -140,7 +151,44 @@ impl Default for Metrics {
             "1 while namespace changes are refused",
             safemode.clone(),
         );
+        let (group_term, group_last_index, group_applied_index, group_leader) = (
+            Gauge::default(),
+            Gauge::default(),
+            Gauge::default(),
+            Gauge::default(),
+        );
+        let group_elections_won = Counter::default();
+        registry.register(
+            "group_term",
+            "The namenode group's current term, as this member knows it",
+            group_term.clone(),
+        );
+        registry.register(
+            "group_last_index",
+            "The last index in this member's log of the namenode group",
+            group_last_index.clone(),
+        );
+        registry.register(
+            "group_applied_index",
+            "The last index of the namenode group's log this member applied",
+            group_applied_index.clone(),
+        );
+        registry.register(
+            "group_leader",
+            "1 while this member leads the namenode group",
+            group_leader.clone(),
+        );
+        registry.register(
+            "group_elections_won",
+            "Times this member became the namenode group's leader",
+            group_elections_won.clone(),
+        );
         Metrics {
+            group_term,
+            group_last_index,
+            group_applied_index,
+            group_leader,
+            group_elections_won,
             registry,
             requests,
             request_seconds,

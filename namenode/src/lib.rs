@@ -96,16 +96,35 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
-    log.set_roll_bytes(config.edit_log_roll_bytes);
-    let writer = Writer {
-        ns: Namespace::open(Arc::new(Overlay::new(ns.store_arc())))?,
-        journal: log,
-        ids,
-        state: state.clone(),
-        lease_ms: config.lease_expiry_ms,
-        metrics: metrics.clone(),
+    let (journal, group): (Box<dyn editlog::Journal>, _) = match &config.group {
+        None => {
+            log.set_roll_bytes(config.edit_log_roll_bytes);
+            (Box::new(log), None)
+        }
+        Some(g) => {
+            drop(log);
+            let raft = start_group(g, &config, &endpoint, ns.store_arc(), state.clone()).await?;
+            let journal = raft::journal::GroupJournal::new(
+                raft.clone(),
+                tokio::runtime::Handle::current(),
+                ns.store_arc(),
+            );
+            let group = server::Group {
+                raft,
+                id: g.id,
+                configured: g.members(),
+            };
+            (Box::new(journal), Some(group))
+        }
     };
-    let (writer, mut fatal) = writer.spawn()?;
+    let (writer, mut fatal) = spawn_writer(
+        journal,
+        ns.store_arc(),
+        ids,
+        state.clone(),
+        config.lease_expiry_ms,
+        metrics.clone(),
+    )?;
     let audit = match &config.audit_log {
         Some(path) => Some(
             audit::AuditLog::open(
@@ -132,6 +151,7 @@ pub async fn run(
         audit,
         groups: std::sync::RwLock::new(groups),
         signer: Mutex::new(tokens::Signer::new(token_lifetime_ms)),
+        group,
     });
     let repairs = tokio::spawn(repair_loop(
         state.clone(),
@@ -145,6 +165,14 @@ pub async fn run(
         shutdown.clone(),
     ));
     let leases = tokio::spawn(expire_leases(state, writer, shutdown.clone()));
+    let watch = shared.group.as_ref().map(|g| {
+        tokio::spawn(watch_group(
+            g.raft.clone(),
+            g.id,
+            shared.metrics.clone(),
+            shutdown.clone(),
+        ))
+    });
     let result = tokio::select! {
         _ = lode_protocol::service::serve(endpoint, server::LIMITS, shutdown, shared.clone()) => Ok(()),
         e = &mut fatal => match e {
@@ -153,6 +181,12 @@ pub async fn run(
         },
     };
     leases.abort();
+    if let Some(w) = watch {
+        w.abort();
+    }
+    if let Some(g) = &shared.group {
+        let _ = g.raft.shutdown().await;
+    }
     trash.abort();
     repairs.abort();
     if let Some(w) = web {
@@ -160,6 +194,72 @@ pub async fn run(
     }
     shared.ns.store().flush()?;
     result
+}
+
+/// Starts the namespace writer on `journal`.
+fn spawn_writer<J: editlog::Journal>(
+    journal: J,
+    store: Arc<SledStore>,
+    ids: IdAlloc,
+    state: Arc<Mutex<State>>,
+    lease_ms: u64,
+    metrics: Arc<http::Metrics>,
+) -> Result<(writer::WriterHandle, tokio::sync::oneshot::Receiver<Error>), Error> {
+    Writer {
+        ns: Namespace::open(Arc::new(Overlay::new(store)))?,
+        journal,
+        ids,
+        state,
+        lease_ms,
+        metrics,
+    }
+    .spawn()
+}
+
+/// Joins the namenode group: its log and state machine in the metadata directory, its messages
+/// through `endpoint` (which presents this member's certificate). A member whose log is empty
+/// starts the group with the configured members; openraft accepts the same start from each of
+/// them and keeps the first.
+async fn start_group(
+    g: &config::GroupConfig,
+    config: &Config,
+    endpoint: &quinn::Endpoint,
+    store: Arc<SledStore>,
+    state: Arc<Mutex<State>>,
+) -> Result<raft::Raft, Error> {
+    let group_err = |e: &dyn std::fmt::Display| Error::Store(format!("namenode group: {e}"));
+    let settings = raft::config(&g.timing()).map_err(|e| group_err(&e))?;
+    let log = raft::log::LogStore::open(&config.meta_dir)?;
+    let sm = raft::sm::StateMachine::open(store, Some(state), &config.meta_dir)?;
+    let pool = Arc::new(lode_protocol::net::Pool::new(
+        endpoint.clone(),
+        Duration::from_secs(2),
+    ));
+    let r = raft::Raft::new(
+        g.id,
+        Arc::new(settings),
+        raft::net::Network::new(pool),
+        log,
+        sm,
+    )
+    .await
+    .map_err(|e| group_err(&e))?;
+    if !r.is_initialized().await.map_err(|e| group_err(&e))? {
+        let members: std::collections::BTreeMap<_, _> = g.members().into_iter().collect();
+        match r.initialize(members).await {
+            Ok(()) => tracing::info!(id = g.id, "namenode group started"),
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::InitializeError::NotAllowed(_),
+            )) => {}
+            Err(e) => return Err(group_err(&e)),
+        }
+    }
+    tracing::info!(
+        id = g.id,
+        members = g.members.len(),
+        "member of a namenode group"
+    );
+    Ok(r)
 }
 
 type Recovered = (Namespace<SledStore>, EditLog, IdAlloc, namespace::Stored);
@@ -275,6 +375,41 @@ async fn repair_loop(
                 Ok(mut s) => s.plan_blocks(chunk, now),
                 Err(_) => return,
             }
+        }
+    }
+}
+
+/// Follows the group's metrics into the namenode's gauges, and logs changes of leader.
+async fn watch_group(
+    r: raft::Raft,
+    id: raft::NodeId,
+    metrics: Arc<http::Metrics>,
+    mut shutdown: ShutdownSignal,
+) {
+    let mut rx = r.metrics();
+    let mut leader = None;
+    loop {
+        let m = rx.borrow_and_update().clone();
+        metrics.group_term.set(m.current_term as i64);
+        metrics
+            .group_last_index
+            .set(m.last_log_index.unwrap_or(0) as i64);
+        metrics
+            .group_applied_index
+            .set(m.last_applied.map_or(0, |l| l.index) as i64);
+        metrics
+            .group_leader
+            .set(i64::from(m.current_leader == Some(id)));
+        if m.current_leader != leader {
+            leader = m.current_leader;
+            if leader == Some(id) {
+                metrics.group_elections_won.inc();
+            }
+            tracing::info!(term = m.current_term, leader = ?leader, "namenode group leader");
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
         }
     }
 }

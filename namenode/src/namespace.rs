@@ -2243,6 +2243,15 @@ impl IdAlloc {
         Ok(a)
     }
 
+    /// Moves past the durable counters of `ns` (another leader of the group may have issued ids
+    /// since this writer last did).
+    pub fn catch_up<S: MetaStore>(&mut self, ns: &Namespace<S>) -> Result<(), Error> {
+        let (inode, block) = ns.next_ids()?;
+        self.next_inode = self.next_inode.max(inode);
+        self.next_block = self.next_block.max(block);
+        Ok(())
+    }
+
     /// Never issues `block` or anything below it (a datanode reported a replica with that id,
     /// which a namenode restored from an older backup may not know). An id more than
     /// [`FLOOR_REACH`] beyond the next one to issue is no block this namespace ever issued (no

@@ -58,6 +58,28 @@ pub struct Shared {
     pub groups: std::sync::RwLock<Groups>,
     /// Block access tokens.
     pub signer: Mutex<crate::tokens::Signer>,
+    /// The namenode group this namenode is a member of, if any.
+    pub group: Option<Group>,
+}
+
+/// This namenode's place in its group.
+pub struct Group {
+    /// The group's consensus.
+    pub raft: crate::raft::Raft,
+    /// This member's id.
+    pub id: crate::raft::NodeId,
+    /// The members the config names (the membership a fresh member knows before its log does).
+    pub configured: Vec<(crate::raft::NodeId, crate::raft::Member)>,
+}
+
+impl Group {
+    /// Refuses a client request on a member that is not the leader, naming the leader.
+    fn check_leader(&self) -> Result<(), Error> {
+        match crate::raft::journal::leader(&self.raft) {
+            Some((id, _)) if id == self.id => Ok(()),
+            other => Err(crate::raft::journal::not_leader(other)),
+        }
+    }
 }
 
 /// How long `AddBlock` and `Complete` wait for datanodes to confirm the block a writer commits.
@@ -230,6 +252,7 @@ impl service::Handler for Shared {
 enum Request {
     Client(ClientToNamenode),
     Datanode(DatanodeToNamenode),
+    Peer(lode_protocol::messages::PeerPart),
 }
 
 /// Every request takes one path: decode, then authorise (by the role in the verified certificate),
@@ -275,7 +298,33 @@ async fn serve_stream(
             return finish::<()>(&mut send, 0, Err(e)).await;
         }
     };
+    // Only the group's leader serves clients; the others name it.
+    if let (Request::Client(_), Some(g)) = (&request, &shared.group) {
+        if let Err(e) = g.check_leader() {
+            return finish::<()>(&mut send, 0, Err(to_wire(&e))).await;
+        }
+    }
     match request {
+        Request::Peer(part) => match &shared.group {
+            Some(g) => {
+                crate::raft::net::serve(
+                    &g.raft,
+                    &g.configured,
+                    identity,
+                    part,
+                    &mut send,
+                    &mut recv,
+                )
+                .await
+            }
+            None => {
+                let e = WireError::new(
+                    ErrorCode::Protocol,
+                    "this namenode is not a member of a namenode group",
+                );
+                finish::<()>(&mut send, 0, Err(e)).await
+            }
+        },
         Request::Datanode(req) => {
             let kind = request_kind(&req);
             let reply = handle_datanode(req, &identity.name, shared)
@@ -358,6 +407,7 @@ fn decode_request(
     match header.kind {
         kind::CLIENT_TO_NAMENODE => decode(header, body).map(Request::Client),
         kind::DATANODE_TO_NAMENODE => decode(header, body).map(Request::Datanode),
+        kind::NAMENODE_PEER => decode(header, body).map(Request::Peer),
         k => Err(WireError::new(
             ErrorCode::Protocol,
             format!("bad request: unexpected frame kind {k}"),
@@ -371,6 +421,11 @@ fn decode_request(
 fn authorise(request: &Request, identity: &Identity) -> Result<(), WireError> {
     let denied = |m: &str| Err(WireError::new(ErrorCode::PermissionDenied, m));
     match (request, identity.role) {
+        // Which member may speak in the group is checked against its membership.
+        (Request::Peer(_), Role::Namenode) => Ok(()),
+        (Request::Peer(_), _) => {
+            denied("only a namenode certificate can speak in the namenode group")
+        }
         (Request::Datanode(_), Role::Datanode) => Ok(()),
         (Request::Datanode(_), _) => denied("only a datanode certificate can act as a datanode"),
         (Request::Client(_), Role::Namenode) => denied("namenodes do not call namenodes"),

@@ -183,6 +183,13 @@ impl<S: MetaStore> Overlay<S> {
         Ok(!self.pending()?.is_empty())
     }
 
+    /// Drops everything pending (the edits that made it were applied to the store underneath by
+    /// other means, or never became durable).
+    pub fn discard(&self) -> Result<(), Error> {
+        self.pending()?.clear();
+        Ok(())
+    }
+
     /// Applies everything pending to the store underneath as one atomic batch (call once the
     /// edits that made it are durable).
     pub fn commit(&self) -> Result<(), Error> {

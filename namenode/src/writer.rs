@@ -128,6 +128,14 @@ pub enum Mutation {
     Expire { inode: InodeId, session: SessionId },
 }
 
+/// The same refusal again, for each reply of a group.
+fn same(e: &Error) -> Error {
+    match e {
+        Error::Refused { code, message } => Error::refused(*code, message.clone()),
+        other => Error::refused(ErrorCode::Unavailable, other.to_string()),
+    }
+}
+
 struct Job {
     mutation: Mutation,
     reply: oneshot::Sender<Result<NamenodeReply, Error>>,
@@ -234,6 +242,15 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
         now: Instant,
         now_ms: u64,
     ) -> Result<Vec<Result<NamenodeReply, Error>>, Error> {
+        if let Err(e) = self.journal.begin_group() {
+            if e.is_fatal() || matches!(e, Error::Store(_)) {
+                return Err(e);
+            }
+            return Ok(mutations.iter().map(|_| Err(same(&e))).collect());
+        }
+        if self.journal.applies() {
+            self.ids.catch_up(&self.ns)?;
+        }
         let mut results = Vec::with_capacity(mutations.len());
         let mut effects = Vec::new();
         for m in mutations {
@@ -242,8 +259,18 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
                 r => results.push(r),
             }
         }
-        self.make_durable(effects, results.len(), now)?;
-        Ok(results)
+        match self.make_durable(effects, results.len(), now) {
+            Ok(()) => Ok(results),
+            // A replicated log that lost its leadership or its majority: none of the group's
+            // replies may say it is done. The edits may still commit under the next leader
+            // (the client's retry then finds them).
+            Err(e) if !(e.is_fatal() || matches!(e, Error::Store(_))) => {
+                self.ns.store().discard()?;
+                self.journal.discard();
+                Ok(results.iter().map(|_| Err(same(&e))).collect())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Takes a checkpoint when the journal asks for one.
@@ -266,6 +293,10 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
         crate::failpoint!("namenode.group.after_sync");
         self.metrics.editlog_syncs.inc();
         self.metrics.editlog_group.observe(group as f64);
+        if self.journal.applies() {
+            // Every member applied the group as it committed, this one included.
+            return self.ns.store().discard();
+        }
         self.ns.store().commit()?;
         crate::failpoint!("namenode.group.after_apply");
         let mut state = self

@@ -51,6 +51,9 @@ pub enum ErrorCode {
     InvalidToken = 21,
     /// The change would take a directory past its name or space quota; the message names it.
     QuotaExceeded = 22,
+    /// This namenode is not the leader of its group; the message ends with `the leader is NAME at
+    /// ADDR` when it knows one, and the client retries there.
+    NotLeader = 23,
 }
 
 /// An error as it crosses the wire: a code and a short message without server internals.

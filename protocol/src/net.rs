@@ -843,8 +843,13 @@ impl Pool {
             .map_err(|e| RpcError::Connect(format!("{server_name} at {addr}: {e}")))?;
         // The certificate must be valid for the name (TLS checked that) and be the right role's:
         // a datanode certificate that names itself "namenode" is no namenode.
+        // Any member of the namenode group answers to the namenode's name (its certificate
+        // holds it besides its own); every other server must be the one named.
         match peer_identity(&conn) {
-            Some(id) if id.role == role && id.name == server_name => {}
+            Some(id)
+                if id.role == role
+                    && (id.name == server_name
+                        || (role == Role::Namenode && server_name == NAMENODE_SERVER_NAME)) => {}
             other => {
                 conn.close(0u32.into(), b"wrong role");
                 let got = other.map_or("no identity".to_string(), |id| {

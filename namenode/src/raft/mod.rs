@@ -13,6 +13,7 @@
 // openraft's error types are large by design; they are returned as openraft defines them.
 #![allow(clippy::result_large_err)]
 
+pub mod journal;
 pub mod log;
 pub mod net;
 pub mod sm;
