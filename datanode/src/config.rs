@@ -20,8 +20,14 @@ pub struct Config {
     /// Address clients and peers should use; defaults to `listen`.
     #[serde(default)]
     pub advertise: Option<String>,
-    /// The namenode's address (`127.0.0.1:7400`).
-    pub namenode: String,
+    /// The namenode's address (`127.0.0.1:7400`), for a namenode that runs alone.
+    #[serde(default)]
+    pub namenode: Option<String>,
+    /// Every member of a namenode group: the datanode registers with, reports to and heartbeats
+    /// every one of them (so a new leader knows every replica at once), and carries out the
+    /// commands of the current leader only.
+    #[serde(default)]
+    pub namenodes: Vec<String>,
     /// Directories holding block files; at least one. Created if missing; each must be writable.
     pub data_dirs: Vec<PathBuf>,
     /// Certificate files (relative paths are taken from the config file's directory).
@@ -160,6 +166,13 @@ impl Config {
 
     /// Checks every range.
     pub fn validate(&self) -> Result<(), String> {
+        if self.namenode.is_some() != self.namenodes.is_empty() {
+            return Err(
+                "name the namenode with either `namenode = \"host:port\"` or, for a group, \
+                 `namenodes = [\"host:port\", ...]`"
+                    .into(),
+            );
+        }
         if self.advertise.is_none() && self.listen.ip().is_unspecified() {
             return Err(format!(
                 "listen = \"{}\" is a wildcard address; set advertise to the address clients should use",
@@ -206,6 +219,14 @@ impl Config {
             ));
         }
         self.transport.validate()
+    }
+
+    /// Every namenode to report to.
+    pub fn namenode_addrs(&self) -> Vec<String> {
+        match &self.namenode {
+            Some(n) => vec![n.clone()],
+            None => self.namenodes.clone(),
+        }
     }
 
     /// The address announced to the namenode.

@@ -22,6 +22,7 @@ const REPORT_BATCH: Duration = Duration::from_millis(50);
 /// new), and send the full report again every `full_report` (never if zero).
 pub async fn run(
     shared: Arc<Node>,
+    index: usize,
     namenode: String,
     advertise: String,
     interval: Duration,
@@ -37,7 +38,7 @@ pub async fn run(
             registered = false;
         }
         if !registered {
-            match register(&shared, &namenode, &advertise).await {
+            match register(&shared, index, &namenode, &advertise).await {
                 Ok(()) => {
                     registered = true;
                     reported = tokio::time::Instant::now();
@@ -57,7 +58,7 @@ pub async fn run(
         }
         let woken = tokio::select! {
             _ = tokio::time::sleep(interval) => false,
-            _ = shared.reports.notify.notified() => true,
+            _ = shared.reports.notified(index) => true,
             _ = shutdown.changed() => return,
         };
         if woken {
@@ -68,7 +69,7 @@ pub async fn run(
                 _ = shutdown.changed() => return,
             }
         }
-        match heartbeat(&shared, &namenode).await {
+        match heartbeat(&shared, index, &namenode).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::info!("namenode asks for a new registration");
@@ -95,10 +96,15 @@ async fn space(shared: &Node) -> Space {
     space
 }
 
-async fn register(shared: &Node, namenode: &str, advertise: &str) -> Result<(), RpcError> {
+async fn register(
+    shared: &Node,
+    index: usize,
+    namenode: &str,
+    advertise: &str,
+) -> Result<(), RpcError> {
     let space = space(shared).await;
     // Whatever was pending (lost replicas too) is covered by the full report.
-    let _ = shared.reports.take();
+    let _ = shared.reports.take(index);
     let store = shared.store.clone();
     let blocks = tokio::task::spawn_blocking(move || store.report())
         .await
@@ -138,13 +144,13 @@ async fn register(shared: &Node, namenode: &str, advertise: &str) -> Result<(), 
 }
 
 /// Sends one heartbeat; false when the namenode wants a new registration.
-async fn heartbeat(shared: &Arc<Node>, namenode: &str) -> Result<bool, RpcError> {
+async fn heartbeat(shared: &Arc<Node>, index: usize, namenode: &str) -> Result<bool, RpcError> {
     let space = space(shared).await;
-    let taken = shared.reports.take_page();
+    let taken = shared.reports.take_page(index);
     let conn = match shared.pool.get(namenode, NAMENODE_SERVER_NAME).await {
         Ok(c) => c,
         Err(e) => {
-            shared.reports.put_back(taken);
+            shared.reports.put_back(index, taken);
             return Err(e);
         }
     };
@@ -154,7 +160,7 @@ async fn heartbeat(shared: &Arc<Node>, namenode: &str) -> Result<bool, RpcError>
         deleted: taken.1.clone(),
     };
     crate::failpoint!("datanode.heartbeat.lose_request", {
-        shared.reports.put_back(taken.clone());
+        shared.reports.put_back(index, taken.clone());
         Err(RpcError::Stream("heartbeat lost (failpoint)".into()))
     });
     let reply = net::call::<_, NamenodeToDatanode>(
@@ -183,8 +189,23 @@ async fn heartbeat(shared: &Arc<Node>, namenode: &str) -> Result<bool, RpcError>
             delete,
             copy,
             keys,
+            term,
         }) => {
             shared.learn_keys(&keys);
+            // Commands of a leader deposed since (an older term than one heard) are refused.
+            let newest = shared
+                .term
+                .fetch_max(term, std::sync::atomic::Ordering::SeqCst)
+                .max(term);
+            if term < newest && (!delete.is_empty() || !copy.is_empty()) {
+                tracing::warn!(
+                    namenode,
+                    term,
+                    newest,
+                    "refusing the commands of a deposed namenode leader"
+                );
+                return Ok(!reregister);
+            }
             // A full page of deletions means the namenode has more: ask again at once.
             if paging::is_full_page(&delete) {
                 shared.reports.wake();
@@ -194,11 +215,11 @@ async fn heartbeat(shared: &Arc<Node>, namenode: &str) -> Result<bool, RpcError>
             Ok(!reregister)
         }
         Ok(other) => {
-            shared.reports.put_back(taken);
+            shared.reports.put_back(index, taken);
             Err(RpcError::Stream(format!("unexpected reply {other:?}")))
         }
         Err(e) => {
-            shared.reports.put_back(taken);
+            shared.reports.put_back(index, taken);
             Err(e)
         }
     }

@@ -131,8 +131,9 @@ pub async fn run(
         name: config.name.clone(),
         store,
         pool: Pool::new(endpoint.clone(), Duration::from_secs(5)),
-        reports: Arc::new(node::Reports::default()),
-        namenode: config.namenode.clone(),
+        reports: Arc::new(node::Reports::new(config.namenode_addrs().len())),
+        namenodes: config.namenode_addrs(),
+        term: std::sync::atomic::AtomicU64::new(0),
         tasks,
         sandbox,
         sandbox_missing,
@@ -152,14 +153,23 @@ pub async fn run(
         ))
     });
     tracing::info!(name = %config.name, addr = ?endpoint.local_addr().ok(), replicas = shared.store.block_count(), "datanode serving");
-    let hb = tokio::spawn(heartbeat::run(
-        shared.clone(),
-        config.namenode.clone(),
-        config.advertised(),
-        Duration::from_millis(config.heartbeat_interval_ms),
-        Duration::from_secs(config.full_report_interval_secs),
-        shutdown.clone(),
-    ));
+    // One heartbeat loop per namenode (every member of a group hears every report).
+    let hbs: Vec<_> = config
+        .namenode_addrs()
+        .into_iter()
+        .enumerate()
+        .map(|(i, namenode)| {
+            tokio::spawn(heartbeat::run(
+                shared.clone(),
+                i,
+                namenode,
+                config.advertised(),
+                Duration::from_millis(config.heartbeat_interval_ms),
+                Duration::from_secs(config.full_report_interval_secs),
+                shutdown.clone(),
+            ))
+        })
+        .collect();
     let scanner = tokio::spawn(scanner::run(
         shared.clone(),
         config.scan_bytes_per_sec,
@@ -176,6 +186,8 @@ pub async fn run(
     if let Some(w) = web {
         w.abort();
     }
-    hb.abort();
+    for hb in hbs {
+        hb.abort();
+    }
     Ok(())
 }

@@ -27,8 +27,10 @@ pub struct Node {
     pub pool: Pool,
     /// Replicas finalized or deleted, for the next heartbeat.
     pub reports: Arc<Reports>,
-    /// The namenode's address.
-    pub namenode: String,
+    /// The namenodes' addresses (one, or every member of a group).
+    pub namenodes: Vec<String>,
+    /// The highest namenode group term seen in a reply: commands of an older term are refused.
+    pub term: std::sync::atomic::AtomicU64,
     /// Scan task runner.
     pub tasks: Tasks,
     /// The plugin sandbox protections tasks get here (probed once at start).
@@ -141,15 +143,19 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::Invalid(format!("blocking task failed: {e}")))?
 }
 
-/// Replica changes waiting for the next heartbeat: (received, deleted). They are kept as the net
-/// change per block id, because the namenode applies a heartbeat's deletions before its receptions:
-/// a replica received and then deleted before the heartbeat is only deleted, and one deleted and
-/// then received again is only received (with its newest length and value).
-#[derive(Default)]
+/// Replica changes waiting for the next heartbeat to each namenode: (received, deleted). They are
+/// kept as the net change per block id, because the namenode applies a heartbeat's deletions
+/// before its receptions: a replica received and then deleted before the heartbeat is only
+/// deleted, and one deleted and then received again is only received (with its newest length and
+/// value). Each namenode (every member of a group) has its own queue.
 pub struct Reports {
-    pending: Mutex<(Vec<ReportedBlock>, Vec<BlockId>)>,
-    /// Wakes the heartbeat loop.
-    pub notify: Notify,
+    queues: Vec<(Mutex<Pending>, Notify)>,
+}
+
+impl Default for Reports {
+    fn default() -> Reports {
+        Reports::new(1)
+    }
 }
 
 /// (received, deleted) waiting for the next heartbeat.
@@ -169,45 +175,70 @@ fn note_deleted(p: &mut Pending, block: BlockId) {
 }
 
 impl Reports {
-    /// A replica was finalized; the namenode hears of it promptly.
+    /// Queues for `namenodes` namenodes (at least one).
+    pub fn new(namenodes: usize) -> Reports {
+        Reports {
+            queues: (0..namenodes.max(1))
+                .map(|_| (Mutex::new(Pending::default()), Notify::new()))
+                .collect(),
+        }
+    }
+
+    /// A replica was finalized; the namenodes hear of it promptly.
     pub fn received(&self, block: ReportedBlock) {
-        note_received(&mut self.lock(), block);
-        self.notify.notify_one();
+        for i in 0..self.queues.len() {
+            note_received(&mut self.lock(i), block);
+            self.queues[i].1.notify_one();
+        }
     }
 
     /// A replica was deleted (or is not here, answering a delete).
     pub fn deleted(&self, block: BlockId) {
-        note_deleted(&mut self.lock(), block);
+        for i in 0..self.queues.len() {
+            note_deleted(&mut self.lock(i), block);
+        }
     }
 
-    /// Asks for a heartbeat now (the node ran out of space, say).
+    /// Asks for a heartbeat to every namenode now (the node ran out of space, say).
     pub fn wake(&self) {
-        self.notify.notify_one();
+        for q in &self.queues {
+            q.1.notify_one();
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    /// Woken when namenode `i` should hear from this node.
+    pub async fn notified(&self, i: usize) {
+        self.queues[i.min(self.queues.len() - 1)].1.notified().await
     }
 
-    /// Everything pending (a full report covers it).
-    pub fn take(&self) -> Pending {
-        std::mem::take(&mut *self.lock())
+    fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, Pending> {
+        self.queues[i.min(self.queues.len() - 1)]
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// At most a page of each list for one heartbeat; what is left wakes the next one at once.
-    pub fn take_page(&self) -> Pending {
-        let mut p = self.lock();
+    /// Everything pending for namenode `i` (a full report covers it).
+    pub fn take(&self, i: usize) -> Pending {
+        std::mem::take(&mut *self.lock(i))
+    }
+
+    /// At most a page of each list for one heartbeat to namenode `i`; what is left wakes the
+    /// next one at once.
+    pub fn take_page(&self, i: usize) -> Pending {
+        let mut p = self.lock(i);
         let received = paging::take_page(&mut p.0, paging::PAGE_BYTES);
         let deleted = paging::take_page(&mut p.1, paging::PAGE_BYTES);
         if !p.0.is_empty() || !p.1.is_empty() {
-            self.notify.notify_one();
+            self.queues[i.min(self.queues.len() - 1)].1.notify_one();
         }
         (received, deleted)
     }
 
-    /// Puts back what a failed heartbeat carried, under the changes noted since (which are newer).
-    pub fn put_back(&self, taken: Pending) {
-        let mut p = self.lock();
+    /// Puts back what a failed heartbeat to namenode `i` carried, under the changes noted since
+    /// (which are newer).
+    pub fn put_back(&self, i: usize, taken: Pending) {
+        let mut p = self.lock(i);
         let newer = std::mem::replace(&mut *p, taken);
         // Deletions and receptions of one id never both survive in `newer`, so their order
         // between the two lists does not matter.
@@ -266,15 +297,15 @@ mod tests {
         r.received(rb(2, 2));
         r.received(rb(3, 3));
         r.received(rb(3, 4));
-        let (received, deleted) = r.take();
+        let (received, deleted) = r.take(0);
         // 1 was received then deleted: only deleted; 2 deleted then received again: only received.
         assert_eq!(received, vec![rb(2, 2), rb(3, 4)]);
         assert_eq!(deleted, vec![BlockId(1)]);
         // A failed heartbeat's changes go back under the newer ones.
         r.deleted(BlockId(3));
         r.received(rb(1, 5));
-        r.put_back((received, deleted));
-        let (received, deleted) = r.take();
+        r.put_back(0, (received, deleted));
+        let (received, deleted) = r.take(0);
         assert_eq!(received, vec![rb(2, 2), rb(1, 5)]);
         assert_eq!(deleted, vec![BlockId(3)]);
     }

@@ -99,25 +99,24 @@ pub(crate) fn verify(
     Ok(len)
 }
 
-/// Tells the namenode that a local replica is corrupt.
+/// Tells the namenode (every member of a group) that a local replica is corrupt.
 pub(crate) async fn report(shared: &Node, block: BlockId) {
     let msg = DatanodeToNamenode::CorruptReplicas {
         blocks: vec![block],
     };
-    let sent = async {
-        let conn = shared
-            .pool
-            .get(&shared.namenode, NAMENODE_SERVER_NAME)
-            .await?;
-        net::call::<_, NamenodeToDatanode>(
-            &conn,
-            kind::DATANODE_TO_NAMENODE,
-            kind::NAMENODE_TO_DATANODE,
-            &msg,
-        )
-        .await
-    };
-    if let Err(e) = sent.await {
-        tracing::warn!(%block, "could not report a corrupt replica: {e}");
+    for namenode in &shared.namenodes {
+        let sent = async {
+            let conn = shared.pool.get(namenode, NAMENODE_SERVER_NAME).await?;
+            net::call::<_, NamenodeToDatanode>(
+                &conn,
+                kind::DATANODE_TO_NAMENODE,
+                kind::NAMENODE_TO_DATANODE,
+                &msg,
+            )
+            .await
+        };
+        if let Err(e) = sent.await {
+            tracing::warn!(%block, namenode, "could not report a corrupt replica: {e}");
+        }
     }
 }

@@ -136,12 +136,23 @@ fn with_path(args: &str, path: &str) -> Vec<u8> {
     format!("{body}{sep}\"_path\":\"{escaped}\"}}").into_bytes()
 }
 
+/// A lookup at the namenode; in a group, each member in turn until one serves it (the others
+/// are not the leader, or cannot be reached).
 async fn namenode_call(shared: &Node, req: &ClientToNamenode) -> Result<NamenodeReply, Error> {
-    let conn = shared
-        .pool
-        .get(&shared.namenode, NAMENODE_SERVER_NAME)
-        .await?;
-    Ok(net::call(&conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, req).await?)
+    let mut last = None;
+    for namenode in &shared.namenodes {
+        let tried = async {
+            let conn = shared.pool.get(namenode, NAMENODE_SERVER_NAME).await?;
+            net::call(&conn, kind::CLIENT_TO_NAMENODE, kind::NAMENODE_REPLY, req).await
+        };
+        match tried.await {
+            Ok(r) => return Ok(r),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .map(Error::from)
+        .unwrap_or_else(|| Error::Invalid("no namenode configured".into())))
 }
 
 async fn find_plugin(shared: &Node, hash: &Blake3Cv) -> Result<PluginRecord, Error> {

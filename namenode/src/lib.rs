@@ -76,6 +76,8 @@ pub async fn run(
     initial.full_below = config.block_size_default;
     initial.decommission = decommissioned.into_iter().collect();
     initial.check_safemode(Instant::now());
+    // A member of a group follows until it hears that it leads.
+    initial.follower = config.group.is_some();
     let metrics = Arc::new(http::Metrics::default());
     let http_listener = match config.http_listen {
         Some(addr) => {
@@ -169,6 +171,7 @@ pub async fn run(
         tokio::spawn(watch_group(
             g.raft.clone(),
             g.id,
+            shared.state.clone(),
             shared.metrics.clone(),
             shutdown.clone(),
         ))
@@ -383,11 +386,15 @@ async fn repair_loop(
 async fn watch_group(
     r: raft::Raft,
     id: raft::NodeId,
+    state: Arc<Mutex<State>>,
     metrics: Arc<http::Metrics>,
     mut shutdown: ShutdownSignal,
 ) {
     let mut rx = r.metrics();
     let mut leader = None;
+    if let Ok(mut s) = state.lock() {
+        s.set_leading(false, Instant::now());
+    }
     loop {
         let m = rx.borrow_and_update().clone();
         metrics.group_term.set(m.current_term as i64);
@@ -404,6 +411,9 @@ async fn watch_group(
             leader = m.current_leader;
             if leader == Some(id) {
                 metrics.group_elections_won.inc();
+            }
+            if let Ok(mut s) = state.lock() {
+                s.set_leading(leader == Some(id), Instant::now());
             }
             tracing::info!(term = m.current_term, leader = ?leader, "namenode group leader");
         }

@@ -1466,6 +1466,10 @@ fn handle_datanode_small(
         } => {
             let mut signer = shared.signer()?;
             let keys = signer.keys();
+            let term = shared
+                .group
+                .as_ref()
+                .map_or(0, |g| g.raft.metrics().borrow().current_term);
             Ok(
                 match state.heartbeat(name, space, &received, &deleted, now) {
                     Some((delete, mut copy)) => {
@@ -1479,6 +1483,7 @@ fn handle_datanode_small(
                             delete,
                             copy,
                             keys,
+                            term,
                         }
                     }
                     None => NamenodeToDatanode::Commands {
@@ -1486,6 +1491,7 @@ fn handle_datanode_small(
                         delete: vec![],
                         copy: vec![],
                         keys,
+                        term,
                     },
                 },
             )

@@ -494,12 +494,15 @@ pub enum NamenodeToDatanode {
     Ack,
     /// Heartbeat accepted, with work: `reregister` asks for a full block report, `delete` lists
     /// replicas to remove (each only if its length and value still match), `copy` lists replicas to
-    /// send to other datanodes (re-replication).
+    /// send to other datanodes (re-replication). `term` is the namenode group's term in which
+    /// the sender leads (0 for a namenode alone): a datanode carries out no delete or copy from a
+    /// term older than one it has seen, so a deposed leader's commands are refused.
     Commands {
         reregister: bool,
         delete: Vec<ReportedBlock>,
         copy: Vec<CopyCommand>,
         keys: Vec<TokenKey>,
+        term: u64,
     },
 }
 

@@ -507,6 +507,7 @@ fn every_message_matches_its_golden_bytes() {
                 secret: [6; 32],
                 expires_ms: 1_700_000_600_000,
             }],
+            term: 3,
         },
     );
     check(

@@ -16,11 +16,12 @@ struct Group {
     dir: PathBuf,
     http: Vec<u16>,
     children: Vec<Option<Child>>,
+    datanodes: Vec<Child>,
 }
 
 impl Group {
-    fn start(dir: &Path, n: usize) -> Group {
-        lode_client::certs::init(&dir.join("certs"), 0).unwrap();
+    fn start(dir: &Path, n: usize, datanodes: usize) -> Group {
+        lode_client::certs::init(&dir.join("certs"), datanodes as u32).unwrap();
         for i in 1..=n {
             lode_client::certs::issue(&dir.join("certs"), &format!("nn-{i}"), Role::Namenode)
                 .unwrap();
@@ -40,7 +41,9 @@ impl Group {
                 dir.join(format!("nn-{i}.toml")),
                 format!(
                     "listen = \"127.0.0.1:{}\"\nmeta_dir = \"meta-{i}\"\nhttp_listen = \"127.0.0.1:{}\"\n\
-                     safemode_threshold = 0.0\ntrash_interval_ms = 0\n\
+                     safemode_threshold = 0.0\ntrash_interval_ms = 0\nheartbeat_interval_ms = 200\n\
+                     stale_after_ms = 2000\ndead_after_ms = 5000\nreplication_default = 2\n\
+                     block_size_default = 65536\n\
                      [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/nn-{i}.pem\"\nkey = \"certs/nn-{i}-key.pem\"\n\
                      [transport]\nidle_timeout_ms = 3000\n\
                      [group]\nid = {i}\nheartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\n\
@@ -65,9 +68,35 @@ impl Group {
             dir: dir.to_path_buf(),
             http,
             children: (0..n).map(|_| None).collect(),
+            datanodes: vec![],
         };
         for i in 1..=n {
             g.start_member(i);
+        }
+        for d in 1..=datanodes {
+            let config = dir.join(format!("dn-{d}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "name = \"dn-{d}\"\nlisten = \"127.0.0.1:{}\"\nnamenodes = [{}]\n\
+                     data_dirs = [\"dn-{d}/data\"]\nheartbeat_interval_ms = 200\n\
+                     [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dn-{d}.pem\"\nkey = \"certs/dn-{d}-key.pem\"\n\
+                     [transport]\nidle_timeout_ms = 3000\n",
+                    free_port(),
+                    addrs.join(", ")
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.join(format!("dn-{d}.log"))).unwrap();
+            g.datanodes.push(
+                Command::new(bin_dir().join("lode-datanode"))
+                    .arg("--config")
+                    .arg(&config)
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap(),
+            );
         }
         g
     }
@@ -118,6 +147,15 @@ impl Group {
             .and_then(|v| v.trim().parse().ok())
     }
 
+    /// A gauge with one `kind` label (`datanodes{kind="live"}`).
+    fn metric_labelled(&self, i: usize, name: &str, kind: &str) -> Option<i64> {
+        let (_, body) = http_get(&format!("127.0.0.1:{}", self.http[i - 1]), "/metrics").ok()?;
+        let prefix = format!("lode_namenode_{name}{{kind=\"{kind}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     fn leader(&self) -> Option<usize> {
         (1..=self.children.len())
             .filter(|i| self.children[i - 1].is_some())
@@ -155,13 +193,17 @@ impl Drop for Group {
         for i in 1..=self.children.len() {
             self.kill(i);
         }
+        for mut d in self.datanodes.drain(..) {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
     }
 }
 
 #[test]
 fn the_group_fails_over_to_a_new_leader_and_a_returning_member_catches_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut g = Group::start(tmp.path(), 3);
+    let mut g = Group::start(tmp.path(), 3, 3);
     let mut first = None;
     wait_until("a leader", Duration::from_secs(30), || {
         first = g.leader();
@@ -171,6 +213,19 @@ fn the_group_fails_over_to_a_new_leader_and_a_returning_member_catches_up() {
     for i in 0..10 {
         g.ok(&["mkdir", &format!("/a{i}")]);
     }
+    // Every datanode reports to every member, so whichever leads knows where the replicas are.
+    wait_until(
+        "3 live datanodes at every member",
+        Duration::from_secs(30),
+        || (1..=3).all(|i| g.metric_labelled(i, "datanodes", "live") == Some(3)),
+    );
+    let data = lode_tests::random_bytes(300_000, 7);
+    std::fs::write(tmp.path().join("before"), &data).unwrap();
+    g.ok(&[
+        "put",
+        tmp.path().join("before").to_str().unwrap(),
+        "/before",
+    ]);
 
     // Kill the leader: the next change waits for the new leader and is acknowledged by it.
     g.kill(first);
@@ -183,6 +238,20 @@ fn the_group_fails_over_to_a_new_leader_and_a_returning_member_catches_up() {
     }
     let second = g.leader().expect("a new leader");
     assert_ne!(second, first);
+    // The new leader serves the file written under the old one, and takes new ones.
+    let back = tmp.path().join("back");
+    g.ok(&["get", "/before", back.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "/before read back differs"
+    );
+    g.ok(&["put", tmp.path().join("before").to_str().unwrap(), "/after"]);
+    let again = tmp.path().join("again");
+    g.ok(&["get", "/after", again.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&again).unwrap() == data,
+        "/after read back differs"
+    );
     let listing = g.ok(&["ls", "/"]);
     for name in (0..10).flat_map(|i| [format!("a{i}"), format!("b{i}")]) {
         assert!(listing.contains(&name), "{name} is missing: {listing}");

@@ -265,7 +265,7 @@ impl State {
     /// marks. A block map of at most a chunk is thus planned whole at every tick.
     pub fn repair_tick(&mut self, now: Instant) -> Vec<BlockId> {
         self.check_safemode(now);
-        if self.safemode != SafeMode::Off {
+        if self.safemode != SafeMode::Off || self.follower {
             self.repair_full = true;
             return vec![];
         }

@@ -25,6 +25,9 @@ impl State {
 
     /// Removes expired leases and returns the files they held.
     pub fn take_expired_leases(&mut self, now: Instant) -> Vec<(SessionId, InodeId)> {
+        if self.follower {
+            return vec![];
+        }
         let expiry = self.timing.lease_expiry;
         let expired: Vec<SessionId> = self
             .leases

@@ -115,6 +115,10 @@ pub struct State {
     pub http_addr: Option<String>,
     /// A datanode with less room than this (the default block size) counts as out of space.
     pub full_below: u64,
+    /// A member of a namenode group that does not lead: it keeps the soft state in step (every
+    /// edit, every datanode's reports) but sends no delete or copy command, plans no repair and
+    /// lets no lease expire; all of that is the leader's, and waits here until this member leads.
+    pub follower: bool,
 }
 
 /// Events kept for the status page.
@@ -146,6 +150,7 @@ impl State {
             events: std::collections::VecDeque::new(),
             http_addr: None,
             full_below: 64 << 20,
+            follower: false,
         };
         for inode in &stored.inodes {
             if let InodeKind::File {
@@ -203,6 +208,19 @@ impl State {
         self.leases = fresh.leases;
         self.corrupt.retain(|(b, _)| self.blocks.contains_key(b));
         self.repair_full = true;
+    }
+
+    /// This member of a namenode group starts or stops leading. A new leader plans every block
+    /// afresh and counts every lease as renewed now (the writers renewed theirs with the old
+    /// leader, which this member did not see).
+    pub fn set_leading(&mut self, leading: bool, now: Instant) {
+        if leading && self.follower {
+            self.repair_full = true;
+            for lease in self.leases.values_mut() {
+                lease.renewed = now;
+            }
+        }
+        self.follower = !leading;
     }
 
     /// Records an event for the status page.

@@ -337,6 +337,18 @@ impl State {
             .filter_map(|b| self.add_replica(name, *b, Some(now)))
             .collect();
         let mut copy = vec![];
+        if self.follower {
+            // Commands are the leader's: they wait here until this member leads.
+            if let Some(dn) = self.datanodes.get_mut(name) {
+                for r in delete {
+                    if !dn.pending_delete.iter().any(|p| p.id == r.id) {
+                        dn.pending_delete.push(r);
+                    }
+                }
+            }
+            self.space_events(name, Some(before), space);
+            return Some((vec![], vec![]));
+        }
         if let Some(dn) = self.datanodes.get_mut(name) {
             // At most a page of deletions per reply; a full page tells the datanode to come back
             // at once for more.
