@@ -99,8 +99,9 @@ impl Client {
         let members = config.namenode_addrs();
         let first = members
             .first()
+            .cloned()
             .ok_or_else(|| Error::Invalid("the client config names no namenode".into()))?;
-        let addr = resolve(first).await?;
+        let addr = resolve(&first).await?;
         let bind: SocketAddr = if addr.is_ipv4() {
             "0.0.0.0:0"
         } else {
@@ -118,37 +119,39 @@ impl Client {
             config,
             suspects: Suspects::default(),
         };
-        // Any member that answers will do; requests then find the leader.
-        let mut last = None;
-        for m in &client.members {
-            match client.member_conn(m).await {
-                Ok(_) => {
-                    client.follow(m);
-                    return Ok(client);
-                }
-                Err(e) => last = Some((m.clone(), e)),
-            }
+        if client.members.len() > 1 {
+            // Requests find a member that answers, and then the leader.
+            return Ok(client);
         }
-        let (m, e) = last.ok_or_else(|| Error::Invalid("no namenode to connect to".into()))?;
-        Err(Error::rpc(format!("cannot reach the namenode at {m}"), e))
+        client
+            .pool
+            .get(&first, NAMENODE_SERVER_NAME)
+            .await
+            .map_err(|e| Error::rpc(format!("cannot reach the namenode at {first}"), e))?;
+        Ok(client)
     }
 
     /// A connection to namenode `addr`. A member of a group that does not answer within
-    /// [`MEMBER_CONNECT_TIMEOUT`] is given up for the next (it may be the leader just lost).
-    async fn member_conn(&self, addr: &str) -> Result<quinn::Connection, net::RpcError> {
+    /// [`MEMBER_CONNECT_TIMEOUT`] is given up for the next (it may be the leader just lost); the
+    /// time allowed grows with each round over the members (`attempt` counts tries), so a
+    /// slow machine still gets its handshakes done.
+    async fn member_conn(
+        &self,
+        addr: &str,
+        attempt: u32,
+    ) -> Result<quinn::Connection, net::RpcError> {
         if self.members.len() < 2 {
             return self.pool.get(addr, NAMENODE_SERVER_NAME).await;
         }
-        tokio::time::timeout(
-            MEMBER_CONNECT_TIMEOUT,
-            self.pool.get(addr, NAMENODE_SERVER_NAME),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(net::RpcError::Connect(format!(
-                "{addr}: no answer within {MEMBER_CONNECT_TIMEOUT:?}"
-            )))
-        })
+        let rounds = attempt / self.members.len() as u32;
+        let allowed = MEMBER_CONNECT_TIMEOUT * (1 << rounds.min(3));
+        tokio::time::timeout(allowed, self.pool.get(addr, NAMENODE_SERVER_NAME))
+            .await
+            .unwrap_or_else(|_| {
+                Err(net::RpcError::Connect(format!(
+                    "{addr}: no answer within {allowed:?}"
+                )))
+            })
     }
 
     /// The namenode requests go to now (the group's leader, as far as this client knows).
@@ -213,10 +216,11 @@ impl Client {
         let group = self.members.len() > 1;
         let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
         let mut pause = Duration::from_millis(25);
+        let mut attempt = 0;
         loop {
             let addr = self.leader();
             let ctx = || format!("namenode at {addr}");
-            let refusal = match self.member_conn(&addr).await {
+            let refusal = match self.member_conn(&addr, attempt).await {
                 Ok(conn) => match net::call_namenode(&conn, req).await {
                     Ok(r) => return Ok(r),
                     Err(net::RpcError::Remote(e))
@@ -241,6 +245,7 @@ impl Client {
                 Err(e) => return Err(Error::rpc(ctx(), e)),
             };
             self.next_namenode(refusal.as_deref());
+            attempt += 1;
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(400));
         }

@@ -175,3 +175,98 @@ fn dev_cluster_script_subcommands() {
         Some(2)
     );
 }
+
+/// `up --namenodes 3` starts a group: the client and datanodes list every member, and the
+/// cluster goes on when the leader is killed or frozen (`kill-namenode`, `freeze-namenode` and
+/// `thaw-namenode` without a member act on the leader).
+#[test]
+fn dev_cluster_with_a_namenode_group_survives_a_killed_and_a_frozen_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = 20_000 + ((std::process::id() + 7_919) % 20_000) as u16;
+    let up = script(
+        dir.path(),
+        port,
+        &["up", "--datanodes", "2", "--namenodes", "3"],
+    );
+    assert!(
+        up.status.success(),
+        "up failed: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let config = dir.path().join("client.toml");
+    let config = config.to_str().unwrap();
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(text.contains("namenodes = ["), "{text}");
+    assert_eq!(live(config), 2);
+    let data = lode_tests::random_bytes(200_000, 11);
+    let local = dir.path().join("data");
+    std::fs::write(&local, &data).unwrap();
+    let local = local.to_str().unwrap();
+    assert!(lode(config, &["put", local, "/a"]).status.success());
+    let leader = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("leader: "))
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    let status = String::from_utf8_lossy(&script(dir.path(), port, &["status"]).stdout).to_string();
+    let first = leader(&status);
+    assert!(first.starts_with("nn-"), "{status}");
+
+    let killed = script(dir.path(), port, &["kill-namenode"]);
+    assert!(killed.status.success());
+    assert!(
+        String::from_utf8_lossy(&killed.stderr).contains(&format!("{first} killed")),
+        "{}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    let got = lode(config, &["cat", "/a"]);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert!(got.stdout == data, "/a differs after the leader was killed");
+    assert!(lode(config, &["put", local, "/b"]).status.success());
+    // Back to three, so that a majority is left when the next leader is frozen. The returning
+    // member may be the next leader: it must hear the datanodes' reports first.
+    assert!(script(dir.path(), port, &["start-namenode"])
+        .status
+        .success());
+    let i: u16 = first.trim_start_matches("nn-").parse().unwrap();
+    let http = if i == 1 { port + 100 } else { port + 160 + i };
+    lode_tests::http_get_until(
+        &format!("127.0.0.1:{http}"),
+        "/metrics",
+        "both datanodes live at the returning member",
+        Duration::from_secs(30),
+        |body| body.contains("lode_namenode_datanodes{kind=\"live\"} 2"),
+    );
+
+    let frozen = script(dir.path(), port, &["freeze-namenode"]);
+    assert!(frozen.status.success());
+    let out = lode(config, &["mkdir", "/while-frozen"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(script(dir.path(), port, &["thaw-namenode"])
+        .status
+        .success());
+    assert!(script(dir.path(), port, &["start-namenode"])
+        .status
+        .success());
+    let status = String::from_utf8_lossy(&script(dir.path(), port, &["status"]).stdout).to_string();
+    for i in 1..=3 {
+        assert!(status.contains(&format!("nn-{i}: running")), "{status}");
+    }
+    let got = lode(config, &["cat", "/b"]);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert!(got.stdout == data, "/b differs after the freeze");
+    assert!(script(dir.path(), port, &["down"]).status.success());
+}

@@ -92,6 +92,9 @@ impl BlockEntry {
     }
 }
 
+/// Most blocks a follower keeps early replicas for (see [`State::orphans`]).
+const ORPHANS_MAX: usize = 1 << 20;
+
 impl State {
     /// Queues the deletion of exactly `replica` on `name`.
     pub(super) fn delete_on(&mut self, name: &str, replica: ReportedBlock) {
@@ -164,6 +167,18 @@ impl State {
             }
         }
         let Some(entry) = self.blocks.get_mut(&replica.id) else {
+            if self.follower {
+                // A follower may not have applied the edit that added the block yet: the
+                // replica waits for it here (up to a bound), and is never called stale on this
+                // member's word.
+                if self.orphans.len() >= ORPHANS_MAX && !self.orphans.contains_key(&replica.id) {
+                    return None;
+                }
+                let waiting = self.orphans.entry(replica.id).or_default();
+                waiting.retain(|(n, _)| n != name);
+                waiting.push((name.to_string(), replica));
+                return None;
+            }
             return Some(replica);
         };
         match entry.committed {

@@ -119,6 +119,10 @@ pub struct State {
     /// edit, every datanode's reports) but sends no delete or copy command, plans no repair and
     /// lets no lease expire; all of that is the leader's, and waits here until this member leads.
     pub follower: bool,
+    /// Replicas a follower heard of before it applied the edit that adds their block; they join
+    /// the block when the edit is applied, and are dropped when this member starts leading (the
+    /// datanodes' next full reports tell the leader of them again).
+    pub orphans: BTreeMap<BlockId, Vec<(String, ReportedBlock)>>,
 }
 
 /// Events kept for the status page.
@@ -151,6 +155,7 @@ impl State {
             http_addr: None,
             full_below: 64 << 20,
             follower: false,
+            orphans: BTreeMap::new(),
         };
         for inode in &stored.inodes {
             if let InodeKind::File {
@@ -216,6 +221,7 @@ impl State {
     pub fn set_leading(&mut self, leading: bool, now: Instant) {
         if leading && self.follower {
             self.repair_full = true;
+            self.orphans.clear();
             for lease in self.leases.values_mut() {
                 lease.renewed = now;
             }
@@ -242,6 +248,14 @@ impl State {
         if let Some((block, inode, replication)) = applied.added {
             self.blocks
                 .insert(block, BlockEntry::new(inode, replication, false, None));
+            for (name, replica) in self.orphans.remove(&block).unwrap_or_default() {
+                if self.datanodes.contains_key(&name) {
+                    let _ = self.add_replica(&name, replica, None);
+                    if let Some(dn) = self.datanodes.get_mut(&name) {
+                        dn.blocks.insert(block);
+                    }
+                }
+            }
         }
         if let Some((session, inode)) = applied.leased {
             self.leases

@@ -455,6 +455,42 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_keeps_replicas_of_blocks_it_has_not_applied_yet_and_never_calls_them_stale() {
+        let t0 = Instant::now();
+        let mut s = state(3, 2, true, t0);
+        s.safemode_threshold = 0.0;
+        s.set_leading(false, t0);
+        let early = ReportedBlock {
+            id: BlockId(9),
+            len: 10,
+            cv: Blake3Cv([9; 32]),
+        };
+        // The datanode reports block 9 before this member applied the edit that adds it.
+        let delete = s.register("dn-1", "a:1".into(), space(), &[replica(1), early], t0);
+        s.end_report("dn-1");
+        assert!(delete.is_empty(), "a follower called {delete:?} stale");
+        assert!(s.datanodes["dn-1"].pending_delete.is_empty());
+        let applied = crate::namespace::Applied {
+            added: Some((BlockId(9), InodeId(99), 2)),
+            ..Default::default()
+        };
+        s.on_applied(&applied, t0);
+        assert!(
+            s.blocks[&BlockId(9)].provisional.contains_key("dn-1"),
+            "the early replica did not join its block"
+        );
+        assert!(s.datanodes["dn-1"].blocks.contains(&BlockId(9)));
+        // A leader calls a replica of a block it does not know stale, as before.
+        s.set_leading(true, t0);
+        let unknown = ReportedBlock {
+            id: BlockId(10),
+            ..early
+        };
+        let delete = s.register("dn-2", "a:2".into(), space(), &[unknown], t0);
+        assert_eq!(delete, vec![unknown]);
+    }
+
+    #[test]
     fn liveness_follows_silence_and_a_dead_node_must_register_again() {
         let t0 = Instant::now();
         let mut s = state(1, 1, true, t0);
