@@ -206,16 +206,17 @@ impl Reports {
         }
     }
 
+    fn queue(&self, i: usize) -> &(Mutex<Pending>, Notify) {
+        &self.queues[i.min(self.queues.len() - 1)]
+    }
+
     /// Woken when namenode `i` should hear from this node.
     pub async fn notified(&self, i: usize) {
-        self.queues[i.min(self.queues.len() - 1)].1.notified().await
+        self.queue(i).1.notified().await
     }
 
     fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, Pending> {
-        self.queues[i.min(self.queues.len() - 1)]
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.queue(i).0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Everything pending for namenode `i` (a full report covers it).
@@ -230,7 +231,7 @@ impl Reports {
         let received = paging::take_page(&mut p.0, paging::PAGE_BYTES);
         let deleted = paging::take_page(&mut p.1, paging::PAGE_BYTES);
         if !p.0.is_empty() || !p.1.is_empty() {
-            self.queues[i.min(self.queues.len() - 1)].1.notify_one();
+            self.queue(i).1.notify_one();
         }
         (received, deleted)
     }

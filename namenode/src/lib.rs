@@ -119,14 +119,15 @@ pub async fn run(
             (Box::new(journal), Some(group))
         }
     };
-    let (writer, mut fatal) = spawn_writer(
+    let (writer, mut fatal) = Writer {
+        ns: Namespace::open(Arc::new(Overlay::new(ns.store_arc())))?,
         journal,
-        ns.store_arc(),
         ids,
-        state.clone(),
-        config.lease_expiry_ms,
-        metrics.clone(),
-    )?;
+        state: state.clone(),
+        lease_ms: config.lease_expiry_ms,
+        metrics: metrics.clone(),
+    }
+    .spawn()?;
     let audit = match &config.audit_log {
         Some(path) => Some(
             audit::AuditLog::open(
@@ -197,26 +198,6 @@ pub async fn run(
     }
     shared.ns.store().flush()?;
     result
-}
-
-/// Starts the namespace writer on `journal`.
-fn spawn_writer<J: editlog::Journal>(
-    journal: J,
-    store: Arc<SledStore>,
-    ids: IdAlloc,
-    state: Arc<Mutex<State>>,
-    lease_ms: u64,
-    metrics: Arc<http::Metrics>,
-) -> Result<(writer::WriterHandle, tokio::sync::oneshot::Receiver<Error>), Error> {
-    Writer {
-        ns: Namespace::open(Arc::new(Overlay::new(store)))?,
-        journal,
-        ids,
-        state,
-        lease_ms,
-        metrics,
-    }
-    .spawn()
 }
 
 /// Joins the namenode group: its log and state machine in the metadata directory, its messages
@@ -391,10 +372,8 @@ async fn watch_group(
     mut shutdown: ShutdownSignal,
 ) {
     let mut rx = r.metrics();
+    // The soft state starts as a follower's (`run`); it changes when the leader does.
     let mut leader = None;
-    if let Ok(mut s) = state.lock() {
-        s.set_leading(false, Instant::now());
-    }
     loop {
         let m = rx.borrow_and_update().clone();
         metrics.group_term.set(m.current_term as i64);
