@@ -301,7 +301,10 @@ case "$CMD" in
     start_datanode "$ARG"
     ;;
   kill-namenode|freeze-namenode)
-    i=${ARG:-$(leader)}
+    i=$ARG
+    # Without a member: the leader, waiting up to 10 s for one (an election may be under way).
+    deadline=$((SECONDS + 10))
+    while [ -z "$i" ] && [ $SECONDS -lt $deadline ]; do i=$(leader); [ -n "$i" ] || sleep 0.1; done
     [ -n "$i" ] || die "no leader is known; name the member (1..$(saved_namenodes))"
     name=$(nn_name "$i")
     if [ "$CMD" = kill-namenode ]; then
