@@ -468,6 +468,16 @@ impl Client {
         }
     }
 
+    /// Adds a member to the namenode group or removes one (admin only); returns once the new
+    /// membership is committed.
+    pub async fn change_namenodes(
+        &self,
+        change: lode_protocol::messages::NamenodeChange,
+    ) -> Result<(), Error> {
+        self.nn_ok(&ClientToNamenode::ChangeNamenodes { change })
+            .await
+    }
+
     /// Starts (`on`) or undoes draining a datanode (admin only).
     pub async fn decommission(&self, datanode: &str, on: bool) -> Result<(), Error> {
         self.nn_ok(&ClientToNamenode::Decommission {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lode_client::{certs, human, Client, ClientConfig, Error, PutOptions};
-use lode_protocol::messages::{EntryKind, FileStatus};
+use lode_protocol::messages::{EntryKind, FileStatus, NamenodeChange, NamenodeReport};
 use serde_json::{json, Value};
 
 /// Lode: a distributed block filesystem that moves computation to the data.
@@ -391,6 +391,37 @@ enum AdminCommand {
         #[command(subcommand)]
         command: QuotaCommand,
     },
+    /// The namenode group: its members, and changes of membership.
+    Namenode {
+        #[command(subcommand)]
+        command: NamenodeCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum NamenodeCommand {
+    /// Each member's role, term, last log index, applied index and lag.
+    List {
+        /// Print JSON (the `namenodes` array of `admin report --json`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a namenode to the group: it catches up as a learner, then votes. Start it first, with
+    /// `join = true` and its id in its `[group]` section.
+    Add {
+        /// The new member's id (never one a member had before).
+        #[arg(long)]
+        id: u64,
+        /// The name of its certificate (nn-4).
+        name: String,
+        /// Its QUIC address, host:port.
+        addr: String,
+    },
+    /// Remove a member from the group (stop its process afterwards).
+    Remove {
+        /// The member's certificate name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -713,6 +744,29 @@ async fn dispatch(cli: Cli) -> (&'static str, Result<(), Error>) {
             "checksum",
             with_client(config, |c| checksum(c, paths)).await,
         ),
+        Command::Admin {
+            command: AdminCommand::Namenode { command },
+        } => match command {
+            NamenodeCommand::List { json } => (
+                "admin namenode list",
+                with_client(config, |c| namenode_list(c, json)).await,
+            ),
+            NamenodeCommand::Add { id, name, addr } => (
+                "admin namenode add",
+                with_client(config, |c| async move {
+                    c.change_namenodes(NamenodeChange::Add { id, name, addr })
+                        .await
+                })
+                .await,
+            ),
+            NamenodeCommand::Remove { name } => (
+                "admin namenode remove",
+                with_client(config, |c| async move {
+                    c.change_namenodes(NamenodeChange::Remove { name }).await
+                })
+                .await,
+            ),
+        },
         Command::Admin {
             command: AdminCommand::Decommission { datanode },
         } => (
@@ -1497,6 +1551,32 @@ async fn checksum(c: Client, paths: Vec<String>) -> Result<(), Error> {
     Ok(())
 }
 
+fn namenodes_json(namenodes: &[NamenodeReport]) -> serde_json::Value {
+    namenodes
+        .iter()
+        .map(|n| {
+            json!({
+                "name": n.name,
+                "addr": n.addr,
+                "role": n.role,
+                "term": n.term,
+                "last_index": n.last_index,
+                "applied_index": n.applied_index,
+            })
+        })
+        .collect()
+}
+
+async fn namenode_list(c: Client, json: bool) -> Result<(), Error> {
+    let r = c.report().await?;
+    if json {
+        println!("{}", namenodes_json(&r.namenodes));
+    } else {
+        print_namenodes(&r.namenodes);
+    }
+    Ok(())
+}
+
 async fn report(c: Client, json: bool) -> Result<(), Error> {
     let r = c.report().await?;
     if json {
@@ -1506,6 +1586,7 @@ async fn report(c: Client, json: bool) -> Result<(), Error> {
             "missing": r.missing,
             "corrupt": r.corrupt,
             "namenode": { "http_addr": r.http_addr },
+            "namenodes": namenodes_json(&r.namenodes),
             "datanodes": r.datanodes.iter().map(|d| json!({
                 "name": d.name,
                 "state": d.state,
@@ -1540,6 +1621,7 @@ async fn report(c: Client, json: bool) -> Result<(), Error> {
         r.corrupt,
         if r.safemode { "on" } else { "off" }
     );
+    print_namenodes(&r.namenodes);
     println!(
         "{:<10} {:<15} {:<22} {:>9} {:>8} {:>10} {:>10} {:>11}",
         "NAME", "STATE", "ADDRESS", "HEARTBEAT", "BLOCKS", "USED", "REMAINING", "FAILED-DIRS"
@@ -1565,6 +1647,28 @@ async fn report(c: Client, json: bool) -> Result<(), Error> {
         );
     }
     Ok(())
+}
+
+/// The namenode table of `admin report` and `admin namenode list`; the lag is how far a member's
+/// applied index is behind the highest last index any member reported.
+fn print_namenodes(namenodes: &[NamenodeReport]) {
+    let top = namenodes.iter().map(|n| n.last_index).max().unwrap_or(0);
+    println!(
+        "{:<10} {:<10} {:<22} {:>6} {:>11} {:>13} {:>8}",
+        "NAMENODE", "ROLE", "ADDRESS", "TERM", "LAST-INDEX", "APPLIED-INDEX", "LAG"
+    );
+    for n in namenodes {
+        println!(
+            "{:<10} {:<10} {:<22} {:>6} {:>11} {:>13} {:>8}",
+            n.name,
+            n.role,
+            n.addr,
+            n.term,
+            n.last_index,
+            n.applied_index,
+            top.saturating_sub(n.applied_index)
+        );
+    }
 }
 
 async fn scan(

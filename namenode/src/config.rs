@@ -121,6 +121,11 @@ pub struct GroupConfig {
     /// last one. Default 20000.
     #[serde(default = "d_snapshot_every")]
     pub snapshot_every: u64,
+    /// This namenode joins a group that runs already (`lode admin namenode add` makes it a
+    /// member): it never starts a group of its own, and `members` lists the members it will hear
+    /// from, itself included. Default false.
+    #[serde(default)]
+    pub join: bool,
 }
 
 /// A member of the namenode group, as the config names it.

@@ -105,7 +105,8 @@ pub async fn run(
         }
         Some(g) => {
             drop(log);
-            let raft = start_group(g, &config, &endpoint, ns.store_arc(), state.clone()).await?;
+            let (raft, pool) =
+                start_group(g, &config, &endpoint, ns.store_arc(), state.clone()).await?;
             let journal = raft::journal::GroupJournal::new(
                 raft.clone(),
                 tokio::runtime::Handle::current(),
@@ -115,6 +116,8 @@ pub async fn run(
                 raft,
                 id: g.id,
                 configured: g.members(),
+                pool,
+                seen: Default::default(),
             };
             (Box::new(journal), Some(group))
         }
@@ -140,6 +143,11 @@ pub async fn run(
         None => None,
     };
     let token_lifetime_ms = config.token_lifetime_ms;
+    let name = config
+        .tls
+        .identity()
+        .map_err(|e| Error::Store(e.to_string()))?
+        .name;
     let groups =
         perm::Groups::new(&config.groups).map_err(|e| Error::Store(format!("groups: {e}")))?;
     tracing::info!(addr = ?endpoint.local_addr().ok(), files_and_dirs = entries, "namenode serving");
@@ -155,6 +163,7 @@ pub async fn run(
         groups: std::sync::RwLock::new(groups),
         signer: Mutex::new(tokens::Signer::new(token_lifetime_ms)),
         group,
+        name,
     });
     let repairs = tokio::spawn(repair_loop(
         state.clone(),
@@ -210,7 +219,7 @@ async fn start_group(
     endpoint: &quinn::Endpoint,
     store: Arc<SledStore>,
     state: Arc<Mutex<State>>,
-) -> Result<raft::Raft, Error> {
+) -> Result<(raft::Raft, Arc<lode_protocol::net::Pool>), Error> {
     let group_err = |e: &dyn std::fmt::Display| Error::Store(format!("namenode group: {e}"));
     let settings = raft::config(&g.timing()).map_err(|e| group_err(&e))?;
     let log = raft::log::LogStore::open(&config.meta_dir)?;
@@ -222,13 +231,13 @@ async fn start_group(
     let r = raft::Raft::new(
         g.id,
         Arc::new(settings),
-        raft::net::Network::new(pool),
+        raft::net::Network::new(pool.clone()),
         log,
         sm,
     )
     .await
     .map_err(|e| group_err(&e))?;
-    if !r.is_initialized().await.map_err(|e| group_err(&e))? {
+    if !g.join && !r.is_initialized().await.map_err(|e| group_err(&e))? {
         let members: std::collections::BTreeMap<_, _> = g.members().into_iter().collect();
         match r.initialize(members).await {
             Ok(()) => tracing::info!(id = g.id, "namenode group started"),
@@ -243,7 +252,7 @@ async fn start_group(
         members = g.members.len(),
         "member of a namenode group"
     );
-    Ok(r)
+    Ok((r, pool))
 }
 
 type Recovered = (Namespace<SledStore>, EditLog, IdAlloc, namespace::Stored);

@@ -60,6 +60,8 @@ pub struct Shared {
     pub signer: Mutex<crate::tokens::Signer>,
     /// The namenode group this namenode is a member of, if any.
     pub group: Option<Group>,
+    /// The name of this namenode's certificate.
+    pub name: String,
 }
 
 /// This namenode's place in its group.
@@ -70,6 +72,10 @@ pub struct Group {
     pub id: crate::raft::NodeId,
     /// The members the config names (the membership a fresh member knows before its log does).
     pub configured: Vec<(crate::raft::NodeId, crate::raft::Member)>,
+    /// Connections to the other members (for their status; openraft has its own).
+    pub pool: Arc<lode_protocol::net::Pool>,
+    /// What each member last said of itself.
+    pub seen: Arc<crate::raft::status::LastSeen>,
 }
 
 impl Group {
@@ -188,6 +194,23 @@ fn sign_write(shared: &Shared, user: &str, b: &mut LocatedBlock) -> Result<(), E
 }
 
 impl Shared {
+    /// The namenodes of the group as this one sees them now, or this namenode alone.
+    async fn namenodes(&self) -> Result<Vec<lode_protocol::messages::NamenodeReport>, Error> {
+        if let Some(g) = &self.group {
+            return Ok(crate::raft::status::view(&g.raft, &g.configured, &g.pool, &g.seen).await);
+        }
+        let ns = self.ns.clone();
+        let seq = blocking(move || ns.last_applied()).await?;
+        Ok(vec![lode_protocol::messages::NamenodeReport {
+            name: self.name.clone(),
+            addr: self.config.listen.to_string(),
+            role: "leader".into(),
+            term: 0,
+            last_index: seq,
+            applied_index: seq,
+        }])
+    }
+
     fn state(&self) -> Result<MutexGuard<'_, State>, Error> {
         self.state
             .lock()
@@ -396,6 +419,14 @@ fn audited(req: &ClientToNamenode) -> Option<(&'static str, Option<String>, Opti
         SafeMode { action } if *action != SafeModeAction::Get => ("safemode", None, None),
         Decommission { .. } => ("decommission", None, None),
         Backup => ("backup", None, None),
+        ChangeNamenodes { change } => match change {
+            lode_protocol::messages::NamenodeChange::Add { name, .. } => {
+                ("addNamenode", Some(name.clone()), None)
+            }
+            lode_protocol::messages::NamenodeChange::Remove { name } => {
+                ("removeNamenode", Some(name.clone()), None)
+            }
+        },
         _ => return None,
     })
 }
@@ -451,6 +482,9 @@ fn admin_only(req: &ClientToNamenode) -> Option<&'static str> {
         ClientToNamenode::ApprovePlugin { .. } => Some("only an admin can approve plugins"),
         ClientToNamenode::RefreshGroups => Some("only an admin can reload the groups"),
         ClientToNamenode::SetQuota { .. } => Some("only an admin can set quotas"),
+        ClientToNamenode::ChangeNamenodes { .. } => {
+            Some("only an admin can change the namenode group")
+        }
         _ => None,
     }
 }
@@ -760,6 +794,7 @@ impl RequestKind for ClientToNamenode {
             ClientToNamenode::Count { .. } => "Count",
             ClientToNamenode::Trash { .. } => "Trash",
             ClientToNamenode::Expunge => "Expunge",
+            ClientToNamenode::ChangeNamenodes { .. } => "ChangeNamenodes",
         }
     }
 }
@@ -1201,9 +1236,9 @@ async fn route(
             let health = crate::state::health_pass(&shared.state, now)
                 .await
                 .ok_or_else(|| Error::Store("state lock poisoned".into()))?;
-            Ok(NamenodeReply::Report(
-                shared.state()?.report_with(now, &health),
-            ))
+            let mut report = shared.state()?.report_with(now, &health);
+            report.namenodes = shared.namenodes().await?;
+            Ok(NamenodeReply::Report(report))
         }
         ClientToNamenode::AddPlugin { hash, name, path } => {
             let ns = shared.ns.clone();
@@ -1287,6 +1322,25 @@ async fn route(
                 reported,
                 total,
             })
+        }
+        ClientToNamenode::ChangeNamenodes { change } => {
+            let Some(g) = &shared.group else {
+                return Err(Error::refused(
+                    ErrorCode::InvalidArgument,
+                    "this namenode is not a member of a namenode group (give it a [group] section)",
+                ));
+            };
+            tracing::info!(?change, by = %identity.name, "namenode group change");
+            match change {
+                lode_protocol::messages::NamenodeChange::Add { id, name, addr } => {
+                    crate::raft::members::add(&g.raft, id, crate::raft::Member { name, addr })
+                        .await?
+                }
+                lode_protocol::messages::NamenodeChange::Remove { name } => {
+                    crate::raft::members::remove(&g.raft, &name).await?
+                }
+            }
+            Ok(NamenodeReply::Ok)
         }
         ClientToNamenode::Decommission { datanode, on } => {
             if !shared.state()?.datanodes.contains_key(&datanode) {

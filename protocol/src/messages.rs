@@ -216,6 +216,20 @@ pub enum ClientToNamenode {
     Expunge,
     /// Set an entry's modification time (`touch`): to `mtime_ms`, or to the namenode's clock.
     SetTimes { path: String, mtime_ms: Option<u64> },
+    /// Add a member to the namenode group or remove one (admins only; answered with `Ok` once
+    /// the new membership is committed).
+    ChangeNamenodes { change: NamenodeChange },
+}
+
+/// A change of the namenode group's membership.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NamenodeChange {
+    /// Add the namenode whose certificate is named `name`, serving at `addr`, as member `id`:
+    /// first as a learner until it has caught up (from a snapshot, if the log it needs is gone),
+    /// then as a voter.
+    Add { id: u64, name: String, addr: String },
+    /// Remove the member named `name`.
+    Remove { name: String },
 }
 
 /// What to do with safe mode.
@@ -420,6 +434,28 @@ pub struct ClusterReport {
     pub corrupt: u64,
     /// Every datanode that registered since the namenode started.
     pub datanodes: Vec<DatanodeReport>,
+    /// Every namenode of the group (the one namenode, when there is no group), as the one that
+    /// answers sees them.
+    pub namenodes: Vec<NamenodeReport>,
+}
+
+/// A namenode's place in its group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamenodeReport {
+    /// Name from its certificate.
+    pub name: String,
+    /// Its QUIC address.
+    pub addr: String,
+    /// `leader`, `follower`, `candidate`, `learner`, or `down` when it did not answer; a lone
+    /// namenode is its own `leader`.
+    pub role: String,
+    /// Its Raft term (0 for a lone namenode).
+    pub term: u64,
+    /// The index of the last entry in its log (a lone namenode's last edit).
+    pub last_index: u64,
+    /// The index of the last entry it applied to its namespace. For a member that is `down`,
+    /// these three are what it last answered, or 0.
+    pub applied_index: u64,
 }
 
 /// A datanode's disks as it reports them in every registration and heartbeat.
@@ -581,6 +617,8 @@ pub enum PeerRpc {
     Vote,
     /// A chunk of a snapshot from the leader.
     InstallSnapshot,
+    /// A member asks another for its [`NamenodeReport`] (the request is empty).
+    Status,
 }
 
 /// One frame of a message between members of the namenode group. The message is the consensus

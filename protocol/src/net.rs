@@ -64,6 +64,15 @@ pub fn parse_fingerprint(entry: &str) -> Result<String, String> {
 }
 
 impl TlsFiles {
+    /// The role and name of this node's own certificate.
+    pub fn identity(&self) -> Result<Identity, NetError> {
+        let certs = load_certs(&self.cert)?;
+        identity_from_der(&certs[0]).ok_or_else(|| NetError::Credentials {
+            path: self.cert.clone(),
+            reason: "the certificate names no Lode role and name".into(),
+        })
+    }
+
     /// Resolves `~/` against `$HOME` and other relative paths against `base` (the directory of the
     /// config file naming them).
     pub fn relative_to(mut self, base: &Path) -> Self {

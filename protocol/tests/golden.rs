@@ -274,6 +274,26 @@ fn every_message_matches_its_golden_bytes() {
         },
     );
     check(
+        "c2n_add_namenode",
+        c,
+        C::ChangeNamenodes {
+            change: NamenodeChange::Add {
+                id: 4,
+                name: "nn-4".into(),
+                addr: "127.0.0.1:7464".into(),
+            },
+        },
+    );
+    check(
+        "c2n_remove_namenode",
+        c,
+        C::ChangeNamenodes {
+            change: NamenodeChange::Remove {
+                name: "nn-1".into(),
+            },
+        },
+    );
+    check(
         "n2c_trashed",
         kind::NAMENODE_REPLY,
         NamenodeReply::Trashed {
@@ -373,6 +393,14 @@ fn every_message_matches_its_golden_bytes() {
             sandbox: vec!["rlimits".into(), "seccomp".into()],
             sandbox_missing: vec![],
             http_addr: None,
+        }],
+        namenodes: vec![NamenodeReport {
+            name: "nn-1".into(),
+            addr: "127.0.0.1:7400".into(),
+            role: "leader".into(),
+            term: 3,
+            last_index: 40,
+            applied_index: 39,
         }],
     };
     check("n2c_report", r, NamenodeReply::Report(report));
@@ -628,6 +656,15 @@ fn every_message_matches_its_golden_bytes() {
         PeerPart {
             rpc: PeerRpc::InstallSnapshot,
             bytes: vec![9],
+            last: true,
+        },
+    );
+    check(
+        "nn_peer_status",
+        kind::NAMENODE_PEER,
+        PeerPart {
+            rpc: PeerRpc::Status,
+            bytes: vec![],
             last: true,
         },
     );

@@ -15,8 +15,10 @@
 
 pub mod journal;
 pub mod log;
+pub mod members;
 pub mod net;
 pub mod sm;
+pub mod status;
 
 use std::fmt;
 use std::io::Cursor;

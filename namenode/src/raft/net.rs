@@ -247,5 +247,6 @@ async fn answer(
             theirs(&req.vote)?;
             encode(&raft.install_snapshot(req).await)
         }
+        PeerRpc::Status => encode(&super::status::own(raft, configured)),
     }
 }

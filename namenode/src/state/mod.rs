@@ -430,6 +430,7 @@ impl State {
             missing,
             corrupt: self.corrupt.len() as u64,
             datanodes,
+            namenodes: vec![],
         }
     }
 }
