@@ -421,6 +421,33 @@ fn page(state: &State, health: &BlockHealth, now: Instant) -> String {
             },
         );
     }
+    if !state.namenodes.is_empty() {
+        let top = state
+            .namenodes
+            .iter()
+            .map(|n| n.last_index)
+            .max()
+            .unwrap_or(0);
+        h.push_str(
+            "</table><h2>Namenode group</h2><table id=\"namenodes\"><tr><th>Name</th><th>Role</th>\
+             <th>Address</th><th>Term</th><th>Last index</th><th>Applied index</th><th>Lag</th></tr>",
+        );
+        for n in &state.namenodes {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                 <td>{}</td></tr>",
+                esc(&n.name),
+                if n.role == "down" { "dead" } else { "live" },
+                esc(&n.role),
+                esc(&n.addr),
+                n.term,
+                n.last_index,
+                n.applied_index,
+                top.saturating_sub(n.applied_index)
+            );
+        }
+    }
     let _ = write!(
         h,
         "</table><h2>Block health</h2><table id=\"health\"><tr><th>Under-replicated</th><td>{}</td></tr>\

@@ -186,6 +186,25 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
+    let status = shared.group.as_ref().map(|_| {
+        let shared = shared.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let Some(g) = &shared.group else { return };
+            let mut tick = tokio::time::interval(http::REFRESH);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                let view = raft::status::view(&g.raft, &g.configured, &g.pool, &g.seen).await;
+                match shared.state.lock() {
+                    Ok(mut s) => s.namenodes = view,
+                    Err(_) => return,
+                }
+            }
+        })
+    });
     let result = tokio::select! {
         _ = lode_protocol::service::serve(endpoint, server::LIMITS, shutdown, shared.clone()) => Ok(()),
         e = &mut fatal => match e {
@@ -194,7 +213,7 @@ pub async fn run(
         },
     };
     leases.abort();
-    if let Some(w) = watch {
+    for w in [watch, status].into_iter().flatten() {
         w.abort();
     }
     if let Some(g) = &shared.group {

@@ -1611,6 +1611,11 @@ mod tests {
             ClientToNamenode::ApprovePlugin {
                 hash: lode_protocol::Blake3Cv([0; 32]),
             },
+            ClientToNamenode::ChangeNamenodes {
+                change: lode_protocol::messages::NamenodeChange::Remove {
+                    name: "nn-1".into(),
+                },
+            },
         ] {
             let r = Request::Client(admin_only);
             assert!(authorise(&r, &admin).is_ok());

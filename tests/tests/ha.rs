@@ -12,48 +12,62 @@ use lode_namenode::store::SledStore;
 use lode_protocol::net::Role;
 use lode_tests::{bin_dir, free_port, free_tcp_port, http_get, wait_until};
 
+/// Writes member `i`'s config: the group of the first `members` (and itself), joining it if
+/// `join`.
+fn write_member(dir: &Path, i: usize, ports: &[u16], http: &[u16], members: usize, join: bool) {
+    let members: Vec<String> = (1..=members.max(i))
+        .filter(|m| *m <= members || *m == i)
+        .map(|m| {
+            format!(
+                "{{ id = {m}, name = \"nn-{m}\", addr = \"127.0.0.1:{}\" }}",
+                ports[m - 1]
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join(format!("nn-{i}.toml")),
+        format!(
+            "listen = \"127.0.0.1:{}\"\nmeta_dir = \"meta-{i}\"\nhttp_listen = \"127.0.0.1:{}\"\n\
+             safemode_threshold = 0.0\ntrash_interval_ms = 0\nheartbeat_interval_ms = 200\n\
+             stale_after_ms = 2000\ndead_after_ms = 5000\nreplication_default = 2\n\
+             block_size_default = 65536\n\
+             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/nn-{i}.pem\"\nkey = \"certs/nn-{i}-key.pem\"\n\
+             [transport]\nidle_timeout_ms = 3000\n\
+             [group]\nid = {i}\nheartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\n\
+             join = {join}\nmembers = [{}]\n",
+            ports[i - 1],
+            http[i - 1],
+            members.join(", ")
+        ),
+    )
+    .unwrap();
+}
+
 struct Group {
     dir: PathBuf,
     http: Vec<u16>,
+    ports: Vec<u16>,
     children: Vec<Option<Child>>,
     datanodes: Vec<Child>,
 }
 
 impl Group {
     fn start(dir: &Path, n: usize, datanodes: usize) -> Group {
+        Group::start_with(dir, n, 0, datanodes)
+    }
+
+    /// `n` members that start the group, and room (ports, certificates) for `spare` more that
+    /// join it later.
+    fn start_with(dir: &Path, n: usize, spare: usize, datanodes: usize) -> Group {
         lode_client::certs::init(&dir.join("certs"), datanodes as u32).unwrap();
-        for i in 1..=n {
+        for i in 1..=n + spare {
             lode_client::certs::issue(&dir.join("certs"), &format!("nn-{i}"), Role::Namenode)
                 .unwrap();
         }
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let http: Vec<u16> = (0..n).map(|_| free_tcp_port()).collect();
-        let members: Vec<String> = (1..=n)
-            .map(|i| {
-                format!(
-                    "{{ id = {i}, name = \"nn-{i}\", addr = \"127.0.0.1:{}\" }}",
-                    ports[i - 1]
-                )
-            })
-            .collect();
+        let ports: Vec<u16> = (0..n + spare).map(|_| free_port()).collect();
+        let http: Vec<u16> = (0..n + spare).map(|_| free_tcp_port()).collect();
         for i in 1..=n {
-            std::fs::write(
-                dir.join(format!("nn-{i}.toml")),
-                format!(
-                    "listen = \"127.0.0.1:{}\"\nmeta_dir = \"meta-{i}\"\nhttp_listen = \"127.0.0.1:{}\"\n\
-                     safemode_threshold = 0.0\ntrash_interval_ms = 0\nheartbeat_interval_ms = 200\n\
-                     stale_after_ms = 2000\ndead_after_ms = 5000\nreplication_default = 2\n\
-                     block_size_default = 65536\n\
-                     [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/nn-{i}.pem\"\nkey = \"certs/nn-{i}-key.pem\"\n\
-                     [transport]\nidle_timeout_ms = 3000\n\
-                     [group]\nid = {i}\nheartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\n\
-                     members = [{}]\n",
-                    ports[i - 1],
-                    http[i - 1],
-                    members.join(", ")
-                ),
-            )
-            .unwrap();
+            write_member(dir, i, &ports, &http, n, false);
         }
         let addrs: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
         std::fs::write(
@@ -67,12 +81,17 @@ impl Group {
         let mut g = Group {
             dir: dir.to_path_buf(),
             http,
-            children: (0..n).map(|_| None).collect(),
+            ports: ports.clone(),
+            children: (0..n + spare).map(|_| None).collect(),
             datanodes: vec![],
         };
         for i in 1..=n {
             g.start_member(i);
         }
+        let addrs: Vec<String> = ports[..n]
+            .iter()
+            .map(|p| format!("\"127.0.0.1:{p}\""))
+            .collect();
         for d in 1..=datanodes {
             let config = dir.join(format!("dn-{d}.toml"));
             std::fs::write(
@@ -273,4 +292,164 @@ fn the_group_fails_over_to_a_new_leader_and_a_returning_member_catches_up() {
     for i in 2..=3 {
         assert!(g.dump(i) == d, "nn-{i}'s metadata differs from nn-1's");
     }
+}
+
+/// The `namenodes` of `admin report --json` (or of `admin namenode list --json`).
+fn namenodes(g: &Group, list: bool) -> Vec<serde_json::Value> {
+    let out = if list {
+        g.ok(&["admin", "namenode", "list", "--json"])
+    } else {
+        g.ok(&["admin", "report", "--json"])
+    };
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let n = if list { &v } else { &v["namenodes"] };
+    n.as_array().unwrap().clone()
+}
+
+fn role_of(members: &[serde_json::Value], name: &str) -> Option<String> {
+    members
+        .iter()
+        .find(|m| m["name"] == name)
+        .map(|m| m["role"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn the_report_shows_every_member_and_a_failed_member_is_replaced_without_downtime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = Group::start_with(tmp.path(), 3, 1, 0);
+    wait_until("a leader", Duration::from_secs(30), || g.leader().is_some());
+    for i in 0..20 {
+        g.ok(&["mkdir", &format!("/a{i}")]);
+    }
+    // Right after the start an election may still be settling; then one member leads the
+    // others in one term.
+    let mut members = vec![];
+    wait_until(
+        "one leader and two followers in one term",
+        Duration::from_secs(20),
+        || {
+            members = namenodes(&g, false);
+            let roles: Vec<_> = members
+                .iter()
+                .map(|m| m["role"].as_str().unwrap().to_string())
+                .collect();
+            roles.iter().filter(|r| *r == "leader").count() == 1
+                && roles.iter().filter(|r| *r == "follower").count() == 2
+                && members.iter().all(|m| m["term"] == members[0]["term"])
+        },
+    );
+    assert_eq!(members.len(), 3, "{members:?}");
+    let leader = members
+        .iter()
+        .find(|m| m["role"] == "leader")
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .unwrap();
+    let first: usize = leader["nn-".len()..].parse().unwrap();
+    assert_eq!(g.metric(first, "group_leader"), Some(1), "{members:?}");
+    let term = members[0]["term"].as_u64().unwrap();
+    for m in &members {
+        let i: usize = m["name"].as_str().unwrap()["nn-".len()..].parse().unwrap();
+        assert_eq!(m["addr"], format!("127.0.0.1:{}", g.ports[i - 1]));
+        assert_eq!(m["term"].as_u64(), Some(term), "{members:?}");
+        assert!(m["last_index"].as_u64().unwrap() >= 20, "{members:?}");
+        assert!(m["applied_index"].as_u64().is_some(), "{members:?}");
+        if m["name"] != leader {
+            assert_eq!(m["role"], "follower", "{members:?}");
+        }
+    }
+    let listed = namenodes(&g, true);
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(role_of(&listed, &leader).as_deref(), Some("leader"));
+
+    // Every member's status page shows the group as that member sees it.
+    for i in 1..=3 {
+        wait_until(
+            "the group on the status page",
+            Duration::from_secs(10),
+            || {
+                let Ok((_, page)) = http_get(&format!("127.0.0.1:{}", g.http[i - 1]), "/") else {
+                    return false;
+                };
+                let Some(table) = page.split("<table id=\"namenodes\">").nth(1) else {
+                    return false;
+                };
+                let table = table.split("</table>").next().unwrap_or("");
+                (1..=3).all(|m| table.contains(&format!("<td>nn-{m}</td>")))
+                    && table.contains(">leader<")
+            },
+        );
+    }
+
+    // A follower's machine fails: the report calls it down, and changes go on.
+    let failed = (1..=3).find(|i| *i != first).unwrap();
+    g.kill(failed);
+    let members = namenodes(&g, true);
+    assert_eq!(
+        role_of(&members, &format!("nn-{failed}")).as_deref(),
+        Some("down"),
+        "{members:?}"
+    );
+    g.ok(&["mkdir", "/while-one-is-down"]);
+
+    // Its replacement joins, catches up as a learner, and votes; the failed member goes.
+    write_member(tmp.path(), 4, &g.ports, &g.http, 3, true);
+    g.start_member(4);
+    let addr = format!("127.0.0.1:{}", g.ports[3]);
+    g.ok(&["admin", "namenode", "add", "--id", "4", "nn-4", &addr]);
+    let members = namenodes(&g, true);
+    assert_eq!(
+        role_of(&members, "nn-4").as_deref(),
+        Some("follower"),
+        "{members:?}"
+    );
+    let again = g.lode(&["admin", "namenode", "add", "--id", "4", "nn-4", &addr]);
+    assert!(
+        !again.status.success(),
+        "a second add of the same voter is refused"
+    );
+    g.ok(&["admin", "namenode", "remove", &format!("nn-{failed}")]);
+    let members = namenodes(&g, true);
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(
+        role_of(&members, &format!("nn-{failed}")).is_none(),
+        "{members:?}"
+    );
+    let unknown = g.lode(&["admin", "namenode", "remove", "nn-9"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("nn-9: no such member"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+
+    // The old leader fails too: the new member and the last original one are a majority of the
+    // new membership, so they elect a leader and serve; nothing acknowledged is missing.
+    g.kill(first);
+    g.ok(&["mkdir", "/after-the-leader-failed"]);
+    let listing = g.ok(&["ls", "/"]);
+    for name in (0..20)
+        .map(|i| format!("a{i}"))
+        .chain(["while-one-is-down".into(), "after-the-leader-failed".into()])
+    {
+        assert!(listing.contains(&name), "{name} is missing: {listing}");
+    }
+    let survivor = (1..=3).find(|i| *i != first && *i != failed).unwrap();
+    let target = g
+        .metric(g.leader().unwrap(), "group_applied_index")
+        .unwrap();
+    wait_until(
+        "both members to apply everything",
+        Duration::from_secs(30),
+        || {
+            [survivor, 4]
+                .iter()
+                .all(|i| g.metric(*i, "group_applied_index") == Some(target))
+        },
+    );
+    g.stop(survivor);
+    g.stop(4);
+    assert!(
+        g.dump(4) == g.dump(survivor),
+        "nn-4's metadata differs from nn-{survivor}'s"
+    );
 }

@@ -15,6 +15,20 @@ fn status_page_and_metrics() {
     });
     c.put_bytes("/m", &random_bytes(3 * 65536, 5), &[]);
     let report = c.report().unwrap();
+    // A namenode without a group is the one member, and its own leader.
+    let namenodes = report["namenodes"]
+        .as_array()
+        .expect("namenodes in the report");
+    assert_eq!(namenodes.len(), 1, "{report}");
+    assert_eq!(namenodes[0]["name"], "namenode", "{report}");
+    assert_eq!(namenodes[0]["role"], "leader", "{report}");
+    assert_eq!(
+        namenodes[0]["addr"],
+        format!("127.0.0.1:{}", c.namenode_port),
+        "{report}"
+    );
+    assert!(namenodes[0]["last_index"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(namenodes[0]["last_index"], namenodes[0]["applied_index"]);
     let nn = report["namenode"]["http_addr"]
         .as_str()
         .expect("the namenode reports its status page")

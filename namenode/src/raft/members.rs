@@ -25,9 +25,9 @@ fn failed(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Error {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
             super::journal::not_leader(f.leader_id.zip(f.leader_node))
         }
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-            refused(format!("the namenode group's membership cannot change: {e}"))
-        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => refused(format!(
+            "the namenode group's membership cannot change: {e}"
+        )),
         RaftError::Fatal(e) => Error::Store(format!("namenode group: {e}")),
     }
 }

@@ -34,7 +34,12 @@ pub fn own(raft: &Raft, configured: &[(NodeId, Member)]) -> NamenodeReport {
         .membership_config
         .membership()
         .get_node(&m.id)
-        .or_else(|| configured.iter().find(|(id, _)| *id == m.id).map(|(_, c)| c))
+        .or_else(|| {
+            configured
+                .iter()
+                .find(|(id, _)| *id == m.id)
+                .map(|(_, c)| c)
+        })
         .cloned()
         .unwrap_or_default();
     NamenodeReport {

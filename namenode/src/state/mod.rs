@@ -113,6 +113,9 @@ pub struct State {
     pub events: std::collections::VecDeque<(Instant, String)>,
     /// The namenode's own HTTP address.
     pub http_addr: Option<String>,
+    /// The namenode group's members as this one last asked them (empty without a group), for
+    /// the status page.
+    pub namenodes: Vec<lode_protocol::messages::NamenodeReport>,
     /// A datanode with less room than this (the default block size) counts as out of space.
     pub full_below: u64,
     /// A member of a namenode group that does not lead: it keeps the soft state in step (every
@@ -153,6 +156,7 @@ impl State {
             decommission: BTreeSet::new(),
             events: std::collections::VecDeque::new(),
             http_addr: None,
+            namenodes: vec![],
             full_below: 64 << 20,
             follower: false,
             orphans: BTreeMap::new(),
