@@ -13,7 +13,7 @@ use lode_protocol::messages::{
     NamenodeReply,
 };
 use lode_protocol::net::{self, Pool, NAMENODE_SERVER_NAME};
-use lode_protocol::{Blake3Cv, BlockId, SessionId};
+use lode_protocol::{Blake3Cv, BlockId, RequestId, SessionId};
 
 use crate::config::ClientConfig;
 use crate::error::Error;
@@ -69,6 +69,8 @@ pub struct Client {
     pub(crate) config: ClientConfig,
     /// Datanodes that failed a request lately; tried last.
     pub(crate) suspects: Suspects,
+    /// Counts the changes sent (each one's request id, with the session as the client's part).
+    calls: std::sync::atomic::AtomicU64,
 }
 
 /// Names of datanodes that failed a request lately, shared by concurrent reads.
@@ -118,6 +120,7 @@ impl Client {
             session: SessionId(rand::random()),
             config,
             suspects: Suspects::default(),
+            calls: std::sync::atomic::AtomicU64::new(0),
         };
         if client.members.len() > 1 {
             // Requests find a member that answers, and then the leader.
@@ -213,6 +216,24 @@ impl Client {
     /// the next member (the leader named, else the next in the config) until [`FAILOVER_WAIT`]
     /// runs out, as an election takes a moment.
     pub(crate) async fn nn(&self, req: &ClientToNamenode) -> Result<NamenodeReply, Error> {
+        // A change goes with a request id that its retries repeat, so a retry of a change whose
+        // first try committed (the reply lost with the leader) gets the first answer and does
+        // not change anything twice.
+        let once;
+        let req = if req.is_change() {
+            once = ClientToNamenode::Once {
+                id: RequestId {
+                    client: self.session.0,
+                    call: self
+                        .calls
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                },
+                request: Box::new(req.clone()),
+            };
+            &once
+        } else {
+            req
+        };
         let group = self.members.len() > 1;
         let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
         let mut pause = Duration::from_millis(25);
@@ -220,25 +241,38 @@ impl Client {
         loop {
             let addr = self.leader();
             let ctx = || format!("namenode at {addr}");
+            let in_time = || tokio::time::Instant::now() < deadline;
             let refusal = match self.member_conn(&addr, attempt).await {
                 Ok(conn) => match net::call_namenode(&conn, req).await {
                     Ok(r) => return Ok(r),
+                    // A member that does not lead, or a leader that lost its majority before
+                    // the change committed: the next leader takes it.
                     Err(net::RpcError::Remote(e))
-                        if group && e.code == lode_protocol::ErrorCode::NotLeader =>
+                        if group
+                            && in_time()
+                            && matches!(
+                                e.code,
+                                lode_protocol::ErrorCode::NotLeader
+                                    | lode_protocol::ErrorCode::Unavailable
+                            ) =>
                     {
-                        if tokio::time::Instant::now() >= deadline {
-                            return Err(Error::rpc(ctx(), net::RpcError::Remote(e)));
-                        }
-                        Some(e.message)
+                        (e.code == lode_protocol::ErrorCode::NotLeader).then_some(e.message)
                     }
+                    Err(net::RpcError::Remote(e)) => {
+                        return Err(Error::rpc(ctx(), net::RpcError::Remote(e)))
+                    }
+                    // The connection failed on the way: in a group, the member may be the
+                    // leader just lost; the request (with its id) goes to the next.
                     Err(e) => {
-                        if !matches!(e, net::RpcError::Remote(_)) {
-                            self.pool.forget(&addr, NAMENODE_SERVER_NAME).await;
+                        self.pool.forget(&addr, NAMENODE_SERVER_NAME).await;
+                        if !(group && in_time()) {
+                            return Err(Error::rpc(ctx(), e));
                         }
-                        return Err(Error::rpc(ctx(), e));
+                        tracing::debug!("{}: {e}", ctx());
+                        None
                     }
                 },
-                Err(e) if group && tokio::time::Instant::now() < deadline => {
+                Err(e) if group && in_time() => {
                     tracing::debug!("{}: {e}", ctx());
                     None
                 }

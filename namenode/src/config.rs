@@ -89,6 +89,10 @@ pub struct Config {
     /// deletes at once). Default 86400000 (a day).
     #[serde(default = "d_trash")]
     pub trash_interval_ms: u64,
+    /// How long the answer to a change sent with a request id is kept for the client's retries
+    /// (it is replicated with the change, so a new leader has it too). Default 120000.
+    #[serde(default = "d_retry_cache")]
+    pub retry_cache_ms: u64,
     /// The namenode group this namenode is a member of (see `[group]` in
     /// `deploy/config/namenode.toml`); without it the namenode runs alone on its edit log.
     #[serde(default)]
@@ -140,6 +144,9 @@ pub struct GroupMember {
     pub addr: String,
 }
 
+fn d_retry_cache() -> u64 {
+    120_000
+}
 fn d_group_heartbeat() -> u64 {
     250
 }

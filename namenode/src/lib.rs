@@ -176,6 +176,12 @@ pub async fn run(
         shared.config.trash_interval_ms,
         shutdown.clone(),
     ));
+    let forget = tokio::spawn(forget_requests(
+        state.clone(),
+        writer.clone(),
+        shared.config.retry_cache_ms,
+        shutdown.clone(),
+    ));
     let leases = tokio::spawn(expire_leases(state, writer, shutdown.clone()));
     let watch = shared.group.as_ref().map(|g| {
         tokio::spawn(watch_group(
@@ -213,6 +219,7 @@ pub async fn run(
         },
     };
     leases.abort();
+    forget.abort();
     for w in [watch, status].into_iter().flatten() {
         w.abort();
     }
@@ -427,6 +434,39 @@ async fn watch_group(
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Forgets, every few seconds, the answers to changes with request ids that are older than
+/// `keep_ms` (on the leader: its edit reaches the others through the log).
+async fn forget_requests(
+    state: Arc<Mutex<State>>,
+    writer: writer::WriterHandle,
+    keep_ms: u64,
+    mut shutdown: ShutdownSignal,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(keep_ms.clamp(1000, 10_000)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        match state.lock() {
+            Ok(s) if s.follower => continue,
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let before_ms = now_ms.saturating_sub(keep_ms);
+        if let Err(e) = writer
+            .submit(writer::Mutation::ForgetRequests { before_ms })
+            .await
+        {
+            tracing::debug!("forgetting old request answers: {e}");
         }
     }
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use lode_protocol::messages::{CommittedBlock, EntryKind, FileStatus, LocatedBlock, PluginRecord};
-use lode_protocol::{path, Blake3Cv, BlockId, ErrorCode, InodeId, SessionId};
+use lode_protocol::{path, Blake3Cv, BlockId, ErrorCode, InodeId, RequestId, SessionId};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
@@ -36,6 +36,10 @@ const LAST_APPLIED_KEY: &[u8] = b"mlast_applied";
 const NEXT_IDS_KEY: &[u8] = b"mnext_ids";
 /// How many directories have a quota (none: no edit walks up the tree to charge one).
 const QUOTAS_KEY: &[u8] = b"mquotas";
+/// The first bucket of remembered answers that may still hold any.
+const REQUESTS_FROM_KEY: &[u8] = b"mrequests_from";
+/// Remembered answers are filed by time in buckets of this many ms, forgotten a bucket at a time.
+const REQUEST_BUCKET_MS: u64 = 10_000;
 
 /// A directory's quotas, as HDFS has them, and what the tree under it (itself included) uses.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +229,16 @@ pub enum MetaOp {
     },
     /// Set an entry's modification time.
     SetTimes { inode: InodeId, mtime_ms: u64 },
+    /// The answer the change `id` of `user` got (a postcard-encoded `NamenodeReply`), given again
+    /// to its retries; logged in the same group as the change.
+    Remember {
+        id: RequestId,
+        user: String,
+        at_ms: u64,
+        reply: Vec<u8>,
+    },
+    /// Forget the answers remembered before `before_ms`.
+    ForgetRequests { before_ms: u64 },
 }
 
 /// The two edits whose fields changed in edit format 2 (owners), as format 1 had them.
@@ -349,6 +363,24 @@ fn dirent_prefix(parent: InodeId) -> Vec<u8> {
 fn dirent_key(parent: InodeId, name: &str) -> Vec<u8> {
     let mut k = dirent_prefix(parent);
     k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// `r`, the request id, the user: the remembered answer (`at_ms`, then the reply's bytes).
+fn request_key(id: &RequestId, user: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17 + user.len());
+    k.push(b'r');
+    k.extend_from_slice(&id.client.to_be_bytes());
+    k.extend_from_slice(&id.call.to_be_bytes());
+    k.extend_from_slice(user.as_bytes());
+    k
+}
+
+/// `R`, a time bucket: the answers remembered in it, each under the rest of its `request_key`.
+fn request_bucket(bucket: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(b'R');
+    k.extend_from_slice(&bucket.to_be_bytes());
     k
 }
 
@@ -1832,6 +1864,32 @@ impl<S: MetaStore> Namespace<S> {
         Ok(op)
     }
 
+    /// The answer remembered for change `id` of `user`, if it is still kept.
+    pub fn remembered(&self, id: &RequestId, user: &str) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self
+            .store
+            .get(&request_key(id, user))?
+            .map(|v| v.get(8..).unwrap_or_default().to_vec()))
+    }
+
+    /// Whether any remembered answer is older than `before_ms` (so that forgetting does something).
+    pub fn forget_due(&self, before_ms: u64) -> Result<bool, Error> {
+        Ok(self
+            .requests_from()?
+            .is_some_and(|from| from < before_ms / REQUEST_BUCKET_MS))
+    }
+
+    fn requests_from(&self) -> Result<Option<u64>, Error> {
+        self.store
+            .get(REQUESTS_FROM_KEY)?
+            .map(|v| {
+                <[u8; 8]>::try_from(v.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| Error::Corrupt("bad remembered-requests bucket".into()))
+            })
+            .transpose()
+    }
+
     /// Applies one edit (already validated, or replayed from the log) as an atomic batch that also
     /// records `seq` as the last edit applied.
     pub fn apply(&self, seq: u64, op: &MetaOp) -> Result<Applied, Error> {
@@ -2081,6 +2139,46 @@ impl<S: MetaStore> Namespace<S> {
                 if let Some(mut node) = self.get(*inode)? {
                     node.mtime_ms = *mtime_ms;
                     batch.push((inode_key(*inode), Some(encode(&node)?)));
+                }
+            }
+            MetaOp::Remember {
+                id,
+                user,
+                at_ms,
+                reply,
+            } => {
+                let key = request_key(id, user);
+                let bucket = at_ms / REQUEST_BUCKET_MS;
+                let mut filed = request_bucket(bucket);
+                filed.extend_from_slice(&key[1..]);
+                let mut value = at_ms.to_be_bytes().to_vec();
+                value.extend_from_slice(reply);
+                batch.push((key, Some(value)));
+                batch.push((filed, Some(vec![])));
+                if self.store.get(REQUESTS_FROM_KEY)?.is_none() {
+                    batch.push((
+                        REQUESTS_FROM_KEY.to_vec(),
+                        Some(bucket.to_be_bytes().to_vec()),
+                    ));
+                }
+            }
+            MetaOp::ForgetRequests { before_ms } => {
+                if let Some(from) = self.requests_from()? {
+                    let until = before_ms / REQUEST_BUCKET_MS;
+                    for bucket in from..until {
+                        for (filed, _) in self.store.scan_prefix(&request_bucket(bucket))? {
+                            let mut key = vec![b'r'];
+                            key.extend_from_slice(&filed[9..]);
+                            batch.push((key, None));
+                            batch.push((filed, None));
+                        }
+                    }
+                    if until > from {
+                        batch.push((
+                            REQUESTS_FROM_KEY.to_vec(),
+                            Some(until.to_be_bytes().to_vec()),
+                        ));
+                    }
                 }
             }
         }

@@ -14,7 +14,7 @@ use lode_protocol::net::{self, Identity, Role, RpcError};
 use lode_protocol::perm::READ;
 use lode_protocol::service;
 use lode_protocol::token::{self, Receipt};
-use lode_protocol::{checksum, path, ErrorCode, SessionId, WireError};
+use lode_protocol::{checksum, path, ErrorCode, RequestId, SessionId, WireError};
 
 use crate::config::Config;
 use crate::error::{to_wire, Error};
@@ -304,6 +304,10 @@ async fn serve_stream(
             format!("no request within {:?}", service::REQUEST_READ_TIMEOUT),
         )),
     };
+    let (request, once) = match request {
+        Ok((r, once)) => (Ok(r), once),
+        Err(e) => (Err(e), None),
+    };
     let audited = match &request {
         Ok(Request::Client(r)) => audited(r),
         _ => None,
@@ -368,8 +372,10 @@ async fn serve_stream(
                 Ok((req, system)) => match shared.caller(identity) {
                     // What the system tree lets anyone do runs as the superuser (the entries it
                     // makes are the superuser's).
-                    Ok(_) if system => route(req, identity, &Caller::superuser(), shared).await,
-                    Ok(caller) => route(req, identity, &caller, shared).await,
+                    Ok(_) if system => {
+                        route(req, once, identity, &Caller::superuser(), shared).await
+                    }
+                    Ok(caller) => route(req, once, identity, &caller, shared).await,
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
@@ -434,11 +440,20 @@ fn audited(req: &ClientToNamenode) -> Option<(&'static str, Option<String>, Opti
 fn decode_request(
     header: lode_protocol::frame::FrameHeader,
     body: &[u8],
-) -> Result<Request, WireError> {
+) -> Result<(Request, Option<RequestId>), WireError> {
     match header.kind {
-        kind::CLIENT_TO_NAMENODE => decode(header, body).map(Request::Client),
-        kind::DATANODE_TO_NAMENODE => decode(header, body).map(Request::Datanode),
-        kind::NAMENODE_PEER => decode(header, body).map(Request::Peer),
+        kind::CLIENT_TO_NAMENODE => match decode(header, body)? {
+            ClientToNamenode::Once { id, request } => match *request {
+                ClientToNamenode::Once { .. } => Err(WireError::new(
+                    ErrorCode::Protocol,
+                    "bad request: a Once inside a Once",
+                )),
+                r => Ok((Request::Client(r), Some(id))),
+            },
+            r => Ok((Request::Client(r), None)),
+        },
+        kind::DATANODE_TO_NAMENODE => decode(header, body).map(|r| (Request::Datanode(r), None)),
+        kind::NAMENODE_PEER => decode(header, body).map(|r| (Request::Peer(r), None)),
         k => Err(WireError::new(
             ErrorCode::Protocol,
             format!("bad request: unexpected frame kind {k}"),
@@ -795,6 +810,7 @@ impl RequestKind for ClientToNamenode {
             ClientToNamenode::Trash { .. } => "Trash",
             ClientToNamenode::Expunge => "Expunge",
             ClientToNamenode::ChangeNamenodes { .. } => "ChangeNamenodes",
+            ClientToNamenode::Once { request, .. } => request.kind(),
         }
     }
 }
@@ -877,13 +893,39 @@ fn bind_session(mut req: ClientToNamenode, identity: &Identity) -> ClientToNamen
     req
 }
 
+/// Submits a client's change to the writer, as a `Once` when the client gave it a request id.
+struct Submitter<'a> {
+    writer: &'a WriterHandle,
+    once: Option<(RequestId, String)>,
+}
+
+impl Submitter<'_> {
+    async fn submit(&self, mutation: Mutation) -> Result<NamenodeReply, Error> {
+        let mutation = match &self.once {
+            Some((id, user)) => Mutation::Once {
+                id: *id,
+                user: user.clone(),
+                mutation: Box::new(mutation),
+            },
+            None => mutation,
+        };
+        self.writer.submit(mutation).await
+    }
+}
+
 /// Carries out a validated client request.
 async fn route(
     req: ClientToNamenode,
+    once: Option<RequestId>,
     identity: &Identity,
     caller: &Caller,
     shared: &Shared,
 ) -> Result<NamenodeReply, Error> {
+    // A change sent with a request id is answered once: a retry gets the first answer.
+    let writer = Submitter {
+        writer: &shared.writer,
+        once: once.map(|id| (id, identity.name.clone())),
+    };
     if changes_namespace(&req) {
         let state = shared.state()?;
         if state.safemode != SafeMode::Off {
@@ -903,8 +945,7 @@ async fn route(
             parents,
             mode,
         } => {
-            shared
-                .writer
+            writer
                 .submit(Mutation::Mkdir {
                     caller: caller.clone(),
                     path,
@@ -959,8 +1000,7 @@ async fn route(
             Ok(NamenodeReply::Status(status))
         }
         ClientToNamenode::Delete { path, recursive } => {
-            shared
-                .writer
+            writer
                 .submit(Mutation::Delete {
                     caller: caller.clone(),
                     path,
@@ -969,8 +1009,7 @@ async fn route(
                 .await
         }
         ClientToNamenode::Rename { src, dst } => {
-            shared
-                .writer
+            writer
                 .submit(Mutation::Rename {
                     caller: caller.clone(),
                     src,
@@ -984,8 +1023,7 @@ async fn route(
             group,
             recursive,
         } => {
-            shared
-                .writer
+            writer
                 .submit(Mutation::SetAttributes {
                     caller: caller.clone(),
                     path,
@@ -1001,8 +1039,7 @@ async fn route(
             change,
             recursive,
         } => {
-            shared
-                .writer
+            writer
                 .submit(Mutation::SetAttributes {
                     caller: caller.clone(),
                     path,
@@ -1014,8 +1051,7 @@ async fn route(
                 .await
         }
         ClientToNamenode::SetTimes { path, mtime_ms } => {
-            shared
-                .writer
+            writer
                 .submit(Mutation::SetTimes {
                     caller: caller.clone(),
                     path,
@@ -1029,8 +1065,7 @@ async fn route(
             bytes,
             clear,
         } => {
-            shared
-                .writer
+            writer
                 .submit(Mutation::SetQuota {
                     path,
                     names,
@@ -1041,8 +1076,7 @@ async fn route(
         }
         ClientToNamenode::Trash { path, recursive } => {
             if shared.config.trash_interval_ms == 0 {
-                shared
-                    .writer
+                writer
                     .submit(Mutation::Delete {
                         caller: caller.clone(),
                         path,
@@ -1051,8 +1085,7 @@ async fn route(
                     .await?;
                 return Ok(NamenodeReply::Trashed { to: None });
             }
-            shared
-                .writer
+            writer
                 .submit(Mutation::Trash {
                     caller: caller.clone(),
                     path,
@@ -1061,8 +1094,7 @@ async fn route(
                 .await
         }
         ClientToNamenode::Expunge => {
-            shared
-                .writer
+            writer
                 .submit(Mutation::Expunge {
                     caller: caller.clone(),
                 })
@@ -1110,8 +1142,7 @@ async fn route(
             } else {
                 None
             };
-            let mut reply = shared
-                .writer
+            let mut reply = writer
                 .submit(Mutation::Create {
                     caller: caller.clone(),
                     mode,
@@ -1145,14 +1176,14 @@ async fn route(
             let crate::namespace::InodeKind::File {
                 replication,
                 block_size,
-                writer,
+                writer: holder,
                 ..
             } = node.kind
             else {
                 return Err(Error::refused(ErrorCode::IsADirectory, "not a file"));
             };
             // Room is promised on datanodes only to the lease holder (the writer checks it again).
-            if writer != Some(session) {
+            if holder != Some(session) {
                 return Err(Error::refused(
                     ErrorCode::LeaseConflict,
                     format!("file {inode} is not being written by this session"),
@@ -1163,8 +1194,7 @@ async fn route(
                 confirmed(shared, prev).await?;
             }
             let targets = place_block(shared, session, replication, block_size, &exclude)?;
-            let mut reply = shared
-                .writer
+            let mut reply = writer
                 .submit(Mutation::AddBlock {
                     inode,
                     session,
@@ -1182,8 +1212,7 @@ async fn route(
             session,
             block,
         } => {
-            shared
-                .writer
+            writer
                 .submit(Mutation::Abandon {
                     inode,
                     session,
@@ -1202,8 +1231,7 @@ async fn route(
                 take_receipts(shared, last, &receipts)?;
                 confirmed(shared, last).await?;
             }
-            shared
-                .writer
+            writer
                 .submit(Mutation::Complete {
                     inode,
                     session,
@@ -1265,11 +1293,10 @@ async fn route(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64),
             };
-            shared.writer.submit(Mutation::AddPlugin(record)).await
+            writer.submit(Mutation::AddPlugin(record)).await
         }
         ClientToNamenode::SetReplication { path, replication } => {
-            shared
-                .writer
+            writer
                 .submit(Mutation::SetReplication {
                     caller: caller.clone(),
                     path,
@@ -1350,11 +1377,13 @@ async fn route(
                 ));
             }
             tracing::info!(%datanode, on, by = %identity.name, "decommissioning changed");
-            shared
-                .writer
-                .submit(Mutation::Decommission { datanode, on })
-                .await
+            writer.submit(Mutation::Decommission { datanode, on }).await
         }
+        // Unwrapped when decoded.
+        ClientToNamenode::Once { .. } => Err(Error::refused(
+            ErrorCode::Protocol,
+            "a Once is not a routed request",
+        )),
         // Streamed by `serve_backup` before routing.
         ClientToNamenode::Backup => Err(Error::refused(
             ErrorCode::Protocol,
@@ -1367,7 +1396,7 @@ async fn route(
             ))
         }
         ClientToNamenode::ApprovePlugin { hash } => {
-            shared.writer.submit(Mutation::ApprovePlugin { hash }).await
+            writer.submit(Mutation::ApprovePlugin { hash }).await
         }
         ClientToNamenode::FindPlugin { key } => {
             let ns = shared.ns.clone();
@@ -1397,10 +1426,7 @@ async fn route(
             Ok(NamenodeReply::Plugin(found))
         }
         ClientToNamenode::AbandonFile { inode, session } => {
-            shared
-                .writer
-                .submit(Mutation::Expire { inode, session })
-                .await
+            writer.submit(Mutation::Expire { inode, session }).await
         }
         ClientToNamenode::ReportBadReplica { block, datanode } => {
             // The holder re-verifies it; only its own report marks the replica corrupt.

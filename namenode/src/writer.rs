@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lode_protocol::messages::{CommittedBlock, LocatedBlock, NamenodeReply, PluginRecord, Target};
-use lode_protocol::{Blake3Cv, BlockId, ErrorCode, InodeId, SessionId};
+use lode_protocol::{Blake3Cv, BlockId, ErrorCode, InodeId, RequestId, SessionId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::editlog::Journal;
@@ -126,6 +126,15 @@ pub enum Mutation {
     ApprovePlugin { hash: Blake3Cv },
     /// A lease expired: delete the file if that session still writes it.
     Expire { inode: InodeId, session: SessionId },
+    /// `mutation`, change `id` of `user`: if an earlier try committed, its answer again and
+    /// nothing done; else done, and the answer remembered with it.
+    Once {
+        id: RequestId,
+        user: String,
+        mutation: Box<Mutation>,
+    },
+    /// Forget the answers remembered before `before_ms`.
+    ForgetRequests { before_ms: u64 },
 }
 
 /// The same refusal again, for each reply of a group.
@@ -516,6 +525,27 @@ impl<S: MetaStore, J: Journal> Writer<S, J> {
                 }
                 vec![op]
             }
+            Mutation::Once { id, user, mutation } => {
+                if let Some(bytes) = ns.remembered(&id, &user)? {
+                    tracing::debug!(%id, %user, "a retried change answered as its first try was");
+                    return postcard::from_bytes(&bytes)
+                        .map_err(|e| Error::Corrupt(format!("remembered answer of {id}: {e}")));
+                }
+                let reply = self.execute(*mutation, now_ms, effects)?;
+                let bytes = postcard::to_stdvec(&reply).map_err(|e| Error::Store(e.to_string()))?;
+                let op = MetaOp::Remember {
+                    id,
+                    user,
+                    at_ms: now_ms,
+                    reply: bytes,
+                };
+                self.log(vec![op], effects)?;
+                return Ok(reply);
+            }
+            Mutation::ForgetRequests { before_ms } if ns.forget_due(before_ms)? => {
+                vec![MetaOp::ForgetRequests { before_ms }]
+            }
+            Mutation::ForgetRequests { .. } => vec![],
             Mutation::Expire { inode, session } => match ns.get(inode)?.map(|i| i.kind) {
                 Some(InodeKind::File {
                     writer: Some(w), ..

@@ -64,3 +64,20 @@ impl fmt::Display for SessionId {
         write!(f, "{:016x}", self.0)
     }
 }
+
+/// One change a client asked for, the same over every retry of it: the namenode remembers the
+/// answer it gave the first try that committed and gives it again to a retry, instead of making
+/// the change twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RequestId {
+    /// Random, once per client process.
+    pub client: u64,
+    /// Counts the client's changes.
+    pub call: u64,
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}.{}", self.client, self.call)
+    }
+}

@@ -22,7 +22,7 @@ pub mod token;
 pub mod web;
 
 pub use error::{DecodeError, ErrorCode, WireError};
-pub use ids::{Blake3Cv, BlockId, InodeId, SessionId};
+pub use ids::{Blake3Cv, BlockId, InodeId, RequestId, SessionId};
 
 /// The most a line-mode task reads past its split, into the blocks that follow, to finish its last
 /// record: the client lists following blocks up to this many bytes, and a datanode stops there.

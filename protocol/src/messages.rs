@@ -219,6 +219,42 @@ pub enum ClientToNamenode {
     /// Add a member to the namenode group or remove one (admins only; answered with `Ok` once
     /// the new membership is committed).
     ChangeNamenodes { change: NamenodeChange },
+    /// `request`, a change, sent with an id that every retry of it repeats: a namenode that
+    /// committed it before answers with the first answer and changes nothing (for the time its
+    /// `retry_cache_ms` keeps answers). `request` is never itself a `Once`.
+    Once {
+        id: crate::RequestId,
+        request: Box<ClientToNamenode>,
+    },
+}
+
+impl ClientToNamenode {
+    /// Whether the request changes the namespace or the cluster through the namenode's writer
+    /// (a client sends such a request with a request id, in a [`ClientToNamenode::Once`]).
+    pub fn is_change(&self) -> bool {
+        use ClientToNamenode as C;
+        matches!(
+            self,
+            C::Mkdir { .. }
+                | C::Create { .. }
+                | C::AddBlock { .. }
+                | C::AbandonBlock { .. }
+                | C::Complete { .. }
+                | C::AbandonFile { .. }
+                | C::Delete { .. }
+                | C::Rename { .. }
+                | C::SetReplication { .. }
+                | C::SetOwner { .. }
+                | C::SetMode { .. }
+                | C::SetTimes { .. }
+                | C::SetQuota { .. }
+                | C::Trash { .. }
+                | C::Expunge
+                | C::AddPlugin { .. }
+                | C::ApprovePlugin { .. }
+                | C::Decommission { .. }
+        )
+    }
 }
 
 /// A change of the namenode group's membership.

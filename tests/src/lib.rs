@@ -183,6 +183,42 @@ pub fn http_get_until(
     }
 }
 
+/// `n` QUIC connections from one endpoint to a server on loopback `port`, as the holder of
+/// certificate `cert` in `certs` (the directory `lode certs init` made), expecting the server to
+/// be `server_name`.
+pub async fn connect_with(
+    certs: &Path,
+    cert: &str,
+    port: u16,
+    server_name: &str,
+    n: usize,
+) -> Result<Vec<quinn::Connection>, String> {
+    use lode_protocol::net::{self, TlsFiles, TransportConfig};
+    let files = TlsFiles {
+        ca: certs.join("ca.pem"),
+        cert: certs.join(format!("{cert}.pem")),
+        key: certs.join(format!("{cert}-key.pem")),
+        ..Default::default()
+    };
+    let t = TransportConfig::default();
+    let tls = net::client_config(&files, &t).map_err(|e| e.to_string())?;
+    let ep = net::endpoint("127.0.0.1:0".parse().expect("addr"), None, tls, &t)
+        .map_err(|e| e.to_string())?;
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let conn = ep
+            .connect(
+                std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                server_name,
+            )
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        conns.push(conn);
+    }
+    Ok(conns)
+}
+
 /// Waits for `cond` to hold, polling, or panics with `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -358,31 +394,7 @@ impl Cluster {
         server_name: &str,
         n: usize,
     ) -> Result<Vec<quinn::Connection>, String> {
-        use lode_protocol::net::{self, TlsFiles, TransportConfig};
-        let certs = self.path.join("certs");
-        let files = TlsFiles {
-            ca: certs.join("ca.pem"),
-            cert: certs.join(format!("{cert}.pem")),
-            key: certs.join(format!("{cert}-key.pem")),
-            ..Default::default()
-        };
-        let t = TransportConfig::default();
-        let tls = net::client_config(&files, &t).map_err(|e| e.to_string())?;
-        let ep = net::endpoint("127.0.0.1:0".parse().expect("addr"), None, tls, &t)
-            .map_err(|e| e.to_string())?;
-        let mut conns = Vec::with_capacity(n);
-        for _ in 0..n {
-            let conn = ep
-                .connect(
-                    std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-                    server_name,
-                )
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())?;
-            conns.push(conn);
-        }
-        Ok(conns)
+        connect_with(&self.path.join("certs"), cert, port, server_name, n).await
     }
 
     /// A block allocated to a new file at `path` (which `cert` may create) on exactly the datanodes

@@ -453,3 +453,92 @@ fn the_report_shows_every_member_and_a_failed_member_is_replaced_without_downtim
         "nn-4's metadata differs from nn-{survivor}'s"
     );
 }
+
+#[test]
+fn a_change_retried_at_the_new_leader_is_answered_once_and_made_once() {
+    use lode_protocol::messages::{ClientToNamenode as C, NamenodeReply};
+    use lode_protocol::{ErrorCode, RequestId};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = Group::start(tmp.path(), 3, 0);
+    let mut first = None;
+    wait_until("a leader", Duration::from_secs(30), || {
+        first = g.leader();
+        first.is_some()
+    });
+    let first = first.unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let certs = tmp.path().join("certs");
+    let call = |port: u16, cert: &str, req: C| {
+        rt.block_on(async {
+            let conn = lode_tests::connect_with(&certs, cert, port, "namenode", 1)
+                .await
+                .unwrap()
+                .remove(0);
+            lode_protocol::net::call_namenode(&conn, &req).await
+        })
+    };
+    let once = |call: u64, request: C| C::Once {
+        id: RequestId { client: 42, call },
+        request: Box::new(request),
+    };
+    let mkdir = || C::Mkdir {
+        path: "/x".into(),
+        parents: false,
+        mode: 0o755,
+    };
+    let create = || C::Create {
+        path: "/f".into(),
+        overwrite: true,
+        replication: Some(1),
+        block_size: None,
+        session: lode_protocol::SessionId(9),
+        mode: 0o644,
+        first_block: false,
+    };
+    let leader_port = g.ports[first - 1];
+    assert_eq!(
+        call(leader_port, "admin", once(1, mkdir())).unwrap(),
+        NamenodeReply::Ok
+    );
+    let created = call(leader_port, "admin", once(2, create())).unwrap();
+    assert!(
+        matches!(created, NamenodeReply::Created { .. }),
+        "{created:?}"
+    );
+
+    // The leader is lost before the client hears (as if the replies had been lost with it); the
+    // client sends the same changes to the new leader.
+    g.kill(first);
+    let mut second = None;
+    wait_until("a new leader", Duration::from_secs(30), || {
+        second = g.leader();
+        second.is_some()
+    });
+    let port = g.ports[second.unwrap() - 1];
+    let retried = || call(port, "admin", once(1, mkdir()));
+    // The new leader may still be confirming its leadership: NotLeader until it does.
+    let mut answer = retried();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while matches!(&answer, Err(lode_protocol::net::RpcError::Remote(e)) if e.code == ErrorCode::NotLeader)
+        && Instant::now() < deadline
+    {
+        answer = retried();
+    }
+    assert_eq!(
+        answer.unwrap(),
+        NamenodeReply::Ok,
+        "the retry gets the first answer"
+    );
+    // The same create again: the first answer, the same inode; an overwrite would have made a
+    // new one.
+    assert_eq!(call(port, "admin", once(2, create())).unwrap(), created);
+    // Without the id, or with the same id from another user, it is a new mkdir: refused.
+    for (cert, req) in [("admin", mkdir()), ("user", once(1, mkdir()))] {
+        match call(port, cert, req) {
+            Err(lode_protocol::net::RpcError::Remote(e)) => {
+                assert_eq!(e.code, ErrorCode::AlreadyExists, "{e:?}")
+            }
+            other => panic!("a new mkdir of /x by {cert} answered {other:?}"),
+        }
+    }
+}
