@@ -116,6 +116,8 @@ leader() {
     pid_alive "$DIR/pids/nn-$i.pid" || continue
     [ "$(nn_metric "$i" group_leader 2>/dev/null)" = 1 ] && { echo "$i"; return; }
   done
+  # None known (yet): an empty answer, not a failure that `set -e` would stop the script on.
+  return 0
 }
 
 write_configs() {

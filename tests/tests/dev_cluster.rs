@@ -244,7 +244,11 @@ fn dev_cluster_with_a_namenode_group_survives_a_killed_and_a_frozen_leader() {
     );
 
     let frozen = script(dir.path(), port, &["freeze-namenode"]);
-    assert!(frozen.status.success());
+    assert!(
+        frozen.status.success(),
+        "freeze-namenode: {}",
+        String::from_utf8_lossy(&frozen.stderr)
+    );
     let out = lode(config, &["mkdir", "/while-frozen"]);
     assert!(
         out.status.success(),
