@@ -221,15 +221,16 @@ impl Client {
         // not change anything twice.
         let once;
         let req = if req.is_change() {
-            once = ClientToNamenode::Once {
-                id: RequestId {
+            let call = self
+                .calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            once = ClientToNamenode::once(
+                RequestId {
                     client: self.session.0,
-                    call: self
-                        .calls
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    call,
                 },
-                request: Box::new(req.clone()),
-            };
+                req,
+            );
             &once
         } else {
             req

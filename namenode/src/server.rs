@@ -443,12 +443,16 @@ fn decode_request(
 ) -> Result<(Request, Option<RequestId>), WireError> {
     match header.kind {
         kind::CLIENT_TO_NAMENODE => match decode(header, body)? {
-            ClientToNamenode::Once { id, request } => match *request {
-                ClientToNamenode::Once { .. } => Err(WireError::new(
+            ClientToNamenode::Once { id, request } => match postcard::from_bytes(&request) {
+                Ok(ClientToNamenode::Once { .. }) => Err(WireError::new(
                     ErrorCode::Protocol,
                     "bad request: a Once inside a Once",
                 )),
-                r => Ok((Request::Client(r), Some(id))),
+                Ok(r) => Ok((Request::Client(r), Some(id))),
+                Err(e) => Err(WireError::new(
+                    ErrorCode::Protocol,
+                    format!("bad request: the change in a Once does not decode: {e}"),
+                )),
             },
             r => Ok((Request::Client(r), None)),
         },
@@ -810,7 +814,7 @@ impl RequestKind for ClientToNamenode {
             ClientToNamenode::Trash { .. } => "Trash",
             ClientToNamenode::Expunge => "Expunge",
             ClientToNamenode::ChangeNamenodes { .. } => "ChangeNamenodes",
-            ClientToNamenode::Once { request, .. } => request.kind(),
+            ClientToNamenode::Once { .. } => "Once",
         }
     }
 }
@@ -1583,6 +1587,52 @@ fn handle_datanode_small(
 mod tests {
     use super::*;
     use lode_protocol::{InodeId, SessionId};
+
+    fn decode_client(req: &ClientToNamenode) -> Result<(Request, Option<RequestId>), WireError> {
+        let frame = lode_protocol::frame::encode_frame(kind::CLIENT_TO_NAMENODE, req).unwrap();
+        let (h, body) = frame.split_at(lode_protocol::frame::HEADER_BYTES);
+        decode_request(
+            lode_protocol::frame::FrameHeader::decode(h.try_into().unwrap()).unwrap(),
+            body,
+        )
+    }
+
+    #[test]
+    fn a_change_with_a_request_id_is_unwrapped_and_nothing_nests() {
+        let mkdir = ClientToNamenode::Mkdir {
+            path: "/a".into(),
+            parents: false,
+            mode: 0o755,
+        };
+        let rid = RequestId { client: 1, call: 2 };
+        match decode_client(&ClientToNamenode::once(rid, &mkdir)) {
+            Ok((Request::Client(r), Some(got))) => {
+                assert_eq!(r, mkdir);
+                assert_eq!(got, rid);
+            }
+            _ => panic!("a Once is unwrapped to its change and id"),
+        }
+        // A Once in a Once, a chain of them, or bytes that are no request: one clear refusal,
+        // decoded one level deep only (a chain never recurses).
+        let mut chain = ClientToNamenode::once(rid, &mkdir);
+        for _ in 0..1_000 {
+            chain = ClientToNamenode::once(rid, &chain);
+        }
+        let garbage = ClientToNamenode::Once {
+            id: rid,
+            request: vec![0xff; 16],
+        };
+        for bad in [
+            ClientToNamenode::once(rid, &ClientToNamenode::once(rid, &mkdir)),
+            chain,
+            garbage,
+        ] {
+            let Err(e) = decode_client(&bad) else {
+                panic!("a bad Once was accepted");
+            };
+            assert_eq!(e.code, ErrorCode::Protocol, "{e:?}");
+        }
+    }
 
     fn id(role: Role, name: &str) -> Identity {
         Identity {

@@ -219,16 +219,26 @@ pub enum ClientToNamenode {
     /// Add a member to the namenode group or remove one (admins only; answered with `Ok` once
     /// the new membership is committed).
     ChangeNamenodes { change: NamenodeChange },
-    /// `request`, a change, sent with an id that every retry of it repeats: a namenode that
-    /// committed it before answers with the first answer and changes nothing (for the time its
-    /// `retry_cache_ms` keeps answers). `request` is never itself a `Once`.
+    /// A change sent with an id that every retry of it repeats: a namenode that committed it
+    /// before answers with the first answer and changes nothing (for the time its
+    /// `retry_cache_ms` keeps answers). `request` is the change, a postcard-encoded
+    /// `ClientToNamenode` that is not itself a `Once`: bytes rather than a nested value, so that
+    /// decoding a frame never recurses (a chain of nested requests would overflow the stack).
     Once {
         id: crate::RequestId,
-        request: Box<ClientToNamenode>,
+        request: Vec<u8>,
     },
 }
 
 impl ClientToNamenode {
+    /// `request` sent as change `id` (see [`ClientToNamenode::Once`]).
+    pub fn once(id: crate::RequestId, request: &ClientToNamenode) -> ClientToNamenode {
+        ClientToNamenode::Once {
+            id,
+            request: postcard::to_stdvec(request).unwrap_or_default(),
+        }
+    }
+
     /// Whether the request changes the namespace or the cluster through the namenode's writer
     /// (a client sends such a request with a request id, in a [`ClientToNamenode::Once`]).
     pub fn is_change(&self) -> bool {

@@ -287,17 +287,17 @@ fn every_message_matches_its_golden_bytes() {
     check(
         "c2n_once",
         c,
-        C::Once {
-            id: lode_protocol::RequestId {
+        C::once(
+            lode_protocol::RequestId {
                 client: 0x0123_4567_89ab_cdef,
                 call: 7,
             },
-            request: Box::new(C::Mkdir {
+            &C::Mkdir {
                 path: "/a".into(),
                 parents: false,
                 mode: 0o755,
-            }),
-        },
+            },
+        ),
     );
     check(
         "c2n_remove_namenode",

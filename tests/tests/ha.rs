@@ -477,10 +477,7 @@ fn a_change_retried_at_the_new_leader_is_answered_once_and_made_once() {
             lode_protocol::net::call_namenode(&conn, &req).await
         })
     };
-    let once = |call: u64, request: C| C::Once {
-        id: RequestId { client: 42, call },
-        request: Box::new(request),
-    };
+    let once = |call: u64, request: C| C::once(RequestId { client: 42, call }, &request);
     let mkdir = || C::Mkdir {
         path: "/x".into(),
         parents: false,

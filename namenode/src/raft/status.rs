@@ -65,13 +65,15 @@ impl LastSeen {
 
     fn down(&self, id: NodeId, member: &Member) -> NamenodeReport {
         let last = self.0.lock().ok().and_then(|seen| seen.get(&id).cloned());
+        let (term, last_index, applied_index) =
+            last.map_or((0, 0, 0), |l| (l.term, l.last_index, l.applied_index));
         NamenodeReport {
             name: member.name.clone(),
             addr: member.addr.clone(),
             role: "down".into(),
-            term: last.as_ref().map_or(0, |l| l.term),
-            last_index: last.as_ref().map_or(0, |l| l.last_index),
-            applied_index: last.as_ref().map_or(0, |l| l.applied_index),
+            term,
+            last_index,
+            applied_index,
         }
     }
 }
