@@ -130,6 +130,13 @@ pub struct GroupConfig {
     /// from, itself included. Default false.
     #[serde(default)]
     pub join: bool,
+    /// A follower answers namespace reads (ls, stat, du, count, plugin lookups) from its own
+    /// state instead of naming the leader, while it follows a leader. Such reads may miss the
+    /// latest changes (by the replication lag, as HDFS observer reads may); changes still go to
+    /// the leader. Default false: every read is linearizable (the leader confirms its lead with a
+    /// majority first).
+    #[serde(default)]
+    pub follower_reads: bool,
 }
 
 /// A member of the namenode group, as the config names it.

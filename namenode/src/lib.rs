@@ -113,6 +113,8 @@ pub async fn run(
                 ns.store_arc(),
             );
             let group = server::Group {
+                reads: raft::reads::Reads::new(raft.clone()),
+                follower_reads: g.follower_reads,
                 raft,
                 id: g.id,
                 configured: g.members(),

@@ -76,6 +76,10 @@ pub struct Group {
     pub pool: Arc<lode_protocol::net::Pool>,
     /// What each member last said of itself.
     pub seen: Arc<crate::raft::status::LastSeen>,
+    /// The leader's confirmations before it answers a read.
+    pub reads: crate::raft::reads::Reads,
+    /// Followers answer namespace reads themselves (`[group] follower_reads`).
+    pub follower_reads: bool,
 }
 
 impl Group {
@@ -86,6 +90,37 @@ impl Group {
             other => Err(crate::raft::journal::not_leader(other)),
         }
     }
+
+    /// Checks that this member may answer `req` now. A change is refused on a member that is not
+    /// the leader (the writer confirms the lead again before each group). A read needs the
+    /// leader's confirmation that it still leads, so that it sees every acknowledged change,
+    /// unless followers answer namespace reads and this one follows a leader.
+    async fn admit(&self, req: &ClientToNamenode) -> Result<(), Error> {
+        if self.follower_reads && is_namespace_read(req) {
+            let m = self.raft.metrics().borrow().clone();
+            if m.current_leader.is_some() && m.current_leader != Some(self.id) {
+                return Ok(());
+            }
+        }
+        self.check_leader()?;
+        if !req.is_change() {
+            self.reads.confirm().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads of the namespace a follower may answer (`[group] follower_reads`).
+fn is_namespace_read(req: &ClientToNamenode) -> bool {
+    matches!(
+        req,
+        ClientToNamenode::List { .. }
+            | ClientToNamenode::Stat { .. }
+            | ClientToNamenode::Du { .. }
+            | ClientToNamenode::Count { .. }
+            | ClientToNamenode::FindPlugin { .. }
+            | ClientToNamenode::ListPlugins
+    )
 }
 
 /// How long `AddBlock` and `Complete` wait for datanodes to confirm the block a writer commits.
@@ -325,9 +360,10 @@ async fn serve_stream(
             return finish::<()>(&mut send, 0, Err(e)).await;
         }
     };
-    // Only the group's leader serves clients; the others name it.
-    if let (Request::Client(_), Some(g)) = (&request, &shared.group) {
-        if let Err(e) = g.check_leader() {
+    // Only the group's leader serves clients (after confirming its lead, for a read); the others
+    // name it.
+    if let (Request::Client(req), Some(g)) = (&request, &shared.group) {
+        if let Err(e) = g.admit(req).await {
             return finish::<()>(&mut send, 0, Err(to_wire(&e))).await;
         }
     }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod nemesis;
+pub mod netns;
 
 /// What cluster to start.
 #[derive(Clone, Debug)]
@@ -193,6 +194,24 @@ pub async fn connect_with(
     server_name: &str,
     n: usize,
 ) -> Result<Vec<quinn::Connection>, String> {
+    connect_to(
+        certs,
+        cert,
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        server_name,
+        n,
+    )
+    .await
+}
+
+/// As [`connect_with`], to a server at `addr` (on loopback or another host).
+pub async fn connect_to(
+    certs: &Path,
+    cert: &str,
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    n: usize,
+) -> Result<Vec<quinn::Connection>, String> {
     use lode_protocol::net::{self, TlsFiles, TransportConfig};
     let files = TlsFiles {
         ca: certs.join("ca.pem"),
@@ -202,15 +221,17 @@ pub async fn connect_with(
     };
     let t = TransportConfig::default();
     let tls = net::client_config(&files, &t).map_err(|e| e.to_string())?;
-    let ep = net::endpoint("127.0.0.1:0".parse().expect("addr"), None, tls, &t)
-        .map_err(|e| e.to_string())?;
+    let local = if addr.ip().is_loopback() {
+        "127.0.0.1:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let ep =
+        net::endpoint(local.parse().expect("addr"), None, tls, &t).map_err(|e| e.to_string())?;
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
         let conn = ep
-            .connect(
-                std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-                server_name,
-            )
+            .connect(addr, server_name)
             .map_err(|e| e.to_string())?
             .await
             .map_err(|e| e.to_string())?;

@@ -13,21 +13,28 @@ use lode_protocol::net::Role;
 use lode_tests::{bin_dir, free_port, free_tcp_port, http_get, wait_until};
 
 /// Writes member `i`'s config: the group of the first `members` (and itself), joining it if
-/// `join`.
-fn write_member(dir: &Path, i: usize, ports: &[u16], http: &[u16], members: usize, join: bool) {
+/// `join`. `addrs` and `http` are every member's QUIC and HTTP addresses.
+fn write_member(
+    dir: &Path,
+    i: usize,
+    addrs: &[String],
+    http: &[String],
+    members: usize,
+    join: bool,
+) {
     let members: Vec<String> = (1..=members.max(i))
         .filter(|m| *m <= members || *m == i)
         .map(|m| {
             format!(
-                "{{ id = {m}, name = \"nn-{m}\", addr = \"127.0.0.1:{}\" }}",
-                ports[m - 1]
+                "{{ id = {m}, name = \"nn-{m}\", addr = \"{}\" }}",
+                addrs[m - 1]
             )
         })
         .collect();
     std::fs::write(
         dir.join(format!("nn-{i}.toml")),
         format!(
-            "listen = \"127.0.0.1:{}\"\nmeta_dir = \"meta-{i}\"\nhttp_listen = \"127.0.0.1:{}\"\n\
+            "listen = \"{}\"\nmeta_dir = \"meta-{i}\"\nhttp_listen = \"{}\"\n\
              safemode_threshold = 0.0\ntrash_interval_ms = 0\nheartbeat_interval_ms = 200\n\
              stale_after_ms = 2000\ndead_after_ms = 5000\nreplication_default = 2\n\
              block_size_default = 65536\n\
@@ -35,7 +42,7 @@ fn write_member(dir: &Path, i: usize, ports: &[u16], http: &[u16], members: usiz
              [transport]\nidle_timeout_ms = 3000\n\
              [group]\nid = {i}\nheartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\n\
              join = {join}\nmembers = [{}]\n",
-            ports[i - 1],
+            addrs[i - 1],
             http[i - 1],
             members.join(", ")
         ),
@@ -45,10 +52,14 @@ fn write_member(dir: &Path, i: usize, ports: &[u16], http: &[u16], members: usiz
 
 struct Group {
     dir: PathBuf,
-    http: Vec<u16>,
-    ports: Vec<u16>,
+    /// Each member's QUIC address.
+    addrs: Vec<String>,
+    /// Each member's HTTP address.
+    http: Vec<String>,
     children: Vec<Option<Child>>,
     datanodes: Vec<Child>,
+    /// The members' hosts, when each has one of its own (else all are on loopback).
+    hosts: Option<lode_tests::netns::Hosts>,
 }
 
 impl Group {
@@ -59,48 +70,73 @@ impl Group {
     /// `n` members that start the group, and room (ports, certificates) for `spare` more that
     /// join it later.
     fn start_with(dir: &Path, n: usize, spare: usize, datanodes: usize) -> Group {
+        Group::start_on(dir, n, spare, datanodes, None)
+    }
+
+    /// `n` members, each on a host of its own (a network namespace), the test and the datanodes
+    /// on the host's bridge.
+    fn start_apart(dir: &Path, n: usize, datanodes: usize) -> Group {
+        Group::start_on(dir, n, 0, datanodes, Some(lode_tests::netns::Hosts::new(n)))
+    }
+
+    fn start_on(
+        dir: &Path,
+        n: usize,
+        spare: usize,
+        datanodes: usize,
+        hosts: Option<lode_tests::netns::Hosts>,
+    ) -> Group {
         lode_client::certs::init(&dir.join("certs"), datanodes as u32).unwrap();
         for i in 1..=n + spare {
             lode_client::certs::issue(&dir.join("certs"), &format!("nn-{i}"), Role::Namenode)
                 .unwrap();
         }
-        let ports: Vec<u16> = (0..n + spare).map(|_| free_port()).collect();
-        let http: Vec<u16> = (0..n + spare).map(|_| free_tcp_port()).collect();
+        let host = |i: usize| match &hosts {
+            Some(h) => h.addr(i).to_string(),
+            None => "127.0.0.1".to_string(),
+        };
+        let addrs: Vec<String> = (1..=n + spare)
+            .map(|i| format!("{}:{}", host(i), free_port()))
+            .collect();
+        let http: Vec<String> = (1..=n + spare)
+            .map(|i| format!("{}:{}", host(i), free_tcp_port()))
+            .collect();
         for i in 1..=n {
-            write_member(dir, i, &ports, &http, n, false);
+            write_member(dir, i, &addrs, &http, n, false);
         }
-        let addrs: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let quoted: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
         std::fs::write(
             dir.join("client.toml"),
             format!(
                 "namenodes = [{}]\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/admin.pem\"\nkey = \"certs/admin-key.pem\"\n",
-                addrs.join(", ")
+                quoted.join(", ")
             ),
         )
         .unwrap();
         let mut g = Group {
             dir: dir.to_path_buf(),
+            addrs: addrs.clone(),
             http,
-            ports: ports.clone(),
             children: (0..n + spare).map(|_| None).collect(),
             datanodes: vec![],
+            hosts,
         };
         for i in 1..=n {
             g.start_member(i);
         }
-        let addrs: Vec<String> = ports[..n]
-            .iter()
-            .map(|p| format!("\"127.0.0.1:{p}\""))
-            .collect();
+        let addrs: Vec<String> = quoted[..n].to_vec();
         for d in 1..=datanodes {
             let config = dir.join(format!("dn-{d}.toml"));
             std::fs::write(
                 &config,
                 format!(
-                    "name = \"dn-{d}\"\nlisten = \"127.0.0.1:{}\"\nnamenodes = [{}]\n\
+                    "name = \"dn-{d}\"\nlisten = \"{}:{}\"\nnamenodes = [{}]\n\
                      data_dirs = [\"dn-{d}/data\"]\nheartbeat_interval_ms = 200\n\
                      [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dn-{d}.pem\"\nkey = \"certs/dn-{d}-key.pem\"\n\
                      [transport]\nidle_timeout_ms = 3000\n",
+                    g.hosts
+                        .as_ref()
+                        .map_or("127.0.0.1".to_string(), |h| h.test_addr().to_string()),
                     free_port(),
                     addrs.join(", ")
                 ),
@@ -126,7 +162,12 @@ impl Group {
             .append(true)
             .open(self.dir.join(format!("nn-{i}.log")))
             .unwrap();
-        let child = Command::new(bin_dir().join("lode-namenode"))
+        let program = bin_dir().join("lode-namenode");
+        let mut command = match &self.hosts {
+            Some(h) => h.command(i, &program),
+            None => Command::new(&program),
+        };
+        let child = command
             .arg("--config")
             .arg(self.dir.join(format!("nn-{i}.toml")))
             .env("RUST_LOG", "info,openraft=warn")
@@ -156,7 +197,7 @@ impl Group {
     }
 
     fn metric(&self, i: usize, name: &str) -> Option<i64> {
-        let (code, body) = http_get(&format!("127.0.0.1:{}", self.http[i - 1]), "/metrics").ok()?;
+        let (code, body) = http_get(&self.http[i - 1], "/metrics").ok()?;
         if code != 200 {
             return None;
         }
@@ -168,7 +209,7 @@ impl Group {
 
     /// A gauge with one `kind` label (`datanodes{kind="live"}`).
     fn metric_labelled(&self, i: usize, name: &str, kind: &str) -> Option<i64> {
-        let (_, body) = http_get(&format!("127.0.0.1:{}", self.http[i - 1]), "/metrics").ok()?;
+        let (_, body) = http_get(&self.http[i - 1], "/metrics").ok()?;
         let prefix = format!("lode_namenode_{name}{{kind=\"{kind}\"}} ");
         body.lines()
             .find_map(|l| l.strip_prefix(&prefix))
@@ -349,7 +390,7 @@ fn the_report_shows_every_member_and_a_failed_member_is_replaced_without_downtim
     let term = members[0]["term"].as_u64().unwrap();
     for m in &members {
         let i: usize = m["name"].as_str().unwrap()["nn-".len()..].parse().unwrap();
-        assert_eq!(m["addr"], format!("127.0.0.1:{}", g.ports[i - 1]));
+        assert_eq!(m["addr"], g.addrs[i - 1]);
         assert_eq!(m["term"].as_u64(), Some(term), "{members:?}");
         assert!(m["last_index"].as_u64().unwrap() >= 20, "{members:?}");
         assert!(m["applied_index"].as_u64().is_some(), "{members:?}");
@@ -367,7 +408,7 @@ fn the_report_shows_every_member_and_a_failed_member_is_replaced_without_downtim
             "the group on the status page",
             Duration::from_secs(10),
             || {
-                let Ok((_, page)) = http_get(&format!("127.0.0.1:{}", g.http[i - 1]), "/") else {
+                let Ok((_, page)) = http_get(&g.http[i - 1], "/") else {
                     return false;
                 };
                 let Some(table) = page.split("<table id=\"namenodes\">").nth(1) else {
@@ -392,9 +433,9 @@ fn the_report_shows_every_member_and_a_failed_member_is_replaced_without_downtim
     g.ok(&["mkdir", "/while-one-is-down"]);
 
     // Its replacement joins, catches up as a learner, and votes; the failed member goes.
-    write_member(tmp.path(), 4, &g.ports, &g.http, 3, true);
+    write_member(tmp.path(), 4, &g.addrs, &g.http, 3, true);
     g.start_member(4);
-    let addr = format!("127.0.0.1:{}", g.ports[3]);
+    let addr = g.addrs[3].clone();
     g.ok(&["admin", "namenode", "add", "--id", "4", "nn-4", &addr]);
     let members = namenodes(&g, true);
     assert_eq!(
@@ -460,22 +501,38 @@ fn a_change_retried_at_the_new_leader_is_answered_once_and_made_once() {
     use lode_protocol::{ErrorCode, RequestId};
     let tmp = tempfile::tempdir().unwrap();
     let mut g = Group::start(tmp.path(), 3, 0);
-    let mut first = None;
-    wait_until("a leader", Duration::from_secs(30), || {
-        first = g.leader();
-        first.is_some()
-    });
-    let first = first.unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let certs = tmp.path().join("certs");
-    let call = |port: u16, cert: &str, req: C| {
+    let call = |addr: &str, cert: &str, req: C| {
         rt.block_on(async {
-            let conn = lode_tests::connect_with(&certs, cert, port, "namenode", 1)
+            let conn = lode_tests::connect_to(&certs, cert, addr.parse().unwrap(), "namenode", 1)
                 .await
                 .unwrap()
                 .remove(0);
             lode_protocol::net::call_namenode(&conn, &req).await
         })
+    };
+    // Sends a request to the member that claims the lead, again while the answer is NotLeader (a
+    // member that has just won may lose the lead to one with a higher term, or still be confirming
+    // it); gives the member that answered and its answer.
+    let at_leader = |g: &Group, cert: &str, req: &C| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let Some(i) = g.leader() else {
+                assert!(Instant::now() < deadline, "no leader within 30 s");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            };
+            let answer = call(&g.addrs[i - 1], cert, req.clone());
+            match &answer {
+                Err(lode_protocol::net::RpcError::Remote(e))
+                    if e.code == ErrorCode::NotLeader && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => return (i, answer),
+            }
+        }
     };
     let once = |call: u64, request: C| C::once(RequestId { client: 42, call }, &request);
     let mkdir = || C::Mkdir {
@@ -492,12 +549,10 @@ fn a_change_retried_at_the_new_leader_is_answered_once_and_made_once() {
         mode: 0o644,
         first_block: false,
     };
-    let leader_port = g.ports[first - 1];
-    assert_eq!(
-        call(leader_port, "admin", once(1, mkdir())).unwrap(),
-        NamenodeReply::Ok
-    );
-    let created = call(leader_port, "admin", once(2, create())).unwrap();
+    let (_, made) = at_leader(&g, "admin", &once(1, mkdir()));
+    assert_eq!(made.unwrap(), NamenodeReply::Ok);
+    let (first, created) = at_leader(&g, "admin", &once(2, create()));
+    let created = created.unwrap();
     assert!(
         matches!(created, NamenodeReply::Created { .. }),
         "{created:?}"
@@ -506,21 +561,9 @@ fn a_change_retried_at_the_new_leader_is_answered_once_and_made_once() {
     // The leader is lost before the client hears (as if the replies had been lost with it); the
     // client sends the same changes to the new leader.
     g.kill(first);
-    let mut second = None;
-    wait_until("a new leader", Duration::from_secs(30), || {
-        second = g.leader();
-        second.is_some()
-    });
-    let port = g.ports[second.unwrap() - 1];
-    let retried = || call(port, "admin", once(1, mkdir()));
-    // The new leader may still be confirming its leadership: NotLeader until it does.
-    let mut answer = retried();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while matches!(&answer, Err(lode_protocol::net::RpcError::Remote(e)) if e.code == ErrorCode::NotLeader)
-        && Instant::now() < deadline
-    {
-        answer = retried();
-    }
+    let (second, answer) = at_leader(&g, "admin", &once(1, mkdir()));
+    assert_ne!(second, first);
+    let port = g.addrs[second - 1].clone();
     assert_eq!(
         answer.unwrap(),
         NamenodeReply::Ok,
@@ -528,14 +571,113 @@ fn a_change_retried_at_the_new_leader_is_answered_once_and_made_once() {
     );
     // The same create again: the first answer, the same inode; an overwrite would have made a
     // new one.
-    assert_eq!(call(port, "admin", once(2, create())).unwrap(), created);
+    assert_eq!(call(&port, "admin", once(2, create())).unwrap(), created);
     // Without the id, or with the same id from another user, it is a new mkdir: refused.
     for (cert, req) in [("admin", mkdir()), ("user", once(1, mkdir()))] {
-        match call(port, cert, req) {
+        match call(&port, cert, req) {
             Err(lode_protocol::net::RpcError::Remote(e)) => {
                 assert_eq!(e.code, ErrorCode::AlreadyExists, "{e:?}")
             }
             other => panic!("a new mkdir of /x by {cert} answered {other:?}"),
         }
+    }
+}
+
+#[test]
+fn a_leader_cut_off_from_its_group_stops_answering_and_the_majority_serves_on() {
+    use lode_protocol::messages::ClientToNamenode as C;
+    use lode_protocol::ErrorCode;
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Group::start_apart(tmp.path(), 3, 0);
+    wait_until("a leader", Duration::from_secs(30), || g.leader().is_some());
+    for i in 0..5 {
+        g.ok(&["mkdir", &format!("/a{i}")]);
+    }
+    let old = g.leader().expect("a leader");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let certs = tmp.path().join("certs");
+    let at_old = |req: C| {
+        rt.block_on(async {
+            let conn = lode_tests::connect_to(
+                &certs,
+                "admin",
+                g.addrs[old - 1].parse().unwrap(),
+                "namenode",
+                1,
+            )
+            .await
+            .unwrap()
+            .remove(0);
+            lode_protocol::net::call_namenode(&conn, &req).await
+        })
+    };
+    let hosts = g.hosts.as_ref().unwrap();
+    hosts.partition(&[old]);
+
+    // The majority elects a leader of its own, and the client (which lists every member) has its
+    // change acknowledged there.
+    g.ok(&["mkdir", "/after"]);
+    let others: Vec<usize> = (1..=3).filter(|i| *i != old).collect();
+    let new = others
+        .iter()
+        .copied()
+        .find(|i| g.metric(*i, "group_leader") == Some(1))
+        .expect("a leader among the majority");
+
+    // The old leader, still cut off, may still believe it leads; it must not answer from its stale
+    // state (that /after does not exist), and must not acknowledge a change.
+    let claims = g.metric(old, "group_leader") == Some(1);
+    eprintln!("the cut-off nn-{old} claims the lead: {claims}");
+    let stat = C::Stat {
+        path: "/after".into(),
+        blocks: false,
+    };
+    let started = Instant::now();
+    for (what, req) in [
+        ("a stat of /after", stat.clone()),
+        (
+            "a mkdir of /during",
+            C::Mkdir {
+                path: "/during".into(),
+                parents: false,
+                mode: 0o755,
+            },
+        ),
+    ] {
+        match at_old(req) {
+            Err(lode_protocol::net::RpcError::Remote(e))
+                if matches!(e.code, ErrorCode::NotLeader | ErrorCode::Unavailable) => {}
+            other => panic!("the cut-off leader answered {what} with {other:?}"),
+        }
+    }
+    let refused_within = started.elapsed();
+    assert!(
+        refused_within < Duration::from_secs(10),
+        "the cut-off leader took {refused_within:?} to refuse"
+    );
+
+    // Healed, the old leader follows the new one and holds what the majority acknowledged.
+    hosts.heal(&[old]);
+    wait_until(
+        "every member to apply the same index",
+        Duration::from_secs(30),
+        || {
+            let target = g.metric(new, "group_applied_index");
+            target.is_some() && (1..=3).all(|i| g.metric(i, "group_applied_index") == target)
+        },
+    );
+    assert_eq!(g.metric(old, "group_leader"), Some(0));
+    g.ok(&["stat", "/after"]);
+    assert!(
+        !g.lode(&["stat", "/during"]).status.success(),
+        "/during was made"
+    );
+    let mut g = g;
+    for i in 1..=3 {
+        g.stop(i);
+    }
+    let first = g.dump(1);
+    for i in 2..=3 {
+        assert!(g.dump(i) == first, "nn-{i}'s metadata differs from nn-1's");
     }
 }

@@ -6,7 +6,6 @@
 //! numbers the edits after the last one applied.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use lode_protocol::ErrorCode;
 use openraft::error::{ClientWriteError, RaftError};
@@ -17,8 +16,6 @@ use crate::error::Error;
 use crate::namespace::{self, MetaOp};
 use crate::store::MetaStore;
 
-/// How long a leader tries to confirm its leadership before it refuses a group.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
 /// Edits of one group are cut into entries of about this many bytes at most.
 const ENTRY_BYTES: usize = 8 << 20;
 
@@ -132,35 +129,7 @@ impl<S: MetaStore> Journal for GroupJournal<S> {
     }
 
     fn begin_group(&mut self) -> Result<(), Error> {
-        let confirmed = self.runtime.block_on(async {
-            tokio::time::timeout(CONFIRM_TIMEOUT, self.raft.ensure_linearizable()).await
-        });
-        match confirmed {
-            Ok(Ok(_)) => {}
-            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
-                f,
-            )))) => return Err(not_leader(f.leader_id.zip(f.leader_node))),
-            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(
-                e,
-            )))) => {
-                return Err(Error::refused(
-                    ErrorCode::Unavailable,
-                    format!("the namenode group has no majority now: {e}"),
-                ))
-            }
-            Ok(Err(RaftError::Fatal(e))) => {
-                return Err(Error::Store(format!("namenode group: {e}")))
-            }
-            Err(_) => {
-                return Err(Error::refused(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "this namenode could not confirm its leadership with a majority of its \
-                         group within {CONFIRM_TIMEOUT:?}"
-                    ),
-                ))
-            }
-        }
+        self.runtime.block_on(super::reads::confirm(&self.raft))?;
         self.pending.clear();
         self.first_seq = namespace::read_last_applied(&*self.store)? + 1;
         Ok(())

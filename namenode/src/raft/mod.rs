@@ -17,6 +17,7 @@ pub mod journal;
 pub mod log;
 pub mod members;
 pub mod net;
+pub mod reads;
 pub mod sm;
 pub mod status;
 
