@@ -239,10 +239,22 @@ impl Client {
         let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
         let mut pause = Duration::from_millis(25);
         let mut attempt = 0;
+        // The last refusal a member gave: when time runs out on a member that cannot be reached,
+        // what a live member said explains more (no majority, say) than a timeout does.
+        let mut refused: Option<(String, lode_protocol::WireError)> = None;
         loop {
             let addr = self.leader();
             let ctx = || format!("namenode at {addr}");
             let in_time = || tokio::time::Instant::now() < deadline;
+            let give_up =
+                |e: net::RpcError, refused: Option<(String, lode_protocol::WireError)>| {
+                    match refused {
+                        Some((at, w)) if group => {
+                            Error::rpc(format!("namenode at {at}"), net::RpcError::Remote(w))
+                        }
+                        _ => Error::rpc(ctx(), e),
+                    }
+                };
             let refusal = match self.member_conn(&addr, attempt).await {
                 Ok(conn) => match net::call_namenode(&conn, req).await {
                     Ok(r) => return Ok(r),
@@ -257,7 +269,10 @@ impl Client {
                                     | lode_protocol::ErrorCode::Unavailable
                             ) =>
                     {
-                        (e.code == lode_protocol::ErrorCode::NotLeader).then_some(e.message)
+                        let hint = (e.code == lode_protocol::ErrorCode::NotLeader)
+                            .then(|| e.message.clone());
+                        refused = Some((addr.clone(), e));
+                        hint
                     }
                     Err(net::RpcError::Remote(e)) => {
                         return Err(Error::rpc(ctx(), net::RpcError::Remote(e)))
@@ -267,7 +282,7 @@ impl Client {
                     Err(e) => {
                         self.pool.forget(&addr, NAMENODE_SERVER_NAME).await;
                         if !(group && in_time()) {
-                            return Err(Error::rpc(ctx(), e));
+                            return Err(give_up(e, refused));
                         }
                         tracing::debug!("{}: {e}", ctx());
                         None
@@ -277,7 +292,7 @@ impl Client {
                     tracing::debug!("{}: {e}", ctx());
                     None
                 }
-                Err(e) => return Err(Error::rpc(ctx(), e)),
+                Err(e) => return Err(give_up(e, refused)),
             };
             self.next_namenode(refusal.as_deref());
             attempt += 1;

@@ -681,3 +681,66 @@ fn a_leader_cut_off_from_its_group_stops_answering_and_the_majority_serves_on() 
         assert!(g.dump(i) == first, "nn-{i}'s metadata differs from nn-1's");
     }
 }
+
+#[test]
+fn with_two_of_three_members_lost_changes_stop_and_data_reads_go_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = Group::start(tmp.path(), 3, 2);
+    wait_until("a leader", Duration::from_secs(30), || g.leader().is_some());
+    wait_until(
+        "2 live datanodes at every member",
+        Duration::from_secs(30),
+        || (1..=3).all(|i| g.metric_labelled(i, "datanodes", "live") == Some(2)),
+    );
+    let data = lode_tests::random_bytes(300_000, 11);
+    std::fs::write(tmp.path().join("f"), &data).unwrap();
+    g.ok(&["put", tmp.path().join("f").to_str().unwrap(), "/f"]);
+    // A reader that has the file's locations already.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let config = lode_client::config::ClientConfig::load(&tmp.path().join("client.toml")).unwrap();
+    let client = rt
+        .block_on(lode_client::fs::Client::connect(config))
+        .unwrap();
+    let st = rt.block_on(client.stat("/f", true)).unwrap();
+
+    // The leader and one more are lost: the one left cannot lead alone.
+    let leader = g.leader().expect("a leader");
+    let lost: Vec<usize> = std::iter::once(leader)
+        .chain((1..=3).find(|i| *i != leader))
+        .collect();
+    let left = (1..=3).find(|i| !lost.contains(i)).unwrap();
+    for i in &lost {
+        g.kill(*i);
+    }
+    let out = g.lode(&["mkdir", "/x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a change was acknowledged by one member of three"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("majority"),
+        "the error does not say why: {err}"
+    );
+    eprintln!("with one member of three: {}", err.trim());
+    assert_eq!(
+        g.metric(left, "group_leader"),
+        Some(0),
+        "the lone member leads"
+    );
+    // The data is still there for a reader that knows where it is.
+    let mut got = vec![];
+    rt.block_on(client.get_status(&st, &mut got, &|_| {}))
+        .unwrap();
+    assert!(got == data, "the file read back differs");
+
+    // One lost member comes back: the group has its majority and serves again.
+    g.start_member(lost[1]);
+    g.ok(&["mkdir", "/y"]);
+    let back = tmp.path().join("back");
+    g.ok(&["get", "/f", back.to_str().unwrap()]);
+    assert!(std::fs::read(&back).unwrap() == data);
+    assert!(!g.lode(&["stat", "/x"]).status.success(), "/x was made");
+    rt.block_on(client.close());
+}

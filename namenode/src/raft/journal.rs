@@ -26,7 +26,9 @@ pub fn not_leader(leader: Option<(NodeId, Member)>) -> Error {
             "this namenode is not the leader of its group; the leader is {} at {}",
             m.name, m.addr
         ),
-        None => "this namenode is not the leader of its group, and no leader is known yet".into(),
+        None => "this namenode is not the leader of its group and knows of no leader: an election \
+                 is under way, or fewer than a majority of the members are up"
+            .into(),
     };
     Error::refused(ErrorCode::NotLeader, message)
 }
