@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod history;
 pub mod nemesis;
 pub mod netns;
 

@@ -43,6 +43,8 @@ impl Hosts {
         // The bridge is in a namespace of its own: in the test's namespace, a firewall's FORWARD
         // rules (Docker's drop, say) would apply to the bridged packets between hosts.
         let switch = hosts.switch();
+        // Left by an earlier process of the same id that was killed before it could clean up.
+        hosts.remove();
         ip(&["netns", "add", &switch]);
         ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &switch, "link", "set", "br0", "up"]);
@@ -86,6 +88,14 @@ impl Hosts {
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
         }
         hosts
+    }
+
+    /// Removes the namespaces (deleting the switch takes the veth pairs, and the test's port,
+    /// with it).
+    fn remove(&self) {
+        for ns in (1..=self.n).map(|i| self.ns(i)).chain([self.switch()]) {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
     }
 
     fn switch(&self) -> String {
@@ -144,14 +154,6 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        for i in 1..=self.n {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.ns(i)])
-                .output();
-        }
-        // Deleting the switch takes the veth pairs (and the test's port) with it.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.switch()])
-            .output();
+        self.remove();
     }
 }
