@@ -65,6 +65,11 @@ pub struct Metrics {
     pub group_leader: Gauge,
     /// Times this member became the leader.
     pub group_elections_won: Counter,
+    /// Seconds from proposing a group commit to a majority holding it durably and this member
+    /// applying it.
+    pub group_commit_seconds: Histogram,
+    /// Bytes of this member's latest snapshot (built or installed).
+    pub group_snapshot_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -158,6 +163,18 @@ impl Default for Metrics {
             Gauge::default(),
         );
         let group_elections_won = Counter::default();
+        let group_commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let group_snapshot_bytes = Gauge::default();
+        registry.register(
+            "group_commit_seconds",
+            "Seconds from proposing a group commit to a majority holding it durably and this member applying it",
+            group_commit_seconds.clone(),
+        );
+        registry.register(
+            "group_snapshot_bytes",
+            "Bytes of this member's latest snapshot of the metadata (built or installed)",
+            group_snapshot_bytes.clone(),
+        );
         registry.register(
             "group_term",
             "The namenode group's current term, as this member knows it",
@@ -184,6 +201,8 @@ impl Default for Metrics {
             group_elections_won.clone(),
         );
         Metrics {
+            group_commit_seconds,
+            group_snapshot_bytes,
             group_term,
             group_last_index,
             group_applied_index,

@@ -111,6 +111,7 @@ pub async fn run(
                 raft.clone(),
                 tokio::runtime::Handle::current(),
                 ns.store_arc(),
+                metrics.group_commit_seconds.clone(),
             );
             let group = server::Group {
                 reads: raft::reads::Reads::new(raft.clone()),
@@ -191,6 +192,7 @@ pub async fn run(
             g.id,
             shared.state.clone(),
             shared.metrics.clone(),
+            shared.config.meta_dir.join(raft::sm::SNAPSHOT),
             shutdown.clone(),
         ))
     });
@@ -406,13 +408,21 @@ async fn watch_group(
     id: raft::NodeId,
     state: Arc<Mutex<State>>,
     metrics: Arc<http::Metrics>,
+    snapshot_file: std::path::PathBuf,
     mut shutdown: ShutdownSignal,
 ) {
     let mut rx = r.metrics();
     // The soft state starts as a follower's (`run`); it changes when the leader does.
     let mut leader = None;
+    let mut snapshot = None;
     loop {
         let m = rx.borrow_and_update().clone();
+        if m.snapshot != snapshot || snapshot.is_none() {
+            snapshot = m.snapshot;
+            if let Ok(meta) = std::fs::metadata(&snapshot_file) {
+                metrics.group_snapshot_bytes.set(meta.len() as i64);
+            }
+        }
         metrics.group_term.set(m.current_term as i64);
         metrics
             .group_last_index

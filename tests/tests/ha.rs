@@ -1002,3 +1002,35 @@ fn namespace_operations_under_kills_freezes_and_partitions_are_linearizable() {
         assert!(g.dump(i) == first, "nn-{i}'s metadata differs from nn-1's");
     }
 }
+
+#[test]
+fn a_member_killed_and_started_again_is_heard_at_once_and_disturbs_no_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = Group::start(tmp.path(), 3, 0);
+    wait_until("a leader", Duration::from_secs(30), || g.leader().is_some());
+    g.ok(&["mkdir", "/a"]);
+    let leader = g.leader().expect("a leader");
+    let term = g.metric(leader, "group_term");
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    g.kill(follower);
+    g.ok(&["mkdir", "/b"]);
+    g.start_member(follower);
+    wait_until("the member to catch up", Duration::from_secs(30), || {
+        let target = g.metric(leader, "group_applied_index");
+        target.is_some() && g.metric(follower, "group_applied_index") == target
+    });
+    // Watched for longer than the members' idle timeout (3 s): a leader that kept sending to the
+    // dead process's connection would leave the member deaf that long, and it would stand for
+    // election with a higher term.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        assert_eq!(g.leader(), Some(leader), "the lead changed");
+        assert_eq!(g.metric(leader, "group_term"), term, "a new term began");
+        assert!(
+            g.metric(follower, "group_term") <= term,
+            "the member started again stood for election"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    g.ok(&["mkdir", "/c"]);
+}

@@ -48,24 +48,35 @@ pub struct GroupJournal<S: MetaStore> {
     store: Arc<S>,
     pending: Vec<MetaOp>,
     first_seq: u64,
+    commit_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl<S: MetaStore> GroupJournal<S> {
     /// A journal writing through `raft` (driven on `runtime`); `store` is this member's store,
-    /// which the state machine applies to.
-    pub fn new(raft: Raft, runtime: tokio::runtime::Handle, store: Arc<S>) -> GroupJournal<S> {
+    /// which the state machine applies to. Each commit's time goes into `commit_seconds`.
+    pub fn new(
+        raft: Raft,
+        runtime: tokio::runtime::Handle,
+        store: Arc<S>,
+        commit_seconds: prometheus_client::metrics::histogram::Histogram,
+    ) -> GroupJournal<S> {
         GroupJournal {
             raft,
             runtime,
             store,
             pending: vec![],
             first_seq: 1,
+            commit_seconds,
         }
     }
 
     fn propose(&self, edits: Edits) -> Result<(), Error> {
+        let started = std::time::Instant::now();
         match self.runtime.block_on(self.raft.client_write(edits)) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.commit_seconds.observe(started.elapsed().as_secs_f64());
+                Ok(())
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(not_leader(f.leader_id.zip(f.leader_node)))
             }

@@ -103,7 +103,14 @@ impl Peer {
                 }
                 return Err(network(format!("{}: {e}", self.member)));
             }
-            Err(_) => return Err(network(format!("{}: no reply within {ttl:?}", self.member))),
+            Err(_) => {
+                // The connection may be to a process that is gone (killed and started again
+                // with a new endpoint): it would look alive until its idle timeout, and the
+                // member restarted would hear nothing meanwhile, and stand for election. The next
+                // call connects afresh.
+                self.pool.forget(&self.member.addr, &self.member.name).await;
+                return Err(network(format!("{}: no reply within {ttl:?}", self.member)));
+            }
         };
         let result: Result<Rep, RaftError<NodeId, E>> = postcard::from_bytes(&reply)
             .map_err(|e| network(format!("{}: reply does not decode: {e}", self.member)))?;

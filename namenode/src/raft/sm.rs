@@ -35,7 +35,8 @@ pub const APPLIED_KEY: &[u8] = b"mraft_applied";
 /// The membership in force as of the last applied entry (postcard of [`StoredMembership`]).
 pub const MEMBERSHIP_KEY: &[u8] = b"mraft_membership";
 /// The current snapshot: `[u32 meta length][postcard of SnapshotMeta][dump]`.
-const SNAPSHOT: &str = "raft.snapshot";
+/// The file in the metadata directory that holds the latest snapshot.
+pub const SNAPSHOT: &str = "raft.snapshot";
 
 /// The state machine over a metadata store `S`.
 pub struct StateMachine<S: MetaStore> {
