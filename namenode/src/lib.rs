@@ -414,11 +414,12 @@ async fn watch_group(
     let mut rx = r.metrics();
     // The soft state starts as a follower's (`run`); it changes when the leader does.
     let mut leader = None;
-    let mut snapshot = None;
+    // The snapshot last measured (the file is read only when it changes).
+    let mut measured = None;
     loop {
         let m = rx.borrow_and_update().clone();
-        if m.snapshot != snapshot || snapshot.is_none() {
-            snapshot = m.snapshot;
+        if m.snapshot.is_some() && m.snapshot != measured {
+            measured = m.snapshot;
             if let Ok(meta) = std::fs::metadata(&snapshot_file) {
                 metrics.group_snapshot_bytes.set(meta.len() as i64);
             }

@@ -97,8 +97,8 @@ impl Group {
     /// unless followers answer namespace reads and this one follows a leader.
     async fn admit(&self, req: &ClientToNamenode) -> Result<(), Error> {
         if self.follower_reads && is_namespace_read(req) {
-            let m = self.raft.metrics().borrow().clone();
-            if m.current_leader.is_some() && m.current_leader != Some(self.id) {
+            let leader = self.raft.metrics().borrow().current_leader;
+            if leader.is_some() && leader != Some(self.id) {
                 return Ok(());
             }
         }

@@ -226,6 +226,49 @@ impl Group {
             .and_then(|v| v.trim().parse().ok())
     }
 
+    /// One request to member `i` as `cert`, on a connection of its own.
+    fn call(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        i: usize,
+        cert: &str,
+        req: &lode_protocol::messages::ClientToNamenode,
+    ) -> Result<lode_protocol::messages::NamenodeReply, lode_protocol::net::RpcError> {
+        let certs = self.dir.join("certs");
+        let addr = self.addrs[i - 1].parse().unwrap();
+        rt.block_on(async {
+            let conn = lode_tests::connect_to(&certs, cert, addr, "namenode", 1)
+                .await
+                .unwrap()
+                .remove(0);
+            lode_protocol::net::call_namenode(&conn, req).await
+        })
+    }
+
+    /// Whether every member of `members` has applied the index `reference` has.
+    fn applied_alike(&self, reference: usize, members: &[usize]) -> bool {
+        let target = self.metric(reference, "group_applied_index");
+        target.is_some()
+            && members
+                .iter()
+                .all(|i| self.metric(*i, "group_applied_index") == target)
+    }
+
+    /// Stops `members` (SIGTERM: each flushes its store) and asserts their metadata is identical.
+    fn stop_and_compare(&mut self, members: &[usize]) {
+        for i in members {
+            self.stop(*i);
+        }
+        let first = self.dump(members[0]);
+        for i in &members[1..] {
+            assert!(
+                self.dump(*i) == first,
+                "nn-{i}'s metadata differs from nn-{}'s",
+                members[0]
+            );
+        }
+    }
+
     fn leader(&self) -> Option<usize> {
         (1..=self.children.len())
             .filter(|i| self.children[i - 1].is_some())
@@ -512,16 +555,7 @@ fn a_change_retried_at_the_new_leader_is_answered_once_and_made_once() {
     let tmp = tempfile::tempdir().unwrap();
     let mut g = Group::start(tmp.path(), 3, 0);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let certs = tmp.path().join("certs");
-    let call = |addr: &str, cert: &str, req: C| {
-        rt.block_on(async {
-            let conn = lode_tests::connect_to(&certs, cert, addr.parse().unwrap(), "namenode", 1)
-                .await
-                .unwrap()
-                .remove(0);
-            lode_protocol::net::call_namenode(&conn, &req).await
-        })
-    };
+    let call = |g: &Group, i: usize, cert: &str, req: C| g.call(&rt, i, cert, &req);
     // Sends a request to the member that claims the lead, again while the answer is NotLeader (a
     // member that has just won may lose the lead to one with a higher term, or still be confirming
     // it); gives the member that answered and its answer.
@@ -533,7 +567,7 @@ fn a_change_retried_at_the_new_leader_is_answered_once_and_made_once() {
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             };
-            let answer = call(&g.addrs[i - 1], cert, req.clone());
+            let answer = call(g, i, cert, req.clone());
             match &answer {
                 Err(lode_protocol::net::RpcError::Remote(e))
                     if e.code == ErrorCode::NotLeader && Instant::now() < deadline =>
@@ -573,7 +607,6 @@ fn a_change_retried_at_the_new_leader_is_answered_once_and_made_once() {
     g.kill(first);
     let (second, answer) = at_leader(&g, "admin", &once(1, mkdir()));
     assert_ne!(second, first);
-    let port = g.addrs[second - 1].clone();
     assert_eq!(
         answer.unwrap(),
         NamenodeReply::Ok,
@@ -581,10 +614,13 @@ fn a_change_retried_at_the_new_leader_is_answered_once_and_made_once() {
     );
     // The same create again: the first answer, the same inode; an overwrite would have made a
     // new one.
-    assert_eq!(call(&port, "admin", once(2, create())).unwrap(), created);
+    assert_eq!(
+        call(&g, second, "admin", once(2, create())).unwrap(),
+        created
+    );
     // Without the id, or with the same id from another user, it is a new mkdir: refused.
     for (cert, req) in [("admin", mkdir()), ("user", once(1, mkdir()))] {
-        match call(&port, cert, req) {
+        match call(&g, second, cert, req) {
             Err(lode_protocol::net::RpcError::Remote(e)) => {
                 assert_eq!(e.code, ErrorCode::AlreadyExists, "{e:?}")
             }
@@ -605,22 +641,7 @@ fn a_leader_cut_off_from_its_group_stops_answering_and_the_majority_serves_on() 
     }
     let old = g.leader().expect("a leader");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let certs = tmp.path().join("certs");
-    let at_old = |req: C| {
-        rt.block_on(async {
-            let conn = lode_tests::connect_to(
-                &certs,
-                "admin",
-                g.addrs[old - 1].parse().unwrap(),
-                "namenode",
-                1,
-            )
-            .await
-            .unwrap()
-            .remove(0);
-            lode_protocol::net::call_namenode(&conn, &req).await
-        })
-    };
+    let at_old = |req: C| g.call(&rt, old, "admin", &req);
     let hosts = g.hosts.as_ref().unwrap();
     hosts.partition(&[old]);
 
@@ -671,10 +692,7 @@ fn a_leader_cut_off_from_its_group_stops_answering_and_the_majority_serves_on() 
     wait_until(
         "every member to apply the same index",
         Duration::from_secs(30),
-        || {
-            let target = g.metric(new, "group_applied_index");
-            target.is_some() && (1..=3).all(|i| g.metric(i, "group_applied_index") == target)
-        },
+        || g.applied_alike(new, &[1, 2, 3]),
     );
     assert_eq!(g.metric(old, "group_leader"), Some(0));
     g.ok(&["stat", "/after"]);
@@ -683,13 +701,7 @@ fn a_leader_cut_off_from_its_group_stops_answering_and_the_majority_serves_on() 
         "/during was made"
     );
     let mut g = g;
-    for i in 1..=3 {
-        g.stop(i);
-    }
-    let first = g.dump(1);
-    for i in 2..=3 {
-        assert!(g.dump(i) == first, "nn-{i}'s metadata differs from nn-1's");
-    }
+    g.stop_and_compare(&[1, 2, 3]);
 }
 
 #[test]
@@ -986,21 +998,9 @@ fn namespace_operations_under_kills_freezes_and_partitions_are_linearizable() {
     wait_until(
         "every member to apply the same index",
         Duration::from_secs(60),
-        || {
-            let Some(leader) = g.leader() else {
-                return false;
-            };
-            let target = g.metric(leader, "group_applied_index");
-            target.is_some() && (1..=3).all(|i| g.metric(i, "group_applied_index") == target)
-        },
+        || g.leader().is_some_and(|l| g.applied_alike(l, &[1, 2, 3])),
     );
-    for i in 1..=3 {
-        g.stop(i);
-    }
-    let first = g.dump(1);
-    for i in 2..=3 {
-        assert!(g.dump(i) == first, "nn-{i}'s metadata differs from nn-1's");
-    }
+    g.stop_and_compare(&[1, 2, 3]);
 }
 
 #[test]
@@ -1016,8 +1016,7 @@ fn a_member_killed_and_started_again_is_heard_at_once_and_disturbs_no_one() {
     g.ok(&["mkdir", "/b"]);
     g.start_member(follower);
     wait_until("the member to catch up", Duration::from_secs(30), || {
-        let target = g.metric(leader, "group_applied_index");
-        target.is_some() && g.metric(follower, "group_applied_index") == target
+        g.applied_alike(leader, &[follower])
     });
     // Watched for longer than the members' idle timeout (3 s): a leader that kept sending to the
     // dead process's connection would leave the member deaf that long, and it would stand for
